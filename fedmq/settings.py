@@ -1,0 +1,96 @@
+"""The one settings object. Everything is configurable through ``FEDMQ_*`` variables.
+
+The defaults are the embedded mode: an in-process bus and a SQLite file, so that
+``fedmq simulate`` needs no server. Full mode only changes URLs.
+Lower layers never import this module (DESIGN.md import rules): the composition root
+turns these values into the explicit config objects that protocol/, db/ and the rest take.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+EMBEDDED_BROKER = "memory://"
+
+
+class Settings(BaseSettings):
+    """fedmq's configuration; see README's table (checked against this class by a test)."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDMQ_", env_file=".env", extra="ignore")
+
+    # Connections
+    broker_url: str = Field(
+        EMBEDDED_BROKER,
+        description="AMQP URL of RabbitMQ, or memory:// for the in-process bus (embedded mode)",
+    )
+    database_url: str = Field(
+        "sqlite:///.fedmq/fedmq.sqlite",
+        description="SQLAlchemy URL; SQLite file by default, postgresql+psycopg://... in full mode",
+    )
+    result_backend: str | None = Field(
+        None, description="Celery result backend; defaults to the database (db+...) when unset"
+    )
+
+    # Wire
+    chunk_size: int = Field(4 * MiB, gt=0, description="Blobs larger than this travel in chunks")
+    max_message_bytes: int = Field(
+        1 * MiB, gt=0, description="Largest JSON envelope accepted on the bus"
+    )
+    max_blob_bytes: int = Field(
+        1024 * MiB, gt=0, description="Largest compressed blob accepted (update or model)"
+    )
+    max_decompressed_bytes: int = Field(
+        2048 * MiB, gt=0, description="Largest decompressed tensor payload accepted"
+    )
+    encoding: Literal["fp32", "bf16", "fp16", "int8", "topk"] = Field(
+        "bf16", description="Default tensor encoding on the wire"
+    )
+    zstd_level: int = Field(3, ge=1, le=22, description="zstd compression level")
+
+    # Bus behaviour
+    prefetch: int = Field(32, gt=0, description="Unacknowledged messages per consumer")
+    publish_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds to wait for a publisher confirm"
+    )
+    reconnect_attempts: int = Field(
+        20, ge=0, description="Reconnect attempts after a broker connection is lost"
+    )
+    reconnect_backoff_s: float = Field(
+        0.5, gt=0, description="First reconnect delay; doubles up to reconnect_backoff_max_s"
+    )
+    reconnect_backoff_max_s: float = Field(10.0, gt=0, description="Largest reconnect delay")
+
+    # Timeouts of the round
+    reassembly_timeout_s: float = Field(
+        300.0, gt=0, description="Give up on a chunked blob whose chunks stop arriving"
+    )
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often devices heartbeat")
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="A client silent this long goes offline"
+    )
+    round_deadline_s: float = Field(
+        300.0, gt=0, description="A round closes at this deadline if a quorum has reported"
+    )
+    task_timeout_s: float = Field(600.0, gt=0, description="Hard time limit of a Celery task")
+
+    # Security and storage
+    operator_token: SecretStr = Field(
+        SecretStr("change-me"), description="Token required by control commands and routes"
+    )
+    data_dir: Path = Field(Path(".fedmq"), description="Where embedded mode keeps its files")
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url.startswith("memory://")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

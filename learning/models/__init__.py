@@ -1,0 +1,3 @@
+from learning.models.resnet import ResNet, ResNetConfig, resnet18, resnet50
+
+__all__ = ["ResNet", "ResNetConfig", "resnet18", "resnet50"]

@@ -1,0 +1,51 @@
+"""Pydantic models for every message on the wire, and their one parse function."""
+
+from protocol.messages.envelope import (
+    SCHEMA_VERSION,
+    ClientState,
+    Envelope,
+    RoundState,
+    new_message_id,
+    utcnow,
+)
+from protocol.messages.errors import MessageError
+from protocol.messages.models import (
+    Command,
+    CommandAction,
+    Encoding,
+    Event,
+    Heartbeat,
+    ModelMeta,
+    Register,
+    Registered,
+    RoundAnnouncement,
+    Signal,
+    UpdateMeta,
+)
+from protocol.messages.parse import MESSAGE_TYPES, Message, encode_message, parse_as, parse_message
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "SCHEMA_VERSION",
+    "ClientState",
+    "Command",
+    "CommandAction",
+    "Encoding",
+    "Envelope",
+    "Event",
+    "Heartbeat",
+    "Message",
+    "MessageError",
+    "ModelMeta",
+    "Register",
+    "Registered",
+    "RoundAnnouncement",
+    "RoundState",
+    "Signal",
+    "UpdateMeta",
+    "encode_message",
+    "new_message_id",
+    "parse_as",
+    "parse_message",
+    "utcnow",
+]

@@ -1,0 +1,135 @@
+"""Every message type on the wire. Each is an ``Envelope`` with a literal ``type``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from protocol.messages.envelope import (
+    ClientState,
+    Detail,
+    Envelope,
+    Ident,
+    RoundNumber,
+    RoundState,
+    Sha256Hex,
+    Token,
+)
+
+Encoding = Literal["fp32", "bf16", "fp16", "int8", "topk"]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class Register(Envelope):
+    """A device asks to join a run. It has no client id yet: the reply goes to ``reply_key``."""
+
+    type: Literal["register"] = "register"
+    display_name: Name
+    reply_key: Ident
+    device_info: Detail = Field(default_factory=dict)
+
+
+class Registered(Envelope):
+    """The orchestrator's answer: the de-identified client id and its secret token."""
+
+    type: Literal["registered"] = "registered"
+    client_id: Ident
+    reply_key: Ident
+    token: Token
+
+
+class Signal(Envelope):
+    """A client's state change (join/ready/training/update/finish/offline)."""
+
+    type: Literal["signal"] = "signal"
+    client_id: Ident
+    token: Token
+    state: ClientState
+    detail: Detail = Field(default_factory=dict)
+
+
+class Heartbeat(Envelope):
+    type: Literal["heartbeat"] = "heartbeat"
+    client_id: Ident
+    token: Token
+
+
+class CommandAction(StrEnum):
+    AUTORUN = "autorun"
+    STOP_AUTORUN = "stop_autorun"
+    OPEN_ROUND = "open_round"
+    CLOSE_ROUND = "close_round"
+    KICK = "kick"
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+class Command(Envelope):
+    """An operator's order to the orchestrator; confirmed by an ``Event`` naming this id."""
+
+    type: Literal["command"] = "command"
+    action: CommandAction
+    operator_token: Token
+    rounds: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    target_client: Ident | None = None
+
+    @model_validator(mode="after")
+    def _arguments_match_action(self) -> Command:
+        if self.action is CommandAction.AUTORUN and self.rounds is None:
+            raise ValueError("autorun needs 'rounds'")
+        if self.action is CommandAction.KICK and self.target_client is None:
+            raise ValueError("kick needs 'target_client'")
+        return self
+
+
+class RoundAnnouncement(Envelope):
+    """A round is open: who is selected, which global model to start from, by when to answer."""
+
+    type: Literal["round"] = "round"
+    round: RoundNumber
+    model_version: Annotated[int, Field(ge=0)]
+    model_sha256: Sha256Hex
+    model_bytes: Annotated[int, Field(ge=0)]
+    deadline: datetime
+    selected: list[Ident]
+    train_config: Detail = Field(default_factory=dict)
+
+
+class UpdateMeta(Envelope):
+    """Describes a client's update blob; travels in the headers of every chunk of it."""
+
+    type: Literal["update"] = "update"
+    client_id: Ident
+    round: RoundNumber
+    token: Token
+    base_model_version: Annotated[int, Field(ge=0)]
+    num_samples: Annotated[int, Field(ge=1, le=10**12)]
+    encoding: Encoding
+    is_delta: bool = True
+    blob_sha256: Sha256Hex
+    blob_bytes: Annotated[int, Field(ge=1)]
+    metrics: Detail = Field(default_factory=dict)
+
+
+class ModelMeta(Envelope):
+    """Describes a global model blob sent to devices (initial parameters or a new version)."""
+
+    type: Literal["model"] = "model"
+    model_version: Annotated[int, Field(ge=0)]
+    blob_sha256: Sha256Hex
+    blob_bytes: Annotated[int, Field(ge=1)]
+    encoding: Encoding
+
+
+class Event(Envelope):
+    """Something that happened, for the audit trail, the dashboard and observers."""
+
+    type: Literal["event"] = "event"
+    kind: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    round_state: RoundState | None = None
+    client_state: ClientState | None = None
+    correlation_id: Ident | None = None
+    detail: Detail = Field(default_factory=dict)

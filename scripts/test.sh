@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# README's second command: install fedmq with its test tools, make sure RabbitMQ and
+# PostgreSQL answer, then run lint, the import rules and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh test
+scripts/ensure-services.sh
+.venv/bin/ruff check .
+.venv/bin/pytest "$@"

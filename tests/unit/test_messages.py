@@ -1,0 +1,153 @@
+"""Every wire message round-trips; anything else is refused with a reason."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.messages import (
+    MESSAGE_TYPES,
+    ClientState,
+    Command,
+    CommandAction,
+    Envelope,
+    Event,
+    Heartbeat,
+    MessageError,
+    ModelMeta,
+    Register,
+    Registered,
+    RoundAnnouncement,
+    Signal,
+    UpdateMeta,
+    encode_message,
+    parse_as,
+    parse_message,
+)
+
+TOKEN = "t" * 32
+SHA = "ab" * 32
+
+
+def examples() -> list[Envelope]:
+    deadline = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=5)
+    return [
+        Register(run_id="run1", display_name="phone of ana", reply_key="nonce123",
+                 device_info={"cores": 4, "os": "android"}),
+        Registered(run_id="run1", client_id="c0ffee", reply_key="nonce123", token=TOKEN),
+        Signal(run_id="run1", client_id="c0ffee", token=TOKEN, state=ClientState.READY),
+        Heartbeat(run_id="run1", client_id="c0ffee", token=TOKEN),
+        Command(run_id="run1", action=CommandAction.AUTORUN, rounds=3, operator_token=TOKEN),
+        RoundAnnouncement(run_id="run1", round=2, model_version=1, model_sha256=SHA,
+                          model_bytes=1234, deadline=deadline, selected=["a", "b"],
+                          train_config={"epochs": 1, "lr": 0.05}),
+        UpdateMeta(run_id="run1", client_id="c0ffee", round=2, token=TOKEN,
+                   base_model_version=1, num_samples=300, encoding="bf16", blob_sha256=SHA,
+                   blob_bytes=99, metrics={"loss": 0.3, "accuracy": 0.9}),
+        ModelMeta(run_id="run1", round=2, model_version=2, blob_sha256=SHA, blob_bytes=5,
+                  encoding="bf16"),
+        Event(run_id="run1", kind="round.opened", round=2, detail={"selected": 5}),
+    ]
+
+
+def test_every_message_type_has_an_example() -> None:
+    assert {type(m) for m in examples()} == set(MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("msg", examples(), ids=lambda m: m.type)
+def test_every_message_round_trips_through_json(msg: Envelope) -> None:
+    back = parse_message(encode_message(msg))
+    assert back == msg
+    assert type(back) is type(msg)
+
+
+@pytest.mark.parametrize("msg", examples(), ids=lambda m: m.type)
+def test_every_message_carries_the_envelope_fields(msg: Envelope) -> None:
+    obj = json.loads(encode_message(msg))
+    for key in ("schema_version", "type", "run_id", "client_id", "round", "message_id",
+                "timestamp"):
+        assert key in obj
+
+
+def test_message_ids_are_unique_by_default() -> None:
+    ids = {Heartbeat(run_id="r", client_id="c", token=TOKEN).message_id for _ in range(100)}
+    assert len(ids) == 100
+
+
+def _signal_obj(**over: object) -> dict[str, object]:
+    obj = json.loads(encode_message(examples()[2]))
+    obj.update(over)
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b'"text"', "expected a JSON object"),
+        (json.dumps(_signal_obj(schema_version=2)).encode(), "unsupported schema_version 2"),
+        (json.dumps(_signal_obj(schema_version=None)).encode(), "unsupported schema_version"),
+        (json.dumps(_signal_obj(type="telepathy")).encode(), "unknown message type"),
+        (json.dumps(_signal_obj(state="sleeping")).encode(), "state"),
+        (json.dumps(_signal_obj(run_id="a.b")).encode(), "run_id"),
+        (json.dumps(_signal_obj(round=-1)).encode(), "round"),
+        (json.dumps(_signal_obj(timestamp="2026-01-01T00:00:00")).encode(), "timezone"),
+        (json.dumps(_signal_obj(extra_field=1)).encode(), "extra_field"),
+        (json.dumps(_signal_obj(token="short")).encode(), "token"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON"),
+    ],
+)
+def test_malformed_messages_are_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(MessageError, match=reason):
+        parse_message(data)
+
+
+def test_oversized_messages_are_refused_before_parsing() -> None:
+    with pytest.raises(MessageError, match="larger than the limit"):
+        parse_message(b" " * 2000, max_bytes=1000)
+
+
+def test_commands_need_their_arguments() -> None:
+    for obj in (
+        {"action": "autorun"},
+        {"action": "kick"},
+    ):
+        data = json.dumps({"schema_version": 1, "type": "command", "run_id": "r",
+                           "operator_token": TOKEN, **obj})
+        with pytest.raises(MessageError, match="needs"):
+            parse_message(data)
+
+
+def test_parse_as_refuses_the_wrong_kind_of_message() -> None:
+    data = encode_message(examples()[3])
+    assert isinstance(parse_as(data, Heartbeat), Heartbeat)
+    with pytest.raises(MessageError, match="expected a signal message, got heartbeat"):
+        parse_as(data, Signal)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_arbitrary_bytes_never_escape_as_anything_but_message_error(data: bytes) -> None:
+    try:
+        parse_message(data)
+    except MessageError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["schema_version", "type", "run_id", "client_id",
+                                        "round", "token", "state", "detail", "timestamp"]),
+                       st.none() | st.integers() | st.text(max_size=20) | st.floats()
+                       | st.lists(st.integers(), max_size=3)))
+def test_arbitrary_envelopes_never_escape_as_anything_but_message_error(obj: dict) -> None:
+    obj.setdefault("schema_version", 1)
+    try:
+        parse_message(json.dumps(obj))
+    except MessageError:
+        pass

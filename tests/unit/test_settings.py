@@ -1,0 +1,46 @@
+"""Settings: embedded defaults, FEDMQ_ overrides, and README's table in step with the class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedmq import config_table
+from fedmq.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_defaults_are_the_embedded_mode_and_need_no_server() -> None:
+    s = Settings(_env_file=None)
+    assert s.embedded
+    assert s.database_url.startswith("sqlite")
+    assert s.chunk_size == 4 * 1024 * 1024
+
+
+def test_fedmq_variables_override_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMQ_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    monkeypatch.setenv("FEDMQ_CHUNK_SIZE", "1024")
+    s = Settings(_env_file=None)
+    assert not s.embedded
+    assert s.chunk_size == 1024
+
+
+def test_nonsense_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMQ_CHUNK_SIZE", "-1")
+    with pytest.raises(ValueError, match="chunk_size"):
+        Settings(_env_file=None)
+
+
+def test_readme_configuration_table_matches_the_settings_class() -> None:
+    text = README.read_text()
+    assert config_table.BEGIN in text, "README lost its configuration table markers"
+    assert config_table.replace_in(text) == text, (
+        "README's configuration table is stale: run `fedmq config --write-readme README.md`"
+    )
+
+
+def test_every_setting_is_documented() -> None:
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"setting {name} has no description"
