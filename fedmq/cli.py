@@ -9,8 +9,11 @@ from rich.console import Console
 
 from fedmq.settings import get_settings
 
-app = typer.Typer(help="fedmq: event-driven federated learning over RabbitMQ.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="fedmq: event-driven federated learning over RabbitMQ.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 console = Console()

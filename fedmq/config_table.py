@@ -13,9 +13,9 @@ END = "<!-- config-table:end -->"
 def _default(value: object) -> str:
     if isinstance(value, SecretStr):
         return "(secret)"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1024 * 1024:
-        if value % (1024 * 1024) == 0:
-            return f"{value // (1024 * 1024)} MiB ({value})"
+    mib = 1024 * 1024
+    if isinstance(value, int) and not isinstance(value, bool) and value and value % mib == 0:
+        return f"{value // mib} MiB ({value})"
     return str(value)
 
 

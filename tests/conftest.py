@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from tests.services import ServiceUnavailable, Services, discover
+from tests.services import Services, ServiceUnavailable, discover
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -45,8 +45,12 @@ def amqp_url(services: Services) -> Iterator[str]:
     base = services.amqp_url.rsplit("/", 1)[0]
     yield f"{base}/{quote(vhost, safe='')}"
     if shutil.which("rabbitmqctl"):
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True,
-                       timeout=60, check=False)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "delete_vhost", vhost],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
 
 
 @pytest.fixture

@@ -50,8 +50,9 @@ def _start_local_rabbitmq() -> bool:
         return False
     subprocess.run(["rabbitmq-server", "-detached"], check=False, capture_output=True)
     if shutil.which("rabbitmqctl"):
-        subprocess.run(["rabbitmqctl", "await_startup"], check=False, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            ["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=120
+        )
     return _wait_port("127.0.0.1", 5672, 60)
 
 
@@ -63,7 +64,8 @@ def _start_local_postgres() -> bool:
         return False
     subprocess.run(
         ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"],
-        check=False, capture_output=True,
+        check=False,
+        capture_output=True,
     )
     return _wait_port("127.0.0.1", 5432, 60)
 
@@ -105,8 +107,9 @@ def discover() -> Services:
 
             rc = RabbitMqContainer("rabbitmq:3.13-management").start()
             containers.append(rc)
-            amqp = (f"amqp://guest:guest@{rc.get_container_host_ip()}:"
-                    f"{rc.get_exposed_port(5672)}/%2F")
+            amqp = (
+                f"amqp://guest:guest@{rc.get_container_host_ip()}:{rc.get_exposed_port(5672)}/%2F"
+            )
         if pg is None:
             from testcontainers.postgres import PostgresContainer
 
@@ -130,5 +133,6 @@ if __name__ == "__main__":
     except ServiceUnavailable as e:
         print(f"services: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"services: RabbitMQ {s.amqp_url.split('@')[-1]}, "
-          f"Postgres {s.database_url.split('@')[-1]}")
+    print(
+        f"services: RabbitMQ {s.amqp_url.split('@')[-1]}, Postgres {s.database_url.split('@')[-1]}"
+    )

@@ -35,7 +35,15 @@ Message = Annotated[
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 MESSAGE_TYPES: tuple[type[Envelope], ...] = (
-    Register, Registered, Signal, Heartbeat, Command, RoundAnnouncement, UpdateMeta, ModelMeta, Event,
+    Register,
+    Registered,
+    Signal,
+    Heartbeat,
+    Command,
+    RoundAnnouncement,
+    UpdateMeta,
+    ModelMeta,
+    Event,
 )
 
 DEFAULT_MAX_BYTES = 1024 * 1024

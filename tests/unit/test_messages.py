@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -36,20 +37,41 @@ SHA = "ab" * 32
 def examples() -> list[Envelope]:
     deadline = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=5)
     return [
-        Register(run_id="run1", display_name="phone of ana", reply_key="nonce123",
-                 device_info={"cores": 4, "os": "android"}),
+        Register(
+            run_id="run1",
+            display_name="phone of ana",
+            reply_key="nonce123",
+            device_info={"cores": 4, "os": "android"},
+        ),
         Registered(run_id="run1", client_id="c0ffee", reply_key="nonce123", token=TOKEN),
         Signal(run_id="run1", client_id="c0ffee", token=TOKEN, state=ClientState.READY),
         Heartbeat(run_id="run1", client_id="c0ffee", token=TOKEN),
         Command(run_id="run1", action=CommandAction.AUTORUN, rounds=3, operator_token=TOKEN),
-        RoundAnnouncement(run_id="run1", round=2, model_version=1, model_sha256=SHA,
-                          model_bytes=1234, deadline=deadline, selected=["a", "b"],
-                          train_config={"epochs": 1, "lr": 0.05}),
-        UpdateMeta(run_id="run1", client_id="c0ffee", round=2, token=TOKEN,
-                   base_model_version=1, num_samples=300, encoding="bf16", blob_sha256=SHA,
-                   blob_bytes=99, metrics={"loss": 0.3, "accuracy": 0.9}),
-        ModelMeta(run_id="run1", round=2, model_version=2, blob_sha256=SHA, blob_bytes=5,
-                  encoding="bf16"),
+        RoundAnnouncement(
+            run_id="run1",
+            round=2,
+            model_version=1,
+            model_sha256=SHA,
+            model_bytes=1234,
+            deadline=deadline,
+            selected=["a", "b"],
+            train_config={"epochs": 1, "lr": 0.05},
+        ),
+        UpdateMeta(
+            run_id="run1",
+            client_id="c0ffee",
+            round=2,
+            token=TOKEN,
+            base_model_version=1,
+            num_samples=300,
+            encoding="bf16",
+            blob_sha256=SHA,
+            blob_bytes=99,
+            metrics={"loss": 0.3, "accuracy": 0.9},
+        ),
+        ModelMeta(
+            run_id="run1", round=2, model_version=2, blob_sha256=SHA, blob_bytes=5, encoding="bf16"
+        ),
         Event(run_id="run1", kind="round.opened", round=2, detail={"selected": 5}),
     ]
 
@@ -68,8 +90,15 @@ def test_every_message_round_trips_through_json(msg: Envelope) -> None:
 @pytest.mark.parametrize("msg", examples(), ids=lambda m: m.type)
 def test_every_message_carries_the_envelope_fields(msg: Envelope) -> None:
     obj = json.loads(encode_message(msg))
-    for key in ("schema_version", "type", "run_id", "client_id", "round", "message_id",
-                "timestamp"):
+    for key in (
+        "schema_version",
+        "type",
+        "run_id",
+        "client_id",
+        "round",
+        "message_id",
+        "timestamp",
+    ):
         assert key in obj
 
 
@@ -118,8 +147,9 @@ def test_commands_need_their_arguments() -> None:
         {"action": "autorun"},
         {"action": "kick"},
     ):
-        data = json.dumps({"schema_version": 1, "type": "command", "run_id": "r",
-                           "operator_token": TOKEN, **obj})
+        data = json.dumps(
+            {"schema_version": 1, "type": "command", "run_id": "r", "operator_token": TOKEN, **obj}
+        )
         with pytest.raises(MessageError, match="needs"):
             parse_message(data)
 
@@ -134,20 +164,34 @@ def test_parse_as_refuses_the_wrong_kind_of_message() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_arbitrary_bytes_never_escape_as_anything_but_message_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(MessageError):
         parse_message(data)
-    except MessageError:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["schema_version", "type", "run_id", "client_id",
-                                        "round", "token", "state", "detail", "timestamp"]),
-                       st.none() | st.integers() | st.text(max_size=20) | st.floats()
-                       | st.lists(st.integers(), max_size=3)))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "schema_version",
+                "type",
+                "run_id",
+                "client_id",
+                "round",
+                "token",
+                "state",
+                "detail",
+                "timestamp",
+            ]
+        ),
+        st.none()
+        | st.integers()
+        | st.text(max_size=20)
+        | st.floats()
+        | st.lists(st.integers(), max_size=3),
+    )
+)
 def test_arbitrary_envelopes_never_escape_as_anything_but_message_error(obj: dict) -> None:
     obj.setdefault("schema_version", 1)
-    try:
+    with contextlib.suppress(MessageError):
         parse_message(json.dumps(obj))
-    except MessageError:
-        pass

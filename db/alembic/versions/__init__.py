@@ -1,0 +1,1 @@
+"""Migration scripts. This file only makes the folder a package so it ships in the wheel."""

@@ -1,0 +1,101 @@
+"""Every query fedmq runs; nobody outside db/ writes SQL.
+
+Plain functions that take an open Session: the caller opens it at its boundary (see
+db.engine.session_scope) and owns the transaction; nothing here commits.
+"""
+
+from db.queries.clients import (
+    count_clients_by_state,
+    get_client,
+    get_client_by_token_hash,
+    hash_token,
+    list_clients,
+    mark_silent_offline,
+    register_client,
+    set_client_state,
+    touch_client,
+)
+from db.queries.events import (
+    events_since,
+    is_message_processed,
+    list_events,
+    mark_message_processed,
+    prune_processed_messages,
+    record_event,
+)
+from db.queries.rounds import (
+    UpdateOutcome,
+    create_round,
+    drop_participant,
+    get_open_round,
+    get_round,
+    latest_round,
+    list_participations,
+    list_rounds,
+    pending_client_ids,
+    received_updates,
+    record_participation,
+    record_update,
+    set_round_metrics,
+    set_round_state,
+    start_training,
+)
+from db.queries.runs import (
+    create_run,
+    get_run,
+    get_run_by_name,
+    list_runs,
+    set_autorun,
+    set_run_status,
+)
+from db.queries.versions import (
+    create_model_version,
+    get_model_version,
+    get_model_version_by_id,
+    latest_model_version,
+    list_model_versions,
+)
+
+__all__ = [
+    "UpdateOutcome",
+    "count_clients_by_state",
+    "create_model_version",
+    "create_round",
+    "create_run",
+    "drop_participant",
+    "events_since",
+    "get_client",
+    "get_client_by_token_hash",
+    "get_model_version",
+    "get_model_version_by_id",
+    "get_open_round",
+    "get_round",
+    "get_run",
+    "get_run_by_name",
+    "hash_token",
+    "is_message_processed",
+    "latest_model_version",
+    "latest_round",
+    "list_clients",
+    "list_events",
+    "list_model_versions",
+    "list_participations",
+    "list_rounds",
+    "list_runs",
+    "mark_message_processed",
+    "mark_silent_offline",
+    "pending_client_ids",
+    "prune_processed_messages",
+    "received_updates",
+    "record_event",
+    "record_participation",
+    "record_update",
+    "register_client",
+    "set_autorun",
+    "set_client_state",
+    "set_round_metrics",
+    "set_round_state",
+    "set_run_status",
+    "start_training",
+    "touch_client",
+]

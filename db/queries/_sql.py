@@ -1,0 +1,67 @@
+"""The two primitives behind every idempotent write: insert-unless-present and
+compare-and-set (an UPDATE whose WHERE states what must still be true), each telling the
+caller whether it changed anything. A re-delivered message then neither raises nor writes
+twice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, CursorResult, Executable, Insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import Base
+
+
+def insert_ignore(
+    session: Session,
+    model: type[Base],
+    values: dict[str, Any],
+    conflict_columns: Sequence[str],
+) -> bool:
+    """Insert one row unless it would violate the unique key ``conflict_columns``.
+
+    Returns True when the row was inserted. On Postgres a concurrent insert of the same key
+    waits for the other transaction and then does nothing, so exactly one caller gets True.
+    Any other constraint violation still raises.
+    """
+    name = session.get_bind().dialect.name
+    stmt: Insert
+    if name == "postgresql":
+        stmt = (
+            postgresql.insert(model)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=list(conflict_columns))
+        )
+    elif name == "sqlite":
+        stmt = (
+            sqlite.insert(model)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=list(conflict_columns))
+        )
+    else:  # pragma: no cover - fedmq supports these two only
+        raise NotImplementedError(f"insert_ignore: unsupported backend {name!r}")
+    # An INSERT's rowcount is only kept when asked for (it reads -1 on psycopg otherwise).
+    result = session.execute(stmt.execution_options(preserve_rowcount=True))
+    assert isinstance(result, CursorResult)
+    return result.rowcount == 1
+
+
+def changed(session: Session, stmt: Executable) -> int:
+    """Execute an UPDATE or DELETE and return how many rows it touched."""
+    result = session.execute(stmt)
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+def in_states(column: Any, states: str | Iterable[str]) -> ColumnElement[bool]:
+    """``column = state`` for one state, ``column IN (...)`` for several.
+
+    A str (any StrEnum: ours or protocol's, which share the values) is one state;
+    iterating it as a collection would yield its letters.
+    """
+    if isinstance(states, str):
+        return column == states  # type: ignore[no-any-return]
+    return column.in_(list(states))  # type: ignore[no-any-return]

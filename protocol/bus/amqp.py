@@ -1,0 +1,412 @@
+"""AmqpBus: the Bus on RabbitMQ through pika, the only module of fedmq that imports pika.
+
+pika's ``BlockingConnection`` is not thread-safe, so connections are never shared across
+threads: each thread that publishes (or declares, gets, purges) has its own connection, kept
+in a thread-local, and each consumer has its own connection and thread. Settling a delivery
+from another thread goes through ``add_callback_threadsafe`` of the connection that owns it.
+
+Publishes are persistent, mandatory and confirmed. A lost connection is re-established with
+the one backoff policy of ``BusConfig.backoff`` for a bounded number of attempts, then
+``ConnectionLost``; a publish cut off before its confirm is sent again, so delivery is
+at-least-once. An idle publishing connection misses heartbeats (pika only answers them inside
+a call) and the broker may drop it; the next call then simply reconnects. A handler that runs
+longer than about two heartbeats loses its consumer's connection, and its message comes back.
+A thread's connection lives until ``close()``: publish from long-lived threads (pools), not
+from a new thread per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions as px
+from pika.adapters.blocking_connection import BlockingChannel
+
+from protocol.bus.base import (
+    Bus,
+    BusConfig,
+    Consumer,
+    Delivery,
+    Handler,
+    check_headers,
+    run_handler,
+)
+from protocol.bus.errors import BusError, ConnectionLost, Unroutable
+from protocol.topology import Topology
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Cancelled(Exception):
+    """The broker cancelled a consumer; subscribing again tells whether the queue is gone."""
+
+
+# Not worth retrying: wrong credentials, a vhost we may not use, a broker we cannot speak to.
+_FATAL = (
+    px.ProbableAuthenticationError,
+    px.ProbableAccessDeniedError,
+    px.AuthenticationError,
+    px.IncompatibleProtocolError,
+)
+_TRANSIENT = (px.AMQPConnectionError, px.ChannelWrongStateError, OSError, _Cancelled)
+_POLL_S = 0.1
+
+
+def _broker_said(e: px.ChannelClosedByBroker) -> str:
+    return f"({e.reply_code}) {e.reply_text}"
+
+
+def _declare_on(channel: BlockingChannel, topology: Topology) -> None:
+    for ex in topology.exchanges:
+        channel.exchange_declare(ex.name, ex.type, durable=ex.durable)
+    for q in topology.queues:
+        channel.queue_declare(
+            q.name,
+            durable=q.durable,
+            exclusive=q.exclusive,
+            auto_delete=q.auto_delete,
+            arguments=q.arguments or None,
+        )
+    for b in topology.bindings:
+        channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
+
+
+def _close_quietly(connection: pika.BlockingConnection) -> None:
+    try:
+        if connection.is_open:
+            connection.close()
+    except Exception:  # already gone is as good as closed
+        pass
+
+
+class _Link:
+    """One thread's connection and confirmed channel."""
+
+    def __init__(self, params: pika.URLParameters) -> None:
+        self.connection = pika.BlockingConnection(params)
+        self.channel = self._open_channel()
+
+    def _open_channel(self) -> BlockingChannel:
+        channel = self.connection.channel()
+        channel.confirm_delivery()
+        return channel
+
+    def ready_channel(self) -> BlockingChannel:
+        if not self.channel.is_open:  # the broker closed it (404 ...); the connection lives
+            self.channel = self._open_channel()
+        return self.channel
+
+    def close(self) -> None:
+        _close_quietly(self.connection)
+
+
+class _AmqpDelivery(Delivery):
+    def __init__(
+        self,
+        bus: AmqpBus,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        queue: str,
+        method: Any,
+        props: Any,
+        body: bytes,
+    ):
+        super().__init__(
+            bus,
+            body=body,
+            headers=props.headers,
+            exchange=method.exchange,
+            routing_key=method.routing_key,
+            queue=queue,
+            redelivered=method.redelivered,
+            message_id=props.message_id,
+            timestamp=props.timestamp,
+        )
+        self._connection, self._channel = connection, channel
+        self._tag, self._owner = method.delivery_tag, threading.get_ident()
+
+    def _ack(self) -> None:
+        self._on_owner(lambda: self._channel.basic_ack(self._tag))
+
+    def _nack(self, *, requeue: bool) -> None:
+        self._on_owner(lambda: self._channel.basic_nack(self._tag, requeue=requeue))
+
+    def _on_owner(self, settle: Callable[[], None]) -> None:
+        def run() -> None:
+            # A delivery tag is only valid on the channel that delivered it; after a reconnect
+            # the broker has already put the message back, so there is nothing left to settle.
+            if not self._channel.is_open:
+                log.warning("channel of %r is gone; the broker redelivers it", self)
+                return
+            try:
+                settle()
+            except px.AMQPError as e:
+                log.warning("could not settle %r (%r); the broker redelivers it", self, e)
+
+        if threading.get_ident() == self._owner:
+            run()
+            return
+        try:
+            self._connection.add_callback_threadsafe(run)
+        except px.AMQPError as e:
+            log.warning("could not settle %r (%r); the broker redelivers it", self, e)
+
+
+class _AmqpConsumer(Consumer):
+    """A thread with its own connection; it reconnects and re-subscribes after a loss."""
+
+    def __init__(
+        self, bus: AmqpBus, queue: str, handler: Handler, prefetch: int, declare: Topology | None
+    ) -> None:
+        self._bus, self._queue, self._handler = bus, queue, handler
+        self._prefetch, self._declare = prefetch, declare
+        self._stopping, self._subscribed = threading.Event(), threading.Event()
+        self.error: BusError | None = None
+        self._fresh = False  # subscribed since the last failure
+        self._thread = threading.Thread(
+            target=self._run, name=f"fedmq-consumer-{queue}", daemon=True
+        )
+        self._thread.start()
+        self._subscribed.wait()  # set on the first subscription and on giving up
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self._consume_until_stopped()
+        finally:
+            self._bus._release_thread_link()
+
+    def _consume_until_stopped(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                self._session()
+                return
+            except _FATAL as e:
+                return self._give_up(BusError(f"consumer of {self._queue!r}: {e!r}"))
+            except px.ChannelClosedByBroker as e:
+                # Before the first subscription this is a missing queue or a bad declaration.
+                if not self._subscribed.is_set() or e.reply_code in (403, 404, 405):
+                    return self._give_up(
+                        BusError(f"consumer of {self._queue!r}: {_broker_said(e)}")
+                    )
+                err: Exception = e
+            except _TRANSIENT as e:
+                err = e
+            if self._fresh:  # it was subscribed again: count failures in a row only
+                failures, self._fresh = 0, False
+            failures += 1
+            if failures > self._bus.config.reconnect_attempts:
+                return self._give_up(
+                    ConnectionLost(f"consumer of {self._queue!r} gave up after {err!r}")
+                )
+            log.warning(
+                "consumer of %s lost its connection (%r); retry %d", self._queue, err, failures
+            )
+            self._stopping.wait(self._bus.config.backoff(failures))
+
+    def _give_up(self, error: BusError) -> None:
+        log.error("%s", error)
+        self.error = error
+        self._subscribed.set()
+
+    def _session(self) -> None:
+        connection = pika.BlockingConnection(self._bus._params)
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=self._prefetch)
+            if self._declare is not None:
+                _declare_on(channel, self._declare)
+
+            def on_message(ch: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
+                delivery = _AmqpDelivery(
+                    self._bus, connection, ch, self._queue, method, props, body
+                )
+                run_handler(delivery, self._handler)
+
+            channel.basic_consume(self._queue, on_message, auto_ack=False)
+            self._fresh = True
+            self._subscribed.set()
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=_POLL_S)
+                if not channel.consumer_tags:  # the broker cancelled us: the queue was deleted
+                    raise _Cancelled(f"the broker cancelled the consumer of {self._queue!r}")
+        finally:
+            # Closing returns every un-acked message to the queue, marked redelivered.
+            _close_quietly(connection)
+
+
+class AmqpBus(Bus):
+    def __init__(self, url: str, config: BusConfig | None = None) -> None:
+        self.config = config or BusConfig()
+        self._params = pika.URLParameters(url)
+        self._params.heartbeat = self.config.heartbeat_s
+        # A broker under a resource alarm blocks publishers; give up instead of hanging.
+        self._params.blocked_connection_timeout = self.config.publish_timeout_s
+        self._params.connection_attempts = 1  # retries are ours (BusConfig.backoff)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._links: set[_Link] = set()
+        self._consumers: set[_AmqpConsumer] = set()
+        self._closed = False
+
+    def _link(self) -> _Link:
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is None or not link.connection.is_open:
+            if link is not None:
+                self._drop(link)
+            link = _Link(self._params)
+            self._local.link = link
+            with self._lock:
+                self._links.add(link)
+        return link
+
+    def _drop(self, link: _Link) -> None:
+        link.close()
+        self._local.link = None
+        with self._lock:
+            self._links.discard(link)
+
+    def _release_thread_link(self) -> None:
+        """Close the calling thread's link, e.g. when a consumer thread that dead-lettered
+        messages ends; otherwise every consumer ever started would keep a connection."""
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None:
+            self._drop(link)
+
+    def _call(self, what: str, fn: Callable[[_Link], T]) -> T:
+        """Run ``fn`` on this thread's link; reconnect and retry on transport errors."""
+        attempt = 0
+        while True:
+            if self._closed:
+                raise BusError("bus is closed")
+            link: _Link | None = None
+            try:
+                link = self._link()
+                link.ready_channel()
+                return fn(link)
+            except px.UnroutableError:
+                raise Unroutable(f"{what}: no queue bound for it") from None
+            except px.NackError:
+                raise BusError(f"{what}: the broker refused it (nack)") from None
+            except px.ChannelClosedByBroker as e:
+                raise BusError(f"{what}: {_broker_said(e)}") from None
+            except _FATAL as e:
+                raise BusError(f"{what}: {e!r}") from None
+            except px.ConnectionBlockedTimeout:
+                # A resource alarm outlasted publish_timeout_s; retrying would only wait more.
+                if link is not None:
+                    self._drop(link)
+                raise BusError(f"{what}: the broker blocked it (resource alarm)") from None
+            except _TRANSIENT as e:
+                if link is not None:
+                    self._drop(link)
+                attempt += 1
+                if attempt > self.config.reconnect_attempts:
+                    raise ConnectionLost(
+                        f"{what}: gave up after {attempt} attempts: {e!r}"
+                    ) from None
+                log.warning("%s: connection lost (%r); retry %d", what, e, attempt)
+                time.sleep(self.config.backoff(attempt))
+            except px.AMQPError as e:  # e.g. a header value AMQP cannot encode
+                raise BusError(f"{what}: {e!r}") from None
+
+    def declare(self, topology: Topology) -> None:
+        self._call("declare", lambda link: _declare_on(link.channel, topology))
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+    ) -> None:
+        props = pika.BasicProperties(
+            delivery_mode=2 if persistent else 1,  # 2: written to disk by the broker
+            message_id=message_id or uuid.uuid4().hex,
+            timestamp=int(time.time()),
+            headers=check_headers(headers) or None,
+        )
+        self._call(
+            f"publish to {exchange!r} with key {routing_key!r}",
+            lambda link: link.channel.basic_publish(
+                exchange, routing_key, body, props, mandatory=mandatory
+            ),
+        )
+
+    def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        *,
+        prefetch: int | None = None,
+        declare: Topology | None = None,
+    ) -> Consumer:
+        if self._closed:
+            raise BusError("bus is closed")
+        prefetch = self.config.prefetch if prefetch is None else prefetch
+        consumer = _AmqpConsumer(self, queue, handler, prefetch, declare)
+        with self._lock:
+            self._consumers.add(consumer)
+        return consumer
+
+    def get(self, queue: str, timeout: float = 0.0) -> Delivery | None:
+        deadline = time.monotonic() + timeout
+
+        def pull(link: _Link) -> Delivery | None:
+            while True:
+                method, props, body = link.channel.basic_get(queue, auto_ack=False)
+                if method is not None:
+                    return _AmqpDelivery(
+                        self, link.connection, link.channel, queue, method, props, body
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                # Sleeping through pika keeps the connection's heartbeats answered.
+                link.connection.sleep(min(_POLL_S, left))
+
+        return self._call(f"get from {queue!r}", pull)
+
+    def purge(self, queue: str) -> int:
+        ok = self._call(f"purge {queue!r}", lambda link: link.channel.queue_purge(queue))
+        return int(ok.method.message_count)
+
+    def queue_depth(self, queue: str) -> int:
+        ok = self._call(
+            f"depth of {queue!r}", lambda link: link.channel.queue_declare(queue, passive=True)
+        )
+        return int(ok.method.message_count)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            consumers, self._consumers = list(self._consumers), set()
+            links, self._links = list(self._links), set()
+        for consumer in consumers:
+            consumer.stop()
+        # Other threads' links are closed from here: they may be idle or gone, never in use,
+        # since the bus is closed to new calls.
+        for link in links:
+            link.close()

@@ -1,0 +1,335 @@
+"""InProcessBus: the AMQP semantics fedmq relies on, in memory, for embedded mode and tests.
+
+Like dramatiq's ``StubBroker``, but faithful where fedmq's correctness depends on it: direct,
+topic (``*``/``#``) and fanout routing, the default exchange, mandatory publishes, prefetch,
+ack/requeue with ``redelivered``, un-acked messages returned when a consumer stops, auto-delete
+queues, dead-lettering with the same headers. Thread-safe: one lock and condition guard all
+state; handlers run on one thread per consumer, outside the lock.
+
+Deliberate differences from RabbitMQ: nothing survives the process (``persistent`` is
+ignored), and ``exclusive`` queues are not tied to a connection (there is none); they are
+deleted when their last consumer stops, like auto-delete queues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from protocol.bus.base import (
+    Bus,
+    BusConfig,
+    Consumer,
+    Delivery,
+    Handler,
+    check_headers,
+    run_handler,
+)
+from protocol.bus.errors import BusError, Unroutable
+from protocol.topology import Exchange, Queue, Topology, topic_matches
+
+log = logging.getLogger(__name__)
+
+_STOP_JOIN_S = 30.0
+
+
+@dataclass
+class _Message:
+    body: bytes
+    headers: dict[str, Any]
+    exchange: str
+    routing_key: str
+    message_id: str
+    timestamp: int
+    redelivered: bool = False
+
+
+@dataclass
+class _Queue:
+    spec: Queue
+    ready: deque[_Message] = field(default_factory=deque)
+    consumers: int = 0
+
+
+@dataclass
+class _Channel:
+    """Who holds which un-acked messages: a consumer, or the bus itself for ``get``."""
+
+    unacked: dict[int, tuple[str, _Message]] = field(default_factory=dict)
+
+
+class _MemoryDelivery(Delivery):
+    def __init__(self, bus: InProcessBus, channel: _Channel, tag: int, queue: str, m: _Message):
+        super().__init__(
+            bus,
+            body=m.body,
+            headers=m.headers,
+            exchange=m.exchange,
+            routing_key=m.routing_key,
+            queue=queue,
+            redelivered=m.redelivered,
+            message_id=m.message_id,
+            timestamp=m.timestamp,
+        )
+        self._memory_bus = bus
+        self._channel = channel
+        self._tag = tag
+
+    def _ack(self) -> None:
+        self._memory_bus._settle(self._channel, self._tag, requeue=None)
+
+    def _nack(self, *, requeue: bool) -> None:
+        self._memory_bus._settle(self._channel, self._tag, requeue=requeue)
+
+
+class _MemoryConsumer(Consumer):
+    def __init__(self, bus: InProcessBus, queue: str, handler: Handler, prefetch: int) -> None:
+        self._bus, self._queue, self._handler, self._prefetch = bus, queue, handler, prefetch
+        self._channel = _Channel()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"fedmq-consumer-{queue}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stop(self) -> None:
+        with self._bus._cond:
+            self._stopping = True
+            self._bus._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(_STOP_JOIN_S)
+            if self._thread.is_alive():
+                log.warning("consumer of %s: handler still running after stop", self._queue)
+
+    def _next(self) -> tuple[int, _Message] | None:
+        cond = self._bus._cond
+        with cond:
+            while not self._stopping:
+                q = self._bus._queues.get(self._queue)
+                room = self._prefetch == 0 or len(self._channel.unacked) < self._prefetch
+                if q is not None and q.ready and room:
+                    m = q.ready.popleft()
+                    tag = next(self._bus._tags)
+                    self._channel.unacked[tag] = (self._queue, m)
+                    return tag, m
+                cond.wait()
+            return None
+
+    def _run(self) -> None:
+        try:
+            while (item := self._next()) is not None:
+                tag, m = item
+                run_handler(
+                    _MemoryDelivery(self._bus, self._channel, tag, self._queue, m), self._handler
+                )
+        finally:
+            self._bus._consumer_gone(self, self._channel)
+
+
+class InProcessBus(Bus):
+    _registry: ClassVar[dict[str, InProcessBus]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, config: BusConfig | None = None, *, name: str | None = None) -> None:
+        self.config = config or BusConfig()
+        self.name = name
+        self._cond = threading.Condition(threading.RLock())
+        self._exchanges: dict[str, Exchange] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._bindings: set[tuple[str, str, str]] = set()
+        self._consumers: set[_MemoryConsumer] = set()
+        self._get_channel = _Channel()
+        self._tags = itertools.count(1)
+        self._closed = False
+
+    @classmethod
+    def named(cls, name: str, config: BusConfig | None = None) -> InProcessBus:
+        """The process-wide bus called ``name``, so that components of one process share it."""
+        with cls._registry_lock:
+            bus = cls._registry.get(name)
+            if bus is None:
+                bus = cls._registry[name] = cls(config, name=name)
+            return bus
+
+    def declare(self, topology: Topology) -> None:
+        with self._cond:
+            self._check_open()
+            for ex in topology.exchanges:
+                known = self._exchanges.setdefault(ex.name, ex)
+                if known != ex:
+                    raise BusError(f"exchange {ex.name!r} exists as {known}, not {ex}")
+            for spec in topology.queues:
+                q = self._queues.setdefault(spec.name, _Queue(spec))
+                if q.spec != spec:
+                    raise BusError(f"queue {spec.name!r} exists as {q.spec}, not {spec}")
+            for b in topology.bindings:
+                if b.exchange not in self._exchanges:
+                    raise BusError(f"no exchange {b.exchange!r} to bind {b.queue!r} to")
+                if b.queue not in self._queues:
+                    raise BusError(f"no queue {b.queue!r} to bind to {b.exchange!r}")
+                self._bindings.add((b.exchange, b.queue, b.routing_key))
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+    ) -> None:
+        m = _Message(
+            bytes(body),
+            check_headers(headers),
+            exchange,
+            routing_key,
+            message_id or uuid.uuid4().hex,
+            int(time.time()),
+        )
+        with self._cond:
+            self._check_open()
+            targets = self._route(exchange, routing_key)
+            if not targets and mandatory:
+                raise Unroutable(f"no queue bound to {exchange!r} for {routing_key!r}")
+            for name in targets:
+                self._queues[name].ready.append(replace(m))
+            self._cond.notify_all()
+
+    def _route(self, exchange: str, routing_key: str) -> list[str]:
+        if exchange == "":  # AMQP's default exchange: the key names the queue
+            return [routing_key] if routing_key in self._queues else []
+        ex = self._exchanges.get(exchange)
+        if ex is None:
+            raise BusError(f"no exchange {exchange!r}")
+        found: dict[str, None] = {}
+        for ex_name, queue, key in sorted(self._bindings):
+            if ex_name != exchange:
+                continue
+            if (
+                ex.type == "fanout"
+                or (ex.type == "direct" and key == routing_key)
+                or (ex.type == "topic" and topic_matches(key, routing_key))
+            ):
+                found[queue] = None
+        return list(found)
+
+    def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        *,
+        prefetch: int | None = None,
+        declare: Topology | None = None,
+    ) -> Consumer:
+        if declare is not None:
+            self.declare(declare)
+        with self._cond:
+            self._check_open()
+            self._queue(queue).consumers += 1
+            prefetch = self.config.prefetch if prefetch is None else prefetch
+            consumer = _MemoryConsumer(self, queue, handler, prefetch)
+            self._consumers.add(consumer)
+            return consumer
+
+    def get(self, queue: str, timeout: float = 0.0) -> Delivery | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._check_open()
+                q = self._queue(queue)
+                if q.ready:
+                    m = q.ready.popleft()
+                    tag = next(self._tags)
+                    self._get_channel.unacked[tag] = (queue, m)
+                    return _MemoryDelivery(self, self._get_channel, tag, queue, m)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def purge(self, queue: str) -> int:
+        with self._cond:
+            q = self._queue(queue)
+            count = len(q.ready)
+            q.ready.clear()
+            return count
+
+    def queue_depth(self, queue: str) -> int:
+        with self._cond:
+            return len(self._queue(queue).ready)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            consumers = list(self._consumers)
+        for c in consumers:
+            c.stop()
+        with self._registry_lock:
+            if self.name is not None and self._registry.get(self.name) is self:
+                del self._registry[self.name]
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            raise BusError(f"no queue {name!r}")
+        return q
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusError("bus is closed")
+
+    def _settle(self, channel: _Channel, tag: int, *, requeue: bool | None) -> None:
+        with self._cond:
+            entry = channel.unacked.pop(tag, None)
+            if entry is None:
+                # Its consumer stopped and the message went back to the queue already.
+                log.warning("settling delivery %d that is no longer held; ignored", tag)
+                return
+            queue, m = entry
+            q = self._queues.get(queue)
+            if requeue and q is not None:
+                q.ready.appendleft(replace(m, redelivered=True))
+            elif requeue is False and q is not None and q.spec.dead_letter_exchange:
+                self._dead_letter(q.spec.dead_letter_exchange, queue, m)
+            self._cond.notify_all()
+
+    def _dead_letter(self, exchange: str, queue: str, m: _Message) -> None:
+        """What the broker does for a queue's x-dead-letter-exchange on a nack without requeue:
+        the message moves on (with x-first-death-* headers), or is dropped if nothing binds."""
+        headers = {**m.headers, "x-first-death-queue": queue, "x-first-death-reason": "rejected"}
+        try:
+            targets = self._route(exchange, m.routing_key)
+        except BusError:
+            targets = []
+        for name in targets:
+            self._queues[name].ready.append(replace(m, headers=dict(headers)))
+
+    def _consumer_gone(self, consumer: _MemoryConsumer, channel: _Channel) -> None:
+        with self._cond:
+            self._consumers.discard(consumer)
+            returned: dict[str, list[_Message]] = {}
+            for queue, m in channel.unacked.values():
+                returned.setdefault(queue, []).append(replace(m, redelivered=True))
+            channel.unacked.clear()
+            for queue, msgs in returned.items():
+                if (q := self._queues.get(queue)) is not None:
+                    q.ready.extendleft(reversed(msgs))
+            q = self._queues.get(consumer._queue)
+            if q is not None:
+                q.consumers -= 1
+                if q.consumers == 0 and (q.spec.auto_delete or q.spec.exclusive):
+                    del self._queues[q.spec.name]
+                    self._bindings = {b for b in self._bindings if b[1] != q.spec.name}
+            self._cond.notify_all()

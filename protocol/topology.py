@@ -1,0 +1,246 @@
+"""The RabbitMQ topology of DESIGN.md ("RabbitMQ topology") as data, declared idempotently.
+
+Every exchange, queue and routing key name comes from this module, never from literals
+scattered around the code base (dramatiq's ``q_name``/``dq_name`` habit). All exchanges and
+work queues are durable, and every work queue carries ``x-dead-letter-exchange: fedmq.dead``
+so that a message the broker drops (a nack without requeue, a TTL) still lands in
+``dead-letters``. ``Delivery.reject`` dead-letters explicitly instead, because only an explicit
+publish can carry the reason in the headers.
+
+Celery's queues (``aggregate``, ``evaluate``, ``edge``) are not declared here: Celery declares
+its own queues from its configuration, with the arguments it needs, and a second declaration
+with different arguments would make the broker refuse one of them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cache, lru_cache
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from protocol.bus.base import Bus, Consumer, Delivery
+
+ExchangeType = Literal["direct", "topic", "fanout"]
+
+SIGNALS_EXCHANGE = "fedmq.signals"
+UPDATES_EXCHANGE = "fedmq.updates"
+CONTROL_EXCHANGE = "fedmq.control"
+DEVICES_EXCHANGE = "fedmq.devices"
+EVENTS_EXCHANGE = "fedmq.events"
+DEAD_LETTER_EXCHANGE = "fedmq.dead"
+
+SIGNALS_QUEUE = "orchestrator.signals"
+UPDATES_QUEUE = "orchestrator.updates"
+CONTROL_QUEUE = "orchestrator.control"
+DEAD_LETTER_QUEUE = "dead-letters"
+
+CONTROL_ROUTING_KEY = "command"
+
+# A routing-key word may not contain the separators of AMQP topic keys or its wildcards,
+# otherwise a client id like "a.b" or "#" would let one device read another's queue.
+_WORD = re.compile(r"[A-Za-z0-9_\-]{1,100}")
+
+
+def _word(kind: str, value: str | int) -> str:
+    text = str(value)
+    if not _WORD.fullmatch(text):
+        raise ValueError(f"{kind} {value!r} must be 1-100 characters of [A-Za-z0-9_-]")
+    return text
+
+
+def signals_exchange() -> str:
+    return SIGNALS_EXCHANGE
+
+
+def updates_exchange() -> str:
+    return UPDATES_EXCHANGE
+
+
+def control_exchange() -> str:
+    return CONTROL_EXCHANGE
+
+
+def devices_exchange() -> str:
+    return DEVICES_EXCHANGE
+
+
+def events_exchange() -> str:
+    return EVENTS_EXCHANGE
+
+
+def dead_letter_exchange() -> str:
+    return DEAD_LETTER_EXCHANGE
+
+
+def signal_routing_key(client_id: str) -> str:
+    return f"signal.{_word('client id', client_id)}"
+
+
+def update_routing_key(run_id: str, round: int) -> str:
+    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+        raise ValueError(f"round {round!r} must be a non-negative int")
+    return f"update.{_word('run id', run_id)}.{round}"
+
+
+def device_queue(client_id: str) -> str:
+    return f"device.{_word('client id', client_id)}"
+
+
+def device_routing_key(client_id: str) -> str:
+    return f"device.{_word('client id', client_id)}"
+
+
+def broadcast_routing_key(run_id: str) -> str:
+    return f"broadcast.{_word('run id', run_id)}"
+
+
+def events_queue(observer_id: str) -> str:
+    return f"events.{_word('observer id', observer_id)}"
+
+
+@lru_cache(maxsize=4096)
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: words split on ``.``, ``*`` is one word, ``#`` zero or more."""
+    words, keys = pattern.split("."), routing_key.split(".")
+
+    @cache
+    def match(i: int, j: int) -> bool:
+        if i == len(words):
+            return j == len(keys)
+        if words[i] == "#":
+            return any(match(i + 1, k) for k in range(j, len(keys) + 1))
+        if j == len(keys):
+            return False
+        return words[i] in ("*", keys[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: ExchangeType
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    dead_letter_exchange: str | None = DEAD_LETTER_EXCHANGE
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        if self.dead_letter_exchange is None:
+            return {}
+        return {"x-dead-letter-exchange": self.dead_letter_exchange}
+
+
+@dataclass(frozen=True)
+class Binding:
+    exchange: str
+    queue: str
+    routing_key: str = ""
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[Exchange, ...] = ()
+    queues: tuple[Queue, ...] = ()
+    bindings: tuple[Binding, ...] = field(default=())
+
+    def __add__(self, other: Topology) -> Topology:
+        def merged(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(dict.fromkeys(a + b))
+
+        return Topology(
+            merged(self.exchanges, other.exchanges),
+            merged(self.queues, other.queues),
+            merged(self.bindings, other.bindings),
+        )
+
+
+def exchanges() -> Topology:
+    """Every exchange of the design; devices and observers declare these before their queues."""
+    return Topology(
+        exchanges=(
+            Exchange(SIGNALS_EXCHANGE, "topic"),
+            Exchange(UPDATES_EXCHANGE, "topic"),
+            Exchange(CONTROL_EXCHANGE, "direct"),
+            Exchange(DEVICES_EXCHANGE, "topic"),
+            Exchange(EVENTS_EXCHANGE, "fanout"),
+            Exchange(DEAD_LETTER_EXCHANGE, "fanout"),
+        )
+    )
+
+
+def default_topology() -> Topology:
+    """The orchestrator's side: all exchanges, its three work queues and ``dead-letters``."""
+    return exchanges() + Topology(
+        queues=(
+            Queue(SIGNALS_QUEUE),
+            Queue(UPDATES_QUEUE),
+            Queue(CONTROL_QUEUE),
+            # No dead-letter exchange on the dead-letter queue itself: a loop would hide losses.
+            Queue(DEAD_LETTER_QUEUE, dead_letter_exchange=None),
+        ),
+        bindings=(
+            Binding(SIGNALS_EXCHANGE, SIGNALS_QUEUE, "signal.*"),
+            Binding(UPDATES_EXCHANGE, UPDATES_QUEUE, "update.*.*"),
+            Binding(CONTROL_EXCHANGE, CONTROL_QUEUE, CONTROL_ROUTING_KEY),
+            Binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
+        ),
+    )
+
+
+def device_topology(client_id: str, run_id: str | None = None) -> Topology:
+    """One device's durable queue, bound to its own key and (when known) its run's broadcast."""
+    queue = device_queue(client_id)
+    bindings = [Binding(DEVICES_EXCHANGE, queue, device_routing_key(client_id))]
+    if run_id is not None:
+        bindings.append(Binding(DEVICES_EXCHANGE, queue, broadcast_routing_key(run_id)))
+    return exchanges() + Topology(queues=(Queue(queue),), bindings=tuple(bindings))
+
+
+def observer_topology(observer_id: str) -> Topology:
+    """An observer's private events queue: exclusive and auto-deleted, so it dies with the
+    observer; not durable, because events are a live feed that no one replays."""
+    queue = events_queue(observer_id)
+    return exchanges() + Topology(
+        queues=(
+            Queue(
+                queue, durable=False, exclusive=True, auto_delete=True, dead_letter_exchange=None
+            ),
+        ),
+        bindings=(Binding(EVENTS_EXCHANGE, queue, ""),),
+    )
+
+
+def declare(bus: Bus, topology: Topology | None = None) -> None:
+    """Declare ``topology`` (default: the orchestrator's); safe to call any number of times."""
+    bus.declare(default_topology() if topology is None else topology)
+
+
+def declare_device(bus: Bus, client_id: str, run_id: str | None = None) -> str:
+    """Declare one device's queue and bindings; returns the queue's name."""
+    bus.declare(device_topology(client_id, run_id))
+    return device_queue(client_id)
+
+
+def observe_events(
+    bus: Bus, observer_id: str, handler: Callable[[Delivery], None], *, prefetch: int | None = None
+) -> Consumer:
+    """Declare an observer's exclusive events queue and consume it.
+
+    Declaration and consumption go together because on AMQP an exclusive queue belongs to the
+    connection that declared it, and it vanishes with that connection: the consumer declares it
+    on its own connection, again after every reconnect.
+    """
+    topology = observer_topology(observer_id)
+    return bus.consume(events_queue(observer_id), handler, prefetch=prefetch, declare=topology)
