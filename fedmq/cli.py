@@ -52,6 +52,35 @@ def db_upgrade(
     console.print(f"database at revision {migrations.current(target)}")
 
 
+@app.command()
+def demo(
+    broker: str | None = typer.Option(None, help="Broker URL (default: FEDMQ_BROKER_URL)"),
+    model: str = typer.Option("resnet18", help="resnet18 or resnet50"),
+    encodings: str = typer.Option(
+        "fp32,bf16,fp16,int8", help="Comma-separated; topk is meant for deltas, not weights"
+    ),
+) -> None:
+    """Send a global model over the wire in every encoding and check what arrives."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedmq import demo as d
+
+    s = get_settings()
+    weights = d.model_weights(model)
+    raw = sum(a.nbytes for a in weights.values())
+    url = broker or s.broker_url
+    console.print(f"bus: {url.split('@')[-1]}, chunk size {s.chunk_size // 1024} KiB")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} chunks"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        results = d.cross(s, url, weights, [e.strip() for e in encodings.split(",")], progress)
+    d.render(results, model, raw, console)
+
+
 def _ensure_sqlite_dir(url: str) -> None:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -399,6 +399,9 @@ class AmqpBus(Bus):
         )
         return int(ok.method.message_count)
 
+    def delete_queue(self, queue: str) -> None:
+        self._call(f"delete {queue!r}", lambda link: link.channel.queue_delete(queue))
+
     def close(self) -> None:
         self._closed = True
         with self._lock:

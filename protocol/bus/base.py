@@ -265,6 +265,10 @@ class Bus(ABC):
         """Ready (not un-acked) messages in ``queue``."""
 
     @abstractmethod
+    def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` and its bindings (a device leaving for good); absent is fine."""
+
+    @abstractmethod
     def close(self) -> None:
         """Stop every consumer and close every connection."""
 

@@ -270,6 +270,12 @@ class InProcessBus(Bus):
         with self._cond:
             return len(self._queue(queue).ready)
 
+    def delete_queue(self, queue: str) -> None:
+        with self._cond:
+            self._check_open()
+            self._queues.pop(queue, None)
+            self._bindings = {b for b in self._bindings if b[1] != queue}
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -302,3 +302,13 @@ def test_a_consumer_and_a_publisher_survive_the_broker_closing_their_connections
         assert consumer.alive
     finally:
         bus.close()
+
+
+def test_a_deleted_device_queue_takes_its_bindings_with_it(orchestrator_bus: Bus) -> None:
+    queue = t.declare_device(orchestrator_bus, "leaver", "run1")
+    orchestrator_bus.publish(t.DEVICES_EXCHANGE, t.device_routing_key("leaver"), b"hi")
+    assert orchestrator_bus.queue_depth(queue) == 1
+    orchestrator_bus.delete_queue(queue)
+    orchestrator_bus.delete_queue(queue)  # absent is fine
+    with pytest.raises(BusError):
+        orchestrator_bus.publish(t.DEVICES_EXCHANGE, t.device_routing_key("leaver"), b"hi")
