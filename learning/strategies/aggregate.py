@@ -1,0 +1,167 @@
+"""Aggregation math: free functions over plain arrays and sample counts (Flower style).
+
+``weighted_average`` is the papers' FedAvg formula ``w = Σ n_k/n · w_k`` on whole lists;
+``WeightedMean`` computes the same thing one update at a time in float64, which is what a
+worker uses so that memory does not grow with the number of clients. ``coordinate_median``
+and ``trimmed_mean`` are the robust combiners of Yin et al. 2018; ``StackedUpdates`` holds
+the k updates they need in one preallocated (k, ...) array per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+def _check_counts(counts: Sequence[float]) -> np.ndarray:
+    n = np.asarray(counts, dtype=np.float64)
+    if n.ndim != 1 or n.size == 0:
+        raise ValueError("need at least one update")
+    if not np.all(np.isfinite(n)) or np.any(n <= 0):
+        raise ValueError(f"sample counts must be positive, got {list(counts)}")
+    return n
+
+
+def weighted_average(
+    updates: Sequence[Mapping[str, np.ndarray]], counts: Sequence[float]
+) -> Weights:
+    """``Σ n_k/n · u_k`` per tensor, in float64 (the reference the fold is tested against)."""
+    n = _check_counts(counts)
+    if len(updates) != n.size:
+        raise ValueError(f"{len(updates)} updates but {n.size} sample counts")
+    total = n.sum()
+    return {
+        name: sum(
+            (nk / total) * np.asarray(u[name], dtype=np.float64)
+            for u, nk in zip(updates, n, strict=True)
+        )
+        for name in updates[0]
+    }
+
+
+def coordinate_median(stack: np.ndarray) -> np.ndarray:
+    """Median over axis 0 (clients), coordinate-wise; sorts ``stack`` in place."""
+    return np.median(stack, axis=0, overwrite_input=True)
+
+
+def trimmed_mean(stack: np.ndarray, beta: float) -> np.ndarray:
+    """Mean over axis 0 after dropping the ``floor(beta·k)`` smallest and largest values of
+    every coordinate; sorts ``stack`` in place. Averages in float64."""
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+    k = stack.shape[0]
+    cut = int(np.floor(beta * k))
+    stack.sort(axis=0)
+    return stack[cut : k - cut].mean(axis=0, dtype=np.float64)
+
+
+class WeightedMean:
+    """Streaming ``Σ n_k Δ_k / Σ n_k``: one float64 sum per tensor, whatever k is.
+
+    Float64 keeps the sum exact enough that the order of the updates does not matter at
+    float32 precision. Products go through a small float64 scratch buffer, a slice at a
+    time, so adding allocates nothing per update; ``result()`` divides the sums in place
+    (the accumulator is then finished), so memory stays at 2x the fp32 model.
+    """
+
+    SCRATCH_ELEMENTS = 1 << 16  # 512 KiB of float64
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}
+        self._scratch = np.empty(0, dtype=np.float64)
+        self._total = 0.0
+        self._count = 0
+        self._done = False
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        return self._total
+
+    def add(self, tensors: Mapping[str, np.ndarray], weight: float) -> None:
+        if self._done:
+            raise ValueError("result() was already taken; start a new accumulator")
+        w = float(weight)
+        if not (w > 0 and np.isfinite(w)):
+            raise ValueError(f"update weight must be positive, got {weight!r}")
+        if not self._sums:
+            self._sums = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in tensors.items()}
+            biggest = max((s.size for s in self._sums.values()), default=0)
+            self._scratch = np.empty(max(1, min(biggest, self.SCRATCH_ELEMENTS)), np.float64)
+        elif tensors.keys() != self._sums.keys():
+            raise ValueError("update has different tensors than the first one")
+        for name, t in tensors.items():
+            acc = self._sums[name]
+            if np.shape(t) != acc.shape:
+                raise ValueError(f"tensor {name!r} is {np.shape(t)}, expected {acc.shape}")
+            flat_t, flat_acc = np.asarray(t).reshape(-1), acc.reshape(-1)
+            step = self._scratch.size
+            for i in range(0, flat_acc.size, step):
+                part = flat_acc[i : i + step]
+                tmp = self._scratch[: part.size]
+                np.multiply(flat_t[i : i + step], np.float64(w), out=tmp)  # in float64
+                part += tmp
+        self._total += w
+        self._count += 1
+
+    def result(self) -> Weights:
+        """The weighted mean (float64 arrays); finishes the accumulator."""
+        if not self._count:
+            raise ValueError("no updates were added")
+        if not self._done:
+            for acc in self._sums.values():
+                acc /= self._total
+            self._done = True
+            self._scratch = np.empty(0, dtype=np.float64)
+        return dict(self._sums)
+
+
+class StackedUpdates:
+    """Holds k updates in one (k, *shape) float32 array per tensor, for robust reducers."""
+
+    def __init__(
+        self,
+        num_updates: int,
+        reduce: Callable[[Mapping[str, np.ndarray], np.ndarray], Weights],
+    ) -> None:
+        if num_updates <= 0:
+            raise ValueError("need at least one update")
+        self._k = num_updates
+        self._reduce = reduce
+        self._stacks: dict[str, np.ndarray] = {}
+        self._weights = np.zeros(num_updates, dtype=np.float64)
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, tensors: Mapping[str, np.ndarray], weight: float) -> None:
+        if self._count >= self._k:
+            raise ValueError(f"more than the {self._k} updates announced")
+        if not self._stacks:
+            self._stacks = {
+                k: np.empty((self._k, *np.shape(v)), dtype=np.float32) for k, v in tensors.items()
+            }
+        elif tensors.keys() != self._stacks.keys():
+            raise ValueError("update has different tensors than the first one")
+        for name, t in tensors.items():
+            row = self._stacks[name][self._count]
+            if np.shape(t) != row.shape:
+                raise ValueError(f"tensor {name!r} is {np.shape(t)}, expected {row.shape}")
+            row[...] = t
+        self._weights[self._count] = float(weight)
+        self._count += 1
+
+    def result(self) -> Weights:
+        """Reduce the updates added (fewer than announced is fine: skipped ones)."""
+        if not self._count:
+            raise ValueError("no updates were added")
+        stacks = {k: v[: self._count] for k, v in self._stacks.items()}
+        return self._reduce(stacks, self._weights[: self._count])
