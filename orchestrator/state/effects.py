@@ -1,0 +1,198 @@
+"""What the round machine asks the service to do, and what it records.
+
+Every effect is recordable: ``kind`` fits ``protocol.messages.Event.kind`` and ``detail()`` is
+a flat ``Detail`` dict, so the service can write each one to the audit trail and publish it on
+``fedmq.events`` without knowing its type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+from orchestrator.state.events import Event
+from orchestrator.state.model import Update
+from protocol.messages import ClientState
+
+Scalar = str | int | float | bool | None
+
+
+class Effect:
+    __slots__ = ()
+    kind: ClassVar[str]
+
+    def detail(self) -> dict[str, Scalar | list[Scalar]]:
+        out: dict[str, Scalar | list[Scalar]] = {}
+        _flatten(out, "", self)
+        return out
+
+
+def _flatten(out: dict[str, Scalar | list[Scalar]], key: str, value: Any) -> None:
+    if isinstance(value, Enum):
+        out[key] = value.value
+    elif value is None or isinstance(value, str | int | float | bool):
+        out[key] = value
+    elif isinstance(value, Mapping):
+        for name, item in sorted(value.items()):
+            _flatten(out, f"{key}.{name}", item)
+    elif isinstance(value, tuple) and value and all(isinstance(v, Update) for v in value):
+        # Column-wise, so that the detail stays a flat dict of scalars and lists of scalars.
+        for name in Update._fields:
+            out[f"{key}.{name}"] = [getattr(v, name) for v in value]
+    elif isinstance(value, tuple):
+        out[key] = [v.value if isinstance(v, Enum) else v for v in value]
+    elif is_dataclass(value):
+        if key:
+            out[key] = type(value).__name__
+        for f in fields(value):
+            _flatten(out, f"{key}.{f.name}" if key else f.name, getattr(value, f.name))
+    else:
+        out[key] = repr(value)
+
+
+# --- clients --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStateChanged(Effect):
+    kind: ClassVar[str] = "client.state"
+    client_id: str
+    old: ClientState | None
+    new: ClientState
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientWentOffline(Effect):
+    kind: ClassVar[str] = "client.offline"
+    client_id: str
+    old: ClientState
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateAccepted(Effect):
+    """Counted in the open round: the service may now acknowledge the update message."""
+
+    kind: ClassVar[str] = "update.accepted"
+    round: int
+    client_id: str
+    ref: str
+    num_samples: int
+
+
+# --- rounds ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedRound(Effect):
+    """Broadcast the announcement and the global model to ``selected``.
+
+    ``carried`` already sent their update in an earlier attempt of this round; the service
+    need not ask them to train again.
+    """
+
+    kind: ClassVar[str] = "round.opened"
+    number: int
+    attempt: int
+    selected: tuple[str, ...]
+    carried: tuple[str, ...]
+    quorum: int
+    deadline: float
+    model_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRetried(Effect):
+    kind: ClassVar[str] = "round.retried"
+    number: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundClosed(Effect):
+    kind: ClassVar[str] = "round.closed"
+    number: int
+    attempt: int
+    received: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoundFailed(Effect):
+    """``final``: no retry follows; otherwise a new attempt opens as soon as it can."""
+
+    kind: ClassVar[str] = "round.failed"
+    number: int
+    attempt: int
+    reason: str
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoundDone(Effect):
+    kind: ClassVar[str] = "round.done"
+    number: int
+    model_version: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchAggregate(Effect):
+    """Start the ``aggregate`` task. ``retry`` counts re-dispatches after retryable failures."""
+
+    kind: ClassVar[str] = "task.aggregate"
+    round: int
+    attempt: int
+    updates: tuple[Update, ...]
+    base_model_version: int
+    retry: int
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchEvaluate(Effect):
+    kind: ClassVar[str] = "task.evaluate"
+    round: int
+    model_version: int
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AutorunChanged(Effect):
+    kind: ClassVar[str] = "autorun.changed"
+    remaining: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PauseChanged(Effect):
+    kind: ClassVar[str] = "run.paused"
+    paused: bool
+
+
+# --- refusals: the state is left exactly as it was ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Effect):
+    """Invalid in the current state; the service answers/dead-letters it with ``reason``."""
+
+    kind: ClassVar[str] = "rejected"
+    event: Event
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored(Effect):
+    """Harmless: a duplicate or a stale re-delivery. The service acknowledges it and moves on."""
+
+    kind: ClassVar[str] = "ignored"
+    event: Event
+    reason: str

@@ -1,0 +1,101 @@
+"""A working copy of a federation that one ``step`` edits, and the effects it collects.
+
+``step`` never touches its input: the copy is built from it, edited, and turned into a new
+``Federation`` at the end, or thrown away when the event is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from orchestrator.state.effects import ClientStateChanged, ClientWentOffline, Effect
+from orchestrator.state.model import ClientRecord, Federation, Round
+from orchestrator.state.policy import RoundPolicy
+from protocol.messages import ClientState, RoundState
+
+
+class Refused(Exception):
+    """Raised by a handler to leave the state as it was: rejected, or ignored if ``ignored``."""
+
+    def __init__(self, reason: str, *, ignored: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.ignored = ignored
+
+
+class Tx:
+    def __init__(self, fed: Federation, now: float) -> None:
+        self.base = fed
+        self.now = now
+        self.clients: dict[str, ClientRecord] = dict(fed.clients)
+        self.round: Round | None = fed.round
+        self.autorun_remaining = fed.autorun_remaining
+        self.paused = fed.paused
+        self.last_completed_round = fed.last_completed_round
+        self.model_version = fed.model_version
+        self.effects: list[Effect] = []
+
+    @property
+    def policy(self) -> RoundPolicy:
+        return self.base.policy
+
+    def result(self) -> Federation:
+        return replace(
+            self.base,
+            clients=self.clients,
+            round=self.round,
+            autorun_remaining=self.autorun_remaining,
+            paused=self.paused,
+            last_completed_round=self.last_completed_round,
+            model_version=self.model_version,
+        )
+
+    def emit(self, *effects: Effect) -> None:
+        self.effects.extend(effects)
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def client(self, client_id: str) -> ClientRecord:
+        record = self.clients.get(client_id)
+        if record is None:
+            raise Refused(f"unknown client {client_id}")
+        return record
+
+    def live_client(self, client_id: str) -> ClientRecord:
+        record = self.client(client_id)
+        if record.state is ClientState.OFFLINE:
+            raise Refused(f"{client_id} is offline ({record.offline_reason}); join again first")
+        return record
+
+    def set_client(self, client_id: str, **changes: Any) -> None:
+        self.clients[client_id] = replace(self.clients[client_id], **changes)
+
+    def touch(self, client_id: str) -> None:
+        self.set_client(client_id, last_seen=self.now)
+
+    def move(self, client_id: str, state: ClientState, reason: str, **changes: Any) -> None:
+        old = self.clients[client_id].state
+        self.set_client(client_id, state=state, **changes)
+        if old is not state:
+            self.emit(ClientStateChanged(client_id, old, state, reason))
+
+    def go_offline(self, client_id: str, reason: str) -> None:
+        """Offline, and out of the open round's expected set; a received update stays counted."""
+        old = self.clients[client_id].state
+        self.set_client(client_id, state=ClientState.OFFLINE, offline_reason=reason)
+        self.emit(ClientWentOffline(client_id, old, reason))
+        rnd = self.round
+        if (
+            rnd is not None
+            and rnd.state is RoundState.OPEN
+            and client_id in rnd.selected
+            and client_id not in rnd.dropped
+        ):
+            self.set_round(dropped=tuple(sorted((*rnd.dropped, client_id))))
+
+    # --- round ------------------------------------------------------------------------------
+
+    def set_round(self, **changes: Any) -> None:
+        assert self.round is not None
+        self.round = replace(self.round, **changes)

@@ -1,0 +1,123 @@
+"""The Celery app and its tasks, ``fedmq.aggregate`` and ``fedmq.evaluate``.
+
+``celery -A workers.app worker -Q aggregate`` runs a worker configured from ``FEDMQ_*``
+variables (``WorkerConfig.from_env``); the composition root calls ``configure(config)``
+with a config built from its settings instead. The task bodies live in ``workers.tasks``
+as plain functions; this module only wires them to Celery.
+
+Delivery: both tasks are idempotent, so they ack late (``task_acks_late``) and a task
+whose worker dies is requeued (``task_reject_on_worker_lost``) and redone by another
+worker; ``worker_prefetch_multiplier=1`` keeps one unacked task per process so a dead
+worker strands at most one. Database errors (OperationalError, InterfaceError) are
+retried with exponential backoff and jitter; ``TaskError`` (bad config, no usable
+update, a stale attempt) is final. Messages are JSON only: a broker message is never
+unpickled (Celery's pickle would run code from whoever can publish to the broker).
+
+Embedded mode (broker ``memory://``): tasks run eagerly in the caller's process.
+Note that Celery's ``send_task`` always publishes, even when eager; in-process callers
+should use ``app.signature(name, args=...).apply_async()``, which runs a registered task
+eagerly and falls back to publishing by name when the task is not registered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from workers.config import WorkerConfig
+from workers.tasks.aggregate import aggregate_round
+from workers.tasks.evaluate import evaluate_version
+
+AGGREGATE_TASK = "fedmq.aggregate"
+EVALUATE_TASK = "fedmq.evaluate"
+AGGREGATE_QUEUE = "aggregate"
+EVALUATE_QUEUE = "evaluate"
+EDGE_QUEUE = "edge"
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    AGGREGATE_TASK: {"queue": AGGREGATE_QUEUE},
+    EVALUATE_TASK: {"queue": EVALUATE_QUEUE},
+    "fedmq.edge.*": {"queue": EDGE_QUEUE},
+}
+# Transient: the database went away or a connection broke. Retried with backoff.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+RETRY_BACKOFF_S = 2
+RETRY_BACKOFF_MAX_S = 60
+
+
+def celery_config(config: WorkerConfig) -> dict[str, Any]:
+    """Celery settings for ``config``; a client that only sends tasks uses the same."""
+    return {
+        "broker_url": config.broker_url,
+        "result_backend": config.result_backend_url,
+        "task_routes": TASK_ROUTES,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_track_started": True,
+        "task_time_limit": config.task_time_limit_s,
+        "task_soft_time_limit": 0.9 * config.task_time_limit_s,
+        "task_always_eager": config.eager,
+        "task_eager_propagates": True,
+        "task_publish_retry": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"confirm_publish": True},
+        "database_short_lived_sessions": True,
+        "result_expires": 24 * 3600,
+    }
+
+
+def create_app(config: WorkerConfig, name: str = "fedmq") -> Celery:
+    """A bare app with fedmq's settings (no tasks): for clients that send by name."""
+    client = Celery(name, set_as_current=False)
+    client.conf.update(celery_config(config))
+    return client
+
+
+app = Celery("fedmq", set_as_current=False)
+_config: WorkerConfig = WorkerConfig()
+
+
+def configure(config: WorkerConfig) -> Celery:
+    """Apply ``config`` to this module's app (and so to its tasks); returns the app."""
+    global _config
+    _config = config
+    app.conf.update(celery_config(config))
+    for task in (aggregate, evaluate):
+        task.max_retries = config.max_retries
+    return app
+
+
+def current_config() -> WorkerConfig:
+    return _config
+
+
+_RETRY: dict[str, Any] = {
+    "autoretry_for": TRANSIENT_ERRORS,
+    "retry_backoff": RETRY_BACKOFF_S,
+    "retry_backoff_max": RETRY_BACKOFF_MAX_S,
+    "retry_jitter": True,
+    "max_retries": 3,
+}
+
+
+@app.task(name=AGGREGATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, **_RETRY)
+def aggregate(self: Task, run_id: str, round_number: int, attempt: int) -> dict[str, Any]:
+    """Aggregate a round into a new model version; see workers.tasks.aggregate."""
+    return aggregate_round(_config, run_id, round_number, attempt, task_id=self.request.id)
+
+
+@app.task(name=EVALUATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, **_RETRY)
+def evaluate(self: Task, run_id: str, round_number: int, model_version: int) -> dict[str, Any]:
+    """Evaluate a model version on the run's test set; see workers.tasks.evaluate."""
+    return evaluate_version(_config, run_id, round_number, model_version)
+
+
+configure(WorkerConfig.from_env())

@@ -1,0 +1,177 @@
+"""Streaming aggregation: read, decode and fold the round's updates one at a time.
+
+``iter_deltas`` turns stored update blobs into checked float32 deltas against the round's
+global model, one at a time (decode → to delta → clip); ``fold_updates`` feeds them to a
+folder (an ``Accumulator``: ``add(tensors, weight)`` then ``result()``). Only one update
+is alive at a time, so a streaming strategy needs the global model, one update and its
+float64 sum: O(model), not O(clients x model).
+
+The folder is where a device pipeline slots in: ``make_folder`` returns the strategy's CPU
+accumulator today; a CUDA folder (pinned double-buffered staging, copies on a side
+stream) will take the same ``add`` calls, and ``iter_deltas`` can run ahead of it in a
+thread to overlap decoding with folding.
+
+Non-float tensors (counters such as BatchNorm's ``num_batches_tracked``) are not
+averaged: they travel as values, not differences, and the new model takes their
+element-wise maximum over the folded updates (the base model's when none carries one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from db.blobstore import BlobError
+from learning.strategies import Accumulator, Strategy, StrategyError
+from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, spec_of
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class UpdateRef:
+    """One received update: whose, where its blob is, how many samples it was trained on."""
+
+    client_id: str
+    blob_sha: str | None
+    num_samples: int | None
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """The round's base model, split into float weights and other (counter) tensors.
+
+    ``names`` are the codec ``base_version`` strings a delta may name: the version number
+    as a string (the convention for devices) or the model blob's SHA-256.
+    """
+
+    floats: Weights
+    others: Weights
+    names: frozenset[str]
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], *names: str) -> GlobalModel:
+        floats, others = split_floats(tensors)
+        return cls(floats, others, frozenset(names))
+
+    @property
+    def spec(self) -> dict[str, TensorSpec]:
+        return spec_of({**self.floats, **self.others})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.floats.values())
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    client_id: str
+    delta: Weights  # float32, clipped
+    weight: float
+    counters: Weights
+    norm: float  # before clipping; NaN when clipping is off
+
+
+@dataclass
+class FoldResult:
+    delta: Weights  # the combined delta (float64 for streaming strategies)
+    counters: Weights
+    folded: list[str] = field(default_factory=list)
+    num_samples: int = 0
+    clipped: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def split_floats(tensors: Mapping[str, np.ndarray]) -> tuple[Weights, Weights]:
+    floats = {k: v for k, v in tensors.items() if v.dtype.kind == "f"}
+    others = {k: v for k, v in tensors.items() if v.dtype.kind != "f"}
+    return floats, others
+
+
+def make_folder(strategy: Strategy, num_updates: int, device: str = "cpu") -> Accumulator:
+    """The accumulator for one round on ``device``."""
+    if device != "cpu":
+        raise ValueError(f"aggregation device {device!r} is not supported yet (only 'cpu')")
+    return strategy.accumulator(num_updates)
+
+
+def iter_deltas(
+    updates: Iterable[UpdateRef],
+    load: Callable[[str], bytes],
+    base: GlobalModel,
+    strategy: Strategy,
+    limits: DecodeLimits,
+    skipped: dict[str, str],
+) -> Iterator[PreparedUpdate]:
+    """Yield each usable update as a clipped float32 delta; record the others in
+    ``skipped`` (client id -> reason). Database errors are not caught: they are transient
+    and the whole task is retried."""
+    spec = base.spec
+    for ref in updates:
+        if ref.blob_sha is None:
+            skipped[ref.client_id] = "its update blob was deleted (retention)"
+            continue
+        if ref.num_samples is None or ref.num_samples <= 0:
+            skipped[ref.client_id] = f"bad sample count {ref.num_samples!r}"
+            continue
+        try:
+            decoded = decode(load(ref.blob_sha), limits=limits, expected=spec)
+        except (CodecError, BlobError) as e:
+            skipped[ref.client_id] = f"unusable update blob: {e}"
+            continue
+        if decoded.delta and decoded.base_version not in base.names:
+            skipped[ref.client_id] = (
+                f"delta against model {decoded.base_version!r}, not the round's base "
+                f"({', '.join(sorted(base.names))})"
+            )
+            continue
+        is_delta = decoded.delta
+        floats, counters = split_floats(decoded.tensors)
+        del decoded
+        if not is_delta:  # full weights: make them a delta against the base, in place
+            for name, w in floats.items():
+                np.subtract(w, base.floats[name], out=w)
+        delta, norm = strategy.prepare(floats)
+        upd = PreparedUpdate(ref.client_id, delta, float(ref.num_samples), counters, norm)
+        del floats, delta, counters
+        yield upd
+        del upd  # not held while the next update is decoded
+
+
+def fold_updates(
+    updates: Iterable[UpdateRef],
+    load: Callable[[str], bytes],
+    base: GlobalModel,
+    strategy: Strategy,
+    *,
+    limits: DecodeLimits = DecodeLimits(),
+    folder: Accumulator | None = None,
+    after_each: Callable[[PreparedUpdate], None] | None = None,
+) -> FoldResult:
+    """Fold every usable update into ``folder`` (the strategy's CPU accumulator by
+    default) and return the combined delta. Raises StrategyError when none is usable."""
+    refs = list(updates)
+    folder = folder if folder is not None else make_folder(strategy, len(refs))
+    skipped: dict[str, str] = {}
+    counters: Weights = {}
+    result = FoldResult(delta={}, counters=counters, skipped=skipped)
+    for upd in iter_deltas(refs, load, base, strategy, limits, skipped):
+        folder.add(upd.delta, upd.weight)
+        for name, value in upd.counters.items():
+            counters[name] = value if name not in counters else np.maximum(counters[name], value)
+        result.folded.append(upd.client_id)
+        result.num_samples += int(upd.weight)
+        if strategy.clip_norm is not None and upd.norm > strategy.clip_norm:
+            result.clipped += 1
+        if after_each is not None:
+            after_each(upd)
+        del upd
+    if not result.folded:
+        reasons = "; ".join(f"{c}: {r}" for c, r in skipped.items()) or "no updates received"
+        raise StrategyError(f"no usable update to aggregate ({reasons})")
+    result.delta = folder.result()
+    for name, value in base.others.items():
+        counters.setdefault(name, value)
+    return result
