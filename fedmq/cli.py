@@ -81,6 +81,32 @@ def demo(
     d.render(results, model, raw, console)
 
 
+@app.command()
+def worker(
+    queues: str = typer.Option("aggregate,evaluate", help="Celery queues to consume"),
+    concurrency: int = typer.Option(1, help="Worker processes"),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Run a Celery worker (aggregate / evaluate / edge) against FEDMQ_BROKER_URL."""
+    from fedmq.wiring import worker_config
+    from workers.app import configure
+
+    s = get_settings()
+    if s.embedded:
+        raise typer.BadParameter("a worker needs a broker: set FEDMQ_BROKER_URL to amqp://...")
+    celery_app = configure(worker_config(s))
+    celery_app.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            "--pool=prefork",
+        ]
+    )
+
+
 def _ensure_sqlite_dir(url: str) -> None:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         300.0, gt=0, description="A round closes at this deadline if a quorum has reported"
     )
     task_timeout_s: float = Field(600.0, gt=0, description="Hard time limit of a Celery task")
+    max_aggregation_bytes: int = Field(
+        4096 * MiB, gt=0, description="Memory cap of robust (non-streaming) aggregation"
+    )
+    worker_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where workers fold updates (cuda falls back to cpu without a GPU)"
+    )
 
     # Security and storage
     operator_token: SecretStr = Field(

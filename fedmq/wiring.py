@@ -6,6 +6,7 @@ from fedmq.settings import Settings
 from protocol.bus import Bus, BusConfig, connect
 from protocol.chunking import Reassembler
 from protocol.codec import DecodeLimits
+from workers.config import WorkerConfig
 
 
 def bus_config(s: Settings) -> BusConfig:
@@ -31,3 +32,15 @@ def decode_limits(s: Settings) -> DecodeLimits:
 
 def reassembler(s: Settings) -> Reassembler:
     return Reassembler(max_blob_bytes=s.max_blob_bytes, timeout_s=s.reassembly_timeout_s)
+
+
+def worker_config(s: Settings) -> WorkerConfig:
+    return WorkerConfig(
+        database_url=s.database_url,
+        broker_url=s.broker_url,
+        result_backend=s.result_backend,
+        decode_limits=decode_limits(s),
+        max_aggregation_bytes=s.max_aggregation_bytes,
+        task_time_limit_s=s.task_timeout_s,
+        device=s.worker_device,
+    )

@@ -26,19 +26,22 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from protocol.tasks import (
+    AGGREGATE_QUEUE,
+    AGGREGATE_TASK,
+    EDGE_QUEUE,
+    EDGE_TASK_PATTERN,
+    EVALUATE_QUEUE,
+    EVALUATE_TASK,
+)
 from workers.config import WorkerConfig
 from workers.tasks.aggregate import aggregate_round
 from workers.tasks.evaluate import evaluate_version
 
-AGGREGATE_TASK = "fedmq.aggregate"
-EVALUATE_TASK = "fedmq.evaluate"
-AGGREGATE_QUEUE = "aggregate"
-EVALUATE_QUEUE = "evaluate"
-EDGE_QUEUE = "edge"
 TASK_ROUTES: dict[str, dict[str, str]] = {
     AGGREGATE_TASK: {"queue": AGGREGATE_QUEUE},
     EVALUATE_TASK: {"queue": EVALUATE_QUEUE},
-    "fedmq.edge.*": {"queue": EDGE_QUEUE},
+    EDGE_TASK_PATTERN: {"queue": EDGE_QUEUE},
 }
 # Transient: the database went away or a connection broke. Retried with backoff.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
