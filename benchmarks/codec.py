@@ -259,6 +259,7 @@ def main() -> None:
     finally:
         os.sched_setaffinity(0, cores)
     markdown, targets = render(sizes, speed)
+    markdown += "\n\n![bytes on the wire by format](img/codec_sizes.png)"
     results = {
         "sizes_bytes": sizes,
         "speed_mb_s": speed,
@@ -270,6 +271,9 @@ def main() -> None:
     else:
         publish("codec", markdown, results)
         print(markdown)
+        from codec_plot import plot
+
+        print(f"plot: {plot()}")
     print(f"took {results['seconds']} s", file=sys.stderr)
 
 
