@@ -26,6 +26,13 @@ spec="."
 # Stamp: skip pip when nothing that decides the install changed (keeps re-runs fast).
 stamp=".venv/.fedmq-install-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-${1:-base}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e "$spec"
+  log=$(mktemp)
+  if ! .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e "$spec" \
+      >"$log" 2>&1; then
+    cat "$log"; rm -f "$log"; exit 1
+  fi
+  # This machine's pip config names index folders that may not exist; that noise is dropped.
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
   touch "$stamp"
 fi
