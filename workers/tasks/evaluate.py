@@ -1,26 +1,34 @@
 """``fedmq.evaluate``: a model version on the run's held-out test set -> loss and accuracy.
 
 Which model and which test set come from the run's config (``config["model"]`` and
-``config["dataset"]``, each a name or ``{"name": ..., ...}``). Until ``learning`` has its
-model and dataset registry, this module keeps a small one of its own:
+``config["dataset"]``, each a name or ``{"name": ..., ...}``). The registry is
+``learning``'s:
 
-- models: ``mlp``: a stack of linear layers (``*.weight`` (out, in) + ``*.bias``, in the
-  blob's order) with ReLU between them and softmax cross-entropy at the end, the layout of
-  a torch ``nn.Sequential`` of ``Linear``/``ReLU``; evaluated in numpy.
-- datasets: ``digits``: scikit-learn's 8x8 digits (pixels / 16), a seeded split holding
-  out ``test_fraction`` (default 0.2) with ``seed`` (default 0). Needs scikit-learn, which
-  is not a dependency of fedmq: without it the task reports ``skipped``.
+- test sets: ``learning.data.load_dataset(name, **params)``'s test part (digits: the
+  stratified 80/20 split with ``seed`` 0 that devices and the replica use too; cifar10 from
+  its local folder ``root``). Loaded sets are cached per (name, params).
+- models: every ``learning.models`` name, built for the dataset (its classes and input
+  shape) with the model entry's params, loaded with the weights and run in torch. A
+  learning model needs a known dataset to be built: without one it has no evaluator.
+- ``mlp`` keeps a numpy evaluator that needs no config (model params are ignored): any
+  stack of linear layers (``*.weight`` (out, in) + ``*.bias``, in natural name order,
+  ``net.2`` before ``net.10``) with ReLU between them, the layout of
+  ``learning.models.MLP`` and of any ``nn.Sequential`` of ``Linear``/``ReLU``.
 
-``register_model`` / ``register_dataset`` add more (the tests register a synthetic set).
-An unknown name is not an error: the task returns ``{"skipped": reason}`` and records an
-``evaluate.skipped`` event, so a run without an evaluator still completes its rounds.
-Metrics are merged into the model version's and the round's metrics; running the task
-twice stores the same values twice.
+``register_model`` / ``register_dataset`` add or override names here (the tests register a
+synthetic set). An unknown name is not an error: the task returns ``{"skipped": reason}``
+and records an ``evaluate.skipped`` event, so a run without an evaluator still completes
+its rounds. Metrics are merged into the model version's and the round's metrics; running
+the task twice stores the same values twice.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -30,6 +38,10 @@ from db import blobstore
 from db import queries as q
 from db.engine import session_scope
 from db.models import ModelVersion
+from learning.data import has_dataset, load_dataset
+from learning.evaluate import evaluate as torch_evaluate
+from learning.models import build_model, model_names
+from learning.params import load_numpy
 from protocol.codec import CodecError, decode
 from workers.config import WorkerConfig
 from workers.tasks.common import EvaluationError, sessions
@@ -47,6 +59,13 @@ _DATASETS: dict[str, DatasetLoader] = {}
 
 class Unavailable(Exception):
     """An evaluator or test set that cannot be used here (unknown, or a missing package)."""
+
+
+@dataclass(frozen=True)
+class _TestData:
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
 
 
 def register_model(name: str, evaluator: ModelEvaluator) -> None:
@@ -74,14 +93,20 @@ def softmax_metrics(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"loss": loss, "accuracy": accuracy, "num_samples": float(len(y))}
 
 
+def _natural(name: str) -> list[tuple[int, str]]:
+    """Sort key putting ``net.2`` before ``net.10`` (and ``fc1`` before ``fc2``)."""
+    return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name)]
+
+
 def mlp_metrics(
     weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray
 ) -> dict[str, float]:
     """Loss and accuracy of an MLP given as its linear layers' weights and biases."""
     layers = [(n, w) for n, w in weights.items() if n.endswith("weight") and w.ndim == 2]
+    layers.sort(key=lambda item: _natural(item[0]))
     if not layers:
         raise EvaluationError("mlp: the model has no 2-D '*.weight' tensor")
-    h = np.asarray(x, dtype=np.float64)
+    h = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     for i, (name, w) in enumerate(layers):
         if h.shape[1] != w.shape[1]:
             raise EvaluationError(f"mlp: {name} takes {w.shape[1]} inputs, got {h.shape[1]}")
@@ -94,36 +119,61 @@ def mlp_metrics(
     return softmax_metrics(h, y)
 
 
-def digits_test_set(params: Mapping[str, Any]) -> TestSet:
-    try:
-        from sklearn.datasets import load_digits  # type: ignore[import-not-found]
-    except ImportError:
-        raise Unavailable("dataset 'digits' needs scikit-learn, which is not installed") from None
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(int(params.get("seed", 0))).permutation(len(y))
-    n_test = max(1, round(len(y) * float(params.get("test_fraction", 0.2))))
-    test = order[:n_test]
-    return (x[test] / 16.0).astype(np.float32), y[test]
-
-
 register_model("mlp", mlp_metrics)
-register_dataset("digits", digits_test_set)
+
+
+@lru_cache(maxsize=4)
+def _learning_test_set(name: str, params_json: str) -> _TestData:
+    try:
+        data = load_dataset(name, **json.loads(params_json))
+    except (ImportError, OSError, TypeError, ValueError) as e:
+        raise Unavailable(f"dataset {name!r}: {e}") from None
+    return _TestData(data.x_test, data.y_test, data.num_classes)
+
+
+def _test_set(name: str | None, params: Mapping[str, Any]) -> _TestData | None:
+    if name in _DATASETS:
+        x, y = _DATASETS[name](params)
+        return _TestData(x, y, int(np.max(y)) + 1 if len(y) else 0)
+    if name is not None and has_dataset(name):
+        return _learning_test_set(name, json.dumps(dict(params), sort_keys=True))
+    return None
+
+
+def _torch_evaluator(name: str, params: Mapping[str, Any], test: _TestData) -> ModelEvaluator:
+    def run(weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        try:
+            model = build_model(
+                name,
+                **{"num_classes": test.num_classes, "input_shape": x.shape[1:], **params},
+            )
+            load_numpy(model, weights)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EvaluationError(f"{name}: {e}") from e
+        loss, accuracy = torch_evaluate(model, x, y)
+        return {"loss": loss, "accuracy": accuracy, "num_samples": float(len(y))}
+
+    return run
 
 
 def evaluate_weights(
     weights: Mapping[str, np.ndarray], run_config: Mapping[str, Any]
 ) -> dict[str, float]:
     """Metrics of ``weights`` on the run's test set; raises Unavailable when it cannot."""
-    model, _ = _spec(run_config.get("model"))
+    model, model_params = _spec(run_config.get("model"))
     dataset, data_params = _spec(run_config.get("dataset"))
     evaluator = _MODELS.get(model or "")
-    if evaluator is None:
+    known_to_learning = model in model_names()
+    if evaluator is None and not known_to_learning:
         raise Unavailable(f"no evaluator for model {model!r}")
-    loader = _DATASETS.get(dataset or "")
-    if loader is None:
+    test = _test_set(dataset, data_params)
+    if evaluator is None and test is not None and model is not None:
+        evaluator = _torch_evaluator(model, model_params, test)
+    if evaluator is None:  # a learning model is built for a dataset: none known here
+        raise Unavailable(f"no evaluator for model {model!r}")
+    if test is None:
         raise Unavailable(f"no test set for dataset {dataset!r}")
-    x, y = loader(data_params)
-    return evaluator(weights, x, y)
+    return evaluator(weights, test.x, test.y)
 
 
 def evaluate_version(
