@@ -107,6 +107,125 @@ def worker(
     )
 
 
+run_app = typer.Typer(help="Runs (federations).", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+command_app = typer.Typer(help="Operator commands to the orchestrator.", no_args_is_help=True)
+app.add_typer(command_app, name="command")
+
+
+@app.command()
+def orchestrator(
+    upgrade: bool = typer.Option(True, help="Migrate the database to head first"),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Run the orchestrator service (signals, updates, commands, rounds) until SIGTERM."""
+    import logging
+
+    from fedmq.wiring import orchestrator_service
+
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    s = get_settings()
+    if upgrade:
+        from db import migrations
+
+        _ensure_sqlite_dir(s.database_url)
+        migrations.upgrade(s.database_url)
+    orchestrator_service(s).run_forever()
+
+
+@run_app.command("create")
+def run_create(
+    name: str = typer.Option(..., help="Unique run name"),
+    model: Path = typer.Option(..., help="Initial model: a full-values codec blob file"),
+    policy: str = typer.Option("{}", help="RoundPolicy fields as JSON"),
+    strategy: str = typer.Option('{"name": "fedavg"}', help="Aggregation strategy as JSON"),
+    train: str = typer.Option("{}", help="Train config sent to devices, as JSON"),
+    run_id: str | None = typer.Option(None, help="Wire id (default: a fresh uuid)"),
+) -> None:
+    """Create a run with model version 0 from MODEL; prints the run id."""
+    import json
+
+    from db import migrations
+    from db.engine import make_engine, session_scope
+    from orchestrator.runs import create_run
+    from orchestrator.state import RoundPolicy
+
+    s = get_settings()
+    _ensure_sqlite_dir(s.database_url)
+    migrations.upgrade(s.database_url)
+    engine = make_engine(s.database_url)
+    with session_scope(engine) as session:
+        rid = create_run(
+            session,
+            name,
+            model.read_bytes(),
+            policy=RoundPolicy(**json.loads(policy)),
+            strategy=json.loads(strategy),
+            train=json.loads(train),
+            run_id=run_id,
+        )
+    engine.dispose()
+    print(rid)
+
+
+def _send_command(run: str, action: str, **kw: object) -> None:
+    from fedmq.wiring import open_bus
+    from protocol import topology
+    from protocol.messages import Command, CommandAction
+
+    s = get_settings()
+    cmd = Command(
+        run_id=run,
+        action=CommandAction(action),
+        operator_token=s.operator_token.get_secret_value(),
+        **kw,  # type: ignore[arg-type]
+    )
+    with open_bus(s) as bus:
+        topology.declare(bus)
+        bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
+    console.print(f"sent {action} (message id {cmd.message_id})")
+
+
+@command_app.command("autorun")
+def command_autorun(rounds: int, run: str = typer.Option(..., help="Run id")) -> None:
+    """Run ROUNDS rounds one after the other."""
+    _send_command(run, "autorun", rounds=rounds)
+
+
+@command_app.command("stop")
+def command_stop(run: str = typer.Option(..., help="Run id")) -> None:
+    """Stop autorun after the current round."""
+    _send_command(run, "stop_autorun")
+
+
+@command_app.command("open")
+def command_open(run: str = typer.Option(..., help="Run id")) -> None:
+    """Open one round now."""
+    _send_command(run, "open_round")
+
+
+@command_app.command("close")
+def command_close(run: str = typer.Option(..., help="Run id")) -> None:
+    """Close the open round now (if it has its quorum)."""
+    _send_command(run, "close_round")
+
+
+@command_app.command("kick")
+def command_kick(client: str, run: str = typer.Option(..., help="Run id")) -> None:
+    """Kick CLIENT out of the run for good."""
+    _send_command(run, "kick", target_client=client)
+
+
+@command_app.command("pause")
+def command_pause(run: str = typer.Option(..., help="Run id")) -> None:
+    _send_command(run, "pause")
+
+
+@command_app.command("resume")
+def command_resume(run: str = typer.Option(..., help="Run id")) -> None:
+    _send_command(run, "resume")
+
+
 def _ensure_sqlite_dir(url: str) -> None:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 EMBEDDED_BROKER = "memory://"
+# Valid on the wire (16+ characters) so that a laptop works out of the box; anything
+# reachable from a network must set FEDMQ_OPERATOR_TOKEN.
+DEV_OPERATOR_TOKEN = "fedmq-dev-operator-token"
 
 
 class Settings(BaseSettings):
@@ -88,7 +91,8 @@ class Settings(BaseSettings):
 
     # Security and storage
     operator_token: SecretStr = Field(
-        SecretStr("change-me"), description="Token required by control commands and routes"
+        SecretStr(DEV_OPERATOR_TOKEN),
+        description="Token required by control commands and routes (set your own outside a laptop)",
     )
     data_dir: Path = Field(Path(".fedmq"), description="Where embedded mode keeps its files")
 

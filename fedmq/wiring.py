@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedmq.settings import Settings
+from orchestrator.service import OrchestratorService, ServiceConfig
+from orchestrator.tasks import (
+    CeleryTaskRunner,
+    TaskRunner,
+    TaskStatus,
+    failure_status,
+    result_backend_url,
+)
 from protocol.bus import Bus, BusConfig, connect
 from protocol.chunking import Reassembler
 from protocol.codec import DecodeLimits
@@ -44,3 +54,59 @@ def worker_config(s: Settings) -> WorkerConfig:
         task_time_limit_s=s.task_timeout_s,
         device=s.worker_device,
     )
+
+
+# --- the orchestrator -----------------------------------------------------------------------
+
+
+class EagerTaskRunner:
+    """Embedded mode's ``TaskRunner``: runs the workers' tasks in this process, at once."""
+
+    def __init__(self, s: Settings) -> None:
+        from workers.app import configure
+
+        self.app = configure(worker_config(s))
+        self._results: dict[str, Any] = {}
+
+    def send(self, name: str, args: list[Any], task_id: str, queue: str) -> None:
+        if task_id in self._results:
+            return
+        try:
+            result = self.app.signature(name, args=args).apply_async(task_id=task_id)
+            self._results[task_id] = ("success", result.get())
+        except Exception as e:  # the follower turns it into a task failure
+            self._results[task_id] = ("failure", e)
+
+    def poll(self, task_id: str) -> TaskStatus:
+        state, value = self._results.get(task_id, ("pending", None))
+        if state == "success":
+            return TaskStatus("success", value if isinstance(value, dict) else {})
+        if state == "failure":
+            return failure_status(value)
+        return TaskStatus("pending")
+
+
+def task_runner(s: Settings) -> TaskRunner:
+    if s.embedded:
+        return EagerTaskRunner(s)
+    backend = s.result_backend or result_backend_url(s.database_url)
+    return CeleryTaskRunner(s.broker_url, backend)
+
+
+def orchestrator_config(s: Settings) -> ServiceConfig:
+    return ServiceConfig(
+        operator_token=s.operator_token.get_secret_value(),
+        decode_limits=decode_limits(s),
+        chunk_size=s.chunk_size,
+        max_message_bytes=s.max_message_bytes,
+        task_timeout_s=s.task_timeout_s,
+        reassembly_timeout_s=s.reassembly_timeout_s,
+        prefetch=s.prefetch,
+    )
+
+
+def orchestrator_service(s: Settings, bus: Bus | None = None) -> OrchestratorService:
+    from db.engine import make_engine, make_sessionmaker
+
+    sessions = make_sessionmaker(make_engine(s.database_url))
+    return OrchestratorService(bus or open_bus(s), sessions, task_runner(s), orchestrator_config(s))

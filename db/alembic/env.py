@@ -37,6 +37,14 @@ def _url() -> str:
     return str(url)
 
 
+# Celery's database result backend creates these in the same database; they are not ours.
+_FOREIGN_TABLES = frozenset({"celery_taskmeta", "celery_tasksetmeta"})
+
+
+def _include_object(obj: object, name: str | None, type_: str, reflected: bool, _: object) -> bool:
+    return not (type_ == "table" and name in _FOREIGN_TABLES)
+
+
 def _configure(connection: Connection | None = None, url: str | None = None) -> None:
     dialect = connection.dialect.name if connection is not None else url
     context.configure(
@@ -46,6 +54,7 @@ def _configure(connection: Connection | None = None, url: str | None = None) -> 
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         render_as_batch=bool(dialect and str(dialect).startswith("sqlite")),
         compare_type=True,
+        include_object=_include_object,
         literal_binds=connection is None,
     )
 

@@ -11,6 +11,7 @@ from db.models.enums import (
     RunStatus,
 )
 from db.models.events import Event, ProcessedMessage
+from db.models.orchestrator import OutboxItem, UploadChunk
 from db.models.rounds import Participation, Round
 from db.models.runs import Run
 from db.models.types import UTCDateTime, utcnow
@@ -26,6 +27,7 @@ __all__ = [
     "ClientState",
     "Event",
     "ModelVersion",
+    "OutboxItem",
     "Participation",
     "ParticipationState",
     "ProcessedMessage",
@@ -34,5 +36,6 @@ __all__ = [
     "Run",
     "RunStatus",
     "UTCDateTime",
+    "UploadChunk",
     "utcnow",
 ]

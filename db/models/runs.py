@@ -10,7 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import Base
 from db.models.enums import RunStatus
-from db.models.types import json_default, utcnow
+from db.models.types import JSONType, json_default, utcnow
 
 
 class Run(Base):
@@ -28,6 +28,9 @@ class Run(Base):
     autorun_remaining: Mapped[int | None]
     # Number of the latest round opened; 0 before the first.
     current_round: Mapped[int] = mapped_column(default=0)
+    # The orchestrator's snapshot of the round state machine (orchestrator.state.to_dict);
+    # None until the orchestrator first steps the run.
+    machine: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, name={self.name!r}, status={self.status!r})"

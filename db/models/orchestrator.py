@@ -1,0 +1,50 @@
+"""The orchestrator's durable plumbing: the outbox of side effects and staged upload chunks."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Index, LargeBinary, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from db.models.base import Base
+from db.models.types import BigIntId, json_default, utcnow
+
+
+class OutboxItem(Base):
+    """A side effect decided in a committed transaction and not yet carried out.
+
+    Written in the same transaction as the state change, drained after the commit (and again
+    on restart), so a crash between the two repeats the side effect instead of losing it.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index(None, "sent_at", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    # A plain value: the outbox may outlive its run (events about a deleted run still go out).
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=json_default)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+
+class UploadChunk(Base):
+    """One received chunk of a client's update, kept until the whole blob is in."""
+
+    __tablename__ = "upload_chunks"
+    __table_args__ = (Index(None, "received_at"),)
+
+    blob_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    idx: Mapped[int] = mapped_column(primary_key=True)
+    count: Mapped[int]
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    client_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int]
+    meta: Mapped[dict[str, Any]] = mapped_column(default=json_default)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

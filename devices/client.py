@@ -1,0 +1,349 @@
+"""``FederatedClient``: a device on the Bus, following docs/architecture.md "Wire conventions
+(devices)" (reference: tests/integration/lightclient.py).
+
+Register (reply-key dance) → declare ``device.<client_id>`` → signal ``ready`` → loop:
+heartbeat every ``heartbeat_s``, pull the device queue (model chunks, round announcements,
+``update.accepted``/``update.rejected`` notices). Selected (and not carried) in a round it
+has not trained yet (by (round, attempt)): train from the announced version and send the
+update chunks. ``leave`` signals ``offline`` and deletes the queue.
+
+Signals and the orchestrator's ``SIGNAL_RULES``: ``ready`` (from join), ``offline`` (from any
+live state) and ``join`` (after offline) are always legal when sent. ``training``,
+``update`` and ``finish`` are only signs of life there (the orchestrator moves a selected
+client through those states itself), and they race with its own moves: signals and updates
+travel on different queues with different consumers, so e.g. an ``update`` signal can be
+processed after the round already closed (client in ``finish``: refused and dead-lettered).
+So they are sent only with ``DeviceConfig.progress_signals`` (``training`` on selection,
+``update`` just before the chunks, ``finish`` on ``update.accepted``); heartbeats keep the
+client alive either way.
+
+Every bus call of one client happens on its loop's thread. A ``BusError`` escaping the bus's
+own reconnects (or a bus call stalled past ``rejoin_after_stall_s``) makes the loop back off,
+re-declare its queue, signal ``join`` (a rejoin if it was marked offline meanwhile; a
+duplicate otherwise) and ``ready``, and resend an update whose publish failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from devices import wire
+from devices.config import DeviceConfig
+from devices.local import LocalTrainer
+from devices.rounds import RoundSkipped, RoundTracker
+from devices.store import ModelError, ModelStore
+from devices.wire import Identity, SentUpdate
+from protocol import chunking, topology
+from protocol.bus import Bus, BusError, Delivery
+from protocol.messages import (
+    ClientState,
+    Event,
+    MessageError,
+    RoundAnnouncement,
+    parse_message,
+)
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[SentUpdate], None]
+
+
+class FederatedClient:
+    def __init__(
+        self,
+        config: DeviceConfig,
+        bus: Bus,
+        *,
+        trainer: LocalTrainer | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        self.config, self.bus, self.on_round = config, bus, on_round
+        self.trainer = trainer or LocalTrainer.from_config(config)
+        self.models = ModelStore(
+            expected=self.trainer.spec, limits=config.decode_limits, keep=config.keep_models
+        )
+        self.ident: Identity | None = None  # run id, client id and token once registered
+        self.rounds = RoundTracker(config.model_wait_s)
+        self.notices: list[Event] = []
+        self.announcements: list[RoundAnnouncement] = []
+        self.signals_sent: list[ClientState] = []
+        self.heartbeats_sent = 0
+        self.errors: list[str] = []
+        self.left = False
+        self._stop = threading.Event()
+        self._registered = threading.Event()
+        self._done = threading.Event()
+        self._external: threading.Event | None = None
+        self._leave_on_stop = True
+        self._last_beat = 0.0
+        self._recover = False
+        self._say_ready = True  # "ready" goes out from the loop, where bus errors are handled
+        self._thread: threading.Thread | None = None
+
+    # --- state for callers and tests ------------------------------------------------------
+
+    @property
+    def client_id(self) -> str | None:
+        return self.ident.client_id if self.ident is not None else None
+
+    @property
+    def token(self) -> str | None:
+        return self.ident.token if self.ident is not None else None
+
+    @property
+    def sent(self) -> list[SentUpdate]:
+        return self.rounds.sent
+
+    @property
+    def rounds_trained(self) -> list[int]:
+        return [u.round for u in self.sent]
+
+    @property
+    def last_metrics(self) -> dict[str, float] | None:
+        return dict(self.sent[-1].metrics) if self.sent else None
+
+    @property
+    def accepted(self) -> list[str]:
+        return [n.correlation_id or "" for n in self.notices if n.kind == "update.accepted"]
+
+    @property
+    def rejected(self) -> list[Event]:
+        return [n for n in self.notices if n.kind == "update.rejected"]
+
+    # --- control ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> FederatedClient:
+        """Run the loop on a thread of its own; returns once registered."""
+        self._thread = threading.Thread(target=self.run, name=f"device-{self.config.name}")
+        self._thread.daemon = True
+        self._thread.start()
+        waited = time.monotonic() + timeout
+        while not self._registered.wait(0.05):
+            if self._done.is_set() or time.monotonic() > waited:
+                raise TimeoutError(f"{self.config.name} did not register: {self.errors[-3:]}")
+        return self
+
+    def stop(self, leave: bool = True, timeout: float = 30.0) -> None:
+        """Stop the loop; with ``leave`` it signals ``offline`` and deletes its queue first."""
+        self._leave_on_stop = leave
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def leave(self, timeout: float = 30.0) -> None:
+        self.stop(leave=True, timeout=timeout)
+
+    def wait_rounds(self, n: int, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.sent) < n and time.monotonic() < deadline and not self._done.is_set():
+            time.sleep(0.02)
+        return len(self.sent) >= n
+
+    def run(self, stop_event: threading.Event | None = None) -> None:
+        """The device's loop on the calling thread, until stopped (or ``stop_after_rounds``)."""
+        self._external = stop_event
+        try:
+            if self._register():
+                self._loop()
+        finally:
+            try:
+                if self._leave_on_stop and self.ident is not None and not self.left:
+                    self._leave()
+            finally:
+                self._done.set()
+
+    def _stopping(self) -> bool:
+        limit = self.config.stop_after_rounds
+        return (
+            self._stop.is_set()
+            or (self._external is not None and self._external.is_set())
+            or (
+                limit is not None
+                and len(self.sent) >= limit
+                and self.rounds.settled(self.config.answer_wait_s)
+            )
+        )
+
+    def _wait(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._stopping() and time.monotonic() < end:
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+    def _error(self, what: str) -> None:
+        log.warning("%s: %s", self.config.name, what)
+        self.errors.append(what)
+
+    # --- registration -------------------------------------------------------------------------
+
+    def _register(self) -> bool:
+        attempt = 0
+        while not self._stopping():
+            try:
+                ident = wire.register(
+                    self.bus,
+                    self.config.run_id,
+                    self.config.name,
+                    device_info=self.config.device_info,
+                    timeout_s=self.config.register_timeout_s,
+                    poll_s=self.config.poll_s,
+                    stopping=self._stopping,
+                )
+            except (BusError, TimeoutError) as e:
+                self._error(f"register: {e}")
+            else:
+                if ident is not None:
+                    self.ident = ident
+                    self._registered.set()
+                return ident is not None
+            attempt += 1
+            self._wait(self.bus.config.backoff(attempt))
+        return False
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stopping():
+            try:
+                if self._recover:
+                    self._rejoin()
+                if self._say_ready:
+                    self._signal(ClientState.READY)
+                    self._say_ready = False
+                self._tick()
+                failures = 0
+            except BusError as e:
+                if "closed" in str(e):  # our own bus was closed under us: nothing to retry
+                    self._error(f"bus closed: {e}")
+                    return
+                failures += 1
+                self._error(f"bus: {e}; retrying ({failures})")
+                self._recover = True
+                self._wait(self.bus.config.backoff(failures))
+
+    def _rejoin(self) -> None:
+        assert self.ident is not None
+        topology.declare_device(self.bus, self.ident.client_id, self.config.run_id)
+        self._signal(ClientState.JOIN)  # rejoins if marked offline meanwhile; else a duplicate
+        self._signal(ClientState.READY)
+        self._recover = self._say_ready = False
+        self._flush()
+
+    def _tick(self) -> None:
+        assert self.ident is not None
+        if time.monotonic() - self._last_beat >= self.config.heartbeat_s:
+            self._heartbeat()
+        self._flush()
+        self._maybe_train()
+        began = time.monotonic()
+        d = self.bus.get(topology.device_queue(self.ident.client_id), timeout=self.config.poll_s)
+        if time.monotonic() - began > self.config.rejoin_after_stall_s:
+            self._recover = True  # the bus reconnected on its own; we may be offline by now
+        if d is not None:
+            self._handle(d)
+
+    def _handle(self, d: Delivery) -> None:
+        try:
+            if chunking.is_chunk(d.headers):
+                self.models.add_chunk(d.headers, d.body)
+                d.ack()
+                return
+            msg = parse_message(d.body)
+        except (ModelError, MessageError) as e:
+            self._error(str(e))
+            try:
+                d.reject(str(e))
+            except BusError:
+                d.ack()
+            return
+        d.ack()
+        if isinstance(msg, Event):
+            self._on_notice(msg)
+        elif isinstance(msg, RoundAnnouncement):
+            self._on_announcement(msg)
+
+    def _on_notice(self, ev: Event) -> None:
+        self.notices.append(ev)
+        if ev.kind == "update.rejected":
+            self.rounds.rejected(ev.correlation_id)
+            self._error(f"update {ev.correlation_id} rejected: {ev.detail.get('reason')}")
+        elif ev.kind == "update.accepted" and self.rounds.accepted(ev.correlation_id):
+            self._progress(ClientState.FINISH)
+
+    def _on_announcement(self, ann: RoundAnnouncement) -> None:
+        if ann.run_id != self.config.run_id:
+            return
+        self.announcements.append(ann)
+        assert self.ident is not None
+        try:
+            if self.rounds.offer(ann, self.ident.client_id):
+                self._maybe_train()
+        except RoundSkipped as e:
+            self._error(str(e))
+
+    def _maybe_train(self) -> None:
+        try:
+            job = self.rounds.take(self.models)
+        except RoundSkipped as e:
+            self._error(str(e))
+            return
+        if job is None:
+            return
+        ann = job.announcement
+        if self.trainer.num_samples < 1:
+            self._error(f"round {ann.round}: no local training data")
+            return
+        self._progress(ClientState.TRAINING)
+        try:
+            settings = self.config.train.with_overrides(ann.train_config)
+            upd = self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+        except Exception as e:  # a device must not die of one round
+            self._error(f"round {ann.round}: training failed: {e!r}")
+            return
+        assert self.ident is not None
+        self._progress(ClientState.UPDATE)  # before the chunks, to narrow the race
+        self.rounds.queue(wire.update_meta(self.ident, upd), upd.blob, job.attempt)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send the updates not yet sent (normally just the one trained now); one whose
+        publish failed is sent again, whole, after the loop recovered."""
+        while self.rounds.outbox:
+            meta, blob, _ = self.rounds.outbox[0]
+            wire.publish_update(self.bus, meta, blob, self.config.chunk_size)
+            sent = self.rounds.mark_sent()
+            if self.on_round is not None:
+                try:
+                    self.on_round(sent)
+                except Exception as e:  # the caller's bug must not stop the device
+                    self._error(f"on_round callback failed: {e!r}")
+
+    # --- signals -----------------------------------------------------------------------------
+
+    def _signal(self, state: ClientState) -> None:
+        assert self.ident is not None
+        wire.send_signal(self.bus, self.ident, state)
+        self.signals_sent.append(state)
+
+    def _progress(self, state: ClientState) -> None:
+        """training/update/finish: only with ``config.progress_signals`` (see the module doc)."""
+        if self.config.progress_signals:
+            self._signal(state)
+
+    def _heartbeat(self) -> None:
+        assert self.ident is not None
+        wire.send_heartbeat(self.bus, self.ident)
+        self.heartbeats_sent += 1
+        self._last_beat = time.monotonic()
+
+    def _leave(self) -> None:
+        assert self.ident is not None
+        try:
+            self._signal(ClientState.OFFLINE)
+            self.bus.delete_queue(topology.device_queue(self.ident.client_id))
+            self.left = True
+        except BusError as e:
+            self._error(f"leave: {e}")

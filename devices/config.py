@@ -1,0 +1,116 @@
+"""What one device needs to know: its run, its broker, its own data and how to train.
+
+A device loads its partition locally (data never travels): ``load_dataset(dataset,
+**dataset_args)`` then ``partition(partition, y_train, num_clients, seed=seed,
+**partition_args)[client_index]``, exactly as ``learning.replica`` does, so that a
+federation of K devices trains what the replica trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.bus import BusConfig
+from protocol.chunking import DEFAULT_CHUNK_SIZE
+from protocol.codec import DecodeLimits, Encoding
+
+LOSSY_ENCODINGS = frozenset({Encoding.INT8.value, Encoding.TOPK.value})
+
+
+# train_config key -> TrainSettings field (``local_epochs``, ``batch``, ``mu`` are aliases).
+TRAIN_CONFIG_KEYS = {
+    "epochs": "epochs",
+    "local_epochs": "epochs",
+    "lr": "lr",
+    "momentum": "momentum",
+    "batch_size": "batch_size",
+    "batch": "batch_size",
+    "weight_decay": "weight_decay",
+    "proximal_mu": "proximal_mu",
+    "mu": "proximal_mu",
+}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training hyper-parameters; a round's ``train_config`` may override them."""
+
+    epochs: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+
+    def with_overrides(self, train_config: dict[str, Any]) -> TrainSettings:
+        """These settings with the known keys of ``train_config`` applied (others ignored)."""
+        values: dict[str, Any] = {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "batch_size": self.batch_size,
+            "weight_decay": self.weight_decay,
+            "proximal_mu": self.proximal_mu,
+        }
+        for key, name in TRAIN_CONFIG_KEYS.items():
+            value = train_config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            values[name] = int(value) if name in ("epochs", "batch_size") else float(value)
+        return TrainSettings(**values)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    run_id: str
+    client_index: int  # k, 0-based: which partition this device holds
+    num_clients: int  # K: how many partitions the training set is cut into
+    broker_url: str = "memory://"
+    display_name: str = ""  # default: device-<k>
+    dataset: str = "digits"
+    dataset_args: dict[str, Any] = field(default_factory=dict)
+    model: str = "mlp"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    partition: str = "iid"
+    partition_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
+    encoding: str = Encoding.BF16.value
+    topk_fraction: float = 0.01
+    heartbeat_s: float = 5.0
+    poll_s: float = 0.1  # longest wait on the device queue between heartbeat checks
+    register_timeout_s: float = 30.0  # per attempt; registration is retried until stopped
+    model_wait_s: float = 60.0  # how long a selected device waits for its model's chunks
+    rejoin_after_stall_s: float = 30.0  # a bus call this slow: signal join+ready again
+    keep_models: int = 2  # global model versions held (the newest by number)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    # Also signal training/update/finish: the orchestrator moves the client through these
+    # itself and may refuse (dead-letter) them when they race its moves; see devices/client.py.
+    progress_signals: bool = False
+    stop_after_rounds: int | None = None  # leave after training this many rounds ...
+    answer_wait_s: float = 30.0  # ... and its last update's accepted/rejected (or this long)
+    bus: BusConfig = field(default_factory=BusConfig)
+    decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
+    torch_threads: int | None = 1  # set by run_device (a process per device); None: leave
+    device_info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.client_index < self.num_clients:
+            raise ValueError(
+                f"client_index {self.client_index} must be within 0..{self.num_clients - 1}"
+            )
+        Encoding(self.encoding)  # raises ValueError for an unknown encoding
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError(f"topk_fraction {self.topk_fraction} must be in (0, 1]")
+        if self.heartbeat_s <= 0 or self.poll_s <= 0:
+            raise ValueError("heartbeat_s and poll_s must be positive")
+
+    @property
+    def name(self) -> str:
+        return self.display_name or f"device-{self.client_index}"
+
+    @property
+    def lossy(self) -> bool:
+        """int8 and top-k drop information: their updates use error feedback."""
+        return self.encoding in LOSSY_ENCODINGS

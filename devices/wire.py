@@ -1,0 +1,149 @@
+"""The device's side of docs/architecture.md "Wire conventions (devices)", as plain functions.
+
+Stateless helpers on a ``Bus``: register (the reply-key dance), signals and heartbeats, the
+update's ``UpdateMeta`` and its chunks, and whether an announcement asks this client to
+train. ``FederatedClient`` strings them together; the reference is
+tests/integration/lightclient.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from devices.local import LocalUpdate, finite_metrics
+from devices.store import ENVELOPE_HEADER
+from protocol import chunking, topology
+from protocol.bus import Bus, BusError
+from protocol.messages import (
+    ClientState,
+    Heartbeat,
+    MessageError,
+    Register,
+    Registered,
+    RoundAnnouncement,
+    Signal,
+    UpdateMeta,
+    parse_as,
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    run_id: str
+    client_id: str
+    token: str
+
+
+@dataclass(frozen=True)
+class SentUpdate:
+    round: int
+    attempt: int
+    base_version: int
+    message_id: str  # the UpdateMeta's: notices name it as their correlation_id
+    blob_sha256: str
+    blob_bytes: int
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def register(
+    bus: Bus,
+    run_id: str,
+    display_name: str,
+    *,
+    device_info: dict[str, Any] | None = None,
+    timeout_s: float = 30.0,
+    poll_s: float = 0.1,
+    stopping: Callable[[], bool] = lambda: False,
+) -> Identity | None:
+    """Register once: a reply queue ``device.<reply_key>``, ``Register`` to ``fedmq.signals``,
+    ``Registered`` back; then declare ``device.<client_id>`` (bound to its key and the run's
+    broadcast) and delete the reply queue. None if ``stopping()`` turned true first;
+    ``TimeoutError`` after ``timeout_s`` without an answer."""
+    reply_key = f"r{uuid.uuid4().hex[:16]}"
+    reply_queue = topology.declare_device(bus, reply_key)
+    try:
+        reg = Register(
+            run_id=run_id,
+            display_name=display_name,
+            reply_key=reply_key,
+            device_info=dict(device_info or {}),
+        )
+        bus.publish(
+            topology.SIGNALS_EXCHANGE, topology.signal_routing_key(reply_key), reg.to_json()
+        )
+        deadline = time.monotonic() + timeout_s
+        while not stopping():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no Registered within {timeout_s}s (is run {run_id} known?)")
+            d = bus.get(reply_queue, timeout=poll_s)
+            if d is None:
+                continue
+            d.ack()
+            try:
+                msg = parse_as(d.body, Registered)
+            except MessageError:
+                continue  # not for us to act on; the next message may be the answer
+            if msg.reply_key == reply_key:
+                topology.declare_device(bus, msg.client_id, run_id)
+                return Identity(run_id, msg.client_id, msg.token)
+        return None
+    finally:
+        # A leftover reply queue is harmless; the next attempt uses a new key.
+        with contextlib.suppress(BusError):
+            bus.delete_queue(reply_queue)
+
+
+def send_signal(bus: Bus, ident: Identity, state: ClientState) -> None:
+    sig = Signal(run_id=ident.run_id, client_id=ident.client_id, token=ident.token, state=state)
+    key = topology.signal_routing_key(ident.client_id)
+    bus.publish(topology.SIGNALS_EXCHANGE, key, sig.to_json())
+
+
+def send_heartbeat(bus: Bus, ident: Identity) -> None:
+    hb = Heartbeat(run_id=ident.run_id, client_id=ident.client_id, token=ident.token)
+    bus.publish(
+        topology.SIGNALS_EXCHANGE, topology.signal_routing_key(ident.client_id), hb.to_json()
+    )
+
+
+def attempt_for(ann: RoundAnnouncement, client_id: str) -> int | None:
+    """The attempt this announcement asks ``client_id`` to train in; None when it is not
+    selected, or carried (its update from an earlier attempt already counts)."""
+    carried = ann.train_config.get("carried") or []
+    if client_id not in ann.selected or (isinstance(carried, list) and client_id in carried):
+        return None
+    attempt = ann.train_config.get("attempt", 1)
+    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1
+
+
+def update_meta(ident: Identity, upd: LocalUpdate) -> UpdateMeta:
+    return UpdateMeta(
+        run_id=ident.run_id,
+        client_id=ident.client_id,
+        round=upd.round,
+        token=ident.token,
+        base_model_version=upd.base_version,
+        num_samples=upd.num_samples,
+        encoding=upd.encoding,  # type: ignore[arg-type]
+        is_delta=True,
+        blob_sha256=hashlib.sha256(upd.blob).hexdigest(),
+        blob_bytes=len(upd.blob),
+        metrics=finite_metrics(upd.metrics),
+    )
+
+
+def publish_update(bus: Bus, meta: UpdateMeta, blob: bytes, chunk_size: int) -> None:
+    """The blob as chunks to ``fedmq.updates`` / ``update.<run>.<round>``, the ``UpdateMeta``
+    JSON in ``x-fedmq-envelope`` of every chunk."""
+    envelope = meta.model_dump_json()
+    key = topology.update_routing_key(meta.run_id, int(meta.round or 0))
+    for chunk in chunking.iter_chunks(blob, chunk_size):
+        headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
+        bus.publish(topology.UPDATES_EXCHANGE, key, chunk.data, headers=headers)

@@ -1,0 +1,92 @@
+"""Operator commands (queue ``orchestrator.control``): checked, de-duplicated, stepped.
+
+The result is an ``Event`` of kind ``command.result`` whose ``correlation_id`` is the
+command's message id, stored in ``events`` and published on ``fedmq.events``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import queries as q
+from db.engine import session_scope
+from orchestrator.state import Ignored, command_event
+from orchestrator.store import record_and_publish, step_run
+from protocol.bus import Delivery
+from protocol.messages import Command, MessageError, parse_as
+
+RESULT = "command.result"
+
+
+@dataclass
+class Control:
+    sessions: sessionmaker[Session]
+    operator_token: str
+    after_commit: Callable[[], None]
+    clock: Callable[[], float] = time.time
+
+    def handle(self, d: Delivery) -> None:
+        try:
+            cmd = parse_as(d.body, Command)
+        except MessageError as e:
+            self._done(d, None, None, f"malformed command: {e}")
+            return
+        if not hmac.compare_digest(cmd.operator_token.encode(), self.operator_token.encode()):
+            self._done(d, cmd, None, "bad operator token")
+            return
+        with session_scope(self.sessions) as s:
+            # A re-delivered command must not act twice (a second autorun would reset N).
+            if not q.mark_message_processed(s, cmd.message_id):
+                d.ack()
+                return
+            event = command_event(cmd.action, cmd.rounds, cmd.target_client)
+            res = step_run(
+                s,
+                cmd.run_id,
+                event,
+                self.clock(),
+                message_id=cmd.message_id,
+                correlation_id=cmd.message_id,
+            )
+            if res is None:
+                reason: str | None = f"unknown run {cmd.run_id}"
+                ok = False
+            else:
+                refusal = res.refusal
+                ok = refusal is None or isinstance(refusal, Ignored)
+                reason = None if refusal is None else refusal.reason
+            record_and_publish(
+                s,
+                cmd.run_id if res is not None else None,
+                RESULT,
+                message_id=cmd.message_id,
+                correlation_id=cmd.message_id,
+                detail={"action": cmd.action.value, "accepted": ok, "reason": reason},
+            )
+        d.ack()
+        self.after_commit()
+
+    def _done(self, d: Delivery, cmd: Command | None, _: object, reason: str) -> None:
+        """A command that is not even parsed or authorised: recorded and dead-lettered."""
+        try:
+            with session_scope(self.sessions) as s:
+                record_and_publish(
+                    s,
+                    cmd.run_id if cmd else None,
+                    RESULT,
+                    message_id=cmd.message_id if cmd else None,
+                    correlation_id=cmd.message_id if cmd else None,
+                    detail={
+                        "action": cmd.action.value if cmd else None,
+                        "accepted": False,
+                        "reason": reason,
+                    },
+                )
+        finally:
+            d.reject(reason)
+        self.after_commit()

@@ -1,0 +1,259 @@
+"""Update ingest: chunks staged durably, the whole blob verified, stored and counted at once.
+
+Each chunk is acknowledged only after it is committed to ``upload_chunks``; the last one only
+after the update is stored, recorded and stepped into the machine in one transaction. So a
+crash at any point loses nothing acknowledged and counts nothing twice (the update's message
+id and the (round, client) participation both de-duplicate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import blobstore
+from db import queries as q
+from db.engine import session_scope
+from db.models import BlobKind, ParticipationState, RoundState
+from db.queries import orchestrator as oq
+from orchestrator.outbox import ENVELOPE_HEADER, publish_item
+from orchestrator.state import Ignored, UpdateReceived
+from orchestrator.store import UpdateInfo, record_and_publish, step_run
+from protocol import chunking, topology
+from protocol.bus import Delivery
+from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, peek_header
+from protocol.messages import Event, MessageError, UpdateMeta, parse_as
+
+log = logging.getLogger(__name__)
+
+
+class Refuse(Exception):
+    """Dead-letter the message with this reason."""
+
+
+class _Rollback(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Ingest:
+    sessions: sessionmaker[Session]
+    limits: DecodeLimits
+    after_commit: Callable[[], None]
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self._specs: dict[tuple[str, int], dict[str, TensorSpec]] = {}
+
+    def handle(self, d: Delivery) -> None:
+        try:
+            chunk, meta = self._parse(d)
+            done = self._stage(d, chunk, meta)
+        except Refuse as r:
+            self._refuse(d, str(r))
+            return
+        if not done:
+            d.ack()
+            return
+        self._finish(d, chunk, meta)
+
+    def _parse(self, d: Delivery) -> tuple[chunking.Chunk, UpdateMeta]:
+        try:
+            chunk = chunking.from_message(d.headers, d.body)
+        except chunking.ChunkError as e:
+            raise Refuse(f"malformed chunk: {e}") from None
+        raw = d.headers.get(ENVELOPE_HEADER)
+        if not isinstance(raw, str | bytes):
+            raise Refuse(f"missing {ENVELOPE_HEADER} header")
+        try:
+            meta = parse_as(raw, UpdateMeta)
+        except MessageError as e:
+            raise Refuse(f"malformed update envelope: {e}") from None
+        if meta.blob_sha256 != chunk.sha256 or meta.blob_bytes != chunk.size:
+            raise Refuse("the envelope's blob_sha256/blob_bytes do not match the chunk's")
+        if d.routing_key != topology.update_routing_key(meta.run_id, meta.round):
+            raise Refuse(f"routing key {d.routing_key!r} does not match run and round")
+        return chunk, meta
+
+    def _stage(self, d: Delivery, chunk: chunking.Chunk, meta: UpdateMeta) -> bool:
+        """Stage the chunk; True when the whole blob is in (then ``_finish`` acks).
+
+        A one-chunk blob is not staged: it is whole already, and its message stays un-acked
+        until the update is stored, which is just as durable and writes it once, not twice.
+        """
+        with session_scope(self.sessions) as s:
+            client = q.get_client(s, meta.client_id)
+            if (
+                client is None
+                or client.run_id != meta.run_id
+                or client.token_hash != q.hash_token(meta.token)
+            ):
+                raise Refuse(f"unknown client or bad token for {meta.client_id}")
+            rnd = q.get_round(s, meta.run_id, meta.round)
+            part = None
+            if rnd is not None:
+                part = next(
+                    (p for p in q.list_participations(s, rnd.id) if p.client_id == client.id),
+                    None,
+                )
+            if part is not None and part.state == ParticipationState.UPDATE:
+                return False  # a duplicate of a counted update: ack and forget
+            if rnd is None or rnd.state != RoundState.OPEN:
+                raise Refuse(f"round {meta.round} is not open")
+            if part is None or part.state not in (
+                ParticipationState.SELECTED,
+                ParticipationState.TRAINING,
+            ):
+                raise Refuse(f"{meta.client_id} is not expected in round {meta.round}")
+            if chunk.count == 1:
+                return True
+            oq.stage_chunk(
+                s,
+                {
+                    "blob_id": chunk.blob_id,
+                    "idx": chunk.index,
+                    "count": chunk.count,
+                    "size": chunk.size,
+                    "sha256": chunk.sha256,
+                    "client_id": meta.client_id,
+                    "run_id": meta.run_id,
+                    "round": meta.round,
+                    "meta": {"message_id": meta.message_id},
+                    "data": chunk.data,
+                },
+            )
+        with session_scope(self.sessions) as s:
+            return oq.staged_count(s, chunk.blob_id) >= chunk.count
+
+    def _finish(self, d: Delivery, chunk: chunking.Chunk, meta: UpdateMeta) -> None:
+        if chunk.count == 1:
+            blob = chunk.data
+        else:
+            with session_scope(self.sessions) as s:
+                pieces = oq.staged_data(s, chunk.blob_id)
+            if len(pieces) < chunk.count:
+                # Another consumer took the last two chunks' race and already stored the blob.
+                d.ack()
+                return
+            blob = b"".join(pieces)
+            del pieces
+        try:
+            self._check(blob, meta)
+        except Refuse as r:
+            with session_scope(self.sessions) as s:
+                oq.delete_staged(s, chunk.blob_id)
+            self._refuse(d, str(r), notify=True, meta=meta)
+            return
+        reason: str | None = None
+        try:
+            with session_scope(self.sessions) as s:
+                if not q.mark_message_processed(s, meta.message_id):
+                    oq.delete_staged(s, chunk.blob_id)
+                else:
+                    sha = blobstore.put(s, blob, BlobKind.UPDATE)
+                    event = UpdateReceived(meta.client_id, meta.round, sha, meta.num_samples)
+                    info = UpdateInfo(len(blob), meta.message_id, dict(meta.metrics))
+                    now = self.clock()
+                    res = step_run(
+                        s, meta.run_id, event, now, message_id=meta.message_id, update=info
+                    )
+                    refusal = None if res is None else res.refusal
+                    if res is None:
+                        raise _Rollback(f"unknown run {meta.run_id}")
+                    if refusal is not None and not isinstance(refusal, Ignored):
+                        raise _Rollback(refusal.reason)
+                    oq.delete_staged(s, chunk.blob_id)
+                    _notify(s, meta, "update.accepted", None)
+        except _Rollback as rb:
+            # The update must not look stored; only the refusal is recorded.
+            reason = rb.reason
+            with session_scope(self.sessions) as s:
+                oq.delete_staged(s, chunk.blob_id)
+                record_and_publish(
+                    s,
+                    meta.run_id,
+                    "update.refused",
+                    client_id=meta.client_id,
+                    round=meta.round,
+                    message_id=meta.message_id,
+                    detail={"reason": reason},
+                )
+                _notify(s, meta, "update.rejected", reason)
+        if reason is not None:
+            d.reject(reason)
+        else:
+            d.ack()
+        self.after_commit()
+
+    def _check(self, blob: bytes, meta: UpdateMeta) -> None:
+        if hashlib.sha256(blob).hexdigest() != meta.blob_sha256 or len(blob) != meta.blob_bytes:
+            raise Refuse("the reassembled blob does not match its SHA-256 or size")
+        try:
+            decoded = decode(
+                blob, limits=self.limits, expected=self._spec(meta.run_id, meta.base_model_version)
+            )
+        except CodecError as e:
+            raise Refuse(f"bad update blob: {e}") from None
+        for name, arr in decoded.tensors.items():
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise Refuse(f"bad update blob: {name} holds NaN or Inf")
+
+    def _spec(self, run_id: str, version: int) -> dict[str, TensorSpec]:
+        key = (run_id, version)
+        if key not in self._specs:
+            with session_scope(self.sessions) as s:
+                mv = q.get_model_version(s, run_id, version)
+                if mv is None:
+                    raise Refuse(f"run {run_id} has no model version {version}")
+                self._specs[key] = dict(peek_header(blobstore.get(s, mv.blob_sha)).tensors)
+        return self._specs[key]
+
+    def _refuse(
+        self, d: Delivery, reason: str, *, notify: bool = False, meta: UpdateMeta | None = None
+    ) -> None:
+        try:
+            with session_scope(self.sessions) as s:
+                record_and_publish(
+                    s,
+                    meta.run_id if meta else None,
+                    "update.refused",
+                    client_id=meta.client_id if meta else None,
+                    round=meta.round if meta else None,
+                    detail={"reason": reason, "routing_key": d.routing_key},
+                )
+                if notify and meta is not None:
+                    _notify(s, meta, "update.rejected", reason)
+        finally:
+            d.reject(reason)
+        self.after_commit()
+
+
+def _notify(s: Session, meta: UpdateMeta, kind: str, reason: str | None) -> None:
+    """Tell the device on its own queue whether its update counted."""
+    ev = Event(
+        run_id=meta.run_id,
+        client_id=meta.client_id,
+        round=meta.round,
+        kind=kind,
+        correlation_id=meta.message_id,
+        detail={"reason": reason} if reason else {},
+    )
+    oq.add_outbox(
+        s,
+        meta.run_id,
+        "publish",
+        publish_item(
+            exchange=topology.DEVICES_EXCHANGE,
+            routing_key=topology.device_routing_key(meta.client_id),
+            body=ev.to_json(),
+            message_id=ev.message_id,
+        ),
+    )

@@ -1,0 +1,220 @@
+"""Carries out what committed transactions decided: publishes and task dispatches.
+
+Every item is idempotent on the receiving side (devices de-duplicate by message id and by
+round + attempt; Celery task ids are deterministic and the tasks are idempotent per round),
+so draining an item twice after a crash is harmless, and losing one is impossible: it stays
+unsent in the table until it went out.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import blobstore
+from db import queries as q
+from db.engine import session_scope
+from db.queries import orchestrator as oq
+from orchestrator.tasks import TaskRunner
+from protocol import chunking, topology
+from protocol.bus import Bus, BusError
+from protocol.codec import peek_header
+from protocol.messages import Event, ModelMeta, RoundAnnouncement
+from protocol.messages.envelope import new_message_id
+
+log = logging.getLogger(__name__)
+
+ENVELOPE_HEADER = "x-fedmq-envelope"
+
+
+def publish_item(
+    *,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    headers: dict[str, Any] | None = None,
+    message_id: str | None = None,
+) -> dict[str, Any]:
+    """An outbox payload for one plain publish (notices to devices, replies)."""
+    return {
+        "exchange": exchange,
+        "routing_key": routing_key,
+        "body": base64.b64encode(body).decode(),
+        "headers": headers or {},
+        "message_id": message_id,
+    }
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    run_id: str | None
+    kind: str
+    payload: dict[str, Any]
+
+
+class Outbox:
+    def __init__(
+        self,
+        bus: Bus,
+        sessions: sessionmaker[Session],
+        tasks: TaskRunner,
+        *,
+        chunk_size: int = chunking.DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.bus = bus
+        self.sessions = sessions
+        self.tasks = tasks
+        self.chunk_size = chunk_size
+        # One drainer per process at a time; other processes skip locked rows (Postgres).
+        self._lock = threading.Lock()
+
+    def drain(self, limit: int = 200) -> int:
+        """Send what is pending; returns how many items went out.
+
+        Items are read in one transaction and sent outside any: an eager (embedded) task
+        writes to the same SQLite database, which an open write transaction would lock it
+        out of. Two drainers may therefore send an item twice; every receiver tolerates that.
+        """
+        sent = 0
+        with self._lock:
+            while True:
+                with session_scope(self.sessions) as s:
+                    items = [
+                        Item(i.id, i.run_id, i.kind, dict(i.payload))
+                        for i in oq.pending_outbox(s, limit)
+                    ]
+                done: list[int] = []
+                try:
+                    # Tasks first: a round's aggregation should not queue behind the events
+                    # of the hundred updates that closed it. Each kind keeps its own order.
+                    for item in sorted(items, key=lambda i: (i.kind != "task", i.id)):
+                        try:
+                            self._send(item)
+                        except BusError:
+                            raise  # the broker is away: retried on the next tick
+                        except Exception:
+                            # A bad item must not block all after it for ever.
+                            log.exception("outbox item %s (%s) dropped", item.id, item.kind)
+                        done.append(item.id)
+                finally:
+                    if done:
+                        with session_scope(self.sessions) as s:
+                            oq.mark_sent(s, done)
+                        sent += len(done)
+                if len(items) < limit:
+                    return sent
+
+    def _send(self, item: Item) -> None:
+        p = item.payload
+        if item.kind == "event":
+            msg = Event(
+                run_id=item.run_id or "none",
+                client_id=p.get("client_id"),
+                round=p.get("round"),
+                kind=p["kind"],
+                correlation_id=p.get("correlation_id"),
+                detail=_scalars(p.get("detail") or {}),
+                # The outbox id makes a re-drained event recognisable as the same one.
+                message_id=f"evt-{item.id:012d}",
+            )
+            self.bus.publish(
+                topology.EVENTS_EXCHANGE,
+                "",
+                msg.to_json(),
+                message_id=msg.message_id,
+                mandatory=False,
+            )
+        elif item.kind == "publish":
+            self.bus.publish(
+                p["exchange"],
+                p["routing_key"],
+                base64.b64decode(p["body"]),
+                headers=p.get("headers") or None,
+                message_id=p.get("message_id"),
+                mandatory=False,
+            )
+        elif item.kind == "task":
+            self.tasks.send(p["name"], list(p["args"]), p["task_id"], p["queue"])
+        elif item.kind == "broadcast":
+            with session_scope(self.sessions) as s:
+                self._broadcast(s, item)
+        else:
+            log.error("unknown outbox item kind %r (id %s); dropping it", item.kind, item.id)
+
+    def _broadcast(self, s: Session, item: Item) -> None:
+        """The global model as chunks, then the announcement, both to ``broadcast.<run>``."""
+        p = item.payload
+        run_id = item.run_id or ""
+        run = q.get_run(s, run_id)
+        mv = q.get_model_version(s, run_id, int(p["model_version"]))
+        if run is None or mv is None:
+            log.error("broadcast %s: run %s has no model version %s", item.id, run_id, p)
+            return
+        blob = blobstore.get(s, mv.blob_sha)
+        key = topology.broadcast_routing_key(run_id)
+        encoding = peek_header(blob).encoding.value
+        meta = ModelMeta(
+            run_id=run_id,
+            round=int(p["round"]),
+            model_version=mv.version,
+            blob_sha256=mv.blob_sha,
+            blob_bytes=len(blob),
+            encoding=encoding,
+            message_id=f"model-{run_id}-{mv.version}-{item.id}"[:64],
+        )
+        envelope = meta.model_dump_json()
+        # A fixed blob id per version: a device that already holds it may drop the chunks.
+        blob_id = f"model-{run_id}-{mv.version}"[:128]
+        for chunk in chunking.iter_chunks(blob, self.chunk_size, blob_id):
+            headers: dict[str, Any] = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
+            self.bus.publish(
+                topology.DEVICES_EXCHANGE,
+                key,
+                chunk.data,
+                headers=headers,
+                message_id=new_message_id(),
+                mandatory=False,
+            )
+        train_config = dict((run.config or {}).get("train") or {})
+        train_config["attempt"] = int(p["attempt"])
+        train_config["carried"] = list(p.get("carried") or [])
+        ann = RoundAnnouncement(
+            run_id=run_id,
+            round=int(p["round"]),
+            model_version=mv.version,
+            model_sha256=mv.blob_sha,
+            model_bytes=len(blob),
+            deadline=datetime.fromtimestamp(float(p["deadline"]), UTC),
+            selected=list(p["selected"]),
+            train_config=_scalars(train_config),
+            message_id=f"round-{run_id}-{p['round']}-{p['attempt']}"[:64],
+        )
+        self.bus.publish(
+            topology.DEVICES_EXCHANGE,
+            key,
+            ann.to_json(),
+            message_id=ann.message_id,
+            mandatory=False,
+        )
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    """``Detail`` holds scalars and lists of scalars; anything else travels as its repr."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if v is None or isinstance(v, str | int | float | bool):
+            out[str(k)[:64]] = v
+        elif isinstance(v, list | tuple) and all(
+            x is None or isinstance(x, str | int | float | bool) for x in v
+        ):
+            out[str(k)[:64]] = list(v)
+        else:
+            out[str(k)[:64]] = repr(v)
+    return out

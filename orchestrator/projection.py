@@ -1,0 +1,190 @@
+"""Projection of a step onto the normalised tables and the outbox.
+
+The snapshot (``runs.machine``) is the machine's truth; these rows are what workers, the
+dashboard and the queries read: client state and last seen, the round row and its
+participations, counted updates, autorun, and the outbox rows for side effects.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from db import queries as q
+from db.models import ClientState as DbClientState
+from db.models import ParticipationState, RoundState
+from db.queries import orchestrator as oq
+from orchestrator.state import (
+    DispatchAggregate,
+    DispatchEvaluate,
+    Effect,
+    Federation,
+    OpenedRound,
+    RoundDone,
+    RoundFailed,
+    UpdateAccepted,
+)
+from protocol.tasks import AGGREGATE_QUEUE, AGGREGATE_TASK, EVALUATE_QUEUE, EVALUATE_TASK
+
+if TYPE_CHECKING:
+    from orchestrator.store import UpdateInfo
+
+
+def ts(now: float) -> datetime:
+    return datetime.fromtimestamp(now, UTC)
+
+
+def aggregate_task_id(run_id: str, number: int, attempt: int, retry: int) -> str:
+    return f"agg-{run_id}-{number}-{attempt}-{retry}"
+
+
+def evaluate_task_id(run_id: str, number: int, version: int) -> str:
+    return f"eval-{run_id}-{number}-{version}"
+
+
+def project(
+    s: Session,
+    old: Federation,
+    new: Federation,
+    effects: list[Effect],
+    now: float,
+    update: UpdateInfo | None,
+) -> None:
+    run_id = new.run_id
+    # Updates first: record_update counts only into a round the db still has open, and the
+    # update that completes a round closes it in this same step.
+    for e in effects:
+        if isinstance(e, UpdateAccepted):
+            rnd = q.get_round(s, run_id, e.round)
+            if rnd is not None:
+                q.record_update(
+                    s,
+                    rnd.id,
+                    e.client_id,
+                    update_sha=e.ref,
+                    num_samples=e.num_samples,
+                    nbytes=update.nbytes if update else 0,
+                    loss=_num(update.metrics.get("loss")) if update else None,
+                    accuracy=_num(update.metrics.get("accuracy")) if update else None,
+                    train_time_s=_num(update.metrics.get("train_time_s")) if update else None,
+                    message_id=update.message_id if update else None,
+                    now=ts(now),
+                )
+    _project_clients(s, old, new, now)
+    if new.round is not None:
+        _project_round(s, old, new)
+    if new.autorun_remaining != old.autorun_remaining:
+        q.set_autorun(s, run_id, new.autorun_remaining)
+    for e in effects:
+        if isinstance(e, OpenedRound):
+            oq.add_outbox(
+                s,
+                run_id,
+                "broadcast",
+                {
+                    "round": e.number,
+                    "attempt": e.attempt,
+                    "model_version": e.model_version,
+                    "selected": list(e.selected),
+                    "carried": list(e.carried),
+                    "deadline": e.deadline,
+                },
+            )
+        elif isinstance(e, DispatchAggregate):
+            tid = aggregate_task_id(run_id, e.round, e.attempt, e.retry)
+            oq.add_outbox(
+                s,
+                run_id,
+                "task",
+                {
+                    "name": AGGREGATE_TASK,
+                    "args": [run_id, e.round, e.attempt],
+                    "task_id": tid,
+                    "queue": AGGREGATE_QUEUE,
+                },
+            )
+        elif isinstance(e, DispatchEvaluate):
+            tid = evaluate_task_id(run_id, e.round, e.model_version)
+            oq.add_outbox(
+                s,
+                run_id,
+                "task",
+                {
+                    "name": EVALUATE_TASK,
+                    "args": [run_id, e.round, e.model_version],
+                    "task_id": tid,
+                    "queue": EVALUATE_QUEUE,
+                },
+            )
+        elif isinstance(e, RoundDone):
+            # The step that finishes a round may open the next: the snapshot then no longer
+            # shows this one, so its row is finished here.
+            rnd = q.get_round(s, run_id, e.number)
+            if rnd is not None:
+                q.set_round_state(s, rnd.id, RoundState.DONE)
+                if e.metrics:
+                    q.set_round_metrics(s, rnd.id, dict(e.metrics))
+        elif isinstance(e, RoundFailed) and e.final:
+            rnd = q.get_round(s, run_id, e.number)
+            if rnd is not None:
+                q.set_round_state(s, rnd.id, RoundState.FAILED)
+
+
+def _project_clients(s: Session, old: Federation, new: Federation, now: float) -> None:
+    for cid, rec in new.clients.items():
+        before = old.clients.get(cid)
+        if before is None or before.state is not rec.state:
+            q.set_client_state(s, cid, DbClientState(rec.state.value))
+        if before is None or before.last_seen != rec.last_seen:
+            q.touch_client(s, cid, now=ts(rec.last_seen))
+
+
+def _project_round(s: Session, old: Federation, fed: Federation) -> None:
+    r = fed.round
+    assert r is not None
+    before = old.round
+    same = before is not None and (before.number, before.attempt) == (r.number, r.attempt)
+    if same and before == r:
+        return  # most steps (signals, heartbeats) leave the round as it was
+    state = RoundState(r.state.value)
+    row = q.get_round(s, fed.run_id, r.number)
+    if row is None:
+        base = q.get_model_version(s, fed.run_id, r.base_model_version)
+        row = q.create_round(
+            s,
+            fed.run_id,
+            r.number,
+            quorum=r.quorum,
+            selected=r.selected,
+            deadline=ts(r.deadline),
+            base_version_id=None if base is None else base.id,
+            attempt=r.attempt,
+            now=ts(r.opened_at),
+        )
+    else:
+        oq.sync_round(
+            s, row.id, state=state, attempt=r.attempt, quorum=r.quorum, deadline=ts(r.deadline)
+        )
+        # The selection is written once per attempt, not on every step.
+        for cid in () if same else r.selected:
+            if not q.record_participation(s, row.id, cid) and state == RoundState.OPEN:
+                # Selected again by a retry after being dropped from a failed attempt.
+                oq.set_participation_state(
+                    s,
+                    row.id,
+                    cid,
+                    ParticipationState.SELECTED,
+                    expected=[ParticipationState.DROPPED],
+                )
+    for cid in set(r.dropped) - set(before.dropped if same and before else ()):
+        q.drop_participant(s, row.id, cid)
+    if state == RoundState.FAILED or r.retry_pending:
+        # The clients of a failed attempt that never reported are out of it.
+        for cid in q.pending_client_ids(s, row.id):
+            q.drop_participant(s, row.id, cid)
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None

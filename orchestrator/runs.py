@@ -1,0 +1,50 @@
+"""Creating a run for the orchestrator: the run row, model version 0 and the first snapshot."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db import blobstore
+from db import queries as q
+from db.models import BlobKind
+from db.queries import orchestrator as oq
+from orchestrator.state import Federation, RoundPolicy, to_dict
+from protocol.codec import DecodeLimits, decode
+
+
+def create_run(
+    s: Session,
+    name: str,
+    initial_model: bytes,
+    *,
+    policy: RoundPolicy | None = None,
+    strategy: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+    limits: DecodeLimits | None = None,
+) -> str:
+    """Create a run whose global model version 0 is ``initial_model`` (a full-values codec
+    blob; the orchestrator cannot build models, the caller does). Returns the run id.
+
+    ``runs.config`` keeps ``policy`` (also in the snapshot), ``strategy`` (read by the
+    aggregate task) and ``train`` (sent to devices in every round announcement).
+    """
+    decoded = decode(initial_model, limits=limits or DecodeLimits())
+    if decoded.delta:
+        raise ValueError("the initial model must hold full values, not a delta")
+    policy = policy or RoundPolicy()
+    config: dict[str, Any] = {
+        **(extra_config or {}),
+        "policy": asdict(policy),
+        "strategy": strategy or {"name": "fedavg"},
+        "train": train or {},
+    }
+    run = q.create_run(s, name, config, run_id=run_id)
+    sha = blobstore.put(s, initial_model, BlobKind.MODEL)
+    q.create_model_version(s, run.id, sha)
+    oq.save_machine(s, run.id, to_dict(Federation(run_id=run.id, policy=policy)))
+    return run.id

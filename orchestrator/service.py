@@ -1,0 +1,248 @@
+"""The orchestrator service: bus consumers, a ticker, the outbox drainer and task follower.
+
+Every input is one database transaction (``store.step_run``); the bus message is settled
+only after it committed, and side effects leave through the outbox after that. Any number
+of these services may run against one database and broker: the run row lock orders them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import blobstore
+from db import queries as q
+from db.engine import session_scope
+from db.queries import orchestrator as oq
+from orchestrator.control import Control
+from orchestrator.ingest import Ingest
+from orchestrator.outbox import Outbox
+from orchestrator.signals import Signals
+from orchestrator.state import (
+    AggregationFailed,
+    AggregationSucceeded,
+    EvaluationFinished,
+    Federation,
+    Tick,
+)
+from orchestrator.state import Event as MachineEvent
+from orchestrator.store import aggregate_task_id, evaluate_task_id, load, step_run
+from orchestrator.tasks import TaskRunner
+from protocol import topology
+from protocol.bus import Bus, Consumer
+from protocol.codec import DecodeLimits
+from protocol.messages import RoundState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    operator_token: str
+    decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
+    chunk_size: int = 4 << 20
+    max_message_bytes: int = 1 << 20
+    tick_s: float = 0.5
+    task_timeout_s: float = 600.0
+    reassembly_timeout_s: float = 300.0
+    ingest_consumers: int = 2
+    # Update blobs of this many latest rounds are kept; model versions always are.
+    keep_update_rounds: int = 5
+    prefetch: int = 16
+
+
+class OrchestratorService:
+    def __init__(
+        self,
+        bus: Bus,
+        sessions: sessionmaker[Session],
+        tasks: TaskRunner,
+        config: ServiceConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bus = bus
+        self.sessions = sessions
+        self.tasks = tasks
+        self.config = config
+        self.clock = clock
+        self.outbox = Outbox(bus, sessions, tasks, chunk_size=config.chunk_size)
+        drain = self._drain_soon
+        self.signals = Signals(sessions, drain, config.max_message_bytes, clock)
+        self.ingest = Ingest(sessions, config.decode_limits, drain, clock)
+        self.control = Control(sessions, config.operator_token, drain, clock)
+        self._consumers: list[Consumer] = []
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._ticker: threading.Thread | None = None
+        # When this process first saw each followed task: its timeout counts from there.
+        self._task_seen: dict[str, float] = {}
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        topology.declare(self.bus)
+        self._drain()  # what a previous process decided and did not send
+        self._consumers.append(
+            self.bus.consume(
+                topology.SIGNALS_QUEUE, self.signals.handle, prefetch=self.config.prefetch
+            )
+        )
+        self._consumers.append(
+            self.bus.consume(topology.CONTROL_QUEUE, self.control.handle, prefetch=8)
+        )
+        for _ in range(self.config.ingest_consumers):
+            self._consumers.append(
+                self.bus.consume(
+                    topology.UPDATES_QUEUE, self.ingest.handle, prefetch=self.config.prefetch
+                )
+            )
+        self._ticker = threading.Thread(
+            target=self._tick_loop, name="orchestrator-ticker", daemon=True
+        )
+        self._ticker.start()
+        log.info("orchestrator started")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        for c in self._consumers:
+            try:
+                c.stop()
+            except Exception:
+                log.exception("stopping a consumer")
+        self._consumers.clear()
+        if self._ticker is not None:
+            self._ticker.join(timeout=10)
+        log.info("orchestrator stopped")
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop cleanly (un-acked messages are redelivered)."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                if any(not c.alive for c in self._consumers):
+                    log.error("a consumer died; stopping")
+                    break
+        finally:
+            self.stop()
+
+    # --- ticker -------------------------------------------------------------------------
+
+    def _drain_soon(self) -> None:
+        self._kick.set()
+
+    def _drain(self) -> None:
+        try:
+            self.outbox.drain()
+        except Exception:
+            log.exception("draining the outbox failed; retrying on the next tick")
+
+    def _tick_loop(self) -> None:
+        last_housekeeping = 0.0
+        last_tick = 0.0
+        while not self._stop.is_set():
+            kicked = self._kick.wait(max(0.0, last_tick + self.config.tick_s - time.monotonic()))
+            self._kick.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if kicked and time.monotonic() - last_tick < self.config.tick_s:
+                    # A commit wants its side effects out now; time itself can wait.
+                    self._drain()
+                    continue
+                last_tick = time.monotonic()
+                self.tick()
+                if self.clock() - last_housekeeping > 30:
+                    last_housekeeping = self.clock()
+                    self.housekeeping()
+            except Exception:
+                log.exception("tick failed")
+
+    def tick(self) -> None:
+        """One pass: time passes for every run, followed tasks report, the outbox drains."""
+        self._drain()
+        with session_scope(self.sessions) as s:
+            runs = oq.active_run_ids(s)
+        for run_id in runs:
+            self.step(run_id, Tick())
+            for event in self._follow(run_id):
+                self.step(run_id, event)
+        self._drain()
+
+    def step(self, run_id: str, event: MachineEvent) -> None:
+        with session_scope(self.sessions) as s:
+            step_run(s, run_id, event, self.clock())
+
+    def housekeeping(self) -> None:
+        """Staged uploads whose chunks stopped coming are dropped; old update blobs too."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.config.reassembly_timeout_s)
+        with session_scope(self.sessions) as s:
+            for blob_id in oq.expire_staged(s, cutoff):
+                log.warning("staged upload %s expired", blob_id)
+            for run_id in oq.active_run_ids(s):
+                blobstore.apply_retention(s, run_id, self.config.keep_update_rounds)
+
+    # --- task follower ------------------------------------------------------------------
+
+    def _follow(self, run_id: str) -> list[MachineEvent]:
+        with session_scope(self.sessions) as s:
+            fed = load(s, run_id)
+            if fed is None or fed.round is None:
+                return []
+            r = fed.round
+            if r.state is RoundState.AGGREGATING:
+                # A version stored for the round is success, whatever the result backend says.
+                row = q.get_round(s, run_id, r.number)
+                if row is not None and row.model_version_id is not None:
+                    mv = q.get_model_version_by_id(s, row.model_version_id)
+                    if mv is not None:
+                        return [AggregationSucceeded(r.number, mv.version)]
+        return self._poll(fed)
+
+    def _poll(self, fed: Federation) -> list[MachineEvent]:
+        r = fed.round
+        assert r is not None
+        if r.state is RoundState.AGGREGATING:
+            tid = aggregate_task_id(fed.run_id, r.number, r.attempt, r.aggregation_retries)
+        elif r.state is RoundState.EVALUATING and r.model_version is not None:
+            tid = evaluate_task_id(fed.run_id, r.number, r.model_version)
+        else:
+            return []
+        status = self.tasks.poll(tid)
+        first = self._task_seen.setdefault(tid, self.clock())
+        timed_out = self.clock() - first > self.config.task_timeout_s
+        if r.state is RoundState.AGGREGATING:
+            if status.state == "success" and status.result:
+                return [AggregationSucceeded(r.number, int(status.result["model_version"]))]
+            if status.state == "failure":
+                return [AggregationFailed(r.number, status.error or "failed", status.retryable)]
+            if timed_out:
+                return [AggregationFailed(r.number, f"task {tid} timed out", True)]
+            return []
+        if status.state == "success":
+            return [EvaluationFinished(r.number, _metrics(status.result or {}))]
+        if status.state == "failure" or timed_out:
+            # An evaluation that cannot run does not undo the round: it finishes without metrics.
+            log.warning("evaluation %s: %s", tid, status.error or "timed out")
+            return [EvaluationFinished(r.number, {})]
+        return []
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k != "model_version" and isinstance(v, int | float) and not isinstance(v, bool)
+    }

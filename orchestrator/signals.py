@@ -1,0 +1,141 @@
+"""Registration, signals and heartbeats from devices (queue ``orchestrator.signals``)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import queries as q
+from db.engine import session_scope
+from db.queries import orchestrator as oq
+from orchestrator.outbox import publish_item
+from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
+from orchestrator.state import Event as MachineEvent
+from orchestrator.store import record_and_publish, step_run
+from protocol import topology
+from protocol.bus import Delivery
+from protocol.messages import ClientState, MessageError, Register, Registered, parse_message
+from protocol.messages import Heartbeat as HeartbeatMsg
+from protocol.messages import Signal as SignalMsg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Signals:
+    sessions: sessionmaker[Session]
+    after_commit: Callable[[], None]
+    max_message_bytes: int = 1 << 20
+    clock: Callable[[], float] = time.time
+
+    def handle(self, d: Delivery) -> None:
+        try:
+            msg = parse_message(d.body, max_bytes=self.max_message_bytes)
+        except MessageError as e:
+            self._refuse(d, None, None, f"malformed message: {e}")
+            return
+        if isinstance(msg, Register):
+            reason = self._register(msg)
+        elif isinstance(msg, SignalMsg | HeartbeatMsg):
+            reason = self._signal(msg)
+        else:
+            reason = f"unexpected message type {msg.type!r} on the signals queue"
+            self._refuse(d, msg.run_id, msg.client_id, reason)
+            return
+        if reason is None:
+            d.ack()
+        else:
+            d.reject(reason)
+        self.after_commit()
+
+    def _register(self, msg: Register) -> str | None:
+        token = secrets.token_urlsafe(32)
+        with session_scope(self.sessions) as s:
+            if not q.mark_message_processed(s, msg.message_id):
+                return None
+            if oq.lock_run(s, msg.run_id) is None:
+                record_and_publish(
+                    s,
+                    None,
+                    "register.rejected",
+                    message_id=msg.message_id,
+                    detail={"reason": f"unknown run {msg.run_id}", "run_id": msg.run_id},
+                )
+                return f"unknown run {msg.run_id}"
+            cid = q.register_client(
+                s, msg.run_id, msg.display_name, q.hash_token(token), dict(msg.device_info)
+            )
+            res = step_run(
+                s, msg.run_id, ClientJoined(cid), self.clock(), message_id=msg.message_id
+            )
+            if res is not None and isinstance(res.refusal, Rejected):
+                return res.refusal.reason
+            reply = Registered(
+                run_id=msg.run_id, client_id=cid, reply_key=msg.reply_key, token=token
+            )
+            oq.add_outbox(
+                s,
+                msg.run_id,
+                "publish",
+                publish_item(
+                    exchange=topology.DEVICES_EXCHANGE,
+                    routing_key=topology.device_routing_key(msg.reply_key),
+                    body=reply.to_json(),
+                    message_id=reply.message_id,
+                ),
+            )
+        return None
+
+    def _signal(self, msg: SignalMsg | HeartbeatMsg) -> str | None:
+        event: MachineEvent
+        if isinstance(msg, HeartbeatMsg):
+            event = Heartbeat(msg.client_id)
+        elif msg.state is ClientState.OFFLINE:
+            event = ClientLeft(msg.client_id)
+        elif msg.state is ClientState.JOIN:
+            event = ClientJoined(msg.client_id)
+        else:
+            event = ClientSignal(msg.client_id, msg.state)
+        with session_scope(self.sessions) as s:
+            client = q.get_client(s, msg.client_id)
+            if (
+                client is None
+                or client.run_id != msg.run_id
+                or client.token_hash != q.hash_token(msg.token)
+            ):
+                reason = f"unknown client or bad token for {msg.client_id}"
+                record_and_publish(
+                    s,
+                    msg.run_id,
+                    "auth.rejected",
+                    client_id=msg.client_id,
+                    message_id=msg.message_id,
+                    detail={"reason": reason, "type": msg.type},
+                )
+                return reason
+            # Heartbeats are not de-duplicated: repeating one is harmless and they are many.
+            if not isinstance(msg, HeartbeatMsg) and not q.mark_message_processed(
+                s, msg.message_id
+            ):
+                return None
+            res = step_run(s, msg.run_id, event, self.clock(), message_id=msg.message_id)
+            if res is None:
+                return f"unknown run {msg.run_id}"
+            if isinstance(res.refusal, Rejected):
+                return res.refusal.reason
+        return None
+
+    def _refuse(self, d: Delivery, run_id: str | None, client_id: str | None, reason: str) -> None:
+        try:
+            with session_scope(self.sessions) as s:
+                record_and_publish(
+                    s, run_id, "signal.refused", client_id=client_id, detail={"reason": reason}
+                )
+        finally:
+            d.reject(reason)
+        self.after_commit()

@@ -1,0 +1,307 @@
+"""A FederatedClient against a scripted fake orchestrator, over InProcessBus and RabbitMQ.
+
+The fake speaks the orchestrator's side of docs/architecture.md "Wire conventions
+(devices)": it consumes ``orchestrator.signals`` and ``orchestrator.updates``, answers
+``Register``, broadcasts models and round announcements, and checks the updates it gets.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from devices.client import FederatedClient
+from devices.config import DeviceConfig, TrainSettings
+from devices.local import LocalTrainer
+from devices.run import run_device
+from devices.wire import SentUpdate
+from learning.params import Arrays, to_numpy
+from protocol import chunking, topology
+from protocol.bus import Bus, BusConfig, BusError, ConnectionLost, InProcessBus, connect
+from protocol.codec import Encoding, apply_delta, decode, encode, spec_of
+from protocol.messages import (
+    ClientState,
+    Event,
+    Heartbeat,
+    Message,
+    ModelMeta,
+    Register,
+    Registered,
+    RoundAnnouncement,
+    Signal,
+    UpdateMeta,
+    parse_as,
+    parse_message,
+    utcnow,
+)
+
+RUN = "run-dev"
+CID = "c-0001"
+TOKEN = "tok-" + "x" * 28
+ENVELOPE = "x-fedmq-envelope"
+
+
+class FakeOrchestrator:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        topology.declare(bus)
+        self.signals: list[ClientState] = []
+        self.heartbeats = 0
+
+    def _pull(self, timeout: float) -> Message | None:
+        d = self.bus.get(topology.SIGNALS_QUEUE, timeout=timeout)
+        if d is None:
+            return None
+        d.ack()
+        msg = parse_message(d.body)
+        if isinstance(msg, Heartbeat):
+            assert msg.token == TOKEN
+            self.heartbeats += 1
+        elif isinstance(msg, Signal):
+            assert msg.token == TOKEN and msg.client_id == CID
+            self.signals.append(msg.state)
+        return msg
+
+    def wait_signal(self, state: ClientState, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self._pull(0.1)
+            if isinstance(msg, Signal) and msg.state is state:
+                return
+        raise AssertionError(f"no {state} signal; got {self.signals}")
+
+    def register(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            msg = self._pull(0.1)
+            if isinstance(msg, Register):
+                assert msg.run_id == RUN and msg.display_name == "device-1"
+                reply = Registered(run_id=RUN, client_id=CID, reply_key=msg.reply_key, token=TOKEN)
+                key = topology.device_routing_key(msg.reply_key)
+                self.bus.publish(topology.DEVICES_EXCHANGE, key, reply.to_json())
+                return
+        raise AssertionError("no Register")
+
+    def broadcast(self, version: int, weights: Arrays) -> str:
+        blob = encode(weights, Encoding.FP32)
+        sha = hashlib.sha256(blob).hexdigest()
+        meta = ModelMeta(
+            run_id=RUN,
+            model_version=version,
+            blob_sha256=sha,
+            blob_bytes=len(blob),
+            encoding="fp32",
+        ).model_dump_json()
+        key = topology.broadcast_routing_key(RUN)
+        for chunk in chunking.iter_chunks(blob, 8192, f"model-{RUN}-{version}"):
+            headers = {**chunking.to_headers(chunk), ENVELOPE: meta}
+            self.bus.publish(topology.DEVICES_EXCHANGE, key, chunk.data, headers=headers)
+        return sha
+
+    def announce(
+        self, round: int, version: int, sha: str, attempt: int = 1, carried: tuple[str, ...] = ()
+    ) -> None:
+        ann = RoundAnnouncement(
+            run_id=RUN,
+            round=round,
+            model_version=version,
+            model_sha256=sha,
+            model_bytes=1,
+            deadline=utcnow() + timedelta(seconds=60),
+            selected=[CID, "c-other"],
+            train_config={"attempt": attempt, "carried": list(carried), "epochs": 1},
+        )
+        key = topology.broadcast_routing_key(RUN)
+        self.bus.publish(topology.DEVICES_EXCHANGE, key, ann.to_json())
+
+    def receive_update(self, timeout: float = 30.0) -> tuple[UpdateMeta, bytes]:
+        reassembler = chunking.Reassembler()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._pull(0.0)  # keep the signals flowing
+            d = self.bus.get(topology.UPDATES_QUEUE, timeout=0.1)
+            if d is None:
+                continue
+            d.ack()
+            meta = parse_as(d.headers[ENVELOPE], UpdateMeta)
+            blob = reassembler.add(chunking.from_message(d.headers, d.body))
+            if blob is not None:
+                return meta, blob
+        raise AssertionError("no update")
+
+    def notify(self, kind: str, correlation_id: str) -> None:
+        ev = Event(run_id=RUN, client_id=CID, kind=kind, correlation_id=correlation_id)
+        key = topology.device_routing_key(CID)
+        self.bus.publish(topology.DEVICES_EXCHANGE, key, ev.to_json())
+
+
+class FlakyBus(InProcessBus):
+    """Loses its "connection" once on a get when ``fail_next`` is set."""
+
+    fail_next = False
+
+    def get(self, queue: str, timeout: float = 0.0):  # type: ignore[no-untyped-def]
+        if self.fail_next and queue.startswith("device.c-"):
+            self.fail_next = False
+            raise ConnectionLost("broker went away (simulated)")
+        return super().get(queue, timeout)
+
+
+@pytest.fixture(
+    params=["memory", pytest.param("amqp", marks=pytest.mark.integration)],
+)
+def make_bus(request: pytest.FixtureRequest) -> Iterator[Callable[[], Bus]]:
+    buses: list[Bus] = []
+
+    def make() -> Bus:
+        if request.param == "memory":
+            bus: Bus = FlakyBus(BusConfig(reconnect_backoff_s=0.05))
+        else:
+            url = request.getfixturevalue("amqp_url")
+            bus = connect(url, BusConfig(reconnect_attempts=3, reconnect_backoff_s=0.1))
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        bus.close()
+
+
+def _start(bus: Bus) -> tuple[FederatedClient, FakeOrchestrator]:
+    config = DeviceConfig(
+        run_id=RUN,
+        client_index=1,
+        num_clients=3,
+        heartbeat_s=0.2,
+        poll_s=0.05,
+        chunk_size=4096,
+        progress_signals=True,
+    )
+    fake = FakeOrchestrator(bus)
+    client = FederatedClient(config, bus)
+    registrar = threading.Thread(target=fake.register)
+    registrar.start()
+    client.start(timeout=20)
+    registrar.join()
+    fake.wait_signal(ClientState.READY)
+    return client, fake
+
+
+def _check_update(
+    meta: UpdateMeta, blob: bytes, round: int, version: int, base: Arrays, expected: Arrays
+) -> str:
+    assert (meta.run_id, meta.client_id, meta.round, meta.token) == (RUN, CID, round, TOKEN)
+    assert meta.base_model_version == version and meta.is_delta and meta.encoding == "bf16"
+    assert meta.blob_sha256 == hashlib.sha256(blob).hexdigest()
+    assert meta.blob_bytes == len(blob) and meta.num_samples > 0
+    assert set(meta.metrics) >= {"loss", "accuracy", "train_time_s"}
+    decoded = decode(blob, expected=spec_of(base))
+    assert decoded.delta and decoded.base_version == str(version)
+    applied = apply_delta(base, decoded)
+    for name, w in expected.items():
+        assert np.all(np.abs(applied[name] - w) <= np.abs(w - base[name]) / 128 + 1e-7), name
+    return meta.message_id
+
+
+def test_two_rounds_against_a_fake_orchestrator(make_bus: Callable[[], Bus]) -> None:
+    bus = make_bus()
+    client, fake = _start(bus)
+    # A twin of the device's trainer: what client 1 must compute in each round.
+    twin = LocalTrainer(
+        copy.deepcopy(client.trainer.model), client.trainer.x, client.trainer.y, client_index=1
+    )
+    w0 = to_numpy(twin.model)
+    sha0 = fake.broadcast(0, w0)
+    fake.announce(1, 0, sha0)
+    fake.wait_signal(ClientState.TRAINING)
+    fake.wait_signal(ClientState.UPDATE)
+    meta1, blob1 = fake.receive_update()
+    mid1 = _check_update(meta1, blob1, 1, 0, w0, twin.train(w0, 1, TrainSettings())[0])
+    fake.announce(1, 0, sha0)  # a re-broadcast of round 1: must not train again
+    fake.notify("update.accepted", mid1)
+    fake.wait_signal(ClientState.FINISH)
+
+    w1 = apply_delta(w0, decode(blob1))
+    sha1 = fake.broadcast(1, w1)
+    fake.announce(2, 1, sha1)
+    meta2, blob2 = fake.receive_update()
+    mid2 = _check_update(meta2, blob2, 2, 1, w1, twin.train(w1, 2, TrainSettings())[0])
+    fake.notify("update.accepted", mid2)
+    fake.wait_signal(ClientState.FINISH)
+    fake.announce(2, 1, sha1, attempt=2, carried=(CID,))  # carried: must not train again
+
+    time.sleep(0.3)
+    client.stop()
+    fake.wait_signal(ClientState.OFFLINE)
+    assert client.rounds_trained == [1, 2] and client.errors == []
+    assert client.accepted == [mid1, mid2] and client.last_metrics is not None
+    assert fake.signals == [
+        ClientState.READY,
+        *[ClientState.TRAINING, ClientState.UPDATE, ClientState.FINISH] * 2,
+        ClientState.OFFLINE,
+    ]
+    assert fake.heartbeats >= 2 and client.left
+    with pytest.raises(BusError):
+        bus.queue_depth(topology.device_queue(CID))  # the device queue is gone
+
+
+def test_recovers_after_the_connection_is_lost() -> None:
+    bus = FlakyBus(BusConfig(reconnect_backoff_s=0.05))
+    try:
+        client, fake = _start(bus)
+        bus.fail_next = True
+        fake.wait_signal(ClientState.JOIN)  # a rejoin, in case it was marked offline
+        fake.wait_signal(ClientState.READY)
+        w0 = to_numpy(client.trainer.model)
+        sha0 = fake.broadcast(0, w0)
+        fake.announce(1, 0, sha0)
+        meta, _ = fake.receive_update()
+        assert meta.round == 1 and client.wait_rounds(1, timeout=5)
+        client.stop()
+        fake.wait_signal(ClientState.OFFLINE)
+        assert any("simulated" in e for e in client.errors)
+    finally:
+        bus.close()
+
+
+def test_run_device_trains_its_rounds_then_leaves() -> None:
+    name = f"dev-{uuid.uuid4().hex[:8]}"
+    bus = InProcessBus.named(name)
+    fake = FakeOrchestrator(bus)
+    config = DeviceConfig(
+        run_id=RUN,
+        client_index=1,
+        num_clients=3,
+        broker_url=f"memory://{name}",
+        heartbeat_s=0.2,
+        poll_s=0.05,
+        stop_after_rounds=1,
+        torch_threads=None,
+    )
+    rounds: list[SentUpdate] = []
+    result: list[FederatedClient] = []
+    device = threading.Thread(target=lambda: result.append(run_device(config, None, rounds.append)))
+    try:
+        device.start()
+        fake.register()
+        fake.wait_signal(ClientState.READY)
+        w0 = to_numpy(LocalTrainer.from_config(config).model)
+        fake.announce(1, 0, fake.broadcast(0, w0))
+        meta, _ = fake.receive_update()
+        time.sleep(0.3)
+        assert device.is_alive()  # it waits for the answer to its last update
+        fake.notify("update.accepted", meta.message_id)
+        fake.wait_signal(ClientState.OFFLINE)  # then leaves by itself after its one round
+        device.join(10)
+        assert not device.is_alive() and [r.round for r in rounds] == [1]
+        assert result[0].left and result[0].sent[0].message_id == meta.message_id
+    finally:
+        bus.close()

@@ -1,0 +1,125 @@
+"""Two FederatedClients against the real orchestrator service in embedded mode (SQLite, the
+in-process bus, eager tasks): two autorun rounds, and the global model they produce is the
+plain FedAvg replica's (up to the bf16 transport of the updates)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db import blobstore, migrations
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
+from devices.client import FederatedClient
+from devices.config import DeviceConfig
+from fedmq.settings import Settings
+from fedmq.wiring import orchestrator_service
+from learning.models import build_model
+from learning.params import Arrays, load_numpy, to_numpy
+from learning.replica import ReplicaConfig, client_seed, fedavg, federation_data, initial_model
+from learning.train import train_local
+from orchestrator.runs import create_run
+from orchestrator.state import Autorun, RoundPolicy
+from orchestrator.store import step_run
+from protocol import topology
+from protocol.bus import REASON_HEADER, connect
+from protocol.codec import Encoding, decode, encode
+from workers.app import configure
+from workers.config import WorkerConfig
+
+pytestmark = [pytest.mark.timeout(90)]
+
+K = 2
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    url = f"sqlite:///{tmp_path / 'fedmq.sqlite'}"
+    migrations.upgrade(url)
+    yield Settings(broker_url=f"memory://dev-{uuid.uuid4().hex[:8]}", database_url=url)
+    configure(WorkerConfig.from_env())  # the eager runner configured the shared worker app
+
+
+def _replica(rounds: int) -> Arrays:
+    """The global weights after ``rounds`` rounds of the single-process FedAvg replica."""
+    rc = ReplicaConfig(clients=K)
+    data, parts = federation_data(rc)
+    model = initial_model(rc, data)
+    w = to_numpy(model)
+    for r in range(1, rounds + 1):
+        updates = []
+        for k, idx in enumerate(parts):
+            load_numpy(model, w)
+            train_local(
+                model,
+                data.x_train[idx],
+                data.y_train[idx],
+                epochs=1,
+                batch_size=rc.batch_size,
+                lr=rc.lr,
+                momentum=rc.momentum,
+                seed=client_seed(rc.seed, r, k),
+            )
+            updates.append((to_numpy(model), len(idx)))
+        w = fedavg(w, updates)
+    return w
+
+
+def test_two_devices_two_rounds_match_the_replica(settings: Settings) -> None:
+    rc = ReplicaConfig(clients=K)
+    data, _ = federation_data(rc)
+    model = build_model("mlp", num_classes=data.num_classes, input_shape=data.input_shape, seed=0)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with session_scope(sessions) as s:
+        run_id = create_run(
+            s, "dev", encode(to_numpy(model), Encoding.FP32), policy=RoundPolicy(min_clients=K)
+        )
+    service = orchestrator_service(settings)
+    service.start()
+    bus = connect(settings.broker_url)
+    configs = [
+        DeviceConfig(run_id=run_id, client_index=k, num_clients=K, heartbeat_s=0.5, poll_s=0.05)
+        for k in range(K)
+    ]
+    clients = [FederatedClient(c, bus).start() for c in configs]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with session_scope(sessions) as s:
+                if sum(c.state == "ready" for c in q.list_clients(s, run_id)) == K:
+                    break
+            time.sleep(0.1)
+        with session_scope(sessions) as s:
+            step_run(s, run_id, Autorun(2), time.time())
+        rounds: list[tuple[int, str, int]] = []
+        while time.monotonic() < deadline:
+            with session_scope(sessions) as s:
+                rounds = [(r.number, str(r.state), r.received) for r in q.list_rounds(s, run_id)]
+            if len(rounds) == 2 and rounds[-1][1] == "done":
+                break
+            time.sleep(0.2)
+        assert rounds == [(1, "done", K), (2, "done", K)]
+        for c in clients:
+            assert c.rounds_trained == [1, 2] and not c.errors, c.errors
+            assert c.wait_rounds(2) and len(c.accepted) >= 1
+        with session_scope(sessions) as s:
+            mv = q.get_model_version(s, run_id, 2)
+            assert mv is not None
+            final = decode(blobstore.get(s, mv.blob_sha)).tensors
+        dead = []
+        while (d := bus.get(topology.DEAD_LETTER_QUEUE)) is not None:
+            d.ack()
+            dead.append(d.headers.get(REASON_HEADER))
+        assert dead == []  # the devices sent nothing the orchestrator refused
+        expected = _replica(2)
+        for name, w in expected.items():
+            np.testing.assert_allclose(final[name], w, atol=2e-3, err_msg=name)
+    finally:
+        for c in clients:
+            c.stop()
+        service.stop()
