@@ -1,0 +1,142 @@
+"""Starting a simulation's devices: threads in embedded mode, processes in full mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from devices.config import DeviceConfig, TrainSettings
+from devices.run import run_device
+from fedmq.settings import Settings
+from fedmq.wiring import bus_config, decode_limits
+
+
+class Handle(Protocol):
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+class ProcessHandle:
+    """A child process that is asked to stop (SIGTERM) when joined, then killed if stuck."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stop: threading.Event) -> None:
+        self.proc = proc
+        self.stop = stop
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _env(s: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FEDMQ_BROKER_URL": s.broker_url,
+        "FEDMQ_DATABASE_URL": s.database_url,
+        "FEDMQ_OPERATOR_TOKEN": s.operator_token.get_secret_value(),
+    }
+
+
+def device_threads(
+    s: Settings,
+    run_id: str,
+    clients: int,
+    dataset: str,
+    model: str,
+    partition: str,
+    partition_args: dict[str, object],
+    seed: int,
+    encoding: str,
+    stop: threading.Event,
+) -> list[Handle]:
+    import torch
+
+    torch.set_num_threads(1)  # K devices share this machine's cores
+    handles: list[Handle] = []
+    for k in range(clients):
+        config = DeviceConfig(
+            run_id=run_id,
+            client_index=k,
+            num_clients=clients,
+            broker_url=s.broker_url,
+            dataset=dataset,
+            model=model,
+            partition=partition,
+            partition_args=dict(partition_args),
+            seed=seed,
+            train=TrainSettings(),
+            encoding=encoding,
+            heartbeat_s=s.heartbeat_interval_s,
+            chunk_size=s.chunk_size,
+            bus=bus_config(s),
+            decode_limits=decode_limits(s),
+            torch_threads=None,
+        )
+        t = threading.Thread(
+            target=run_device, args=(config, stop), name=f"device-{k}", daemon=True
+        )
+        t.start()
+        handles.append(t)
+    return handles
+
+
+def device_processes(
+    s: Settings,
+    run_id: str,
+    clients: int,
+    dataset: str,
+    model: str,
+    partition: str,
+    partition_args: str,
+    seed: int,
+    encoding: str,
+    stop: threading.Event,
+    logs: Path,
+) -> list[Handle]:
+    logs.mkdir(parents=True, exist_ok=True)
+    handles: list[Handle] = []
+    for k in range(clients):
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedmq.cli",
+            "device",
+            "--run",
+            run_id,
+            "--index",
+            str(k),
+            "--clients",
+            str(clients),
+            "--dataset",
+            dataset,
+            "--model",
+            model,
+            "--partition",
+            partition,
+            "--partition-args",
+            partition_args,
+            "--seed",
+            str(seed),
+            "--encoding",
+            encoding,
+        ]
+        log = (logs / f"device-{k}.log").open("wb")
+        proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)
+        handles.append(ProcessHandle(proc, stop))
+    return handles
+
+
+def worker_process(s: Settings, logs: Path) -> Handle:
+    logs.mkdir(parents=True, exist_ok=True)
+    log = (logs / "worker.log").open("wb")
+    cmd = [sys.executable, "-m", "fedmq.cli", "worker", "--queues", "aggregate,evaluate"]
+    proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)
+    return ProcessHandle(proc, threading.Event())

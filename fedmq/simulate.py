@@ -1,0 +1,237 @@
+"""``fedmq simulate``: a whole federation in one command.
+
+Embedded by default (an in-process bus, a SQLite file in the output folder, tasks run
+eagerly in this process); ``--broker``/``--database`` point it at real RabbitMQ and
+Postgres instead, where a Celery worker must be running (``fedmq worker``). Either way the
+orchestrator, the aggregation and the devices are the real ones, talking over the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from db import blobstore, migrations
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
+from fedmq import fleet_local
+from fedmq.fleet_local import Handle
+from fedmq.report import RoundRow, plot_accuracy, summary_table, write_json
+from fedmq.settings import Settings
+from fedmq.wiring import open_bus, orchestrator_service
+from learning.data import load_dataset
+from learning.models import build_model
+from learning.params import to_numpy
+from orchestrator.runs import create_run
+from orchestrator.state import RoundPolicy
+from protocol import codec, topology
+from protocol.messages import Command, CommandAction, RoundState
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    dataset: str = "digits"
+    model: str = "mlp"
+    partition: str = "iid"
+    partition_args: dict[str, Any] = field(default_factory=dict)
+    clients: int = 5
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    proximal_mu: float = 0.0
+    strategy: str = "fedavg"
+    encoding: str = "bf16"
+    seed: int = 0
+    deadline_s: float = 120.0
+    out: Path = Path("fedmq-out")
+    broker: str | None = None
+    database: str | None = None
+
+
+@dataclass
+class SimResult:
+    run_id: str
+    rows: list[RoundRow]
+    seconds: float
+    outputs: dict[str, Path]
+
+
+def _initial_model(o: SimOptions) -> bytes:
+    """Version 0, built exactly as ``learning.replica`` builds it (same seed)."""
+    data = load_dataset(o.dataset)
+    model = build_model(
+        o.model, num_classes=data.num_classes, input_shape=data.input_shape, seed=o.seed
+    )
+    return codec.encode(to_numpy(model), codec.Encoding.FP32)
+
+
+def _settings(base: Settings, o: SimOptions, out: Path) -> Settings:
+    broker = o.broker or f"memory://sim-{uuid.uuid4().hex[:8]}"
+    database = o.database or f"sqlite:///{out / 'fedmq.sqlite'}"
+    token = SecretStr(secrets.token_urlsafe(24))  # child processes inherit it through env
+    return base.model_copy(
+        update={"broker_url": broker, "database_url": database, "operator_token": token}
+    )
+
+
+def _rows(sessions: Any, run_id: str) -> list[RoundRow]:
+    rows = []
+    with session_scope(sessions) as s:
+        for r in q.list_rounds(s, run_id):
+            if r.state != RoundState.DONE:
+                continue
+            selected = q.list_participations(s, r.id)
+            parts = [p for p in selected if p.update_sha]
+            base = q.get_model_version_by_id(s, r.base_version_id) if r.base_version_id else None
+            # The global model is broadcast to every selected device of the round.
+            down = blobstore.size(s, base.blob_sha) * len(selected) if base else 0
+            m = r.metrics or {}
+            end = r.closed_at or r.opened_at
+            rows.append(
+                RoundRow(
+                    round=r.number,
+                    accuracy=m.get("accuracy"),
+                    loss=m.get("loss"),
+                    participants=len(parts),
+                    seconds=float(m.get("duration_s", (end - r.opened_at).total_seconds())),
+                    bytes_up=sum(p.bytes or 0 for p in parts),
+                    bytes_down=down,
+                )
+            )
+    return rows
+
+
+def _start_fleet(s: Settings, run_id: str, o: SimOptions, stop: threading.Event) -> list[Handle]:
+    args = (s, run_id, o.clients, o.dataset, o.model, o.partition)
+    if s.embedded:
+        return fleet_local.device_threads(*args, dict(o.partition_args), o.seed, o.encoding, stop)
+    logs = o.out / "logs"
+    worker = fleet_local.worker_process(s, logs)
+    devices = fleet_local.device_processes(
+        *args, json.dumps(o.partition_args), o.seed, o.encoding, stop, logs
+    )
+    return [*devices, worker]
+
+
+def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
+    out = o.out
+    out.mkdir(parents=True, exist_ok=True)
+    s = _settings(base, o, out)
+    migrations.upgrade(s.database_url)
+    sessions = make_sessionmaker(make_engine(s.database_url))
+    blob = _initial_model(o)
+    policy = RoundPolicy(
+        min_clients=o.clients,
+        quorum_fraction=1.0,
+        deadline_s=o.deadline_s,
+        heartbeat_timeout_s=max(30.0, 6 * s.heartbeat_interval_s),
+    )
+    train = {
+        "epochs": o.local_epochs,
+        "batch_size": o.batch_size,
+        "lr": o.lr,
+        "momentum": o.momentum,
+        "proximal_mu": o.proximal_mu,
+        "encoding": o.encoding,
+    }
+    with session_scope(sessions) as session:
+        run_id = create_run(
+            session,
+            f"sim-{uuid.uuid4().hex[:8]}",
+            blob,
+            policy=policy,
+            strategy={"name": o.strategy},
+            train=train,
+            extra_config={
+                "model": {"name": o.model},
+                "dataset": {"name": o.dataset},
+                "simulation": {k: str(v) for k, v in asdict(o).items()},
+            },
+        )
+    bus = open_bus(s)
+    service = orchestrator_service(s, bus)
+    service.start()
+    stop = threading.Event()
+    started = time.perf_counter()
+    devices: list[Handle] = []
+    try:
+        devices = _start_fleet(s, run_id, o, stop)
+        _wait_ready(sessions, run_id, o.clients, timeout=120)
+        cmd = Command(
+            run_id=run_id,
+            action=CommandAction.AUTORUN,
+            rounds=o.rounds,
+            operator_token=s.operator_token.get_secret_value(),
+        )
+        bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
+        _follow(sessions, run_id, o, console)
+    finally:
+        stop.set()
+        for d in devices:
+            d.join(timeout=15)
+        service.stop()
+        bus.close()
+    seconds = time.perf_counter() - started
+    rows = _rows(sessions, run_id)
+    title = f"{o.dataset}/{o.model}, {o.clients} clients, {o.partition}, {o.strategy}"
+    console.print(summary_table(rows, title))
+    outputs = {
+        "metrics": write_json(
+            out / "metrics.json", rows, {**asdict(o), "run_id": run_id, "seconds": seconds}
+        ),
+        "plot": plot_accuracy(out / "accuracy.png", {o.strategy: rows}, title),
+    }
+    return SimResult(run_id, rows, seconds, outputs)
+
+
+def _wait_ready(sessions: Any, run_id: str, clients: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(sessions) as s:
+            if len(q.list_clients(s, run_id)) >= clients:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"only some of {clients} devices registered within {timeout:.0f} s")
+
+
+def _follow(sessions: Any, run_id: str, o: SimOptions, console: Console) -> None:
+    columns = (
+        TextColumn("rounds"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("rounds", total=o.rounds, acc="")
+        while True:
+            with session_scope(sessions) as s:
+                rounds = q.list_rounds(s, run_id)
+                done = [r for r in rounds if r.state == RoundState.DONE]
+                failed_for_good = q.get_run(s, run_id)
+                acc = (done[-1].metrics or {}).get("accuracy") if done else None
+                remaining = failed_for_good.autorun_remaining if failed_for_good else None
+            progress.update(
+                task, completed=len(done), acc="" if acc is None else f"accuracy {100 * acc:.1f}%"
+            )
+            if len(done) >= o.rounds:
+                return
+            if (
+                remaining is None
+                and rounds
+                and all(r.state in (RoundState.DONE, RoundState.FAILED) for r in rounds)
+            ):
+                raise RuntimeError("autorun stopped before all rounds were done (see events)")
+            time.sleep(0.1)
