@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from db import queries as q
 from db.models import ClientState as DbClientState
-from db.models import ParticipationState, RoundState
+from db.models import ParticipationState, RoundState, RunStatus
 from db.queries import orchestrator as oq
 from orchestrator.state import (
     DispatchAggregate,
@@ -26,6 +26,7 @@ from orchestrator.state import (
     RoundFailed,
     UpdateAccepted,
 )
+from protocol.messages import RoundState as MachineRoundState
 from protocol.tasks import AGGREGATE_QUEUE, AGGREGATE_TASK, EVALUATE_QUEUE, EVALUATE_TASK
 
 if TYPE_CHECKING:
@@ -42,6 +43,22 @@ def aggregate_task_id(run_id: str, number: int, attempt: int, retry: int) -> str
 
 def evaluate_task_id(run_id: str, number: int, version: int) -> str:
     return f"eval-{run_id}-{number}-{version}"
+
+
+def run_status(fed: Federation) -> RunStatus:
+    """The run's status as the dashboard shows it, derived from the machine's state."""
+    rnd = fed.round
+    if fed.paused:
+        return RunStatus.PAUSED
+    if (rnd is not None and (rnd.in_flight or rnd.retry_pending)) or (
+        fed.autorun_remaining is not None and fed.autorun_remaining > 0
+    ):
+        return RunStatus.RUNNING
+    if rnd is None:
+        return RunStatus.CREATED
+    if rnd.state is MachineRoundState.FAILED:
+        return RunStatus.FAILED
+    return RunStatus.FINISHED
 
 
 def project(
@@ -77,6 +94,8 @@ def project(
         _project_round(s, old, new)
     if new.autorun_remaining != old.autorun_remaining:
         q.set_autorun(s, run_id, new.autorun_remaining)
+    if (status := run_status(new)) != run_status(old):
+        q.set_run_status(s, run_id, status)
     for e in effects:
         if isinstance(e, OpenedRound):
             oq.add_outbox(

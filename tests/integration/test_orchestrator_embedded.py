@@ -65,6 +65,9 @@ def test_two_autorun_rounds_in_embedded_mode(settings: Settings) -> None:
         assert rounds == [(1, "done", 2), (2, "done", 2)]
         assert all(c.rounds_trained() == [1, 2] for c in clients)
         assert not any(c.errors for c in clients)
+        with session_scope(sessions) as s:
+            run = q.get_run(s, run_id)
+            assert run is not None and run.status == "finished"
     finally:
         for c in clients:
             c.stop()
