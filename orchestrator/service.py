@@ -51,6 +51,7 @@ class ServiceConfig:
     chunk_size: int = 4 << 20
     max_message_bytes: int = 1 << 20
     tick_s: float = 0.5
+    follow_s: float = 0.1
     task_timeout_s: float = 600.0
     reassembly_timeout_s: float = 300.0
     ingest_consumers: int = 2
@@ -153,14 +154,17 @@ class OrchestratorService:
         last_housekeeping = 0.0
         last_tick = 0.0
         while not self._stop.is_set():
-            kicked = self._kick.wait(max(0.0, last_tick + self.config.tick_s - time.monotonic()))
+            # Tasks are followed more often than time ticks: a finished aggregation should
+            # not wait half a tick to be noticed (it was most of an embedded round's time).
+            wait = min(self.config.follow_s, last_tick + self.config.tick_s - time.monotonic())
+            self._kick.wait(max(0.0, wait))
             self._kick.clear()
             if self._stop.is_set():
                 return
             try:
-                if kicked and time.monotonic() - last_tick < self.config.tick_s:
-                    # A commit wants its side effects out now; time itself can wait.
+                if time.monotonic() - last_tick < self.config.tick_s:
                     self._drain()
+                    self.follow()
                     continue
                 last_tick = time.monotonic()
                 self.tick()
@@ -173,13 +177,23 @@ class OrchestratorService:
     def tick(self) -> None:
         """One pass: time passes for every run, followed tasks report, the outbox drains."""
         self._drain()
-        with session_scope(self.sessions) as s:
-            runs = oq.active_run_ids(s)
-        for run_id in runs:
+        for run_id in self._active_runs():
             self.step(run_id, Tick())
+        self.follow()
+
+    def follow(self) -> None:
+        """Turn finished tasks into machine events, and send what those steps decided."""
+        stepped = False
+        for run_id in self._active_runs():
             for event in self._follow(run_id):
                 self.step(run_id, event)
-        self._drain()
+                stepped = True
+        if stepped:
+            self._drain()
+
+    def _active_runs(self) -> list[str]:
+        with session_scope(self.sessions) as s:
+            return list(oq.active_run_ids(s))
 
     def step(self, run_id: str, event: MachineEvent) -> None:
         with session_scope(self.sessions) as s:
