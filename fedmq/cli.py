@@ -288,6 +288,17 @@ def simulate(
         console.print(f"{what}: {path}")
 
 
+@app.command()
+def up(
+    logs: Path = typer.Option(Path("fedmq-logs"), help="Folder for the services' logs"),
+    worker_queues: str = typer.Option("aggregate,evaluate", help="Queues of the worker"),
+) -> None:
+    """Start the orchestrator and a worker as native processes; Ctrl-C stops them all."""
+    from fedmq import up as stack
+
+    raise typer.Exit(stack.run(get_settings(), logs, console, worker_queues))
+
+
 def _ensure_sqlite_dir(url: str) -> None:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
