@@ -259,7 +259,8 @@ def main() -> int:
             f"| aggregate done → next announcement (follow, evaluate task, open, broadcast) | "
             f"{r['task_done_to_next_broadcast_s']:.2f} s |",
             "",
-            "The overhead includes the orchestrator's task polling (0.2 s tick here) and the "
+            "The overhead includes the orchestrator's task polling (every 0.1 s while a task "
+            "is in flight) and the "
             "evaluate task's round trip (the run has no evaluator, so it returns `skipped` at "
             "once), and the 1 MB model broadcast before the announcement.",
         ]

@@ -164,7 +164,9 @@ class OrchestratorService:
             try:
                 if time.monotonic() - last_tick < self.config.tick_s:
                     self._drain()
-                    self.follow()
+                    with session_scope(self.sessions) as s:
+                        waiting = oq.runs_awaiting_tasks(s)
+                    self.follow(waiting)
                     continue
                 last_tick = time.monotonic()
                 self.tick()
@@ -181,10 +183,10 @@ class OrchestratorService:
             self.step(run_id, Tick())
         self.follow()
 
-    def follow(self) -> None:
+    def follow(self, run_ids: list[str] | None = None) -> None:
         """Turn finished tasks into machine events, and send what those steps decided."""
         stepped = False
-        for run_id in self._active_runs():
+        for run_id in self._active_runs() if run_ids is None else run_ids:
             for event in self._follow(run_id):
                 self.step(run_id, event)
                 stepped = True

@@ -46,6 +46,13 @@ def active_run_ids(session: Session) -> list[str]:
     return list(session.scalars(select(Run.id).where(Run.machine.is_not(None)).order_by(Run.id)))
 
 
+def runs_awaiting_tasks(session: Session) -> list[str]:
+    """Runs whose current round waits for a worker (aggregating or evaluating): a cheap,
+    indexed check the orchestrator can afford many times a second."""
+    busy = (RoundState.AGGREGATING, RoundState.EVALUATING)
+    return list(session.scalars(select(Round.run_id).where(Round.state.in_(busy)).distinct()))
+
+
 # --- rounds beyond db.queries.rounds: a retry reuses the round's row ------------------------
 
 
