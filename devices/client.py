@@ -1,5 +1,6 @@
 """``FederatedClient``: a device on the Bus, following docs/architecture.md "Wire conventions
-(devices)" (reference: tests/integration/lightclient.py).
+(devices)" (reference: tests/integration/lightclient.py). It reaches the federation through
+a ``Transport`` (devices/transport.py): the bus itself, or HTTP through the REST gateway.
 
 Register (reply-key dance) → declare ``device.<client_id>`` → signal ``ready`` → loop:
 heartbeat every ``heartbeat_s``, pull the device queue (model chunks, round announcements,
@@ -17,6 +18,12 @@ So they are sent only with ``DeviceConfig.progress_signals`` (``training`` on se
 ``update`` just before the chunks, ``finish`` on ``update.accepted``); heartbeats keep the
 client alive either way.
 
+Simulated heterogeneity (``DeviceConfig.slowdown_s`` / ``dropout``): a slow device waits
+before training, still heartbeating; a device that drops out of a round trains nothing and
+goes silent (no heartbeats, no reads) for ``outage_s`` (at most until the round's deadline),
+then rejoins like a device whose network came back. The dice are seeded by (seed, device,
+round, attempt).
+
 Every bus call of one client happens on its loop's thread. A ``BusError`` escaping the bus's
 own reconnects (or a bus call stalled past ``rejoin_after_stall_s``) makes the loop back off,
 re-declare its queue, signal ``join`` (a rejoin if it was marked offline meanwhile; a
@@ -26,6 +33,7 @@ duplicate otherwise) and ``ready``, and resend an update whose publish failed.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -35,15 +43,17 @@ from devices.config import DeviceConfig
 from devices.local import LocalTrainer
 from devices.rounds import RoundSkipped, RoundTracker
 from devices.store import ModelError, ModelStore
+from devices.transport import BusTransport, Inbound, Transport
 from devices.wire import Identity, SentUpdate
-from protocol import chunking, topology
-from protocol.bus import Bus, BusError, Delivery
+from protocol import chunking
+from protocol.bus import Bus, BusError
 from protocol.messages import (
     ClientState,
     Event,
     MessageError,
     RoundAnnouncement,
     parse_message,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -55,12 +65,14 @@ class FederatedClient:
     def __init__(
         self,
         config: DeviceConfig,
-        bus: Bus,
+        link: Bus | Transport,
         *,
         trainer: LocalTrainer | None = None,
         on_round: RoundCallback | None = None,
     ) -> None:
-        self.config, self.bus, self.on_round = config, bus, on_round
+        self.config, self.on_round = config, on_round
+        # A bare Bus is the AMQP (or in-process) device; HttpTransport goes through the gateway.
+        self.transport = link if isinstance(link, Transport) else BusTransport(link)
         self.trainer = trainer or LocalTrainer.from_config(config)
         self.models = ModelStore(
             expected=self.trainer.spec, limits=config.decode_limits, keep=config.keep_models
@@ -72,7 +84,9 @@ class FederatedClient:
         self.signals_sent: list[ClientState] = []
         self.heartbeats_sent = 0
         self.errors: list[str] = []
+        self.dropped_rounds: list[int] = []
         self.left = False
+        self._silent_until = 0.0
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._done = threading.Event()
@@ -182,8 +196,7 @@ class FederatedClient:
         attempt = 0
         while not self._stopping():
             try:
-                ident = wire.register(
-                    self.bus,
+                ident = self.transport.register(
                     self.config.run_id,
                     self.config.name,
                     device_info=self.config.device_info,
@@ -199,7 +212,7 @@ class FederatedClient:
                     self._registered.set()
                 return ident is not None
             attempt += 1
-            self._wait(self.bus.config.backoff(attempt))
+            self._wait(self.transport.backoff(attempt))
         return False
 
     # --- the loop ----------------------------------------------------------------------------
@@ -207,6 +220,10 @@ class FederatedClient:
     def _loop(self) -> None:
         failures = 0
         while not self._stopping():
+            if self._silent_until:
+                self._wait(self._silent_until - time.monotonic())
+                self._silent_until, self._recover = 0.0, True
+                continue
             try:
                 if self._recover:
                     self._rejoin()
@@ -216,17 +233,17 @@ class FederatedClient:
                 self._tick()
                 failures = 0
             except BusError as e:
-                if "closed" in str(e):  # our own bus was closed under us: nothing to retry
+                if self.transport.fatal(e):  # our own link was closed under us: no retry
                     self._error(f"bus closed: {e}")
                     return
                 failures += 1
                 self._error(f"bus: {e}; retrying ({failures})")
                 self._recover = True
-                self._wait(self.bus.config.backoff(failures))
+                self._wait(self.transport.backoff(failures))
 
     def _rejoin(self) -> None:
         assert self.ident is not None
-        topology.declare_device(self.bus, self.ident.client_id, self.config.run_id)
+        self.transport.attach(self.ident)
         self._signal(ClientState.JOIN)  # rejoins if marked offline meanwhile; else a duplicate
         self._signal(ClientState.READY)
         self._recover = self._say_ready = False
@@ -239,13 +256,13 @@ class FederatedClient:
         self._flush()
         self._maybe_train()
         began = time.monotonic()
-        d = self.bus.get(topology.device_queue(self.ident.client_id), timeout=self.config.poll_s)
+        d = self.transport.receive(self.ident, self.config.poll_s)
         if time.monotonic() - began > self.config.rejoin_after_stall_s:
             self._recover = True  # the bus reconnected on its own; we may be offline by now
         if d is not None:
             self._handle(d)
 
-    def _handle(self, d: Delivery) -> None:
+    def _handle(self, d: Inbound) -> None:
         try:
             if chunking.is_chunk(d.headers):
                 self.models.add_chunk(d.headers, d.body)
@@ -296,7 +313,15 @@ class FederatedClient:
         if self.trainer.num_samples < 1:
             self._error(f"round {ann.round}: no local training data")
             return
+        if self._drops_out(ann.round, job.attempt):
+            self.dropped_rounds.append(ann.round)
+            log.info("%s: drops out of round %s (simulated)", self.config.name, ann.round)
+            left = (ann.deadline - utcnow()).total_seconds()
+            self._silent_until = time.monotonic() + max(0.0, min(left, self.config.outage_s))
+            return
         self._progress(ClientState.TRAINING)
+        if self.config.slowdown_s > 0:
+            self._wait_alive(self.config.slowdown_s)
         try:
             settings = self.config.train.with_overrides(ann.train_config)
             upd = self.trainer.step(job.weights, ann.model_version, ann.round, settings)
@@ -313,7 +338,7 @@ class FederatedClient:
         publish failed is sent again, whole, after the loop recovered."""
         while self.rounds.outbox:
             meta, blob, _ = self.rounds.outbox[0]
-            wire.publish_update(self.bus, meta, blob, self.config.chunk_size)
+            self.transport.send_update(meta, blob, self.config.chunk_size)
             sent = self.rounds.mark_sent()
             if self.on_round is not None:
                 try:
@@ -321,11 +346,29 @@ class FederatedClient:
                 except Exception as e:  # the caller's bug must not stop the device
                     self._error(f"on_round callback failed: {e!r}")
 
+    def _drops_out(self, round_number: int, attempt: int) -> bool:
+        if self.config.dropout <= 0:
+            return False
+        key = f"{self.config.seed}:{self.config.client_index}:{round_number}:{attempt}"
+        return random.Random(key).random() < self.config.dropout
+
+    def _wait_alive(self, seconds: float) -> None:
+        """A slow device's extra training time: wait, heartbeating as a busy device does."""
+        end = time.monotonic() + seconds
+        while not self._stopping() and time.monotonic() < end:
+            if time.monotonic() - self._last_beat >= self.config.heartbeat_s:
+                try:
+                    self._heartbeat()
+                except BusError as e:
+                    self._error(f"heartbeat while training: {e}")
+                    self._recover = True
+            self._wait(min(self.config.heartbeat_s, max(0.0, end - time.monotonic())))
+
     # --- signals -----------------------------------------------------------------------------
 
     def _signal(self, state: ClientState) -> None:
         assert self.ident is not None
-        wire.send_signal(self.bus, self.ident, state)
+        self.transport.signal(self.ident, state)
         self.signals_sent.append(state)
 
     def _progress(self, state: ClientState) -> None:
@@ -335,15 +378,15 @@ class FederatedClient:
 
     def _heartbeat(self) -> None:
         assert self.ident is not None
-        wire.send_heartbeat(self.bus, self.ident)
+        self.transport.heartbeat(self.ident)
         self.heartbeats_sent += 1
         self._last_beat = time.monotonic()
 
     def _leave(self) -> None:
         assert self.ident is not None
         try:
-            self._signal(ClientState.OFFLINE)
-            self.bus.delete_queue(topology.device_queue(self.ident.client_id))
+            self.transport.leave(self.ident)
+            self.signals_sent.append(ClientState.OFFLINE)
             self.left = True
         except BusError as e:
             self._error(f"leave: {e}")

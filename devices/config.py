@@ -9,7 +9,7 @@ federation of K devices trains what the replica trains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from protocol.bus import BusConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
@@ -67,6 +67,8 @@ class DeviceConfig:
     client_index: int  # k, 0-based: which partition this device holds
     num_clients: int  # K: how many partitions the training set is cut into
     broker_url: str = "memory://"
+    transport: Literal["amqp", "http"] = "amqp"  # amqp: the bus at broker_url (or memory://)
+    gateway_url: str | None = None  # the REST gateway, for transport "http"
     display_name: str = ""  # default: device-<k>
     dataset: str = "digits"
     dataset_args: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +96,11 @@ class DeviceConfig:
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
     torch_threads: int | None = 1  # set by run_device (a process per device); None: leave
     device_info: dict[str, Any] = field(default_factory=dict)
+    # Simulated heterogeneity (fleets and tests; all off for a real device):
+    slowdown_s: float = 0.0  # extra seconds each local training takes (a slow device)
+    dropout: float = 0.0  # chance per selected round that the device vanishes for it ...
+    outage_s: float = 10.0  # ... for this long (at most until the round's deadline)
+    join_delay_s: float = 0.0  # a late joiner: seconds before it registers
 
     def __post_init__(self) -> None:
         if not 0 <= self.client_index < self.num_clients:
@@ -103,8 +110,14 @@ class DeviceConfig:
         Encoding(self.encoding)  # raises ValueError for an unknown encoding
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction {self.topk_fraction} must be in (0, 1]")
+        if self.transport == "http" and not self.gateway_url:
+            raise ValueError("transport http needs gateway_url")
         if self.heartbeat_s <= 0 or self.poll_s <= 0:
             raise ValueError("heartbeat_s and poll_s must be positive")
+        if self.slowdown_s < 0 or self.join_delay_s < 0 or self.outage_s < 0:
+            raise ValueError("slowdown_s, join_delay_s and outage_s must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
 
     @property
     def name(self) -> str:

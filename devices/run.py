@@ -1,7 +1,8 @@
 """``run_device``: one device as a process (what ``fedmq device`` calls).
 
 Connects to ``config.broker_url`` (``memory://<name>`` shares the in-process bus of that name
-with the rest of the process; ``amqp://`` is RabbitMQ), builds the device's model and loads
+with the rest of the process; ``amqp://`` is RabbitMQ), or with ``transport="http"`` talks to
+the REST gateway at ``config.gateway_url``; builds the device's model and loads
 its own partition, and runs a ``FederatedClient`` on the calling thread until
 ``stop_event`` is set, SIGTERM or Ctrl-C arrives, or ``config.stop_after_rounds`` rounds are
 trained; then it leaves cleanly (``offline`` signal, queue deleted) and closes its bus.
@@ -16,6 +17,7 @@ from types import FrameType
 
 from devices.client import FederatedClient, RoundCallback
 from devices.config import DeviceConfig
+from devices.transport import BusTransport, Transport
 from protocol.bus import connect
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,6 @@ def run_device(
 
         torch.set_num_threads(config.torch_threads)
     stop = stop_event or threading.Event()
-    bus = connect(config.broker_url, config.bus)
-    client = FederatedClient(config, bus, on_round=on_round)
     previous = None
     if threading.current_thread() is threading.main_thread():
 
@@ -41,6 +41,16 @@ def run_device(
             stop.set()
 
         previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        if config.join_delay_s > 0:  # a late joiner: not even connected before its time
+            log.info("%s: joins in %.1f s", config.name, config.join_delay_s)
+            stop.wait(config.join_delay_s)
+        transport = _transport(config)
+    except BaseException:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        raise
+    client = FederatedClient(config, transport, on_round=on_round)
     try:
         client.run(stop)
     except KeyboardInterrupt:
@@ -51,6 +61,15 @@ def run_device(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if not config.broker_url.startswith("memory:"):
-            bus.close()  # a named in-process bus belongs to the whole process
+        if config.transport == "http" or not config.broker_url.startswith("memory:"):
+            transport.close()  # a named in-process bus belongs to the whole process
     return client
+
+
+def _transport(config: DeviceConfig) -> Transport:
+    if config.transport == "http":
+        from devices.http import HttpTransport  # httpx is loaded only where it is used
+
+        assert config.gateway_url is not None
+        return HttpTransport(config.gateway_url, bus=config.bus)
+    return BusTransport(connect(config.broker_url, config.bus))

@@ -230,6 +230,15 @@ def command_resume(run: str = typer.Option(..., help="Run id")) -> None:
 app.command("device")(device_cmd.device)
 
 
+SLOW_FRACTION = typer.Option(0.0, min=0, max=1, help="Share of slow devices")
+SLOWDOWN = typer.Option(0.0, min=0, help="Extra seconds a slow device takes per round")
+DROPOUT = typer.Option(0.0, min=0, max=0.99, help="Chance a device vanishes for a round")
+LATE_JOINERS = typer.Option(0, min=0, help="Devices that join late")
+JOIN_DELAY = typer.Option(0.0, min=0, help="Seconds after the start that late joiners join")
+QUORUM = typer.Option(None, min=0.01, max=1, help="Share of updates a round needs")
+DEADLINE = typer.Option(120.0, min=1, help="Seconds a round may stay open")
+
+
 @app.command()
 def simulate(
     dataset: str = typer.Option("digits", help="digits, mnist1d, synthetic, cifar10"),
@@ -249,8 +258,16 @@ def simulate(
     out: Path = typer.Option(Path("fedmq-out"), help="Folder for metrics.json and the plot"),
     broker: str | None = typer.Option(None, help="amqp://... to run on RabbitMQ"),
     database: str | None = typer.Option(None, help="postgresql+psycopg://... (full mode)"),
+    slow_fraction: float = SLOW_FRACTION,
+    slowdown: float = SLOWDOWN,
+    dropout: float = DROPOUT,
+    late_joiners: int = LATE_JOINERS,
+    join_delay: float = JOIN_DELAY,
+    quorum: float | None = QUORUM,
+    deadline: float = DEADLINE,
 ) -> None:
     """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
+    from fedmq.heterogeneity import Heterogeneity
     from fedmq.simulate import SimOptions, run
 
     options = SimOptions(
@@ -271,6 +288,9 @@ def simulate(
         out=out,
         broker=broker,
         database=database,
+        quorum=quorum,
+        deadline_s=deadline,
+        heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
     )
     mode = (
         "full (RabbitMQ + database, worker and devices as processes)"
@@ -289,6 +309,50 @@ def simulate(
 
 
 @app.command()
+def fleet(
+    clients: int = typer.Option(3, min=1, help="Number of device processes"),
+    run: str | None = typer.Option(None, help="Run to join (default: create one)"),
+    rounds: int = typer.Option(0, min=0, help="Start autorun of this many rounds (0: don't)"),
+    dataset: str = typer.Option("digits"),
+    model: str = typer.Option("mlp"),
+    partition: str = typer.Option("iid"),
+    alpha: float | None = typer.Option(None, help="Dirichlet alpha (partition dirichlet)"),
+    strategy: str = typer.Option("fedavg", help="Strategy of a run the fleet creates"),
+    encoding: str = typer.Option("bf16"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("fedmq-fleet"), help="Folder for logs and results"),
+    slow_fraction: float = SLOW_FRACTION,
+    slowdown: float = SLOWDOWN,
+    dropout: float = DROPOUT,
+    late_joiners: int = LATE_JOINERS,
+    join_delay: float = JOIN_DELAY,
+    quorum: float | None = QUORUM,
+    deadline: float = DEADLINE,
+) -> None:
+    """Start N simulated devices as processes against the running stack (fedmq up)."""
+    from fedmq import fleet as fleet_mod
+    from fedmq.heterogeneity import Heterogeneity
+    from fedmq.simulate import SimOptions
+
+    options = SimOptions(
+        dataset=dataset,
+        model=model,
+        partition=partition,
+        partition_args={} if alpha is None else {"alpha": alpha},
+        clients=clients,
+        rounds=rounds,
+        strategy=strategy,
+        encoding=encoding,
+        seed=seed,
+        out=out,
+        quorum=quorum,
+        deadline_s=deadline,
+        heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
+    )
+    raise typer.Exit(fleet_mod.run(get_settings(), options, console, run_id=run))
+
+
+@app.command()
 def up(
     logs: Path = typer.Option(Path("fedmq-logs"), help="Folder for the services' logs"),
     worker_queues: str = typer.Option("aggregate,evaluate", help="Queues of the worker"),
@@ -297,6 +361,44 @@ def up(
     from fedmq import up as stack
 
     raise typer.Exit(stack.run(get_settings(), logs, console, worker_queues))
+
+
+@app.command()
+def dashboard(
+    host: str | None = typer.Option(None, help="Address (default: FEDMQ_DASHBOARD_HOST)"),
+    port: int | None = typer.Option(None, help="Port (default: FEDMQ_DASHBOARD_PORT)"),
+) -> None:
+    """Serve the Streamlit dashboard: reads FEDMQ_DATABASE_URL, commands over FEDMQ_BROKER_URL."""
+    import os
+    import sys
+
+    import dashboard as dash
+
+    s = get_settings()
+    # The app imports only protocol and db: it learns its URLs from these variables.
+    env = {
+        **os.environ,
+        "FEDMQ_DATABASE_URL": s.database_url,
+        "FEDMQ_BROKER_URL": s.broker_url,
+        "FEDMQ_OPERATOR_TOKEN": s.operator_token.get_secret_value(),
+        "FEDMQ_DASHBOARD_REFRESH_S": str(s.dashboard_refresh_s),
+    }
+    app_file = Path(dash.__file__).parent / "app.py"
+    argv = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app_file),
+        f"--server.address={host or s.dashboard_host}",
+        f"--server.port={port or s.dashboard_port}",
+        "--server.headless=true",
+        "--browser.gatherUsageStats=false",
+    ]
+    console.print(f"dashboard on http://{host or s.dashboard_host}:{port or s.dashboard_port}")
+    sys.stdout.flush()
+    # Replaced, not wrapped: Ctrl-C and SIGTERM reach Streamlit itself.
+    os.execve(sys.executable, argv, env)
 
 
 def _ensure_sqlite_dir(url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Literal
 
 import typer
 
@@ -18,6 +19,10 @@ def device(
     index: int = typer.Option(..., help="This device's partition k (0-based)"),
     clients: int = typer.Option(..., help="Number of partitions K"),
     broker: str | None = typer.Option(None, help="Broker URL (default: FEDMQ_BROKER_URL)"),
+    transport: str = typer.Option("amqp", help="amqp (the broker) or http (the REST gateway)"),
+    gateway: str | None = typer.Option(
+        None, help="Gateway URL for --transport http (default: FEDMQ_GATEWAY_URL)"
+    ),
     dataset: str = typer.Option("digits"),
     model: str = typer.Option("mlp"),
     partition: str = typer.Option("iid"),
@@ -26,6 +31,12 @@ def device(
     seed: int = typer.Option(0),
     name: str = typer.Option("", help="Display name (default device-<index>)"),
     rounds: int | None = typer.Option(None, help="Leave after training this many rounds"),
+    slowdown: float = typer.Option(0.0, min=0, help="Simulated: extra seconds per training"),
+    dropout: float = typer.Option(
+        0.0, min=0, max=0.99, help="Simulated: chance of vanishing for a selected round"
+    ),
+    join_delay: float = typer.Option(0.0, min=0, help="Simulated: seconds before joining"),
+    outage: float = typer.Option(10.0, min=0, help="Simulated: how long a dropout lasts"),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -35,6 +46,8 @@ def device(
         client_index=index,
         num_clients=clients,
         broker_url=broker or s.broker_url,
+        transport=_transport(transport),
+        gateway_url=gateway or s.gateway_url,
         display_name=name,
         dataset=dataset,
         model=model,
@@ -48,6 +61,17 @@ def device(
         stop_after_rounds=rounds,
         bus=bus_config(s),
         decode_limits=decode_limits(s),
+        slowdown_s=slowdown,
+        dropout=dropout,
+        join_delay_s=join_delay,
+        outage_s=outage,
     )
     client = run_device(config)
-    typer.echo(f"{config.name}: trained rounds {client.rounds_trained}")
+    dropped = f", dropped out of {client.dropped_rounds}" if client.dropped_rounds else ""
+    typer.echo(f"{config.name}: trained rounds {client.rounds_trained}{dropped}")
+
+
+def _transport(value: str) -> Literal["amqp", "http"]:
+    if value not in ("amqp", "http"):
+        raise typer.BadParameter(f"--transport must be amqp or http, not {value!r}")
+    return "http" if value == "http" else "amqp"

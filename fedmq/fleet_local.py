@@ -11,6 +11,7 @@ from typing import Protocol
 
 from devices.config import DeviceConfig, TrainSettings
 from devices.run import run_device
+from fedmq.heterogeneity import Behaviour
 from fedmq.settings import Settings
 from fedmq.wiring import bus_config, decode_limits
 
@@ -56,12 +57,14 @@ def device_threads(
     seed: int,
     encoding: str,
     stop: threading.Event,
+    behaviours: list[Behaviour] | None = None,
 ) -> list[Handle]:
     import torch
 
     torch.set_num_threads(1)  # K devices share this machine's cores
     handles: list[Handle] = []
     for k in range(clients):
+        b = behaviours[k] if behaviours else Behaviour()
         config = DeviceConfig(
             run_id=run_id,
             client_index=k,
@@ -79,6 +82,10 @@ def device_threads(
             bus=bus_config(s),
             decode_limits=decode_limits(s),
             torch_threads=None,
+            slowdown_s=b.slowdown_s,
+            dropout=b.dropout,
+            join_delay_s=b.join_delay_s,
+            outage_s=b.outage_s,
         )
         t = threading.Thread(
             target=run_device, args=(config, stop), name=f"device-{k}", daemon=True
@@ -100,10 +107,12 @@ def device_processes(
     encoding: str,
     stop: threading.Event,
     logs: Path,
-) -> list[Handle]:
+    behaviours: list[Behaviour] | None = None,
+) -> list[ProcessHandle]:
     logs.mkdir(parents=True, exist_ok=True)
-    handles: list[Handle] = []
+    handles: list[ProcessHandle] = []
     for k in range(clients):
+        b = behaviours[k] if behaviours else Behaviour()
         cmd = [
             sys.executable,
             "-m",
@@ -127,6 +136,7 @@ def device_processes(
             str(seed),
             "--encoding",
             encoding,
+            *b.cli_args(),
         ]
         log = (logs / f"device-{k}.log").open("wb")
         proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)

@@ -26,6 +26,7 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from fedmq import fleet_local
 from fedmq.fleet_local import Handle
+from fedmq.heterogeneity import Heterogeneity
 from fedmq.report import RoundRow, plot_accuracy, summary_table, write_json
 from fedmq.settings import Settings
 from fedmq.wiring import open_bus, orchestrator_service
@@ -55,6 +56,9 @@ class SimOptions:
     encoding: str = "bf16"
     seed: int = 0
     deadline_s: float = 120.0
+    quorum: float | None = None  # default: 1.0, or 0.5 when devices may drop out
+    heartbeat_timeout_s: float | None = None  # default: max(30, 6 heartbeats), 3 with dropouts
+    heterogeneity: Heterogeneity = field(default_factory=Heterogeneity)
     out: Path = Path("fedmq-out")
     broker: str | None = None
     database: str | None = None
@@ -86,7 +90,7 @@ def _settings(base: Settings, o: SimOptions, out: Path) -> Settings:
     )
 
 
-def _rows(sessions: Any, run_id: str) -> list[RoundRow]:
+def round_rows(sessions: Any, run_id: str) -> list[RoundRow]:
     rows = []
     with session_scope(sessions) as s:
         for r in q.list_rounds(s, run_id):
@@ -115,29 +119,40 @@ def _rows(sessions: Any, run_id: str) -> list[RoundRow]:
 
 def _start_fleet(s: Settings, run_id: str, o: SimOptions, stop: threading.Event) -> list[Handle]:
     args = (s, run_id, o.clients, o.dataset, o.model, o.partition)
+    behaviours = o.heterogeneity.behaviours(
+        o.clients, o.seed, 2 * policy_for(o, s).heartbeat_timeout_s
+    )
     if s.embedded:
-        return fleet_local.device_threads(*args, dict(o.partition_args), o.seed, o.encoding, stop)
+        return fleet_local.device_threads(
+            *args, dict(o.partition_args), o.seed, o.encoding, stop, behaviours
+        )
     logs = o.out / "logs"
     worker = fleet_local.worker_process(s, logs)
     devices = fleet_local.device_processes(
-        *args, json.dumps(o.partition_args), o.seed, o.encoding, stop, logs
+        *args, json.dumps(o.partition_args), o.seed, o.encoding, stop, logs, behaviours
     )
     return [*devices, worker]
 
 
-def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
-    out = o.out
-    out.mkdir(parents=True, exist_ok=True)
-    s = _settings(base, o, out)
-    migrations.upgrade(s.database_url)
-    sessions = make_sessionmaker(make_engine(s.database_url))
-    blob = _initial_model(o)
-    policy = RoundPolicy(
-        min_clients=o.clients,
-        quorum_fraction=1.0,
+def policy_for(o: SimOptions, s: Settings) -> RoundPolicy:
+    """The run's rules: all devices in every round unless some may drop out (then half of
+    them make a quorum, and a silent device is written off after 3 missed heartbeats)."""
+    h = o.heterogeneity
+    quorum = o.quorum if o.quorum is not None else (0.5 if h.dropout else 1.0)
+    timeout = o.heartbeat_timeout_s
+    if timeout is None:
+        beats = 3 if h.dropout else 6
+        timeout = max(3.0 if h.dropout else 30.0, beats * s.heartbeat_interval_s)
+    return RoundPolicy(
+        min_clients=max(1, o.clients - h.late_joiners),
+        quorum_fraction=quorum,
         deadline_s=o.deadline_s,
-        heartbeat_timeout_s=max(30.0, 6 * s.heartbeat_interval_s),
+        heartbeat_timeout_s=timeout,
     )
+
+
+def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim") -> str:
+    """A new run for these options, version 0 built as the replica builds it."""
     train = {
         "epochs": o.local_epochs,
         "batch_size": o.batch_size,
@@ -147,11 +162,11 @@ def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
         "encoding": o.encoding,
     }
     with session_scope(sessions) as session:
-        run_id = create_run(
+        return create_run(
             session,
-            f"sim-{uuid.uuid4().hex[:8]}",
-            blob,
-            policy=policy,
+            f"{prefix}-{uuid.uuid4().hex[:8]}",
+            _initial_model(o),
+            policy=policy_for(o, s),
             strategy={"name": o.strategy},
             train=train,
             extra_config={
@@ -160,6 +175,25 @@ def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
                 "simulation": {k: str(v) for k, v in asdict(o).items()},
             },
         )
+
+
+def start_autorun(bus: Any, s: Settings, run_id: str, rounds: int) -> None:
+    cmd = Command(
+        run_id=run_id,
+        action=CommandAction.AUTORUN,
+        rounds=rounds,
+        operator_token=s.operator_token.get_secret_value(),
+    )
+    bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
+
+
+def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
+    out = o.out
+    out.mkdir(parents=True, exist_ok=True)
+    s = _settings(base, o, out)
+    migrations.upgrade(s.database_url)
+    sessions = make_sessionmaker(make_engine(s.database_url))
+    run_id = create_sim_run(sessions, o, s)
     bus = open_bus(s)
     service = orchestrator_service(s, bus)
     service.start()
@@ -168,15 +202,9 @@ def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
     devices: list[Handle] = []
     try:
         devices = _start_fleet(s, run_id, o, stop)
-        _wait_ready(sessions, run_id, o.clients, timeout=120)
-        cmd = Command(
-            run_id=run_id,
-            action=CommandAction.AUTORUN,
-            rounds=o.rounds,
-            operator_token=s.operator_token.get_secret_value(),
-        )
-        bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
-        _follow(sessions, run_id, o, console)
+        wait_ready(sessions, run_id, o.clients - o.heterogeneity.late_joiners, timeout=120)
+        start_autorun(bus, s, run_id, o.rounds)
+        follow(sessions, run_id, o.rounds, console)
     finally:
         stop.set()
         for d in devices:
@@ -184,19 +212,25 @@ def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
         service.stop()
         bus.close()
     seconds = time.perf_counter() - started
-    rows = _rows(sessions, run_id)
+    return report(sessions, run_id, o, seconds, console)
+
+
+def report(
+    sessions: Any, run_id: str, o: SimOptions, seconds: float, console: Console
+) -> SimResult:
+    """The summary table, metrics.json and accuracy.png of a finished run."""
+    rows = round_rows(sessions, run_id)
     title = f"{o.dataset}/{o.model}, {o.clients} clients, {o.partition}, {o.strategy}"
     console.print(summary_table(rows, title))
+    meta = {**asdict(o), "run_id": run_id, "seconds": seconds}
     outputs = {
-        "metrics": write_json(
-            out / "metrics.json", rows, {**asdict(o), "run_id": run_id, "seconds": seconds}
-        ),
-        "plot": plot_accuracy(out / "accuracy.png", {o.strategy: rows}, title),
+        "metrics": write_json(o.out / "metrics.json", rows, meta),
+        "plot": plot_accuracy(o.out / "accuracy.png", {o.strategy: rows}, title),
     }
     return SimResult(run_id, rows, seconds, outputs)
 
 
-def _wait_ready(sessions: Any, run_id: str, clients: int, timeout: float) -> None:
+def wait_ready(sessions: Any, run_id: str, clients: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope(sessions) as s:
@@ -206,7 +240,8 @@ def _wait_ready(sessions: Any, run_id: str, clients: int, timeout: float) -> Non
     raise TimeoutError(f"only some of {clients} devices registered within {timeout:.0f} s")
 
 
-def _follow(sessions: Any, run_id: str, o: SimOptions, console: Console) -> None:
+def follow(sessions: Any, run_id: str, rounds_wanted: int, console: Console) -> None:
+    """A progress bar of the run's rounds until ``rounds_wanted`` are done."""
     columns = (
         TextColumn("rounds"),
         BarColumn(),
@@ -215,7 +250,7 @@ def _follow(sessions: Any, run_id: str, o: SimOptions, console: Console) -> None
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("rounds", total=o.rounds, acc="")
+        task = progress.add_task("rounds", total=rounds_wanted, acc="")
         while True:
             with session_scope(sessions) as s:
                 rounds = q.list_rounds(s, run_id)
@@ -226,7 +261,7 @@ def _follow(sessions: Any, run_id: str, o: SimOptions, console: Console) -> None
             progress.update(
                 task, completed=len(done), acc="" if acc is None else f"accuracy {100 * acc:.1f}%"
             )
-            if len(done) >= o.rounds:
+            if len(done) >= rounds_wanted:
                 return
             if (
                 remaining is None

@@ -1,0 +1,125 @@
+"""``fedmq fleet``: N simulated devices as separate processes against a running stack.
+
+Each device is ``fedmq device`` in its own process with its own partition, and may be made
+slow, flaky (a dropout probability per round) or late (``fedmq.heterogeneity``). The
+orchestrator and a worker must already run (``fedmq up``, or docker compose). Without
+``--run`` the fleet creates a run of its own; with ``--rounds`` it starts autorun once the
+devices on time are in, follows the rounds, prints the summary and stops; otherwise it runs
+until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from typing import Any
+
+from rich.console import Console
+
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
+from fedmq import fleet_local
+from fedmq.fleet_local import ProcessHandle
+from fedmq.settings import Settings
+from fedmq.simulate import (
+    SimOptions,
+    create_sim_run,
+    follow,
+    policy_for,
+    report,
+    start_autorun,
+    wait_ready,
+)
+from fedmq.wiring import open_bus
+from protocol.messages import RoundState
+
+
+def run(
+    s: Settings,
+    o: SimOptions,
+    console: Console,
+    run_id: str | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    if s.embedded:
+        console.print(
+            "[red]fedmq fleet needs a running stack: set FEDMQ_BROKER_URL (amqp://...) and "
+            "FEDMQ_DATABASE_URL, and start the services (fedmq up)[/red]"
+        )
+        return 2
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    sessions = make_sessionmaker(make_engine(s.database_url))
+    if run_id is None:
+        run_id = create_sim_run(sessions, o, s, prefix="fleet")
+        console.print(f"created run {run_id}")
+    else:
+        with session_scope(sessions) as session:
+            if q.get_run(session, run_id) is None:
+                console.print(f"[red]no run {run_id!r} in the database[/red]")
+                return 2
+    h = o.heterogeneity
+    console.print(f"fleet of {o.clients} devices for run {run_id}: {h.describe(o.clients, o.seed)}")
+    logs = o.out / "logs"
+    started = time.perf_counter()
+    devices = fleet_local.device_processes(
+        s,
+        run_id,
+        o.clients,
+        o.dataset,
+        o.model,
+        o.partition,
+        json.dumps(o.partition_args),
+        o.seed,
+        o.encoding,
+        stop,
+        logs,
+        h.behaviours(o.clients, o.seed, 2 * policy_for(o, s).heartbeat_timeout_s),
+    )
+    console.print(f"device logs: {logs}/device-<k>.log")
+    try:
+        if o.rounds > 0:
+            wait_ready(sessions, run_id, o.clients - h.late_joiners, timeout=120)
+            bus = open_bus(s)
+            try:
+                start_autorun(bus, s, run_id, o.rounds)
+            finally:
+                bus.close()
+            follow(sessions, run_id, o.rounds, console)
+        else:
+            _watch(sessions, run_id, devices, stop, console)
+    finally:
+        stop.set()
+        for d in devices:
+            d.join(timeout=15)
+    if o.rounds > 0:
+        report(sessions, run_id, o, time.perf_counter() - started, console)
+    return 0
+
+
+def _watch(
+    sessions: Any,
+    run_id: str,
+    devices: list[ProcessHandle],
+    stop: threading.Event,
+    console: Console,
+) -> None:
+    """Until Ctrl-C: a line whenever the run's count of done rounds changes."""
+    seen = -1
+    while not stop.wait(1.0):
+        with session_scope(sessions) as s:
+            rounds = q.list_rounds(s, run_id)
+            clients = q.list_clients(s, run_id)
+        done = [r for r in rounds if r.state == RoundState.DONE]
+        if len(done) != seen:
+            seen = len(done)
+            acc = (done[-1].metrics or {}).get("accuracy") if done else None
+            shown = "" if acc is None else f", accuracy {100 * acc:.2f}%"
+            console.print(f"{len(clients)} devices registered, {seen} rounds done{shown}")
+        if all(d.proc.poll() is not None for d in devices):
+            console.print("[yellow]every device process has exited[/yellow]")
+            return
