@@ -18,8 +18,12 @@ So they are sent only with ``DeviceConfig.progress_signals`` (``training`` on se
 ``update`` just before the chunks, ``finish`` on ``update.accepted``); heartbeats keep the
 client alive either way.
 
-Simulated heterogeneity (``DeviceConfig.slowdown_s`` / ``dropout``): a slow device waits
-before training, still heartbeating; a device that drops out of a round trains nothing and
+Local training runs on a thread of its own, so that the loop keeps heartbeating and reading
+its queue however long a round's training takes (the orchestrator writes off a device that
+is silent past its heartbeat timeout); the finished update is sent from the loop.
+
+Simulated heterogeneity (``DeviceConfig.slowdown_s`` / ``dropout``): a slow device's training
+takes ``slowdown_s`` longer; a device that drops out of a round trains nothing and
 goes silent (no heartbeats, no reads) for ``outage_s`` (at most until the round's deadline),
 then rejoins like a device whose network came back. The dice are seeded by (seed, device,
 round, attempt).
@@ -37,11 +41,12 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from devices import wire
 from devices.config import DeviceConfig
-from devices.local import LocalTrainer
-from devices.rounds import RoundSkipped, RoundTracker
+from devices.local import LocalTrainer, LocalUpdate
+from devices.rounds import Job, RoundSkipped, RoundTracker
 from devices.store import ModelError, ModelStore
 from devices.transport import BusTransport, Inbound, Transport
 from devices.wire import Identity, SentUpdate
@@ -87,6 +92,8 @@ class FederatedClient:
         self.dropped_rounds: list[int] = []
         self.left = False
         self._silent_until = 0.0
+        self._training: tuple[Job, Future[LocalUpdate]] | None = None
+        self._trainer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"train-{config.name}")
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._done = threading.Event()
@@ -167,6 +174,7 @@ class FederatedClient:
                 if self._leave_on_stop and self.ident is not None and not self.left:
                     self._leave()
             finally:
+                self._trainer_pool.shutdown(wait=False, cancel_futures=True)
                 self._done.set()
 
     def _stopping(self) -> bool:
@@ -284,7 +292,11 @@ class FederatedClient:
 
     def _on_notice(self, ev: Event) -> None:
         self.notices.append(ev)
-        if ev.kind == "update.rejected":
+        if ev.kind == "client.rejoin":  # written off while we were away: join again
+            if not self._recover:
+                self._error(f"the orchestrator wrote us off: {ev.detail.get('reason')}")
+            self._recover = True
+        elif ev.kind == "update.rejected":
             self.rounds.rejected(ev.correlation_id)
             self._error(f"update {ev.correlation_id} rejected: {ev.detail.get('reason')}")
         elif ev.kind == "update.accepted" and self.rounds.accepted(ev.correlation_id):
@@ -302,6 +314,9 @@ class FederatedClient:
             self._error(str(e))
 
     def _maybe_train(self) -> None:
+        if self._training is not None:
+            self._collect()
+            return
         try:
             job = self.rounds.take(self.models)
         except RoundSkipped as e:
@@ -320,13 +335,28 @@ class FederatedClient:
             self._silent_until = time.monotonic() + max(0.0, min(left, self.config.outage_s))
             return
         self._progress(ClientState.TRAINING)
-        if self.config.slowdown_s > 0:
-            self._wait_alive(self.config.slowdown_s)
+        self._training = (job, self._trainer_pool.submit(self._train, job))
+
+    def _train(self, job: Job) -> LocalUpdate:
+        """On the training thread: no bus calls here."""
+        ann = job.announcement
+        end = time.monotonic() + self.config.slowdown_s
+        while time.monotonic() < end and not self._stopping():
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        settings = self.config.train.with_overrides(ann.train_config)
+        return self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+
+    def _collect(self) -> None:
+        """Send the update of a finished training (from the loop's thread)."""
+        assert self._training is not None
+        job, future = self._training
+        if not future.done():
+            return
+        self._training = None
         try:
-            settings = self.config.train.with_overrides(ann.train_config)
-            upd = self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+            upd = future.result()
         except Exception as e:  # a device must not die of one round
-            self._error(f"round {ann.round}: training failed: {e!r}")
+            self._error(f"round {job.announcement.round}: training failed: {e!r}")
             return
         assert self.ident is not None
         self._progress(ClientState.UPDATE)  # before the chunks, to narrow the race
@@ -351,18 +381,6 @@ class FederatedClient:
             return False
         key = f"{self.config.seed}:{self.config.client_index}:{round_number}:{attempt}"
         return random.Random(key).random() < self.config.dropout
-
-    def _wait_alive(self, seconds: float) -> None:
-        """A slow device's extra training time: wait, heartbeating as a busy device does."""
-        end = time.monotonic() + seconds
-        while not self._stopping() and time.monotonic() < end:
-            if time.monotonic() - self._last_beat >= self.config.heartbeat_s:
-                try:
-                    self._heartbeat()
-                except BusError as e:
-                    self._error(f"heartbeat while training: {e}")
-                    self._recover = True
-            self._wait(min(self.config.heartbeat_s, max(0.0, end - time.monotonic())))
 
     # --- signals -----------------------------------------------------------------------------
 

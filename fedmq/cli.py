@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fedmq import device_cmd
+from fedmq import device_cmd, gateway_cmd
 from fedmq.settings import get_settings
 
 app = typer.Typer(
@@ -228,6 +228,7 @@ def command_resume(run: str = typer.Option(..., help="Run id")) -> None:
 
 
 app.command("device")(device_cmd.device)
+app.command("gateway")(gateway_cmd.gateway)
 
 
 SLOW_FRACTION = typer.Option(0.0, min=0, max=1, help="Share of slow devices")

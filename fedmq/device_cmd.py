@@ -40,6 +40,7 @@ def device(
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO is every (re)connect step
     s = get_settings()
     config = DeviceConfig(
         run_id=run,

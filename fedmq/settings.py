@@ -85,8 +85,19 @@ class Settings(BaseSettings):
     max_aggregation_bytes: int = Field(
         4096 * MiB, gt=0, description="Memory cap of robust (non-streaming) aggregation"
     )
-    worker_device: Literal["cpu", "cuda"] = Field(
-        "cpu", description="Where workers fold updates (cuda falls back to cpu without a GPU)"
+    # The pattern is workers.pipeline.device.DEVICE_PATTERN (a unit test keeps them equal).
+    worker_device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
+        description="Where workers fold updates: cpu, cuda, cuda:N (error without a GPU), "
+        "or auto (the GPU if there is one, else cpu)",
+    )
+
+    # Dashboard
+    dashboard_host: str = Field("127.0.0.1", description="Address `fedmq dashboard` listens on")
+    dashboard_port: int = Field(8501, gt=0, lt=65536, description="Port of `fedmq dashboard`")
+    dashboard_refresh_s: float = Field(
+        3.0, gt=0, description="How often the dashboard's pages refresh themselves"
     )
 
     # Security and storage
@@ -95,6 +106,19 @@ class Settings(BaseSettings):
         description="Token required by control commands and routes (set your own outside a laptop)",
     )
     data_dir: Path = Field(Path(".fedmq"), description="Where embedded mode keeps its files")
+
+    # REST gateway (fedmq gateway; devices with --transport http)
+    gateway_host: str = Field("127.0.0.1", description="Address the REST gateway listens on")
+    gateway_port: int = Field(8080, gt=0, lt=65536, description="Port of the REST gateway")
+    gateway_url: str = Field(
+        "http://127.0.0.1:8080", description="Where HTTP devices reach the REST gateway"
+    )
+    gateway_run: str | None = Field(
+        None, description="Run of the paper's routes that name none (POST /client, autorun)"
+    )
+    gateway_max_upload_bytes: int = Field(
+        256 * MiB, gt=0, description="Largest update a device may upload through the gateway"
+    )
 
     @property
     def embedded(self) -> bool:

@@ -57,6 +57,7 @@ class SimOptions:
     seed: int = 0
     deadline_s: float = 120.0
     quorum: float | None = None  # default: 1.0, or 0.5 when devices may drop out
+    min_clients: int | None = None  # default: the devices that are not late joiners
     heartbeat_timeout_s: float | None = None  # default: max(30, 6 heartbeats), 3 with dropouts
     heterogeneity: Heterogeneity = field(default_factory=Heterogeneity)
     out: Path = Path("fedmq-out")
@@ -144,7 +145,7 @@ def policy_for(o: SimOptions, s: Settings) -> RoundPolicy:
         beats = 3 if h.dropout else 6
         timeout = max(3.0 if h.dropout else 30.0, beats * s.heartbeat_interval_s)
     return RoundPolicy(
-        min_clients=max(1, o.clients - h.late_joiners),
+        min_clients=o.min_clients or max(1, o.clients - h.late_joiners),
         quorum_fraction=quorum,
         deadline_s=o.deadline_s,
         heartbeat_timeout_s=timeout,

@@ -19,7 +19,14 @@ from orchestrator.state import Event as MachineEvent
 from orchestrator.store import record_and_publish, step_run
 from protocol import topology
 from protocol.bus import Delivery
-from protocol.messages import ClientState, MessageError, Register, Registered, parse_message
+from protocol.messages import (
+    ClientState,
+    Event,
+    MessageError,
+    Register,
+    Registered,
+    parse_message,
+)
 from protocol.messages import Heartbeat as HeartbeatMsg
 from protocol.messages import Signal as SignalMsg
 
@@ -127,6 +134,8 @@ class Signals:
             if res is None:
                 return f"unknown run {msg.run_id}"
             if isinstance(res.refusal, Rejected):
+                if res.refusal.rejoin and isinstance(msg, HeartbeatMsg):
+                    _ask_to_rejoin(s, msg, res.refusal.reason)
                 return res.refusal.reason
         return None
 
@@ -139,3 +148,30 @@ class Signals:
         finally:
             d.reject(reason)
         self.after_commit()
+
+
+REJOIN = "client.rejoin"
+
+
+def _ask_to_rejoin(s: Session, msg: HeartbeatMsg, reason: str) -> None:
+    """A device heartbeating while written off (heartbeat timeout, e.g. across a broker
+    restart its own connection survived) does not know it: tell it on its queue, and it
+    signals join + ready again."""
+    ev = Event(
+        run_id=msg.run_id,
+        client_id=msg.client_id,
+        kind=REJOIN,
+        correlation_id=msg.message_id,
+        detail={"reason": reason},
+    )
+    oq.add_outbox(
+        s,
+        msg.run_id,
+        "publish",
+        publish_item(
+            exchange=topology.DEVICES_EXCHANGE,
+            routing_key=topology.device_routing_key(msg.client_id),
+            body=ev.to_json(),
+            message_id=ev.message_id,
+        ),
+    )

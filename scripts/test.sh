@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh test
 scripts/ensure-services.sh
+scripts/ensure-browser.sh
 .venv/bin/ruff check .
 .venv/bin/pytest "$@"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from db.engine import normalize_url
 from protocol.codec import DecodeLimits
+from workers.pipeline.device import check_device_name
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -32,6 +33,9 @@ class WorkerConfig:
     - ``max_task_starts``: a task found started this many times for one round attempt
       without finishing is failed for good instead of run again (a message that kills
       its worker every time would otherwise be redelivered forever: acks_late).
+    - ``device``: where the weighted-mean strategies fold: ``cpu``; ``cuda`` or ``cuda:N``
+      (a GPU must be present, or aggregation fails with a clear error); ``auto`` (the GPU
+      when there is one, else the CPU). The robust strategies always combine on the CPU.
     - ``test_aggregate_delay_s``: test-only; sleeps this long after each folded update so
       that a test can kill the worker mid-task. Always 0 in production.
     """
@@ -56,6 +60,7 @@ class WorkerConfig:
             raise ValueError("max_task_starts must be >= 1")
         if self.test_aggregate_delay_s < 0:
             raise ValueError("test_aggregate_delay_s must be >= 0")
+        object.__setattr__(self, "device", check_device_name(self.device))
 
     @property
     def eager(self) -> bool:
@@ -75,7 +80,7 @@ class WorkerConfig:
 
         ``FEDMQ_MAX_BLOB_BYTES`` / ``FEDMQ_MAX_DECOMPRESSED_BYTES`` bound decoding,
         ``FEDMQ_TASK_TIMEOUT_S`` is the hard time limit, ``FEDMQ_MAX_AGGREGATION_BYTES`` the
-        robust strategies' cap, ``FEDMQ_WORKER_DEVICE`` cpu (cuda later), and
+        robust strategies' cap, ``FEDMQ_WORKER_DEVICE`` cpu, cuda, cuda:N or auto, and
         ``FEDMQ_TEST_AGGREGATE_DELAY_S`` the test-only delay.
         """
         e = os.environ if env is None else env

@@ -6,10 +6,11 @@ folder (an ``Accumulator``: ``add(tensors, weight)`` then ``result()``). Only on
 is alive at a time, so a streaming strategy needs the global model, one update and its
 float64 sum: O(model), not O(clients x model).
 
-The folder is where a device pipeline slots in: ``make_folder`` returns the strategy's CPU
-accumulator today; a CUDA folder (pinned double-buffered staging, copies on a side
-stream) will take the same ``add`` calls, and ``iter_deltas`` can run ahead of it in a
-thread to overlap decoding with folding.
+The folder is where the device pipeline (``workers.pipeline``) slots in: ``make_folder``
+returns the strategy's CPU accumulator, or for the weighted-mean strategies on a GPU a
+``TorchFolder`` (pinned double-buffered staging, copies on a side CUDA stream) taking the
+same ``add`` calls; ``fold_updates(..., decode_ahead=2)`` runs ``iter_deltas`` in a thread
+two updates ahead of the fold, so decoding update k+1 overlaps folding update k.
 
 Non-float tensors (counters such as BatchNorm's ``num_batches_tracked``) are not
 averaged: they travel as values, not differences, and the new model takes their
@@ -18,7 +19,9 @@ element-wise maximum over the folded updates (the base model's when none carries
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import logging
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +29,11 @@ import numpy as np
 from db.blobstore import BlobError
 from learning.strategies import Accumulator, Strategy, StrategyError
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, spec_of
+from workers.pipeline.device import resolve_device
+from workers.pipeline.folder import TorchFolder
+from workers.pipeline.readahead import read_ahead
+
+log = logging.getLogger(__name__)
 
 Weights = dict[str, np.ndarray]
 
@@ -90,11 +98,28 @@ def split_floats(tensors: Mapping[str, np.ndarray]) -> tuple[Weights, Weights]:
     return floats, others
 
 
+def folds_linearly(strategy: Strategy) -> bool:
+    """True for the weighted-mean strategies (streaming, with the base accumulator): the
+    ones a ``TorchFolder`` can fold."""
+    return strategy.streaming and type(strategy).accumulator is Strategy.accumulator
+
+
 def make_folder(strategy: Strategy, num_updates: int, device: str = "cpu") -> Accumulator:
-    """The accumulator for one round on ``device``."""
-    if device != "cpu":
-        raise ValueError(f"aggregation device {device!r} is not supported yet (only 'cpu')")
-    return strategy.accumulator(num_updates)
+    """The accumulator for one round on ``device`` (cpu, cuda, cuda:N or auto).
+
+    The CPU gets the strategy's own accumulator; a CUDA device a ``TorchFolder`` for the
+    weighted-mean strategies. The robust ones (FedMedian, FedTrimmedAvg) sort every
+    coordinate across clients and stay on the CPU whatever the device. ValueError for a
+    name that is no device, DeviceUnavailable for a CUDA device this machine lacks.
+    """
+    where = resolve_device(device)
+    if where.type == "cpu":
+        return strategy.accumulator(num_updates)
+    if not folds_linearly(strategy):
+        log.info("%s combines on the CPU (it is not a weighted mean), not on %s",
+                 strategy.name, where)  # fmt: skip
+        return strategy.accumulator(num_updates)
+    return TorchFolder(where)
 
 
 def iter_deltas(
@@ -104,7 +129,7 @@ def iter_deltas(
     strategy: Strategy,
     limits: DecodeLimits,
     skipped: dict[str, str],
-) -> Iterator[PreparedUpdate]:
+) -> Generator[PreparedUpdate, None, None]:
     """Yield each usable update as a clipped float32 delta; record the others in
     ``skipped`` (client id -> reason). Database errors are not caught: they are transient
     and the whole task is retried."""
@@ -149,15 +174,45 @@ def fold_updates(
     limits: DecodeLimits = DecodeLimits(),
     folder: Accumulator | None = None,
     after_each: Callable[[PreparedUpdate], None] | None = None,
+    decode_ahead: int = 0,
 ) -> FoldResult:
     """Fold every usable update into ``folder`` (the strategy's CPU accumulator by
-    default) and return the combined delta. Raises StrategyError when none is usable."""
+    default) and return the combined delta. Raises StrategyError when none is usable.
+
+    ``decode_ahead`` > 0 decodes in a background thread up to that many updates ahead of
+    the fold (``workers.pipeline.readahead``); the result is the same, bit for bit: the
+    updates still fold one at a time, in order. ``load`` must then be callable from
+    another thread.
+    """
     refs = list(updates)
     folder = folder if folder is not None else make_folder(strategy, len(refs))
     skipped: dict[str, str] = {}
     counters: Weights = {}
     result = FoldResult(delta={}, counters=counters, skipped=skipped)
-    for upd in iter_deltas(refs, load, base, strategy, limits, skipped):
+    deltas = iter_deltas(refs, load, base, strategy, limits, skipped)
+    if decode_ahead > 0:
+        deltas = read_ahead(deltas, decode_ahead)
+    with closing(deltas):
+        _fold_all(deltas, folder, strategy, result, after_each)
+    # ``skipped`` is complete here: the producer has stopped (read_ahead joins it).
+    if not result.folded:
+        reasons = "; ".join(f"{c}: {r}" for c, r in skipped.items()) or "no updates received"
+        raise StrategyError(f"no usable update to aggregate ({reasons})")
+    result.delta = folder.result()
+    for name, value in base.others.items():
+        counters.setdefault(name, value)
+    return result
+
+
+def _fold_all(
+    deltas: Iterator[PreparedUpdate],
+    folder: Accumulator,
+    strategy: Strategy,
+    result: FoldResult,
+    after_each: Callable[[PreparedUpdate], None] | None,
+) -> None:
+    counters = result.counters
+    for upd in deltas:
         folder.add(upd.delta, upd.weight)
         for name, value in upd.counters.items():
             counters[name] = value if name not in counters else np.maximum(counters[name], value)
@@ -168,10 +223,3 @@ def fold_updates(
         if after_each is not None:
             after_each(upd)
         del upd
-    if not result.folded:
-        reasons = "; ".join(f"{c}: {r}" for c, r in skipped.items()) or "no updates received"
-        raise StrategyError(f"no usable update to aggregate ({reasons})")
-    result.delta = folder.result()
-    for name, value in base.others.items():
-        counters.setdefault(name, value)
-    return result

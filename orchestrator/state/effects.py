@@ -187,6 +187,7 @@ class Rejected(Effect):
     kind: ClassVar[str] = "rejected"
     event: Event
     reason: str
+    rejoin: bool = False  # the client was written off and may join again (see Refused)
 
 
 @dataclass(frozen=True, slots=True)

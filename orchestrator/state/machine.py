@@ -74,8 +74,9 @@ def step(fed: Federation, event: Event, now: float) -> tuple[Federation, list[Ef
     try:
         handler(tx, event)
     except Refused as refused:
-        cls = Ignored if refused.ignored else Rejected
-        return fed, [cls(event, refused.reason)]
+        if refused.ignored:
+            return fed, [Ignored(event, refused.reason)]
+        return fed, [Rejected(event, refused.reason, rejoin=refused.rejoin)]
     rounds.try_open(tx)
     return tx.result(), tx.effects
 

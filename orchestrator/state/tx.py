@@ -16,12 +16,14 @@ from protocol.messages import ClientState, RoundState
 
 
 class Refused(Exception):
-    """Raised by a handler to leave the state as it was: rejected, or ignored if ``ignored``."""
+    """Raised by a handler to leave the state as it was: rejected, or ignored if ``ignored``.
+    ``rejoin``: the client was written off (not kicked) and may come back by joining again."""
 
-    def __init__(self, reason: str, *, ignored: bool = False) -> None:
+    def __init__(self, reason: str, *, ignored: bool = False, rejoin: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.ignored = ignored
+        self.rejoin = rejoin
 
 
 class Tx:
@@ -65,7 +67,10 @@ class Tx:
     def live_client(self, client_id: str) -> ClientRecord:
         record = self.client(client_id)
         if record.state is ClientState.OFFLINE:
-            raise Refused(f"{client_id} is offline ({record.offline_reason}); join again first")
+            raise Refused(
+                f"{client_id} is offline ({record.offline_reason}); join again first",
+                rejoin=record.offline_reason != "kicked",
+            )
         return record
 
     def set_client(self, client_id: str, **changes: Any) -> None:

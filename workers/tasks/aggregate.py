@@ -3,7 +3,9 @@
 Reads everything from the database (the run's strategy config, the round, its received
 updates, the base model and the server state), folds the updates one at a time
 (``workers.fold``), steps the strategy, and stores the new model as an fp32 codec blob and
-a model version for the round.
+a model version for the round. Decoding runs in a thread two updates ahead of the fold
+(``workers.pipeline.readahead``); the weighted-mean strategies fold on a GPU when the
+worker's device says so (``config.device``: cpu, cuda, cuda:N, auto; ``workers.pipeline``).
 
 Idempotent: a round that already has a model version returns it (``created=False``)
 without aggregating again, and two runs racing for one round meet the unique constraint
@@ -36,6 +38,9 @@ from learning.strategies import State, Strategy, StrategyError, strategy_from_co
 from protocol.codec import CodecError, DecodeLimits, Encoding, decode, encode
 from workers.config import WorkerConfig
 from workers.fold import GlobalModel, UpdateRef, fold_updates, make_folder
+from workers.pipeline.device import DeviceUnavailable
+from workers.pipeline.folder import TorchFolder
+from workers.pipeline.readahead import DEFAULT_DEPTH as DECODE_AHEAD
 from workers.tasks.common import AggregationError, blob_loader, sessions
 
 log = logging.getLogger(__name__)
@@ -185,7 +190,10 @@ def _aggregate(
     began = time.perf_counter()
     load = blob_loader(factory)
     delay = config.test_aggregate_delay_s
-    folder = make_folder(plan.strategy, len(plan.updates), config.device)
+    try:
+        folder = make_folder(plan.strategy, len(plan.updates), config.device)
+    except (ValueError, DeviceUnavailable) as e:
+        raise AggregationError(str(e)) from e
     try:
         folded = fold_updates(
             plan.updates,
@@ -195,6 +203,7 @@ def _aggregate(
             limits=config.decode_limits,
             folder=folder,
             after_each=(lambda _u: time.sleep(delay)) if delay > 0 else None,
+            decode_ahead=DECODE_AHEAD,
         )
     except StrategyError as e:
         raise AggregationError(str(e)) from e
@@ -216,6 +225,7 @@ def _aggregate(
         "num_samples": folded.num_samples,
         "clipped": folded.clipped,
         "skipped": folded.skipped,
+        "fold_device": str(folder.device) if isinstance(folder, TorchFolder) else "cpu",
         "aggregate_s": round(time.perf_counter() - began, 3),
     }
     try:

@@ -1,0 +1,64 @@
+"""Connections shared by every session of the app (``st.cache_resource``), and the run
+selector that every page reads."""
+
+from __future__ import annotations
+
+import streamlit as st
+from sqlalchemy.orm import Session, sessionmaker
+
+from dashboard.config import DashboardConfig, from_env
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
+from protocol.bus import Bus, connect
+
+RUN_KEY = "run_id"
+
+
+def config() -> DashboardConfig:
+    return from_env()
+
+
+@st.cache_resource
+def _sessions(url: str) -> sessionmaker[Session]:
+    return make_sessionmaker(make_engine(url))
+
+
+def sessions() -> sessionmaker[Session]:
+    return _sessions(config().database_url)
+
+
+@st.cache_resource
+def _bus(url: str) -> Bus:
+    return connect(url)
+
+
+def bus() -> Bus:
+    return _bus(config().broker_url)
+
+
+def runs() -> dict[str, str]:
+    """Run id -> label, newest first."""
+    with session_scope(sessions()) as s:
+        found = q.list_runs(s)
+    return {r.id: f"{r.name} ({r.id[:8]})" for r in reversed(found)}
+
+
+def select_run() -> str | None:
+    """The sidebar's run selector; the choice is kept across pages (and in ?run=...)."""
+    choices = runs()
+    if not choices:
+        st.sidebar.info("No run yet: create one with `fedmq run create` or `fedmq simulate`.")
+        return None
+    wanted = st.session_state.get(RUN_KEY) or st.query_params.get("run")
+    if wanted not in choices:
+        wanted = next(iter(choices))
+    st.session_state[RUN_KEY] = wanted
+    chosen = st.sidebar.selectbox(
+        "Run", list(choices), format_func=choices.__getitem__, key=RUN_KEY
+    )
+    st.query_params["run"] = chosen
+    return str(chosen)
+
+
+def current_run() -> str | None:
+    return st.session_state.get(RUN_KEY)

@@ -1,0 +1,104 @@
+"""Overview: the global model status (paper 2's dashboard) and the client table."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data
+from dashboard import format as fmt
+from db.engine import session_scope
+from db.models import ClientState
+from db.queries import dashboard as dq
+
+cfg = data.config()
+run_id = data.current_run()
+st.title("Overview")
+if run_id is None:
+    st.stop()
+
+
+@st.fragment(run_every=cfg.refresh_s)
+def global_status() -> None:
+    with session_scope(data.sessions()) as s:
+        ov = dq.run_overview(s, run_id)
+    if ov is None:
+        st.warning(f"Run {run_id} is gone.")
+        return
+    st.subheader("Global model status")
+    c = st.columns(6)
+    c[0].metric("Autorun", fmt.autorun(ov.autorun_remaining))
+    c[1].metric("Current round", ov.current_round)
+    c[2].metric("Round state", ov.round_state or "—")
+    c[3].metric("Clients", ov.clients)
+    c[4].metric("Global accuracy", fmt.percent(ov.accuracy))
+    c[5].metric("Last updated", fmt.ago(ov.last_updated))
+    st.caption(
+        f"run **{ov.name}** · status **{ov.status}** · {ov.rounds_done} rounds done · "
+        f"model version {ov.model_version} · loss "
+        f"{'—' if ov.loss is None else f'{ov.loss:.4f}'} · updated {fmt.stamp(ov.last_updated)}"
+    )
+    st.markdown(
+        " · ".join(
+            f"{fmt.badge(state.value)} **{ov.clients_by_state.get(state.value, 0)}**"
+            for state in ClientState
+        )
+    )
+
+
+@st.fragment(run_every=cfg.refresh_s)
+def client_table() -> None:
+    st.subheader("Clients")
+    left, right = st.columns([3, 1])
+    states = left.multiselect(
+        "State", [s.value for s in ClientState], format_func=fmt.badge, key="client_states"
+    )
+    with session_scope(data.sessions()) as s:
+        total = dq.count_clients(s, run_id, states or None)
+        pages = max(1, math.ceil(total / cfg.page_size))
+        page = int(right.number_input("Page", 1, pages, 1, key="client_page"))
+        found = dq.client_page(
+            s,
+            run_id,
+            offset=(min(page, pages) - 1) * cfg.page_size,
+            limit=cfg.page_size,
+            states=states or None,
+        )
+    st.caption(f"{found.total} clients · page {min(page, pages)} of {pages}")
+    frame = pd.DataFrame(
+        [
+            {
+                "client": r.display_name,
+                "id": r.id,
+                "state": fmt.badge(r.state),
+                "last seen": fmt.ago(r.last_seen),
+                "rounds": r.rounds_participated,
+                "samples": r.samples,
+                "bytes sent": r.bytes_sent,
+                "last loss": r.last_loss,
+            }
+            for r in found.rows
+        ],
+        columns=[
+            "client",
+            "id",
+            "state",
+            "last seen",
+            "rounds",
+            "samples",
+            "bytes sent",
+            "last loss",
+        ],
+    )
+    st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        column_config={"last loss": st.column_config.NumberColumn(format="%.4f")},
+    )
+
+
+global_status()
+client_table()

@@ -1,0 +1,228 @@
+"""``HttpTransport``: a device that speaks only HTTP, through the REST gateway's ``/api/v1``.
+
+The gateway turns each call into the bus message an AMQP device sends, and keeps the
+client's ``device.<client_id>`` queue, which ``receive`` long-polls. What comes back is
+handed to ``FederatedClient`` in the shapes the bus would have delivered: JSON envelopes
+as they are, and the round's global model (fetched whole, by version, when an
+announcement names one not fetched yet) as the one-chunk blob with its ``ModelMeta``.
+A gateway's refusal of an update (closed round, bad blob) becomes the ``update.rejected``
+notice the orchestrator would have sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from devices.store import ENVELOPE_HEADER
+from devices.transport import Inbound, LinkError, Transport
+from devices.wire import Identity
+from protocol import chunking
+from protocol.bus import BusConfig, BusError
+from protocol.codec import CodecError, peek_header
+from protocol.messages import ClientState, Event, ModelMeta, UpdateMeta
+
+log = logging.getLogger(__name__)
+
+
+class HttpInbound:
+    """A message the gateway already took off the queue: settling it is a no-op."""
+
+    def __init__(self, body: bytes, headers: dict[str, Any] | None = None) -> None:
+        self.body, self.headers = body, dict(headers or {})
+
+    def ack(self) -> None:
+        pass
+
+    def reject(self, reason: str) -> None:
+        log.warning("dropped a message from the gateway: %s", reason)
+
+
+class HttpTransport(Transport):
+    def __init__(
+        self,
+        gateway_url: str,
+        *,
+        bus: BusConfig | None = None,
+        wait_s: float = 1.0,
+        timeout_s: float = 60.0,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.base = gateway_url.rstrip("/")
+        self.config = bus or BusConfig()
+        self.wait_s = wait_s
+        self.http = client or httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._inbox: deque[Inbound] = deque()
+        self._fetched: set[tuple[str, int]] = set()
+        self._closed = False
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _call(
+        self, method: str, path: str, ident: Identity | None = None, **kw: Any
+    ) -> httpx.Response:
+        if self._closed:
+            raise LinkError("the HTTP transport is closed")
+        headers = dict(kw.pop("headers", {}))
+        if ident is not None:
+            headers["Authorization"] = f"Bearer {ident.token}"
+        try:
+            res = self.http.request(method, self.base + path, headers=headers, **kw)
+        except httpx.HTTPError as e:
+            raise LinkError(f"gateway unreachable: {type(e).__name__}: {e}") from None
+        if res.status_code >= 500:
+            raise LinkError(f"gateway answered {res.status_code}: {_reason(res)}")
+        return res
+
+    # --- the Transport ------------------------------------------------------------------------
+
+    def register(
+        self,
+        run_id: str,
+        display_name: str,
+        *,
+        device_info: dict[str, Any],
+        timeout_s: float,
+        poll_s: float,
+        stopping: Callable[[], bool],
+    ) -> Identity | None:
+        if stopping():
+            return None
+        res = self._call(
+            "POST",
+            f"/api/v1/runs/{run_id}/clients",
+            json={"display_name": display_name, "device_info": device_info},
+            timeout=timeout_s,
+        )
+        if res.status_code != 201:
+            raise LinkError(f"registration refused ({res.status_code}): {_reason(res)}")
+        body = res.json()
+        return Identity(run_id, body["client_id"], body["token"])
+
+    def attach(self, ident: Identity) -> None:
+        """Nothing to do: the gateway re-declares the queue on ``join`` and ``ready``."""
+
+    def signal(self, ident: Identity, state: ClientState) -> None:
+        path = f"/api/v1/clients/{ident.client_id}/signal"
+        self._expect(self._call("POST", path, ident, json={"state": state.value}), "signal")
+
+    def heartbeat(self, ident: Identity) -> None:
+        path = f"/api/v1/clients/{ident.client_id}/heartbeat"
+        self._expect(self._call("POST", path, ident), "heartbeat")
+
+    def send_update(self, meta: UpdateMeta, blob: bytes, chunk_size: int) -> None:
+        params: dict[str, Any] = {
+            "round": meta.round,
+            "base_model_version": meta.base_model_version,
+            "num_samples": meta.num_samples,
+            "message_id": meta.message_id,
+            "metrics": json.dumps(meta.metrics),
+        }
+        res = self._call(
+            "POST",
+            f"/api/v1/clients/{meta.client_id}/updates",
+            _ident(meta),
+            params=params,
+            content=blob,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        if res.status_code >= 400:  # refused by the gateway: what the orchestrator would say
+            notice = Event(
+                run_id=meta.run_id,
+                client_id=meta.client_id,
+                round=meta.round,
+                kind="update.rejected",
+                correlation_id=meta.message_id,
+                detail={"reason": _reason(res)},
+            )
+            self._inbox.append(HttpInbound(notice.to_json()))
+
+    def receive(self, ident: Identity, timeout: float) -> Inbound | None:
+        if not self._inbox:
+            self._poll(ident)
+        return self._inbox.popleft() if self._inbox else None
+
+    def leave(self, ident: Identity) -> None:
+        self._expect(self._call("DELETE", f"/api/v1/clients/{ident.client_id}", ident), "leave")
+
+    def backoff(self, attempt: int) -> float:
+        return self.config.backoff(attempt)
+
+    def fatal(self, error: BusError) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        self.http.close()
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def _poll(self, ident: Identity) -> None:
+        began = time.monotonic()
+        res = self._call(
+            "GET",
+            f"/api/v1/clients/{ident.client_id}/messages",
+            ident,
+            params={"wait": self.wait_s},
+        )
+        if res.status_code != 200:
+            self._expect(res, "messages")
+            time.sleep(max(0.0, self.wait_s - (time.monotonic() - began)))
+            return
+        for msg in res.json().get("messages", []):
+            if msg.get("type") == "round" and isinstance(msg.get("model_version"), int):
+                self._fetch_model(ident, msg["model_version"])
+            self._inbox.append(HttpInbound(json.dumps(msg).encode()))
+
+    def _fetch_model(self, ident: Identity, version: int) -> None:
+        if (ident.run_id, version) in self._fetched:
+            return
+        res = self._call("GET", f"/api/v1/runs/{ident.run_id}/models/{version}", ident)
+        if res.status_code != 200:
+            log.warning("model %s: %s", version, _reason(res))
+            return  # the client skips the round when the model never arrives
+        blob = res.content
+        meta = ModelMeta(
+            run_id=ident.run_id,
+            model_version=version,
+            blob_sha256=res.headers.get("x-fedmq-model-sha256", ""),
+            blob_bytes=len(blob),
+            encoding=_encoding(blob),
+        )
+        chunk = next(
+            chunking.iter_chunks(blob, max(1, len(blob)), f"model-{ident.run_id}-{version}")
+        )
+        headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: meta.model_dump_json()}
+        self._inbox.append(HttpInbound(blob, headers))
+        self._fetched.add((ident.run_id, version))
+
+    @staticmethod
+    def _expect(res: httpx.Response, what: str) -> None:
+        """A refused call is logged, not retried: the AMQP path would have dead-lettered it."""
+        if res.status_code >= 400:
+            log.warning("%s refused (%s): %s", what, res.status_code, _reason(res))
+
+
+def _encoding(blob: bytes) -> str:
+    try:
+        return peek_header(blob).encoding.value
+    except CodecError:
+        return "fp32"  # the model store's decode refuses the blob with the reason
+
+
+def _ident(meta: UpdateMeta) -> Identity:
+    return Identity(meta.run_id, meta.client_id or "", meta.token)
+
+
+def _reason(res: httpx.Response) -> str:
+    try:
+        body = res.json()
+    except ValueError:
+        return res.text[:200]
+    return str(body.get("reason", body)) if isinstance(body, dict) else str(body)[:200]

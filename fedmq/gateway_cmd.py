@@ -1,0 +1,53 @@
+"""``fedmq gateway``: the REST gateway (FastAPI) served by uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from fedmq.settings import Settings, get_settings
+from fedmq.wiring import decode_limits, open_bus
+from orchestrator.gateway import GatewayConfig
+
+
+def gateway_config(s: Settings) -> GatewayConfig:
+    return GatewayConfig(
+        operator_token=s.operator_token.get_secret_value(),
+        default_run=s.gateway_run,
+        max_upload_bytes=s.gateway_max_upload_bytes,
+        chunk_size=s.chunk_size,
+        decode_limits=decode_limits(s),
+    )
+
+
+def gateway(
+    host: str | None = typer.Option(None, help="Listen address (default: FEDMQ_GATEWAY_HOST)"),
+    port: int | None = typer.Option(None, help="Port (default: FEDMQ_GATEWAY_PORT)"),
+    run: str | None = typer.Option(None, help="Default run (default: FEDMQ_GATEWAY_RUN)"),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Serve the REST gateway: the paper's API and /api/v1 on the bus (OpenAPI at /docs)."""
+    import uvicorn
+
+    from db.engine import make_engine, make_sessionmaker
+    from orchestrator.gateway import create_app
+
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    s = get_settings()
+    if run is not None:
+        s = s.model_copy(update={"gateway_run": run})
+    engine = make_engine(s.database_url)
+    bus = open_bus(s)
+    try:
+        app = create_app(gateway_config(s), bus, make_sessionmaker(engine))
+        uvicorn.run(
+            app,
+            host=host or s.gateway_host,
+            port=port or s.gateway_port,
+            log_level=loglevel.lower(),
+            access_log=False,
+        )
+    finally:
+        bus.close()
+        engine.dispose()

@@ -1,0 +1,160 @@
+"""The gateway's side of the bus: each HTTP action becomes the message an AMQP device (or
+an operator's ``fedmq command``) sends, byte for byte the same envelopes and chunk headers
+(docs/architecture.md, "Wire conventions (devices)"). So the orchestrator cannot tell an
+HTTP device from an AMQP one, and both share rounds.
+
+Each HTTP client also gets the durable ``device.<client_id>`` queue an AMQP device
+declares; ``messages`` pulls it for the client (its round announcements and notices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.gateway.errors import GatewayError
+from protocol import chunking, topology
+from protocol.bus import Bus, BusError
+from protocol.messages import (
+    ClientState,
+    Command,
+    CommandAction,
+    Heartbeat,
+    MessageError,
+    Register,
+    Registered,
+    Signal,
+    UpdateMeta,
+    parse_as,
+    parse_message,
+)
+
+log = logging.getLogger(__name__)
+
+ENVELOPE_HEADER = "x-fedmq-envelope"
+MAX_MESSAGES = 32  # per answer of ``messages``
+
+
+def _bus_call(what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except BusError as e:
+        raise GatewayError(503, f"{what}: the message bus is unavailable ({e})") from None
+
+
+class Bridge:
+    def __init__(self, bus: Bus, chunk_size: int, register_timeout_s: float) -> None:
+        self.bus, self.chunk_size, self.register_timeout_s = bus, chunk_size, register_timeout_s
+        _bus_call("declare", lambda: topology.declare(bus))
+
+    def register(
+        self, run_id: str, display_name: str, device_info: dict[str, Any]
+    ) -> tuple[str, str]:
+        """The reply-key dance of an AMQP device; returns (client id, token)."""
+        reply_key = f"gw-{uuid.uuid4().hex}"
+        reply_queue = _bus_call("register", lambda: topology.declare_device(self.bus, reply_key))
+        try:
+            reg = Register(
+                run_id=run_id,
+                display_name=display_name,
+                reply_key=reply_key,
+                device_info=device_info,
+            )
+            key = topology.signal_routing_key(reply_key)
+            _bus_call(
+                "register", lambda: self.bus.publish(topology.SIGNALS_EXCHANGE, key, reg.to_json())
+            )
+            deadline = time.monotonic() + self.register_timeout_s
+            while time.monotonic() < deadline:
+                d = _bus_call("register", lambda: self.bus.get(reply_queue, timeout=0.2))
+                if d is None:
+                    continue
+                d.ack()
+                try:
+                    msg = parse_as(d.body, Registered)
+                except MessageError:
+                    continue
+                if msg.reply_key == reply_key:
+                    self.attach(run_id, msg.client_id)
+                    return msg.client_id, msg.token
+            raise GatewayError(
+                504,
+                f"the orchestrator did not answer the registration within "
+                f"{self.register_timeout_s:.0f} s",
+            )
+        finally:
+            with contextlib.suppress(BusError):
+                self.bus.delete_queue(reply_queue)
+
+    def attach(self, run_id: str, client_id: str) -> None:
+        """Declare the client's device queue (idempotent), as an AMQP device does."""
+        _bus_call("attach", lambda: topology.declare_device(self.bus, client_id, run_id))
+
+    def signal(self, run_id: str, client_id: str, token: str, state: str) -> str:
+        msg: Signal | Heartbeat
+        if state == "heartbeat":
+            msg = Heartbeat(run_id=run_id, client_id=client_id, token=token)
+        else:
+            if state in (ClientState.JOIN, ClientState.READY):
+                self.attach(run_id, client_id)  # a rejoin after leaving needs its queue back
+            msg = Signal(run_id=run_id, client_id=client_id, token=token, state=ClientState(state))
+        key = topology.signal_routing_key(client_id)
+        _bus_call("signal", lambda: self.bus.publish(topology.SIGNALS_EXCHANGE, key, msg.to_json()))
+        return msg.message_id
+
+    def leave(self, run_id: str, client_id: str, token: str) -> str:
+        message_id = self.signal(run_id, client_id, token, ClientState.OFFLINE.value)
+        _bus_call("leave", lambda: self.bus.delete_queue(topology.device_queue(client_id)))
+        return message_id
+
+    def command(self, run_id: str, operator_token: str, action: CommandAction, **kw: Any) -> str:
+        cmd = Command(run_id=run_id, action=action, operator_token=operator_token, **kw)
+        _bus_call(
+            "command",
+            lambda: self.bus.publish(
+                topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json()
+            ),
+        )
+        return cmd.message_id
+
+    def publish_update(self, meta: UpdateMeta, blob: bytes) -> None:
+        """The blob as chunks to ``fedmq.updates``, ``UpdateMeta`` in every chunk's headers."""
+        envelope = meta.model_dump_json()
+        key = topology.update_routing_key(meta.run_id, int(meta.round or 0))
+
+        def send() -> None:
+            for chunk in chunking.iter_chunks(blob, self.chunk_size):
+                headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
+                self.bus.publish(topology.UPDATES_EXCHANGE, key, chunk.data, headers=headers)
+
+        _bus_call("update", send)
+
+    def messages(self, run_id: str, client_id: str, wait_s: float) -> list[dict[str, Any]]:
+        """Up to ``MAX_MESSAGES`` JSON envelopes from the client's queue, waiting up to
+        ``wait_s`` for the first. Model chunks are dropped: HTTP clients fetch models whole."""
+        queue = topology.device_queue(client_id)
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + wait_s
+        while len(out) < MAX_MESSAGES:
+            left = max(0.0, deadline - time.monotonic()) if not out else 0.0
+            try:
+                d = self.bus.get(queue, timeout=left)
+            except BusError:
+                self.attach(run_id, client_id)  # deleted by a leave, or lost with the broker
+                d = _bus_call("messages", lambda t=left: self.bus.get(queue, timeout=t))
+            if d is None:
+                break
+            d.ack()
+            if chunking.is_chunk(d.headers):
+                continue
+            try:
+                parse_message(d.body)
+                out.append(json.loads(d.body))
+            except (MessageError, ValueError) as e:
+                log.warning("dropping an unreadable message for %s: %s", client_id, e)
+        return out

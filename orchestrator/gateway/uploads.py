@@ -1,0 +1,76 @@
+"""Update uploads: streamed in with a size cap, then checked by the codec exactly as the
+orchestrator's ingest will check them, before the gateway acknowledges anything."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from orchestrator.gateway.errors import GatewayError
+from orchestrator.gateway.ledger import UploadPlan
+from protocol.codec import CodecError, DecodeLimits, decode
+from protocol.messages import UpdateMeta
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(413, f"upload of {declared} bytes exceeds the limit of {limit}")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise GatewayError(413, f"upload exceeds the limit of {limit} bytes")
+    if not body:
+        raise GatewayError(422, "empty upload: the body must be a codec blob")
+    return bytes(body)
+
+
+def check_update(
+    blob: bytes,
+    plan: UploadPlan,
+    limits: DecodeLimits,
+    *,
+    token: str,
+    num_samples: int,
+    metrics: dict[str, Any],
+    message_id: str | None,
+) -> UpdateMeta:
+    """The ``UpdateMeta`` an AMQP device would send with this blob, once the blob decodes
+    within ``limits`` against the base version's names, shapes and dtypes (no NaN/Inf)."""
+    try:
+        decoded = decode(blob, limits=limits, expected=plan.spec)
+    except CodecError as e:
+        raise GatewayError(422, f"bad update blob: {e}") from None
+    for name, arr in decoded.tensors.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise GatewayError(422, f"bad update blob: {name} holds NaN or Inf")
+    if decoded.delta and decoded.base_version != str(plan.base_version):
+        raise GatewayError(
+            422,
+            f"the blob is a delta against version {decoded.base_version}, "
+            f"not base_model_version {plan.base_version}",
+        )
+    fields: dict[str, Any] = {
+        "run_id": plan.run_id,
+        "client_id": plan.client_id,
+        "round": plan.round,
+        "token": token,
+        "base_model_version": plan.base_version,
+        "num_samples": num_samples,
+        "encoding": decoded.encoding.value,
+        "is_delta": decoded.delta,
+        "blob_sha256": hashlib.sha256(blob).hexdigest(),
+        "blob_bytes": len(blob),
+        "metrics": metrics,
+    }
+    if message_id is not None:
+        fields["message_id"] = message_id  # the device's own id: its notices name it
+    try:
+        return UpdateMeta(**fields)
+    except ValueError as e:
+        raise GatewayError(422, f"invalid update: {e}") from None

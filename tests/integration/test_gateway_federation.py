@@ -1,0 +1,130 @@
+"""A mixed federation on RabbitMQ and Postgres: two AMQP devices and two HTTP devices (one a
+``fedmq device --transport http`` process) share three autorun rounds, with the orchestrator,
+a Celery worker and ``fedmq gateway`` as processes. Every round aggregates all four, and the
+global model's accuracy rises."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from db import queries as q
+from db.engine import session_scope
+from db.models import ClientState
+from devices.client import FederatedClient
+from devices.config import DeviceConfig
+from devices.http import HttpTransport
+from learning.data import load_dataset
+from learning.models import build_model
+from learning.params import to_numpy
+from orchestrator.runs import create_run
+from orchestrator.state import RoundPolicy
+from protocol.bus import connect
+from protocol.codec import Encoding, encode
+from protocol.messages import CommandAction
+from tests.integration.orchestrator_harness import Harness, harness
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+K, ROUNDS = 4, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _ready(h: Harness) -> int:
+    return int(h.read(lambda s: len(q.list_clients(s, h.run_id, ClientState.READY))))
+
+
+def test_two_amqp_and_two_http_devices_share_every_round(
+    amqp_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    data = load_dataset("digits")
+    model = build_model("mlp", num_classes=data.num_classes, input_shape=data.input_shape, seed=0)
+    port = _free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    with harness(amqp_url, pg_url, tmp_path) as h:
+        with session_scope(h.sessions) as s:
+            run_id = create_run(
+                s,
+                f"mixed-{uuid.uuid4().hex[:6]}",
+                encode(to_numpy(model), Encoding.FP32),
+                policy=RoundPolicy(min_clients=K, quorum_fraction=1.0, deadline_s=60),
+                extra_config={"model": {"name": "mlp"}, "dataset": {"name": "digits"}},
+            )
+        h.run_id = run_id
+        h.procs.orchestrator()
+        h.procs.start("gateway", "-m", "fedmq.cli", "gateway", "--port", str(port))
+        h.procs.start(
+            "device-http-3",
+            *("-m", "fedmq.cli", "device", "--run", run_id, "--index", "3"),
+            *("--clients", str(K), "--transport", "http", "--gateway", gateway),
+            *("--rounds", str(ROUNDS)),
+        )
+        _wait_http(f"{gateway}/openapi.json")
+
+        def config(k: int, **kw: object) -> DeviceConfig:
+            return DeviceConfig(
+                run_id=run_id,
+                client_index=k,
+                num_clients=K,
+                heartbeat_s=1.0,
+                poll_s=0.05,
+                torch_threads=None,
+                **kw,  # type: ignore[arg-type]
+            )
+
+        bus = connect(amqp_url)
+        clients = [
+            FederatedClient(config(0), bus),
+            FederatedClient(config(1), bus),
+            FederatedClient(
+                config(2, transport="http", gateway_url=gateway), HttpTransport(gateway, wait_s=0.5)
+            ),
+        ]
+        try:
+            for c in clients:
+                c.start(timeout=60)
+            h.wait(lambda: _ready(h) == K, 90, "four ready clients")
+            h.command(CommandAction.AUTORUN, rounds=ROUNDS)
+            h.wait(
+                lambda: sum(r.state == "done" for r in h.rounds()) == ROUNDS,
+                120,
+                f"{ROUNDS} rounds to be done",
+            )
+            rounds = h.rounds()
+            assert [(r.number, r.received, r.attempt) for r in rounds] == [
+                (n, K, 1) for n in range(1, ROUNDS + 1)
+            ], h.procs.output()
+            accuracy = [float(r.metrics["accuracy"]) for r in rounds]
+            print(f"mixed federation accuracy per round: {accuracy}")
+            assert accuracy[-1] > accuracy[0], accuracy
+            for c in clients:
+                assert c.rounds_trained == [1, 2, 3], (c.config.name, c.errors)
+            assert h.events("update.refused") == []
+            names = h.read(lambda s: sorted(c.display_name for c in q.list_clients(s, run_id)))
+            assert names == [f"device-{k}" for k in range(K)]
+        finally:
+            for c in clients:
+                c.stop()
+            bus.close()

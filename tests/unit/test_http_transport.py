@@ -1,0 +1,126 @@
+"""``HttpTransport`` on a scripted gateway (httpx.MockTransport): what it hands to the
+FederatedClient is what the bus would have delivered."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+
+import httpx
+import numpy as np
+import pytest
+
+from devices.http import HttpTransport
+from devices.store import ModelStore
+from devices.transport import LinkError
+from devices.wire import Identity
+from protocol import chunking
+from protocol.codec import Encoding, encode, spec_of
+from protocol.messages import (
+    ClientState,
+    Event,
+    RoundAnnouncement,
+    UpdateMeta,
+    parse_message,
+    utcnow,
+)
+
+IDENT = Identity("run-1", "c-1", "t" * 32)
+WEIGHTS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+BLOB = encode(WEIGHTS, Encoding.FP32)
+SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+def _announcement() -> RoundAnnouncement:
+    return RoundAnnouncement(
+        run_id="run-1",
+        round=1,
+        model_version=0,
+        model_sha256=SHA,
+        model_bytes=len(BLOB),
+        deadline=utcnow() + timedelta(minutes=1),
+        selected=["c-1"],
+    )
+
+
+class Gateway:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.queue: list[dict[str, object]] = []
+        self.upload_status = 202
+
+    def __call__(self, req: httpx.Request) -> httpx.Response:
+        self.calls.append((req.method, req.url.path))
+        assert req.headers.get("authorization") == f"Bearer {IDENT.token}"
+        if req.url.path.endswith("/messages"):
+            msgs, self.queue = self.queue, []
+            return httpx.Response(200, json={"messages": msgs})
+        if req.url.path == "/api/v1/runs/run-1/models/0":
+            return httpx.Response(200, content=BLOB, headers={"X-Fedmq-Model-Sha256": SHA})
+        if req.url.path.endswith("/updates"):
+            reason = {"status": self.upload_status, "reason": "round 1 is not open"}
+            return httpx.Response(self.upload_status, json=reason)
+        if req.url.path.endswith("/signal"):
+            return httpx.Response(503, json={"status": 503, "reason": "bus down"})
+        return httpx.Response(404, json={"status": 404, "reason": "no route"})
+
+
+def _transport(gw: Gateway) -> HttpTransport:
+    client = httpx.Client(transport=httpx.MockTransport(gw))
+    return HttpTransport("http://gw", client=client, wait_s=0.0)
+
+
+def test_an_announcement_brings_its_model_first_as_a_one_chunk_blob_fetched_once() -> None:
+    gw = Gateway()
+    t = _transport(gw)
+    gw.queue = [json.loads(_announcement().to_json()), json.loads(_announcement().to_json())]
+    model = t.receive(IDENT, 0.1)
+    assert model is not None and chunking.is_chunk(model.headers)
+    store = ModelStore(expected=spec_of(WEIGHTS))
+    assert store.add_chunk(model.headers, model.body) == 0 and store.sha256[0] == SHA
+    first, second = t.receive(IDENT, 0.1), t.receive(IDENT, 0.1)
+    assert first is not None and second is not None
+    assert isinstance(parse_message(first.body), RoundAnnouncement)
+    assert [c for c in gw.calls if "models" in c[1]] == [("GET", "/api/v1/runs/run-1/models/0")]
+
+
+def test_an_upload_the_gateway_refuses_becomes_an_update_rejected_notice() -> None:
+    gw = Gateway()
+    gw.upload_status = 409
+    t = _transport(gw)
+    blob = encode(WEIGHTS, Encoding.BF16)
+    meta = UpdateMeta(
+        run_id="run-1",
+        client_id="c-1",
+        round=1,
+        token=IDENT.token,
+        base_model_version=0,
+        num_samples=3,
+        encoding="bf16",
+        blob_sha256=hashlib.sha256(blob).hexdigest(),
+        blob_bytes=len(blob),
+    )
+    t.send_update(meta, blob, 1024)
+    notice = t.receive(IDENT, 0.1)
+    assert notice is not None
+    ev = parse_message(notice.body)
+    assert isinstance(ev, Event) and ev.kind == "update.rejected"
+    assert ev.correlation_id == meta.message_id and ev.detail["reason"] == "round 1 is not open"
+
+
+def test_a_5xx_or_an_unreachable_gateway_is_a_link_error() -> None:
+    t = _transport(Gateway())
+    with pytest.raises(LinkError, match="503"):
+        t.signal(IDENT, ClientState.READY)
+
+    def down(req: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=req)
+
+    dead = HttpTransport("http://gw", client=httpx.Client(transport=httpx.MockTransport(down)))
+    with pytest.raises(LinkError, match="unreachable"):
+        dead.heartbeat(IDENT)
+    dead.close()
+    with pytest.raises(LinkError, match="closed"):
+        dead.heartbeat(IDENT)
+    assert dead.fatal(LinkError("x"))
