@@ -357,11 +357,17 @@ def fleet(
 def up(
     logs: Path = typer.Option(Path("fedmq-logs"), help="Folder for the services' logs"),
     worker_queues: str = typer.Option("aggregate,evaluate", help="Queues of the worker"),
+    gateway: bool = typer.Option(True, help="Start the REST gateway"),
+    dashboard: bool = typer.Option(True, help="Start the dashboard"),
+    fleet: int = typer.Option(0, min=0, help="Also start a fleet of this many devices"),
+    fleet_rounds: int = typer.Option(0, min=0, help="Autorun rounds the fleet starts"),
 ) -> None:
-    """Start the orchestrator and a worker as native processes; Ctrl-C stops them all."""
+    """Start the whole stack as native processes (orchestrator, worker, gateway, dashboard,
+    optionally a device fleet); Ctrl-C stops them all."""
     from fedmq import up as stack
 
-    raise typer.Exit(stack.run(get_settings(), logs, console, worker_queues))
+    options = stack.StackOptions(worker_queues, gateway, dashboard, fleet, fleet_rounds)
+    raise typer.Exit(stack.run(get_settings(), logs, console, options))
 
 
 @app.command()

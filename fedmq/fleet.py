@@ -97,7 +97,10 @@ def run(
         for d in devices:
             d.join(timeout=15)
     if o.rounds > 0:
-        report(sessions, run_id, o, time.perf_counter() - started, console)
+        result = report(sessions, run_id, o, time.perf_counter() - started, console)
+        final = result.rows[-1].accuracy if result.rows else None
+        shown = "" if final is None else f", final accuracy {100 * final:.2f}%"
+        console.print(f"{len(result.rows)} rounds in {result.seconds:.1f} s{shown}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """``fedmq up``: the full stack as native processes, for machines without Docker.
 
-Starts the orchestrator and a worker (the dashboard and gateway join when they exist)
-against the configured RabbitMQ and database, each logging to ``<logs>/<name>.log``;
+Migrates the database, then starts the orchestrator, a worker, the REST gateway and the
+dashboard (the same services as docker-compose.yml) against the configured RabbitMQ and
+database, each logging to ``<logs>/<name>.log``; optionally a fleet of simulated devices.
 Ctrl-C or SIGTERM stops them all, and a service that dies takes the others down with it.
+The fleet is a job, not a service: when it has run its rounds it exits and the stack stays.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from db import migrations
 from fedmq.settings import Settings
 
 
@@ -26,21 +29,39 @@ class Service:
     name: str
     argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
+    job: bool = False  # may exit when done without taking the stack down
 
 
-def services(worker_queues: str) -> list[Service]:
+@dataclass(frozen=True)
+class StackOptions:
+    worker_queues: str = "aggregate,evaluate"
+    gateway: bool = True
+    dashboard: bool = True
+    fleet: int = 0  # devices; 0: none
+    fleet_rounds: int = 0  # autorun rounds the fleet starts (0: the operator starts them)
+
+
+def services(o: StackOptions) -> list[Service]:
     fedmq = [sys.executable, "-m", "fedmq.cli"]
-    return [
+    started = [
         Service("orchestrator", [*fedmq, "orchestrator"]),
-        Service("worker", [*fedmq, "worker", "--queues", worker_queues]),
+        Service("worker", [*fedmq, "worker", "--queues", o.worker_queues]),
     ]
+    if o.gateway:
+        started.append(Service("gateway", [*fedmq, "gateway"]))
+    if o.dashboard:
+        started.append(Service("dashboard", [*fedmq, "dashboard"]))
+    if o.fleet:
+        argv = [*fedmq, "fleet", "--clients", str(o.fleet), "--rounds", str(o.fleet_rounds)]
+        started.append(Service("fleet", argv, job=True))
+    return started
 
 
 def run(
     s: Settings,
     logs: Path,
     console: Console,
-    worker_queues: str = "aggregate,evaluate",
+    options: StackOptions | None = None,
     stop: threading.Event | None = None,
 ) -> int:
     if s.embedded:
@@ -54,9 +75,12 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     logs.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(s.database_url)  # once, before any service reads the schema
     env = {**os.environ, "FEDMQ_BROKER_URL": s.broker_url, "FEDMQ_DATABASE_URL": s.database_url}
-    started = services(worker_queues)
+    started = services(options or StackOptions())
     for svc in started:
+        if svc.job:
+            svc.argv = [*svc.argv, "--out", str(logs / svc.name)]
         log = (logs / f"{svc.name}.log").open("ab")
         # Own process group: the terminal's Ctrl-C reaches us, and we stop children in order.
         svc.proc = subprocess.Popen(
@@ -67,8 +91,16 @@ def run(
         f"broker {s.broker_url.split('@')[-1]}, database "
         f"{s.database_url.split('@')[-1]}; Ctrl-C stops everything"
     )
+    if s.gateway_port and any(x.name == "gateway" for x in started):
+        console.print(f"gateway on http://{s.gateway_host}:{s.gateway_port} (OpenAPI at /docs)")
+    if any(x.name == "dashboard" for x in started):
+        console.print(f"dashboard on http://{s.dashboard_host}:{s.dashboard_port}")
     code = 0
     while not stop.is_set():
+        for svc in [x for x in started if x.job and x.proc and x.proc.poll() is not None]:
+            rc = svc.proc.returncode if svc.proc else None
+            console.print(f"{svc.name} finished with {rc}; see {logs / svc.name}.log")
+            started.remove(svc)
         dead = [svc for svc in started if svc.proc and svc.proc.poll() is not None]
         if dead:
             for svc in dead:

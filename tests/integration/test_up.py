@@ -1,17 +1,30 @@
-"""`fedmq up` starts the orchestrator and a worker natively and stops both on Ctrl-C."""
+"""`fedmq up` runs the whole stack natively: a fleet of 3 devices completes 2 rounds, the
+dashboard and the gateway answer, and Ctrl-C stops every process."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
+from protocol.messages import RoundState
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _wait_for(path: Path, text: str, seconds: float) -> bool:
@@ -23,33 +36,75 @@ def _wait_for(path: Path, text: str, seconds: float) -> bool:
     return False
 
 
-def test_up_runs_the_stack_and_ctrl_c_stops_every_process(
+def _http_status(url: str, seconds: float) -> int | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return int(r.status)
+        except OSError:
+            time.sleep(0.5)
+    return None
+
+
+def _done_rounds(pg_url: str) -> list[int]:
+    engine = make_engine(pg_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as s:
+            runs = q.list_runs(s)
+            return [
+                sum(1 for r in q.list_rounds(s, run.id) if r.state == RoundState.DONE)
+                for run in runs
+            ]
+    finally:
+        engine.dispose()
+
+
+def test_up_runs_the_whole_stack_with_a_fleet_and_ctrl_c_stops_everything(
     tmp_path: Path, amqp_url: str, pg_url: str
 ) -> None:
-    env = {**os.environ, "FEDMQ_BROKER_URL": amqp_url, "FEDMQ_DATABASE_URL": pg_url}
+    gateway, dashboard = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "FEDMQ_BROKER_URL": amqp_url,
+        "FEDMQ_DATABASE_URL": pg_url,
+        "FEDMQ_GATEWAY_PORT": str(gateway),
+        "FEDMQ_DASHBOARD_PORT": str(dashboard),
+        "FEDMQ_HEARTBEAT_INTERVAL_S": "1",
+    }
     logs = tmp_path / "logs"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedmq.cli", "up", "--logs", str(logs)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    argv = ["up", "--logs", str(logs), "--fleet", "3", "--fleet-rounds", "2"]
+    console = tmp_path / "up.out"
+    with console.open("wb") as out_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedmq.cli", *argv],
+            env={**env, "COLUMNS": "200"},
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        assert _wait_for(logs / "worker.log", "ready", 60), (logs / "worker.log").read_text()
-        assert _wait_for(logs / "orchestrator.log", "orchestrator started", 60), (
-            logs / "orchestrator.log"
-        ).read_text()
+        fleet_log = logs / "fleet.log"
+        assert _wait_for(console, "fleet finished with 0", 180), (
+            console.read_text(errors="replace") + fleet_log.read_text(errors="replace")
+        )
+        assert "2 rounds in" in fleet_log.read_text()
+        assert _done_rounds(pg_url) == [2]
+        assert _http_status(f"http://127.0.0.1:{dashboard}/", 60) == 200
+        assert _http_status(f"http://127.0.0.1:{dashboard}/_stcore/health", 30) == 200
+        assert _http_status(f"http://127.0.0.1:{gateway}/docs", 30) == 200
         proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=60)[0].decode()
+        proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = console.read_text()
     assert proc.returncode == 0, out
-    assert "stopped orchestrator" in out and "stopped worker" in out
+    for name in ("orchestrator", "worker", "gateway", "dashboard"):
+        assert f"stopped {name}" in out, out
     pids = [
         int(line.split("pid ")[1].split(")")[0]) for line in out.splitlines() if "(pid " in line
     ]
-    assert len(pids) == 2
+    assert len(pids) == 5
     for pid in pids:  # every child is gone, not orphaned
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
