@@ -4,6 +4,8 @@ selector that every page reads."""
 from __future__ import annotations
 
 import streamlit as st
+from sqlalchemy import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dashboard.config import DashboardConfig, from_env
@@ -37,10 +39,22 @@ def bus() -> Bus:
 
 
 def runs() -> dict[str, str]:
-    """Run id -> label, newest first."""
-    with session_scope(sessions()) as s:
-        found = q.list_runs(s)
+    """Run id -> label, newest first. Stops the page with a hint if the database cannot be
+    read (down, or never migrated), instead of a traceback."""
+    try:
+        with session_scope(sessions()) as s:
+            found = q.list_runs(s)
+    except SQLAlchemyError as e:
+        st.error(
+            f"Cannot read the database at {_safe(config().database_url)}: "
+            f"{type(e).__name__}. Is it up, and migrated (`fedmq db upgrade`)?"
+        )
+        st.stop()
     return {r.id: f"{r.name} ({r.id[:8]})" for r in reversed(found)}
+
+
+def _safe(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def select_run() -> str | None:

@@ -167,6 +167,8 @@ class FederatedClient:
         """The device's loop on the calling thread, until stopped (or ``stop_after_rounds``)."""
         self._external = stop_event
         try:
+            if self.config.warm_up:
+                log.info("%s: warmed up in %.2f s", self.config.name, self.trainer.warm_up())
             if self._register():
                 self._loop()
         finally:

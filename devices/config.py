@@ -95,6 +95,7 @@ class DeviceConfig:
     bus: BusConfig = field(default_factory=BusConfig)
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
     torch_threads: int | None = 1  # set by run_device (a process per device); None: leave
+    warm_up: bool = True  # one forward/backward pass before registering (see LocalTrainer)
     device_info: dict[str, Any] = field(default_factory=dict)
     # Simulated heterogeneity (fleets and tests; all off for a real device):
     slowdown_s: float = 0.0  # extra seconds each local training takes (a slow device)

@@ -101,6 +101,28 @@ class LocalTrainer:
     def num_samples(self) -> int:
         return len(self.y)
 
+    def warm_up(self, batch: int = 8) -> float:
+        """One training step on a few local samples, before the device says it is ready: a
+        process's first step pays for torch's lazy initialisation (the optimizer's first
+        step alone imports seconds of code on a busy machine), which would otherwise count
+        as the first round's training time. Nothing that matters changes: every round
+        loads the global weights and buffers and seeds its own randomness. Returns the
+        seconds it took."""
+        if self.num_samples == 0:
+            return 0.0
+        started = time.perf_counter()
+        train_local(
+            self.model,
+            self.x[:batch],
+            self.y[:batch],
+            epochs=1,
+            batch_size=batch,
+            lr=0.0,
+            momentum=0.9,
+            seed=self.seed,
+        )
+        return time.perf_counter() - started
+
     def train(
         self, global_weights: Mapping[str, np.ndarray], round_number: int, settings: TrainSettings
     ) -> tuple[Arrays, dict[str, float]]:

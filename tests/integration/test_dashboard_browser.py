@@ -93,19 +93,24 @@ class Processes:
     def __init__(self, logs: Path, env: dict[str, str]) -> None:
         self.logs, self.env = logs, env
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.killed: set[int] = set()
         logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, kill: bool = False) -> subprocess.Popen[bytes]:
+        """``kill``: stopped with SIGKILL (devices: a clean leave takes seconds and the test
+        needs nothing from it; the vhost and database are dropped anyway)."""
         log = (self.logs / f"{name}.log").open("wb")
         cmd = [sys.executable, "-m", "fedmq.cli", *args]
         proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
+        if kill:
+            self.killed.add(proc.pid)
         return proc
 
     def stop(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGKILL if p.pid in self.killed else signal.SIGINT)
         for p in reversed(self.procs):
             try:
                 p.wait(timeout=20)
@@ -135,11 +140,14 @@ def federation(tmp_path: Path, amqp_url: str, pg_url: str) -> Iterator[tuple[str
     }
     procs = Processes(tmp_path / "logs", env)
     try:
-        procs.start("up", "up", "--logs", str(tmp_path / "logs" / "stack"))
+        # `fedmq up` for the orchestrator and the worker only: the dashboard under test is
+        # the `fedmq dashboard` below, on a port of its own.
+        stack = str(tmp_path / "logs" / "stack")
+        procs.start("up", "up", "--logs", stack, "--no-gateway", "--no-dashboard")
         procs.start("dashboard", "dashboard", "--port", str(port))
         for k in range(CLIENTS):
             procs.start(f"device-{k}", "device", "--run", run_id, "--index", str(k),
-                        "--clients", str(CLIENTS))  # fmt: skip
+                        "--clients", str(CLIENTS), kill=True)  # fmt: skip
         health = f"http://127.0.0.1:{port}/_stcore/health"
         _until(lambda: _answers(health), 60, "the dashboard to answer")
 

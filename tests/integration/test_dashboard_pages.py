@@ -46,6 +46,7 @@ class Recorded:
     broker_url: str
     token: str
     run_id: str
+    other_run_id: str
     sessions: sessionmaker[Session]
 
 
@@ -58,8 +59,17 @@ def recorded(services: Services, tmp_path_factory: pytest.TempPathFactory) -> It
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = admin_url.set(database=name).render_as_string(hide_password=False)
     out = tmp_path_factory.mktemp("recorded")
+    # Two runs, so that the Rounds page has something to compare; the newer one (3 rounds)
+    # is the one every page opens on.
+    other = simulate(
+        SimOptions(clients=3, rounds=2, seed=1, database=url, out=out / "other"),
+        Settings(),
+        Console(quiet=True),
+    )
     result = simulate(
-        SimOptions(clients=3, rounds=3, database=url, out=out), Settings(), Console(quiet=True)
+        SimOptions(clients=3, rounds=3, database=url, out=out / "main"),
+        Settings(),
+        Console(quiet=True),
     )
     # A live orchestrator on this process's in-process bus, for the Controls page; a
     # heartbeat with a wrong token gives the Events page a real refusal to show.
@@ -79,7 +89,7 @@ def recorded(services: Services, tmp_path_factory: pytest.TempPathFactory) -> It
     bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(intruder), bad.to_json())
     _until(lambda: _refusals(sessions, result.run_id) > 0)
     try:
-        yield Recorded(url, s.broker_url, token, result.run_id, sessions)
+        yield Recorded(url, s.broker_url, token, result.run_id, other.run_id, sessions)
     finally:
         service.stop()
         bus.close()
@@ -177,6 +187,21 @@ def test_rounds_page_shows_each_rounds_figures_as_stored(app: AppTest, recorded:
     assert (table["duration s"] > 0).all()
     assert len(app.get("vega_lite_chart")) == 5  # accuracy, loss, duration, bytes, people
 
+    # Both runs side by side: each run's rows are its own rounds.
+    both = [recorded.run_id, recorded.other_run_id]
+    app.multiselect(key=f"compare_runs_{recorded.run_id}").set_value(both).run()
+    assert not app.exception
+    table = app.dataframe[0].value
+    with session_scope(recorded.sessions) as s:
+        for run_id in both:
+            run = q.get_run(s, run_id)
+            assert run is not None
+            mine = table[table["run"].str.startswith(run.name)]
+            stored = q.list_rounds(s, run_id)
+            assert list(mine["round"]) == [r.number for r in stored]
+            assert list(mine["accuracy"]) == [r.metrics["accuracy"] for r in stored]
+    assert len(table) == 3 + 2
+
 
 def test_events_page_filters_the_log_and_lists_refusals_with_reasons(
     app: AppTest, recorded: Recorded
@@ -196,6 +221,16 @@ def test_events_page_filters_the_log_and_lists_refusals_with_reasons(
     assert list(log["round"]) == [3, 2, 1]
 
     app.multiselect(key="events_kinds").set_value([]).run()
+    with session_scope(recorded.sessions) as s:
+        first = q.list_clients(s, recorded.run_id)[0]
+        about_it = [
+            e.id for e in q.list_events(s, recorded.run_id, limit=500) if e.client_id == first.id
+        ]
+    app.selectbox(key="events_client").set_value(first.id).run()
+    log = app.dataframe[0].value
+    assert list(log["id"]) == about_it and set(log["client"]) == {first.display_name}
+
+    app.selectbox(key="events_client").set_value(None).run()
     app.number_input(key="events_round").set_value(2).run()
     with session_scope(recorded.sessions) as s:
         in_round_2 = [e.id for e in q.list_events(s, recorded.run_id, limit=500) if e.round == 2]
@@ -214,6 +249,10 @@ def test_controls_confirm_what_the_orchestrator_did(app: AppTest, recorded: Reco
 
     app.button(key="resume").click().run()
     assert "resume: accepted" in app.success[0].value
+
+    app.button(key="stop_autorun").click().run()
+    assert "stop_autorun: accepted" in app.success[0].value
+    assert "autorun off" in app.success[0].value
 
     victim = app.selectbox(key="kick_client").value
     app.button(key="kick").click().run()
