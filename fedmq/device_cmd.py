@@ -8,10 +8,7 @@ from typing import Literal
 
 import typer
 
-from devices.config import DeviceConfig, TrainSettings
-from devices.run import run_device
 from fedmq.settings import get_settings
-from fedmq.wiring import bus_config, decode_limits
 
 
 def device(
@@ -39,6 +36,11 @@ def device(
     outage: float = typer.Option(10.0, min=0, help="Simulated: how long a dropout lasts"),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
+    # Imported here: the device stack loads torch, which every other command can do without.
+    from devices.config import DeviceConfig, TrainSettings
+    from devices.run import run_device
+    from fedmq.wiring import bus_config, decode_limits
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO is every (re)connect step
     s = get_settings()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import typer
 
 from fedmq.settings import Settings, get_settings
-from fedmq.wiring import decode_limits, open_bus
-from orchestrator.gateway import GatewayConfig
+
+if TYPE_CHECKING:
+    from orchestrator.gateway import GatewayConfig
 
 
 def gateway_config(s: Settings) -> GatewayConfig:
+    from fedmq.wiring import decode_limits
+    from orchestrator.gateway import GatewayConfig
+
     return GatewayConfig(
         operator_token=s.operator_token.get_secret_value(),
         default_run=s.gateway_run,
@@ -31,6 +36,7 @@ def gateway(
     import uvicorn
 
     from db.engine import make_engine, make_sessionmaker
+    from fedmq.wiring import open_bus
     from orchestrator.gateway import create_app
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -95,8 +95,12 @@ def test_up_runs_the_whole_stack_with_a_fleet_and_ctrl_c_stops_everything(
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed check: still stop the stack the way a user does
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     out = console.read_text()
     assert proc.returncode == 0, out
     for name in ("orchestrator", "worker", "gateway", "dashboard"):
