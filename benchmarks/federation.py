@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tempfile
 import time
@@ -187,6 +188,9 @@ def render(outcomes: list[Outcome], central: float, rounds: int) -> tuple[str, d
             "Embedded 'mean round s' is the round's open → closed time as recorded by the "
             "orchestrator (aggregation and evaluation excluded).",
             "",
+            f"Machine load average (1 min) at the end of the run: {os.getloadavg()[0]:.1f} on 2 "
+            "cores.",
+            "",
             "![fedmq vs replica](img/federation_vs_replica.png)",
         ]
     )
@@ -269,6 +273,8 @@ def main_full(quick: bool) -> None:
             table,
             "",
             f"- (d) mean round time (cycle) in full mode at most 1 s for K = 10: {verdict}.",
+            f"- Machine load average (1 min) at the end of the run: {os.getloadavg()[0]:.1f} "
+            "on 2 cores (other work was running on this machine).",
         ]
     )
     if quick:
