@@ -7,6 +7,8 @@
 - ``devices.store``: ``ModelStore``, global model versions from chunks (checked, decoded);
 - ``devices.wire``: the device's side of the wire conventions as plain functions;
 - ``devices.client``: ``FederatedClient``; ``devices.run``: ``run_device`` (``fedmq device``).
+- ``devices.wasm_runtime``: the wasmtime sandbox and ``WasmMLP`` over ``devices/wasm``'s
+  kernels; ``devices.wasm_trainer``: ``WasmTrainer``, the trainer of ``runtime="wasm"``.
 
 Names are imported lazily so that ``devices.config`` does not load torch.
 """

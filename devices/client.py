@@ -78,6 +78,10 @@ class FederatedClient:
         self.config, self.on_round = config, on_round
         # A bare Bus is the AMQP (or in-process) device; HttpTransport goes through the gateway.
         self.transport = link if isinstance(link, Transport) else BusTransport(link)
+        if trainer is None and config.runtime == "wasm":
+            from devices.wasm_trainer import WasmTrainer  # wasmtime only where it is used
+
+            trainer = WasmTrainer.from_config(config)
         self.trainer = trainer or LocalTrainer.from_config(config)
         self.models = ModelStore(
             expected=self.trainer.spec, limits=config.decode_limits, keep=config.keep_models

@@ -95,6 +95,7 @@ class DeviceConfig:
     bus: BusConfig = field(default_factory=BusConfig)
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
     torch_threads: int | None = 1  # set by run_device (a process per device); None: leave
+    runtime: Literal["torch", "wasm"] = "torch"  # wasm: train in devices/wasm (MLPs only)
     warm_up: bool = True  # one forward/backward pass before registering (see LocalTrainer)
     device_info: dict[str, Any] = field(default_factory=dict)
     # Simulated heterogeneity (fleets and tests; all off for a real device):
@@ -117,6 +118,8 @@ class DeviceConfig:
             raise ValueError("heartbeat_s and poll_s must be positive")
         if self.slowdown_s < 0 or self.join_delay_s < 0 or self.outage_s < 0:
             raise ValueError("slowdown_s, join_delay_s and outage_s must be >= 0")
+        if self.runtime not in ("torch", "wasm"):
+            raise ValueError(f"runtime {self.runtime!r} must be torch or wasm")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
 

@@ -266,8 +266,37 @@ def simulate(
     join_delay: float = JOIN_DELAY,
     quorum: float | None = QUORUM,
     deadline: float = DEADLINE,
+    split: bool = typer.Option(
+        False, "--split", help="SplitFed: device heads/tails, the body on an edge session"
+    ),
 ) -> None:
     """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
+    if split:
+        from fedmq.split_sim import SplitSimOptions, run_split
+
+        console.print(f"fedmq simulate --split: {clients} devices, {rounds} rounds, {model}")
+        run_split(
+            SplitSimOptions(
+                dataset=dataset,
+                model=model,
+                partition=partition,
+                partition_args={} if alpha is None else {"alpha": alpha},
+                clients=clients,
+                rounds=rounds,
+                local_epochs=local_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                momentum=momentum,
+                encoding=encoding if encoding in ("fp32", "bf16", "fp16") else "bf16",
+                seed=seed,
+                out=out,
+                broker=broker,
+                edge_device=get_settings().worker_device,
+            ),
+            log=console.print,
+        )
+        console.print(f"metrics: {out / 'split_metrics.json'}")
+        return
     from fedmq.heterogeneity import Heterogeneity
     from fedmq.simulate import SimOptions, run
 

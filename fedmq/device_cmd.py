@@ -34,6 +34,9 @@ def device(
     ),
     join_delay: float = typer.Option(0.0, min=0, help="Simulated: seconds before joining"),
     outage: float = typer.Option(10.0, min=0, help="Simulated: how long a dropout lasts"),
+    runtime: str = typer.Option(
+        "torch", help="torch, or wasm: train in the WebAssembly sandbox (MLP models only)"
+    ),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     # Imported here: the device stack loads torch, which every other command can do without.
@@ -41,6 +44,8 @@ def device(
     from devices.run import run_device
     from fedmq.wiring import bus_config, decode_limits
 
+    if runtime not in ("torch", "wasm"):
+        raise typer.BadParameter(f"--runtime must be torch or wasm, not {runtime!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO is every (re)connect step
     s = get_settings()
@@ -68,6 +73,7 @@ def device(
         dropout=dropout,
         join_delay_s=join_delay,
         outage_s=outage,
+        runtime="wasm" if runtime == "wasm" else "torch",
     )
     client = run_device(config)
     dropped = f", dropped out of {client.dropped_rounds}" if client.dropped_rounds else ""

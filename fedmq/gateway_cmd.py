@@ -46,7 +46,12 @@ def gateway(
     engine = make_engine(s.database_url)
     bus = open_bus(s)
     try:
-        app = create_app(gateway_config(s), bus, make_sessionmaker(engine))
+        config = gateway_config(s)
+        app = create_app(config, bus, make_sessionmaker(engine))
+        # The browser device page (issue 8): served beside the API, talks to it like a device.
+        from fedmq.browser_device import browser_router
+
+        app.include_router(browser_router(config.decode_limits, config.max_upload_bytes))
         uvicorn.run(
             app,
             host=host or s.gateway_host,

@@ -18,3 +18,6 @@ AGGREGATE_QUEUE = "aggregate"
 EVALUATE_QUEUE = "evaluate"
 EDGE_QUEUE = "edge"
 EDGE_TASK_PATTERN = "fedmq.edge.*"
+# ``fedmq.edge.session(spec: dict) -> dict`` on ``edge``: serves one split-training session
+# (``protocol.split``) until it ends; the spec and result are in ``workers/edge/task.py``.
+EDGE_SESSION_TASK = "fedmq.edge.session"

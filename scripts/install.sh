@@ -36,3 +36,9 @@ if [ ! -f "$stamp" ]; then
   rm -f "$log"
   touch "$stamp"
 fi
+# The WASM device kernels: devices/wasm/kernels.wasm is built from kernels.c when clang and
+# wasm-ld are here (scripts/ensure-wasm-toolchain.sh installs them); otherwise the committed
+# module is used as it is.
+if command -v clang >/dev/null 2>&1 && command -v wasm-ld >/dev/null 2>&1; then
+  scripts/build-wasm.sh
+fi

@@ -3,6 +3,7 @@
 # PostgreSQL answer, then run lint, the import rules and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/ensure-wasm-toolchain.sh
 scripts/install.sh test
 scripts/ensure-services.sh
 scripts/ensure-browser.sh

@@ -30,6 +30,7 @@ from protocol.tasks import (
     AGGREGATE_QUEUE,
     AGGREGATE_TASK,
     EDGE_QUEUE,
+    EDGE_SESSION_TASK,
     EDGE_TASK_PATTERN,
     EVALUATE_QUEUE,
     EVALUATE_TASK,
@@ -37,6 +38,9 @@ from protocol.tasks import (
 from workers.config import WorkerConfig
 from workers.tasks.aggregate import aggregate_round
 from workers.tasks.evaluate import evaluate_version
+
+# ``workers.edge.task`` (and with it the split models) is imported by the edge task itself,
+# so that aggregate/evaluate workers do not load it.
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
     AGGREGATE_TASK: {"queue": AGGREGATE_QUEUE},
@@ -121,6 +125,16 @@ def aggregate(self: Task, run_id: str, round_number: int, attempt: int) -> dict[
 def evaluate(self: Task, run_id: str, round_number: int, model_version: int) -> dict[str, Any]:
     """Evaluate a model version on the run's test set; see workers.tasks.evaluate."""
     return evaluate_version(_config, run_id, round_number, model_version)
+
+
+# Acked early and never retried: a session whose worker died has already failed its
+# devices (their requests found no queue), and replaying it later would serve no one.
+@app.task(name=EDGE_SESSION_TASK, acks_late=False, reject_on_worker_lost=False)
+def edge_session(spec: dict[str, Any]) -> dict[str, Any]:
+    """Serve one edge split-training session; see workers.edge.task."""
+    from workers.edge.task import run_edge_session
+
+    return run_edge_session(_config, spec)
 
 
 configure(WorkerConfig.from_env())

@@ -84,9 +84,9 @@ def test_up_runs_the_whole_stack_with_a_fleet_and_ctrl_c_stops_everything(
         )
     try:
         fleet_log = logs / "fleet.log"
-        assert _wait_for(console, "fleet finished with 0", 180), (
-            console.read_text(errors="replace") + fleet_log.read_text(errors="replace")
-        )
+        assert _wait_for(console, "fleet finished with 0", 180), console.read_text(
+            errors="replace"
+        ) + fleet_log.read_text(errors="replace")
         assert "2 rounds in" in fleet_log.read_text()
         assert _done_rounds(pg_url) == [2]
         assert _http_status(f"http://127.0.0.1:{dashboard}/", 60) == 200

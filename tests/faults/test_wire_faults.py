@@ -1,0 +1,116 @@
+"""Devices that misbehave on the wire: the same update three times, an update for a round
+already closed, another client's update replayed under one's own token (and verbatim).
+None of it counts twice or for the wrong client; each refusal is an ``update.refused``
+event (what the dashboard's event list shows)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from db import queries as q
+from db.models import Event
+from orchestrator.state import RoundPolicy
+from protocol.messages import CommandAction
+from tests.faults.invariants import Invariants
+from tests.faults.support import (
+    Tally,
+    acked,
+    make_update,
+    rng,
+    runs,
+    wait_acked,
+    wait_models,
+    wait_ready,
+)
+from tests.integration.orchestrator_harness import Harness, harness
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
+
+
+@pytest.mark.timeout(60 + 25 * runs(2))
+def test_duplicates_late_updates_and_replays_count_once(
+    amqp_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    r = rng("wire")
+    tally = Tally("duplicate x3, closed-round update, replays", r.seed_value)  # type: ignore[attr-defined]
+    n = runs(2)
+    with harness(amqp_url, pg_url, tmp_path) as h:
+        h.create_run(RoundPolicy(min_clients=3, quorum_fraction=1.0, deadline_s=60))
+        inv = Invariants(h.sessions, h.run_id)
+        h.procs.orchestrator()
+        a, b, c = clients = [h.client(x, hold_updates=True) for x in ("a", "b", "c")]
+        wait_ready(h, clients)
+        h.command(CommandAction.AUTORUN, rounds=n)
+        refusals = 0
+        for k in range(1, n + 1):
+            h.wait(
+                lambda k=k: all(any(x.round == k for x in cl.announcements) for cl in clients),
+                30,
+                f"round {k} announced",
+            )
+            version = next(x.model_version for x in a.announcements if x.round == k)
+            wait_models(h, clients, version)
+            # b speaks for a with b's own token: refused before anything is staged.
+            spoof = make_update(b, k, version, client_id=a.client_id, seed=7 * k)
+            spoof.publish(h)
+            ua = make_update(a, k, version, seed=k)
+            for _ in range(3):  # the same message (id, blob id, chunks) three times
+                ua.publish(h)
+            ub = make_update(b, k, version, seed=100 + k)
+            ub.publish(h)
+            ua.publish(h)  # a's message replayed verbatim by someone else: a duplicate
+            uc = make_update(c, k, version, seed=200 + k)
+            uc.publish(h)
+            tally.sent += 7
+            tally.duplicates += 4  # 2 repeats + 1 verbatim replay + 1 spoof
+            h.wait_round_state(k, {"done"}, 40)
+            inv.verify()
+            want = {
+                a.client_id: ua.meta.message_id,
+                b.client_id: ub.meta.message_id,
+                c.client_id: uc.meta.message_id,
+            }
+            assert {p.client_id: p.message_id for p in h.participations(k)} == want
+            # An update for the round just closed (from a client counted in it: the ingest
+            # acks it as a duplicate of the counted one and drops it).
+            late = make_update(c, k, version, seed=300 + k)
+            late.publish(h)
+            tally.sent += 1
+            refusals += len(spoof.chunks)  # the spoof is refused chunk by chunk
+            h.wait(
+                lambda refusals=refusals: len(refused_events(h)) >= refusals,
+                20,
+                "the spoof refused",
+            )
+            time.sleep(0.3)
+            assert {p.client_id: p.message_id for p in h.participations(k)} == want
+            inv.verify()
+            tally.runs += 1
+        time.sleep(0.5)  # nothing of the duplicates may still be in flight
+        reasons = [e.detail.get("reason", "") for e in refused_events(h)]
+        assert len(reasons) == refusals, reasons
+        assert all("bad token" in x for x in reasons), reasons
+        wait_acked(h, clients, 3 * n)
+        ids = acked(clients)
+        tally.stored = inv.check(ids)
+        assert len(set(ids)) == 3 * n
+        tally.acknowledged, tally.aggregated = len(set(ids)), inv.stored
+    tally.write()
+    assert tally.stored == 3 * n
+
+
+def refused_events(h: Harness) -> list[Event]:
+    """Refusals before the sender is authenticated carry no run id (the run named in an
+    unauthenticated message may not exist): read them database-wide (one test, one DB)."""
+
+    def get(s: Session) -> list[Event]:
+        rows = q.list_events(s, None, kinds=["update.refused"], limit=1000)
+        for e in rows:
+            s.expunge(e)
+        return rows
+
+    return list(h.read(get))

@@ -1,0 +1,83 @@
+"""The edge session over the in-process bus: exact split training, many devices, failures."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import torch
+
+from devices.split import BusEdge, EdgeUnavailable
+from protocol.bus import InProcessBus
+from protocol.split import edge_request_queue, edge_session_topology
+from tests.split_helpers import (
+    data,
+    edge_in_thread,
+    max_relative_error,
+    reference,
+    spec,
+    train_device,
+)
+from workers.edge.task import body_state
+
+
+def _session() -> str:
+    return f"s{uuid.uuid4().hex[:8]}"
+
+
+def test_one_device_over_the_bus_trains_the_weights_of_unsplit_training() -> None:
+    bus, sid = InProcessBus(), _session()
+    x, y = data()
+    with edge_in_thread(bus, spec(sid, expected_devices=1)) as (engine, names, result):
+        device = train_device(bus, sid, "d1", x, y, encoding="fp32")
+    got = {**device, **body_state(engine, names)}
+    assert max_relative_error(got, reference(x, y)) <= 1e-5
+    assert result["devices_seen"] == 1 and result["refused"] == 0
+    assert result["groups"] == 2 * 4  # 2 epochs x 4 batches, one device per group
+
+
+def test_bf16_activations_train_close_to_unsplit_training() -> None:
+    bus, sid = InProcessBus(), _session()
+    x, y = data()
+    with edge_in_thread(bus, spec(sid, expected_devices=1)) as (engine, names, _):
+        device = train_device(bus, sid, "d1", x, y)  # bf16 on the wire
+    got = {**device, **body_state(engine, names)}
+    err = max_relative_error(got, reference(x, y))
+    assert 0 < err < 0.05  # bf16 rounding: close, not equal
+
+
+def test_many_devices_are_batched_into_groups() -> None:
+    bus, sid = InProcessBus(), _session()
+    parts = [data(48, seed=s) for s in range(3)]
+    with edge_in_thread(bus, spec(sid, expected_devices=3, wait_bound_s=0.05)) as (_, _, result):
+        threads = [
+            threading.Thread(target=train_device, args=(bus, sid, f"d{i}", x, y))
+            for i, (x, y) in enumerate(parts)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert result["devices_seen"] == 3 and result["devices_dropped"] == 0
+    assert result["rows"] == 3 * 2 * 48  # every sample of every epoch went through
+    assert result["groups"] < 3 * 2 * 3  # some groups held more than one device
+
+
+def test_a_device_gets_a_clear_error_when_no_edge_serves_the_session() -> None:
+    bus = InProcessBus()
+    edge = BusEdge(bus, "nobody", "d1", connect_timeout_s=0.2)
+    with pytest.raises(EdgeUnavailable, match="not serving"):
+        edge.forward(torch.zeros(2, 4))
+    edge.close()
+
+
+def test_a_device_times_out_with_a_clear_error_when_the_edge_stops_answering() -> None:
+    bus, sid = InProcessBus(), _session()
+    # A queue that exists but that nobody serves: the edge hung or died mid-session.
+    bus.declare(edge_session_topology(sid))
+    edge = BusEdge(bus, sid, "d1", timeout_s=0.3)
+    with pytest.raises(EdgeUnavailable, match="did not answer forward"):
+        edge.forward(torch.zeros(2, 4))
+    edge.close()
+    assert bus.queue_depth(edge_request_queue(sid)) == 2  # the forward and the leave

@@ -1,0 +1,101 @@
+"""The body of the ``fedmq.edge.session`` task: build the body, serve one session.
+
+The spec (JSON, as Celery carries it)::
+
+    {"session_id": "s1", "run_id": "r1",
+     "model": {"name": "vit_tiny", "num_classes": 10, "input_shape": [1, 8, 8],
+               "seed": 0, "config": {...}},
+     "train": {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0},
+     "edge": {"wait_bound_s": 0.002, "expected_devices": 2, "idle_timeout_s": 60,
+              "request_timeout_s": 30, "max_session_s": 3600, "overlap": true,
+              "autocast": false},
+     "bus_url": null, "return_body": false}
+
+The body starts from the model built with ``seed``, as the devices build theirs, so head,
+body and tail start from one model. ``bus_url`` defaults to the worker's broker. The
+result holds the session's figures and, with ``return_body``, the trained body's state
+as a base64 fp32 codec blob (named as in the whole model's state dict).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from typing import Any
+
+from learning.models import build_model
+from learning.params import to_numpy
+from learning.split import split_model
+from protocol.bus import connect
+from protocol.codec import Encoding, encode
+from workers.config import WorkerConfig
+from workers.edge.engine import EdgeEngine, EngineOptions
+from workers.edge.session import EdgeSession, EdgeSessionConfig
+from workers.pipeline.device import resolve_device
+
+log = logging.getLogger(__name__)
+
+_EDGE_KEYS = {
+    "wait_bound_s",
+    "expected_devices",
+    "idle_timeout_s",
+    "request_timeout_s",
+    "max_session_s",
+    "max_batch_rows",
+}
+_ENGINE_KEYS = {"overlap", "autocast"}
+
+
+def build_engine(spec: dict[str, Any], device: str) -> tuple[EdgeEngine, dict[str, str]]:
+    """The engine for ``spec`` and the whole-model state name of each body tensor."""
+    m = spec["model"]
+    model = build_model(
+        m["name"],
+        num_classes=int(m.get("num_classes", 10)),
+        input_shape=m.get("input_shape"),
+        seed=int(m.get("seed", 0)),
+        **dict(m.get("config", {})),
+    )
+    split = split_model(model)
+    edge, train = dict(spec.get("edge", {})), dict(spec.get("train", {}))
+    options = EngineOptions(
+        lr=float(train.get("lr", 0.05)),
+        momentum=float(train.get("momentum", 0.0)),
+        weight_decay=float(train.get("weight_decay", 0.0)),
+        **{k: bool(v) for k, v in edge.items() if k in _ENGINE_KEYS},
+    )
+    prefix = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
+    names = {local: prefix[id(t)] for local, t in split.body.state_dict(keep_vars=True).items()}
+    return EdgeEngine(split.body, resolve_device(device), options), names
+
+
+def body_state(engine: EdgeEngine, names: dict[str, str]) -> dict[str, Any]:
+    return {names[k]: v for k, v in to_numpy(engine.body).items()}
+
+
+def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """Serve the session ``spec`` describes until it ends; returns its figures."""
+    unknown = set(spec.get("edge", {})) - _EDGE_KEYS - _ENGINE_KEYS
+    if unknown:
+        raise ValueError(f"unknown edge settings {sorted(unknown)}")
+    engine, names = build_engine(spec, config.device)
+    edge = {k: v for k, v in spec.get("edge", {}).items() if k in _EDGE_KEYS}
+    session_config = EdgeSessionConfig(
+        session_id=str(spec["session_id"]), limits=config.decode_limits, **edge
+    )
+    bus = connect(spec.get("bus_url") or config.broker_url)
+    try:
+        log.info("edge session %s on %s", session_config.session_id, engine.device)
+        result = EdgeSession(bus, engine, session_config).serve()
+    finally:
+        bus.close()
+    blob = encode(body_state(engine, names), Encoding.FP32)
+    result.update(
+        session_id=session_config.session_id,
+        device=str(engine.device),
+        body_sha256=hashlib.sha256(blob).hexdigest(),
+    )
+    if spec.get("return_body"):
+        result["body_blob_b64"] = base64.b64encode(blob).decode()
+    return result
