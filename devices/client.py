@@ -37,17 +37,16 @@ duplicate otherwise) and ``ready``, and resend an update whose publish failed.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from devices import wire
 from devices.config import DeviceConfig
-from devices.local import LocalTrainer, LocalUpdate
-from devices.rounds import Job, RoundSkipped, RoundTracker
+from devices.local import LocalTrainer
+from devices.rounds import RoundSkipped, RoundTracker
 from devices.store import ModelError, ModelStore
+from devices.training import TrainingSlot
 from devices.transport import BusTransport, Inbound, Transport
 from devices.wire import Identity, SentUpdate
 from protocol import chunking
@@ -96,8 +95,7 @@ class FederatedClient:
         self.dropped_rounds: list[int] = []
         self.left = False
         self._silent_until = 0.0
-        self._training: tuple[Job, Future[LocalUpdate]] | None = None
-        self._trainer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"train-{config.name}")
+        self.training = TrainingSlot(self.trainer, config, self._stopping)
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._done = threading.Event()
@@ -180,7 +178,7 @@ class FederatedClient:
                 if self._leave_on_stop and self.ident is not None and not self.left:
                     self._leave()
             finally:
-                self._trainer_pool.shutdown(wait=False, cancel_futures=True)
+                self.training.shutdown()
                 self._done.set()
 
     def _stopping(self) -> bool:
@@ -320,7 +318,7 @@ class FederatedClient:
             self._error(str(e))
 
     def _maybe_train(self) -> None:
-        if self._training is not None:
+        if self.training.busy:
             self._collect()
             return
         try:
@@ -334,35 +332,23 @@ class FederatedClient:
         if self.trainer.num_samples < 1:
             self._error(f"round {ann.round}: no local training data")
             return
-        if self._drops_out(ann.round, job.attempt):
+        if self.training.drops_out(ann.round, job.attempt):
             self.dropped_rounds.append(ann.round)
             log.info("%s: drops out of round %s (simulated)", self.config.name, ann.round)
             left = (ann.deadline - utcnow()).total_seconds()
             self._silent_until = time.monotonic() + max(0.0, min(left, self.config.outage_s))
             return
         self._progress(ClientState.TRAINING)
-        self._training = (job, self._trainer_pool.submit(self._train, job))
-
-    def _train(self, job: Job) -> LocalUpdate:
-        """On the training thread: no bus calls here."""
-        ann = job.announcement
-        end = time.monotonic() + self.config.slowdown_s
-        while time.monotonic() < end and not self._stopping():
-            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-        settings = self.config.train.with_overrides(ann.train_config)
-        return self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+        self.training.start(job)
 
     def _collect(self) -> None:
         """Send the update of a finished training (from the loop's thread)."""
-        assert self._training is not None
-        job, future = self._training
-        if not future.done():
+        done = self.training.collect()
+        if done is None:
             return
-        self._training = None
-        try:
-            upd = future.result()
-        except Exception as e:  # a device must not die of one round
-            self._error(f"round {job.announcement.round}: training failed: {e!r}")
+        job, upd = done
+        if isinstance(upd, Exception):
+            self._error(f"round {job.announcement.round}: training failed: {upd!r}")
             return
         assert self.ident is not None
         self._progress(ClientState.UPDATE)  # before the chunks, to narrow the race
@@ -381,12 +367,6 @@ class FederatedClient:
                     self.on_round(sent)
                 except Exception as e:  # the caller's bug must not stop the device
                     self._error(f"on_round callback failed: {e!r}")
-
-    def _drops_out(self, round_number: int, attempt: int) -> bool:
-        if self.config.dropout <= 0:
-            return False
-        key = f"{self.config.seed}:{self.config.client_index}:{round_number}:{attempt}"
-        return random.Random(key).random() < self.config.dropout
 
     # --- signals -----------------------------------------------------------------------------
 

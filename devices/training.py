@@ -1,0 +1,82 @@
+"""A device's local training off its loop's thread, and its simulated heterogeneity.
+
+``TrainingSlot`` runs one job at a time on a worker thread that makes no bus call, so the
+device loop keeps heartbeating and reading its queue however long training takes; the loop
+``collect``s the finished update and sends it. The slot also plays the simulated device
+behaviour of ``DeviceConfig``: a slow device's training takes ``slowdown_s`` longer, and
+``drops_out`` rolls a device's dice for a round, seeded by (seed, device, round, attempt)
+so that a fleet is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+
+from devices.config import DeviceConfig, TrainSettings
+from devices.local import LocalUpdate
+from devices.rounds import Job
+
+
+class Trainer(Protocol):
+    """What the slot needs of ``LocalTrainer`` (or ``WasmTrainer``)."""
+
+    def step(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        model_version: int,
+        round_number: int,
+        settings: TrainSettings,
+    ) -> LocalUpdate: ...
+
+
+class TrainingSlot:
+    def __init__(
+        self, trainer: Trainer, config: DeviceConfig, stopping: Callable[[], bool]
+    ) -> None:
+        self.trainer, self.config, self.stopping = trainer, config, stopping
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"train-{config.name}")
+        self._running: tuple[Job, Future[LocalUpdate]] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def drops_out(self, round_number: int, attempt: int) -> bool:
+        if self.config.dropout <= 0:
+            return False
+        key = f"{self.config.seed}:{self.config.client_index}:{round_number}:{attempt}"
+        return random.Random(key).random() < self.config.dropout
+
+    def start(self, job: Job) -> None:
+        assert self._running is None, "one training at a time"
+        self._running = (job, self._pool.submit(self._train, job))
+
+    def collect(self) -> tuple[Job, LocalUpdate | Exception] | None:
+        """The finished job with its update (or the exception it raised); None while it
+        still runs or when nothing was started."""
+        if self._running is None or not self._running[1].done():
+            return None
+        job, future = self._running
+        self._running = None
+        try:
+            return job, future.result()
+        except Exception as e:  # reported by the caller: a device must not die of one round
+            return job, e
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _train(self, job: Job) -> LocalUpdate:
+        """On the training thread: no bus calls here."""
+        ann = job.announcement
+        end = time.monotonic() + self.config.slowdown_s
+        while time.monotonic() < end and not self.stopping():
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        settings = self.config.train.with_overrides(ann.train_config)
+        return self.trainer.step(job.weights, ann.model_version, ann.round, settings)
