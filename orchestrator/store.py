@@ -139,6 +139,7 @@ def record_and_publish(
 ) -> None:
     """An event that is not a machine effect (a refused message, a command's result)."""
     known = run_id is not None and q.get_run(s, run_id) is not None
+    detail = _storable(detail or {})
     q.record_event(
         s,
         kind,
@@ -160,3 +161,16 @@ def record_and_publish(
             "detail": detail or {},
         },
     )
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with NUL characters replaced: refusal reasons quote hostile input, and
+    Postgres JSON cannot hold ``\\u0000`` (the insert would fail and the refusal go
+    unrecorded; tests/faults/test_bad_input.py found it)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value

@@ -30,13 +30,11 @@ def runs(default: int = 1) -> int:
     return max(1, int(os.environ.get(RUNS_ENV, default)))
 
 
-def rng(scenario: str) -> random.Random:
-    """Seeded from FEDMQ_FAULT_SEED when set (to replay a failure), else from the clock;
-    the seed goes into the tally so a failing run can be repeated."""
+def scenario(key: str, title: str) -> tuple[random.Random, Tally]:
+    """The scenario's random source and its tally. Seeded from FEDMQ_FAULT_SEED when set (to
+    replay a failure), else from the clock; the seed goes into the tally."""
     seed = int(os.environ.get(SEED_ENV) or time.time_ns() % 2**32)
-    r = random.Random(f"{scenario}/{seed}")
-    r.seed_value = seed  # type: ignore[attr-defined]
-    return r
+    return random.Random(f"{key}/{seed}"), Tally(title, seed)
 
 
 @dataclass
@@ -74,15 +72,6 @@ def acked(clients: list[LightClient]) -> list[str]:
 def wait_acked(h: Harness, clients: list[LightClient], n: int, timeout: float = 20) -> None:
     """The notices trail the commit a little (outbox -> device queue -> device thread)."""
     h.wait(lambda: len(set(acked(clients))) >= n, timeout, f"{n} update.accepted notices")
-
-
-def refused(clients: list[LightClient]) -> list[str]:
-    return [
-        n.correlation_id
-        for c in clients
-        for n in list(c.notices)
-        if n.kind == "update.rejected" and n.correlation_id
-    ]
 
 
 @dataclass

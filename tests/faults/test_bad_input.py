@@ -87,6 +87,7 @@ def signal_corpus(h: Harness, good: LightClient, other: LightClient) -> list[Pub
         with_(type="update"),
         with_(type="command"),
         with_(state="flying"),
+        json.dumps({**sig, "x\x00": 1}).encode(),  # quoted raw in the reason: NUL in JSONB
         with_(token="not-the-token"),
         with_(token=other.token),  # another client's token for this client's id
         with_(client_id=other.client_id),  # this client's token for another's id
@@ -254,6 +255,14 @@ def update_corpus(h: Harness, good: LightClient, other: LightClient) -> list[lis
                 topology.UPDATES_EXCHANGE,
                 key,
                 ok.chunks[0].data,
+                {**headers, ENVELOPE_HEADER: json.dumps({**env, "x\x00": 1})},
+            )
+        ],
+        [
+            (
+                topology.UPDATES_EXCHANGE,
+                key,
+                ok.chunks[0].data,
                 {**headers, ENVELOPE_HEADER: json.dumps({**env, "num_samples": 0})},
             )
         ],
@@ -313,6 +322,7 @@ def command_corpus(h: Harness) -> list[Published]:
         with_(schema_version=3),
         with_(type="signal"),
         with_(action="self_destruct"),
+        json.dumps({**cmd, "x\x00": 1}).encode(),
         with_(operator_token="guess"),
         with_(operator_token="guess", run_id="no-such-run"),
         with_(action="autorun", rounds=-1),

@@ -12,7 +12,7 @@ from db.models import ParticipationState
 from orchestrator.state import RoundPolicy
 from protocol.messages import CommandAction
 from tests.faults.invariants import Invariants
-from tests.faults.support import Tally, acked, rng, runs, wait_ready
+from tests.faults.support import acked, runs, scenario, wait_ready
 from tests.integration.orchestrator_harness import harness
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
@@ -24,8 +24,7 @@ DEADLINE_S = 2.0
 def test_a_device_slower_than_the_deadline_is_never_counted(
     amqp_url: str, pg_url: str, tmp_path: Path
 ) -> None:
-    r = rng("slow")
-    tally = Tally("device 2-3x slower than the deadline", r.seed_value)  # type: ignore[attr-defined]
+    r, tally = scenario("slow", "device 2-3x slower than the deadline")
     n = runs(2)
     with harness(amqp_url, pg_url, tmp_path) as h:
         policy = RoundPolicy(min_clients=2, quorum_fraction=0.5, deadline_s=DEADLINE_S)
@@ -63,8 +62,7 @@ def test_a_device_slower_than_the_deadline_is_never_counted(
 def test_a_round_whose_quorum_is_never_reached_fails_on_time(
     amqp_url: str, pg_url: str, tmp_path: Path
 ) -> None:
-    r = rng("quorum")
-    tally = Tally("quorum never reached", r.seed_value)  # type: ignore[attr-defined]
+    r, tally = scenario("quorum", "quorum never reached")
     n = runs(2)
     with harness(amqp_url, pg_url, tmp_path) as h:
         policy = RoundPolicy(

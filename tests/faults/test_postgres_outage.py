@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from orchestrator.state import RoundPolicy
 from protocol.messages import CommandAction
 from tests.faults.invariants import Invariants
-from tests.faults.support import Tally, acked, rng, runs, wait_acked, wait_ready
+from tests.faults.support import acked, runs, scenario, wait_acked, wait_ready
 from tests.integration.orchestrator_harness import harness
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
@@ -33,8 +33,7 @@ TERMINATE = text(
 def test_services_ride_out_terminated_database_connections(
     amqp_url: str, pg_url: str, tmp_path: Path
 ) -> None:
-    r = rng("postgres")
-    tally = Tally("Postgres connections terminated during ingest", r.seed_value)  # type: ignore[attr-defined]
+    r, tally = scenario("postgres", "Postgres connections terminated during ingest")
     n = runs(2)
     admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
     try:

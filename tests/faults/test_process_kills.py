@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from db import queries as q
 from orchestrator.state import RoundPolicy
 from protocol.messages import CommandAction
 from tests.faults.invariants import Invariants
 from tests.faults.support import (
-    Tally,
     acked,
     make_update,
-    rng,
     runs,
+    scenario,
     wait_acked,
     wait_models,
     wait_ready,
@@ -31,8 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 def test_orchestrator_sigkilled_at_random_points(
     amqp_url: str, pg_url: str, tmp_path: Path
 ) -> None:
-    r = rng("orchestrator-kill")
-    tally = Tally("orchestrator SIGKILL mid-round", r.seed_value)  # type: ignore[attr-defined]
+    r, tally = scenario("orchestrator-kill", "orchestrator SIGKILL mid-round")
     n = runs(2)
     with harness(amqp_url, pg_url, tmp_path) as h:
         h.create_run(RoundPolicy(min_clients=4, quorum_fraction=1.0, deadline_s=60))
@@ -66,8 +65,7 @@ def test_orchestrator_sigkilled_at_random_points(
 
 @pytest.mark.timeout(60 + 40 * runs(2))
 def test_worker_sigkilled_during_aggregation(amqp_url: str, pg_url: str, tmp_path: Path) -> None:
-    r = rng("worker-kill")
-    tally = Tally("worker SIGKILL during aggregation", r.seed_value)  # type: ignore[attr-defined]
+    r, tally = scenario("worker-kill", "worker SIGKILL during aggregation")
     n = runs(2)
     with harness(amqp_url, pg_url, tmp_path, worker=False) as h:
         # A test-only pause after each folded update (0.4 s x 4) gives the kill a window.
@@ -96,7 +94,7 @@ def test_worker_sigkilled_during_aggregation(amqp_url: str, pg_url: str, tmp_pat
         wait_acked(h, clients, 4 * n)
         ids = acked(clients)
         tally.stored = inv.check(ids)
-        versions = h.read(lambda s: len(h_versions(s, h.run_id)))
+        versions = h.read(lambda s: len(q.list_model_versions(s, h.run_id)))
         assert versions == n + 1, "one model version per round, plus the initial one"
         tally.sent = sum(len(c.sent) for c in clients)
         tally.acknowledged, tally.aggregated = len(set(ids)), inv.stored
@@ -104,18 +102,11 @@ def test_worker_sigkilled_during_aggregation(amqp_url: str, pg_url: str, tmp_pat
     assert tally.stored == tally.sent == 4 * n
 
 
-def h_versions(s, run_id: str) -> list[int]:  # type: ignore[no-untyped-def]
-    from db import queries as q
-
-    return [v.version for v in q.list_model_versions(s, run_id)]
-
-
 @pytest.mark.timeout(60 + 30 * runs(2))
 def test_device_dies_mid_upload_and_sends_again(amqp_url: str, pg_url: str, tmp_path: Path) -> None:
     """Half a chunked blob is sent, the device "dies" (nothing more of that upload ever
     comes), then, back again, sends its update whole: counted once, the half never."""
-    r = rng("device-kill")
-    tally = Tally("device dies mid-upload", r.seed_value)  # type: ignore[attr-defined]
+    r, tally = scenario("device-kill", "device dies mid-upload")
     n = runs(2)
     with harness(amqp_url, pg_url, tmp_path) as h:
         h.create_run(RoundPolicy(min_clients=3, quorum_fraction=1.0, deadline_s=60))
@@ -128,8 +119,7 @@ def test_device_dies_mid_upload_and_sends_again(amqp_url: str, pg_url: str, tmp_
         h.command(CommandAction.AUTORUN, rounds=n)
         halves = 0
         for k in range(1, n + 1):
-            ann = h.wait_round_state(k, {"open"}, 40)
-            del ann
+            h.wait_round_state(k, {"open"}, 40)
             h.wait(lambda k=k: any(a.round == k for a in flaky.announcements), 20, "announce")
             version = next(a.model_version for a in flaky.announcements if a.round == k)
             wait_models(h, [flaky], version)

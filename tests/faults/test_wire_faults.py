@@ -15,13 +15,12 @@ from db import queries as q
 from db.models import Event
 from orchestrator.state import RoundPolicy
 from protocol.messages import CommandAction
-from tests.faults.invariants import Invariants
+from tests.faults.invariants import Invariants, InvariantViolation
 from tests.faults.support import (
-    Tally,
     acked,
     make_update,
-    rng,
     runs,
+    scenario,
     wait_acked,
     wait_models,
     wait_ready,
@@ -35,8 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 def test_duplicates_late_updates_and_replays_count_once(
     amqp_url: str, pg_url: str, tmp_path: Path
 ) -> None:
-    r = rng("wire")
-    tally = Tally("duplicate x3, closed-round update, replays", r.seed_value)  # type: ignore[attr-defined]
+    r, tally = scenario("wire", "duplicate x3, closed-round update, replays")
     n = runs(2)
     with harness(amqp_url, pg_url, tmp_path) as h:
         h.create_run(RoundPolicy(min_clients=3, quorum_fraction=1.0, deadline_s=60))
@@ -56,16 +54,16 @@ def test_duplicates_late_updates_and_replays_count_once(
             wait_models(h, clients, version)
             # b speaks for a with b's own token: refused before anything is staged.
             spoof = make_update(b, k, version, client_id=a.client_id, seed=7 * k)
-            spoof.publish(h)
             ua = make_update(a, k, version, seed=k)
-            for _ in range(3):  # the same message (id, blob id, chunks) three times
-                ua.publish(h)
             ub = make_update(b, k, version, seed=100 + k)
-            ub.publish(h)
-            ua.publish(h)  # a's message replayed verbatim by someone else: a duplicate
             uc = make_update(c, k, version, seed=200 + k)
-            uc.publish(h)
-            tally.sent += 7
+            # a's message (id, blob id, chunks) three times, and once more replayed verbatim
+            # by someone else; all of it in a random order.
+            wire = [spoof, ua, ua, ua, ua, ub, uc]
+            r.shuffle(wire)
+            for u in wire:
+                u.publish(h)
+            tally.sent += len(wire)
             tally.duplicates += 4  # 2 repeats + 1 verbatim replay + 1 spoof
             h.wait_round_state(k, {"done"}, 40)
             inv.verify()
@@ -99,8 +97,24 @@ def test_duplicates_late_updates_and_replays_count_once(
         tally.stored = inv.check(ids)
         assert len(set(ids)) == 3 * n
         tally.acknowledged, tally.aggregated = len(set(ids)), inv.stored
+        _the_check_is_not_vacuous(h, ids)
     tally.write()
     assert tally.stored == 3 * n
+
+
+def _the_check_is_not_vacuous(h: Harness, ids: list[str]) -> None:
+    """The same check fails on a lost acknowledgement and on a tampered weight."""
+    with pytest.raises(InvariantViolation, match="in 0 rows"):
+        Invariants(h.sessions, h.run_id).check([*ids, "an-acknowledged-but-lost-update"])
+
+    def tamper(s: Session) -> None:
+        rnd = q.get_round(s, h.run_id, 1)
+        assert rnd is not None
+        q.received_updates(s, rnd.id)[0].num_samples = 999
+
+    h.read(tamper)
+    with pytest.raises(InvariantViolation, match="differs from FedAvg"):
+        Invariants(h.sessions, h.run_id).verify()
 
 
 def refused_events(h: Harness) -> list[Event]:

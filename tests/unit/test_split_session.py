@@ -81,3 +81,34 @@ def test_a_device_times_out_with_a_clear_error_when_the_edge_stops_answering() -
         edge.forward(torch.zeros(2, 4))
     edge.close()
     assert bus.queue_depth(edge_request_queue(sid)) == 2  # the forward and the leave
+
+
+def test_a_request_the_body_cannot_take_fails_only_that_request() -> None:
+    bus, sid = InProcessBus(), _session()
+    x, y = data()
+    with edge_in_thread(bus, spec(sid)) as (_, _, result):
+        bad = BusEdge(bus, sid, "bad")
+        with pytest.raises(EdgeUnavailable, match="cannot take this input"):
+            bad.forward(torch.zeros(4, 99))
+        bad.close()
+        train_device(bus, sid, "d1", x, y)  # the session still serves
+    assert result["refused"] == 1 and result["devices_seen"] == 2
+
+
+def test_with_overlap_the_next_group_is_staged_before_the_backward_of_this_one() -> None:
+    bus, sid = InProcessBus(), _session()
+    parts = [data(32, seed=s) for s in range(4)]
+    # One device per group (16 rows = one batch), so forwards from others wait while a
+    # group is in flight and get staged ahead of its backward.
+    session = spec(sid, expected_devices=4, max_batch_rows=16, overlap=True)
+    with edge_in_thread(bus, session) as (_, _, result):
+        threads = [
+            threading.Thread(target=train_device, args=(bus, sid, f"d{i}", x, y))
+            for i, (x, y) in enumerate(parts)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert result["staged_ahead"] > 0 and result["refused"] == 0
+    assert result["rows"] == 4 * 2 * 32 and result["groups"] == 4 * 2 * 2

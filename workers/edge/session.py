@@ -13,9 +13,11 @@ hands it to the serving loop through an in-memory inbox. The loop, on the caller
 3. **collect** each member's backward request (forward requests arriving meanwhile wait
    for the next group); a member that does not answer within ``request_timeout_s``, or
    leaves, gets zero gradient rows and is dropped;
-4. stage the next group's activations when some are already waiting (with ``overlap``:
-   its host-to-device copy then runs during this group's backward), then stage the
-   gradients, run backward and the optimizer step, and reply with the input gradients.
+4. with ``overlap``, stage the next group's activations when forwards from at least as
+   many devices as this group has are already waiting (their host-to-device copy then
+   runs during this group's backward; staging fewer early would shrink groups), then
+   stage the gradients, run backward and the optimizer step, and reply with the input
+   gradients.
 
 A group's forward must wait for the previous group's step (the step changes the weights
 the graph was built with), so groups are strictly one after another; devices overlap
@@ -95,6 +97,7 @@ class SessionStats:
     devices_seen: int = 0
     devices_dropped: int = 0
     refused: int = 0
+    staged_ahead: int = 0  # groups staged before the previous group's backward
     wall_s: float = 0.0  # first request to the last reply
     encode_s: float = 0.0  # replies' codec encoding (host)
 
@@ -179,7 +182,10 @@ class EdgeSession:
                 if first is None:
                     return
                 group = self._gather(first)
-                staged = self.engine.stage([r.array for r in group])  # type: ignore[misc]
+                maybe = self._stage(group)
+                if maybe is None:
+                    continue
+                staged = maybe
             try:
                 outputs = self.engine.forward(staged)
             except (RuntimeError, ValueError) as e:
@@ -193,9 +199,11 @@ class EdgeSession:
             if not grads:
                 self.engine.drop_pending()
                 continue
-            if self._pending and self.engine.options.overlap:
+            if self.engine.options.overlap and self._worth_staging_ahead(group):
                 waiting = self._gather(self._pending.popleft())
-                next_staged = (waiting, self.engine.stage([r.array for r in waiting]))  # type: ignore[misc]
+                ahead = self._stage(waiting)
+                next_staged = None if ahead is None else (waiting, ahead)
+                self.stats.staged_ahead += ahead is not None
             staged_grad = self.engine.stage(
                 [g.array if g is not None else np.zeros_like(o) for g, o in grads]  # type: ignore[misc]
             )
@@ -208,6 +216,23 @@ class EdgeSession:
             )
             if self._finished():
                 return
+
+    def _worth_staging_ahead(self, group: list[_Request]) -> bool:
+        """Stage the waiting forwards before this group's backward (their copy then overlaps
+        it) only when they come from at least as many devices as this group has: the
+        members of this group cannot join a group formed now, and forming smaller and
+        smaller groups early would trade batching away for overlap."""
+        return len({r.client for r in self._pending}) >= len(group)
+
+    def _stage(self, group: list[_Request]) -> Staged | None:
+        """The group's inputs staged, or None after refusing them all (shapes that do not
+        stack: some device sent something else than the head's activations)."""
+        try:
+            return self.engine.stage([r.array for r in group])  # type: ignore[misc]
+        except ValueError as e:
+            for r in group:
+                self._refuse(r, f"inputs of this group do not stack: {e}"[:1000])
+            return None
 
     def _finished(self) -> bool:
         n = self.config.expected_devices
