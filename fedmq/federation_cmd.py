@@ -1,0 +1,162 @@
+"""``fedmq simulate`` and ``fedmq fleet``: a whole federation in one command, and a fleet of
+simulated devices against a running stack (they share the heterogeneity options)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fedmq.settings import get_settings
+
+console = Console()
+
+
+SLOW_FRACTION = typer.Option(0.0, min=0, max=1, help="Share of slow devices")
+SLOWDOWN = typer.Option(0.0, min=0, help="Extra seconds a slow device takes per round")
+DROPOUT = typer.Option(0.0, min=0, max=0.99, help="Chance a device vanishes for a round")
+LATE_JOINERS = typer.Option(0, min=0, help="Devices that join late")
+JOIN_DELAY = typer.Option(0.0, min=0, help="Seconds after the start that late joiners join")
+QUORUM = typer.Option(None, min=0.01, max=1, help="Share of updates a round needs")
+DEADLINE = typer.Option(120.0, min=1, help="Seconds a round may stay open")
+
+
+def simulate(
+    dataset: str = typer.Option("digits", help="digits, mnist1d, synthetic, cifar10"),
+    model: str = typer.Option("mlp", help="mlp, cnn, resnet18, vit_tiny"),
+    partition: str = typer.Option("iid", help="iid, dirichlet, shards, quantity_skew"),
+    alpha: float | None = typer.Option(None, help="Dirichlet alpha (partition dirichlet)"),
+    clients: int = typer.Option(5, min=1),
+    rounds: int = typer.Option(20, min=1),
+    local_epochs: int = typer.Option(1, min=1),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(0.05),
+    momentum: float = typer.Option(0.9),
+    proximal_mu: float = typer.Option(0.0, help="FedProx term (0: off)"),
+    strategy: str = typer.Option("fedavg", help="fedavg, fedprox, fedavgm, fedadam, ..."),
+    encoding: str = typer.Option("bf16", help="fp32, bf16, fp16, int8, topk"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("fedmq-out"), help="Folder for metrics.json and the plot"),
+    broker: str | None = typer.Option(None, help="amqp://... to run on RabbitMQ"),
+    database: str | None = typer.Option(None, help="postgresql+psycopg://... (full mode)"),
+    slow_fraction: float = SLOW_FRACTION,
+    slowdown: float = SLOWDOWN,
+    dropout: float = DROPOUT,
+    late_joiners: int = LATE_JOINERS,
+    join_delay: float = JOIN_DELAY,
+    quorum: float | None = QUORUM,
+    deadline: float = DEADLINE,
+    split: bool = typer.Option(
+        False, "--split", help="SplitFed: device heads/tails, the body on an edge session"
+    ),
+) -> None:
+    """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
+    if split:
+        from fedmq.split_sim import SplitSimOptions, run_split
+
+        console.print(f"fedmq simulate --split: {clients} devices, {rounds} rounds, {model}")
+        run_split(
+            SplitSimOptions(
+                dataset=dataset,
+                model=model,
+                partition=partition,
+                partition_args={} if alpha is None else {"alpha": alpha},
+                clients=clients,
+                rounds=rounds,
+                local_epochs=local_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                momentum=momentum,
+                encoding=encoding if encoding in ("fp32", "bf16", "fp16") else "bf16",
+                seed=seed,
+                out=out,
+                broker=broker,
+                edge_device=get_settings().worker_device,
+            ),
+            log=console.print,
+        )
+        console.print(f"metrics: {out / 'split_metrics.json'}")
+        return
+    from fedmq.heterogeneity import Heterogeneity
+    from fedmq.simulate import SimOptions, run
+
+    options = SimOptions(
+        dataset=dataset,
+        model=model,
+        partition=partition,
+        partition_args={} if alpha is None else {"alpha": alpha},
+        clients=clients,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        proximal_mu=proximal_mu,
+        strategy=strategy,
+        encoding=encoding,
+        seed=seed,
+        out=out,
+        broker=broker,
+        database=database,
+        quorum=quorum,
+        deadline_s=deadline,
+        heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
+    )
+    mode = (
+        "full (RabbitMQ + database, worker and devices as processes)"
+        if broker
+        else ("embedded (in-process bus, SQLite, eager tasks)")
+    )
+    console.print(f"fedmq simulate: {clients} devices, {rounds} rounds, {mode}")
+    result = run(options, get_settings(), console)
+    final = result.rows[-1].accuracy if result.rows else None
+    console.print(
+        f"{len(result.rows)} rounds in {result.seconds:.1f} s"
+        + ("" if final is None else f", final accuracy {100 * final:.2f}%")
+    )
+    for what, path in result.outputs.items():
+        console.print(f"{what}: {path}")
+
+
+def fleet(
+    clients: int = typer.Option(3, min=1, help="Number of device processes"),
+    run: str | None = typer.Option(None, help="Run to join (default: create one)"),
+    rounds: int = typer.Option(0, min=0, help="Start autorun of this many rounds (0: don't)"),
+    dataset: str = typer.Option("digits"),
+    model: str = typer.Option("mlp"),
+    partition: str = typer.Option("iid"),
+    alpha: float | None = typer.Option(None, help="Dirichlet alpha (partition dirichlet)"),
+    strategy: str = typer.Option("fedavg", help="Strategy of a run the fleet creates"),
+    encoding: str = typer.Option("bf16"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("fedmq-fleet"), help="Folder for logs and results"),
+    slow_fraction: float = SLOW_FRACTION,
+    slowdown: float = SLOWDOWN,
+    dropout: float = DROPOUT,
+    late_joiners: int = LATE_JOINERS,
+    join_delay: float = JOIN_DELAY,
+    quorum: float | None = QUORUM,
+    deadline: float = DEADLINE,
+) -> None:
+    """Start N simulated devices as processes against the running stack (fedmq up)."""
+    from fedmq import fleet as fleet_mod
+    from fedmq.heterogeneity import Heterogeneity
+    from fedmq.simulate import SimOptions
+
+    options = SimOptions(
+        dataset=dataset,
+        model=model,
+        partition=partition,
+        partition_args={} if alpha is None else {"alpha": alpha},
+        clients=clients,
+        rounds=rounds,
+        strategy=strategy,
+        encoding=encoding,
+        seed=seed,
+        out=out,
+        quorum=quorum,
+        deadline_s=deadline,
+        heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
+    )
+    raise typer.Exit(fleet_mod.run(get_settings(), options, console, run_id=run))
