@@ -168,9 +168,11 @@ blobs; no round is stuck (each is done or failed, or open with its deadline ahea
 {table}
 Notes on the scenarios:
 - *sent* counts every update message put on the wire, including half uploads, duplicates,
-  spoofs and late ones; *stored* counts updates in closed rounds (recomputed by the check).
-  In the slow-device and quorum scenarios, updates that arrive after their round closed or
-  in a failed round are sent but not stored, by design.
+  spoofs and late ones; *acknowledged* the distinct updates devices saw accepted; *stored*
+  the acknowledged updates found in exactly one participation row; *aggregated* the updates
+  in closed rounds' models, recomputed by the check. A slow device's update arrives after
+  its round closed and is refused (sent, not acknowledged); in a failed round the updates
+  are acknowledged and stored but never aggregated, by design.
 - The Postgres scenario terminates every backend of the test database
   (`pg_terminate_backend`) three times per round instead of restarting the server: the
   local server is shared with other test runs, which a `pg_ctlcluster restart` would break.

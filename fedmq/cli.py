@@ -87,6 +87,9 @@ def worker(
     queues: str = typer.Option("aggregate,evaluate", help="Celery queues to consume"),
     concurrency: int = typer.Option(1, help="Worker processes"),
     loglevel: str = typer.Option("INFO"),
+    hostname: str | None = typer.Option(
+        None, help="Celery node name (two workers on one host need two), e.g. edge@%h"
+    ),
 ) -> None:
     """Run a Celery worker (aggregate / evaluate / edge) against FEDMQ_BROKER_URL."""
     from fedmq.wiring import worker_config
@@ -104,6 +107,7 @@ def worker(
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",
             "--pool=prefork",
+            *([f"--hostname={hostname}"] if hostname else []),
         ]
     )
 

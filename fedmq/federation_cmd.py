@@ -50,6 +50,9 @@ def simulate(
     split: bool = typer.Option(
         False, "--split", help="SplitFed: device heads/tails, the body on an edge session"
     ),
+    split_pipeline: bool = typer.Option(
+        False, "--split-pipeline", help="With --split: pipeline each device's micro-batches"
+    ),
 ) -> None:
     """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
     if split:
@@ -72,7 +75,10 @@ def simulate(
                 seed=seed,
                 out=out,
                 broker=broker,
+                database=database,
                 edge_device=get_settings().worker_device,
+                pipeline=split_pipeline,
+                deadline_s=deadline,
             ),
             log=console.print,
         )

@@ -144,9 +144,13 @@ def device_processes(
     return handles
 
 
-def worker_process(s: Settings, logs: Path) -> Handle:
+def worker_process(
+    s: Settings, logs: Path, queues: str = "aggregate,evaluate", name: str = "worker"
+) -> Handle:
     logs.mkdir(parents=True, exist_ok=True)
-    log = (logs / "worker.log").open("wb")
-    cmd = [sys.executable, "-m", "fedmq.cli", "worker", "--queues", "aggregate,evaluate"]
+    log = (logs / f"{name}.log").open("wb")
+    cmd = [sys.executable, "-m", "fedmq.cli", "worker", "--queues", queues]
+    if name != "worker":  # a second worker on this host needs a node name of its own
+        cmd.append(f"--hostname={name}@%h")
     proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)
     return ProcessHandle(proc, threading.Event())

@@ -1,18 +1,20 @@
-"""``fedmq simulate --split``: a SplitFed federation of K devices around one edge session.
+"""``fedmq simulate --split``: a SplitFed federation through the orchestrator.
 
-Each round every device starts from the global head and tail, trains them with
-``learning.split.train_split`` while the edge session (``workers.edge``) trains the shared
-body over the bus (in-process, or RabbitMQ with ``--broker``), and reports its head and
-tail; the round's new global head and tail are their sample-weighted mean, computed by
-the aggregation path's own ``WeightedMean`` (SplitFed, Thapa et al., AAAI 2022: device
-parts averaged, the server part shared). The composed model (global head and tail + the
-edge's body) is evaluated on the test set after every round.
+The run's global model is the devices' part of the split model (head + tail: a normal
+codec blob), so the orchestrator and the aggregate task run it like any other run: each
+round the orchestrator announces the global head and tail, every selected device trains
+them against the round's edge session (``devices.split_trainer.SplitTrainer``) and sends
+a normal delta update, and the aggregate task FedAvgs the updates into the next version
+(SplitFed, Thapa et al., AAAI 2022: device parts averaged, the server part shared).
 
-Departure: this runs beside the orchestrator, not through it. The edge session is served
-in this process (a thread, one session per round) with a body that lives across rounds;
-the orchestrator's rounds, the aggregate task and model versions are not involved yet
-(storing the body as a model version and averaging device parts in the aggregate task
-are not built).
+The edge side is a driver here: for each round it starts the ``fedmq.edge.session`` task
+for that round (``workers.edge.task``: the body resumes from the one named in the round's
+base version and is stored after the session, named in the version the round makes).
+Embedded mode runs the task eagerly on a thread of this process; full mode (``--broker``,
+``--database``) sends it to a ``fedmq worker --queues edge`` process started here. After
+each round the driver evaluates the composed model (the version's head and tail + the
+round's body) and writes the accuracy into the round's metrics: the evaluate task has no
+body and skips split runs (their model name, ``split-<model>``, has no evaluator).
 """
 
 from __future__ import annotations
@@ -21,25 +23,47 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from devices.split import BusEdge
-from learning.data import load_dataset, partition
+from db import blobstore
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
+from db.models.enums import RoundState
+from devices.client import FederatedClient
+from devices.config import DeviceConfig, TrainSettings
+from devices.split_trainer import SplitTrainer
+from fedmq import fleet_local
+from fedmq.fleet_local import Handle
+from fedmq.report import write_json
+from fedmq.settings import Settings, get_settings
+from fedmq.simulate import SimOptions, policy_for, round_rows, start_autorun, wait_ready
+from fedmq.simulate import _settings as sim_settings
+from fedmq.wiring import (
+    bus_config,
+    decode_limits,
+    open_bus,
+    orchestrator_service,
+    task_runner,
+    worker_config,
+)
+from learning.data import load_dataset
 from learning.evaluate import evaluate
 from learning.models import build_model
 from learning.params import load_numpy, to_numpy
-from learning.split import split_model, train_split
-from learning.strategies import WeightedMean
-from protocol.bus import connect
-from workers.edge.session import EdgeSession, EdgeSessionConfig
-from workers.edge.task import body_state, build_engine
+from learning.split import split_model
+from orchestrator.runs import create_run
+from orchestrator.tasks import TaskRunner
+from protocol import codec
+from protocol.bus import Bus, connect
+from workers.edge.bodies import body_ref
+from workers.edge.task import run_edge_session
 
 # An MLP needs two hidden layers to be cut; the default simulate MLP has one.
 SPLIT_MODEL_CONFIG: dict[str, dict[str, Any]] = {"mlp": {"hidden": [128, 64]}}
+EDGE_TASK = "fedmq.edge.session"
 
 
 @dataclass(frozen=True)
@@ -58,7 +82,10 @@ class SplitSimOptions:
     seed: int = 0
     out: Path = Path("fedmq-out")
     broker: str | None = None
+    database: str | None = None
     edge_device: str = "auto"
+    pipeline: bool = False
+    deadline_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -68,13 +95,21 @@ class SplitRound:
     loss: float
     seconds: float
     bytes_sent: int
+    model_version: int
+    body_sha256: str
+    resumed: bool  # the round's session started from the body stored by the round before
 
 
-def run_split(options: SplitSimOptions, log: Any = print) -> list[SplitRound]:
-    o = options
+@dataclass
+class SplitSimResult:
+    run_id: str
+    rounds: list[SplitRound]
+    database_url: str
+
+
+def model_spec(o: SplitSimOptions) -> dict[str, Any]:
     data = load_dataset(o.dataset, seed=o.seed)
-    shards = partition(o.partition, data.y_train, o.clients, o.seed, **(o.partition_args or {}))
-    model_spec = {
+    return {
         "name": o.model,
         "num_classes": data.num_classes,
         "input_shape": list(data.input_shape),
@@ -82,105 +117,296 @@ def run_split(options: SplitSimOptions, log: Any = print) -> list[SplitRound]:
         "config": SPLIT_MODEL_CONFIG.get(o.model, {}),
     }
 
-    def fresh() -> Any:
-        return build_model(
-            o.model,
-            num_classes=data.num_classes,
-            input_shape=data.input_shape,
-            seed=o.seed,
-            **model_spec["config"],
-        )
 
-    reference = split_model(fresh())
-    device_names = set(reference.state_names("head", "tail"))
-    global_parts = {k: v for k, v in to_numpy(reference.model).items() if k in device_names}
-    spec = {"session_id": "sim", "model": model_spec, "train": {"lr": o.lr, "momentum": o.momentum}}
-    engine, names = build_engine(spec, o.edge_device)
-    bus = connect(o.broker or f"memory://split-sim-{uuid.uuid4().hex[:8]}")
-    rows: list[SplitRound] = []
-    try:
-        for r in range(1, o.rounds + 1):
-            began = time.perf_counter()
-            session_id = f"sim{uuid.uuid4().hex[:8]}r{r}"
-            session = EdgeSession(
-                bus, engine, EdgeSessionConfig(session_id, expected_devices=o.clients)
-            )
-            ready = threading.Event()
-            server = threading.Thread(target=session.serve, args=(ready,), daemon=True)
-            server.start()
-            ready.wait(30)
-            results: list[tuple[dict[str, np.ndarray], int, int] | None] = [None] * o.clients
-            errors: list[BaseException] = []
-            threads = [
-                threading.Thread(
-                    target=_device,
-                    args=(o, bus, session_id, r, k, fresh, global_parts, data, shards[k]),
-                    kwargs={"results": results, "errors": errors, "names": device_names},
-                )
-                for k in range(o.clients)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            session.stop()
-            server.join(60)
-            if errors:
-                raise RuntimeError(f"round {r}: a device failed: {errors[0]!r}") from errors[0]
-            done = [x for x in results if x is not None]
-            mean = WeightedMean()
-            for parts, n, _ in done:
-                mean.add(parts, n)
-            global_parts = {k: v.astype(np.float32) for k, v in mean.result().items()}
-            model = fresh()
-            load_numpy(model, {**to_numpy(model), **global_parts, **body_state(engine, names)})
-            loss, acc = evaluate(model, data.x_test, data.y_test)
-            rows.append(
-                SplitRound(r, acc, loss, time.perf_counter() - began, sum(b for *_, b in done))
-            )
-            log(f"round {r}: accuracy {100 * acc:.2f}%, loss {loss:.4f}, {rows[-1].seconds:.1f} s")
-    finally:
-        bus.close()
+def build_full(spec: dict[str, Any]) -> Any:
+    return build_model(
+        spec["name"],
+        num_classes=spec["num_classes"],
+        input_shape=tuple(spec["input_shape"]),
+        seed=spec["seed"],
+        **spec["config"],
+    )
+
+
+def device_part(spec: dict[str, Any]) -> dict[str, Any]:
+    """Version 0: the head and tail of the model built from the run's seed."""
+    split = split_model(build_full(spec))
+    names = set(split.state_names("head", "tail"))
+    return {k: v for k, v in to_numpy(split.model).items() if k in names}
+
+
+def _sim_options(o: SplitSimOptions) -> SimOptions:
+    return SimOptions(
+        dataset=o.dataset,
+        model=o.model,
+        partition=o.partition,
+        partition_args=dict(o.partition_args or {}),
+        clients=o.clients,
+        rounds=o.rounds,
+        local_epochs=o.local_epochs,
+        batch_size=o.batch_size,
+        lr=o.lr,
+        momentum=o.momentum,
+        encoding=o.encoding,
+        seed=o.seed,
+        deadline_s=o.deadline_s,
+        out=o.out,
+        broker=o.broker,
+        database=o.database,
+    )
+
+
+def run_split(
+    options: SplitSimOptions, log: Callable[[str], Any] = print, base: Settings | None = None
+) -> SplitSimResult:
+    o = options
     o.out.mkdir(parents=True, exist_ok=True)
+    sim = _sim_options(o)
+    s = sim_settings(base or get_settings(), sim, o.out)
+    s = s.model_copy(update={"worker_device": o.edge_device})
+    from db import migrations
+
+    migrations.upgrade(s.database_url)
+    sessions = make_sessionmaker(make_engine(s.database_url))
+    spec = model_spec(o)
+    run_id = _create_run(sessions, o, s, spec)
+    bus = open_bus(s)
+    service = orchestrator_service(s, bus)
+    service.start()
+    stop = threading.Event()
+    handles: list[Handle] = []
+    edge = _EdgeDriver(s, sessions, run_id, o, spec, stop, log)
+    started = time.perf_counter()
+    try:
+        if not s.embedded:
+            handles.append(
+                fleet_local.worker_process(s, o.out / "logs", queues="aggregate,evaluate")
+            )
+            handles.append(
+                fleet_local.worker_process(s, o.out / "logs", queues="edge", name="edge-worker")
+            )
+        handles.extend(_device_threads(s, run_id, o, stop))
+        edge.start()
+        wait_ready(sessions, run_id, o.clients, timeout=120)
+        start_autorun(bus, s, run_id, o.rounds)
+        edge.join(o.rounds * (o.deadline_s + 60))
+        if edge.error is not None:
+            raise RuntimeError(f"the edge driver failed: {edge.error!r}") from edge.error
+        if len(edge.rounds) < o.rounds:
+            raise RuntimeError(f"only {len(edge.rounds)} of {o.rounds} rounds finished")
+    finally:
+        stop.set()
+        edge.join(5)
+        for h in handles:
+            h.join(timeout=15)
+        service.stop()
+        bus.close()
+    seconds = time.perf_counter() - started
+    rows = round_rows(sessions, run_id)
+    write_json(o.out / "metrics.json", rows, {**asdict(sim), "run_id": run_id, "split": True})
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()}
     (o.out / "split_metrics.json").write_text(
-        json.dumps({"config": config, "rounds": [asdict(x) for x in rows]}, indent=2) + "\n"
+        json.dumps(
+            {
+                "config": config,
+                "run_id": run_id,
+                "seconds": seconds,
+                "rounds": [asdict(x) for x in edge.rounds],
+            },
+            indent=2,
+        )
+        + "\n"
     )
-    return rows
+    return SplitSimResult(run_id, edge.rounds, s.database_url)
 
 
-def _device(
-    o: SplitSimOptions,
-    bus: Any,
-    session_id: str,
-    r: int,
-    k: int,
-    fresh: Any,
-    global_parts: dict[str, np.ndarray],
-    data: Any,
-    idx: np.ndarray,
-    *,
-    results: list[Any],
-    errors: list[BaseException],
-    names: set[str],
-) -> None:
-    """Device ``k``'s round: global head and tail in, split training, its parts out."""
+def _create_run(sessions: Any, o: SplitSimOptions, s: Settings, spec: dict[str, Any]) -> str:
+    train = {
+        "epochs": o.local_epochs,
+        "batch_size": o.batch_size,
+        "lr": o.lr,
+        "momentum": o.momentum,
+        "encoding": o.encoding,
+    }
+    with session_scope(sessions) as session:
+        return create_run(
+            session,
+            f"split-{uuid.uuid4().hex[:8]}",
+            codec.encode(device_part(spec), codec.Encoding.FP32),
+            policy=policy_for(_sim_options(o), s),
+            strategy={"name": "fedavg"},
+            train=train,
+            extra_config={
+                # No evaluator knows this name: the evaluate task skips, the driver evaluates.
+                "model": {"name": f"split-{o.model}"},
+                "dataset": {"name": o.dataset},
+                "split": spec,
+                "simulation": {k: str(v) for k, v in asdict(o).items()},
+            },
+        )
+
+
+def _device_threads(
+    s: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event
+) -> list[Handle]:
+    import torch
+
+    torch.set_num_threads(1)  # K devices and the edge share this machine's cores
+    handles: list[Handle] = []
+    for k in range(o.clients):
+        config = DeviceConfig(
+            run_id=run_id,
+            client_index=k,
+            num_clients=o.clients,
+            broker_url=s.broker_url,
+            dataset=o.dataset,
+            model=o.model,
+            model_args=SPLIT_MODEL_CONFIG.get(o.model, {}),
+            partition=o.partition,
+            partition_args=dict(o.partition_args or {}),
+            seed=o.seed,
+            train=TrainSettings(),
+            encoding=o.encoding,
+            heartbeat_s=s.heartbeat_interval_s,
+            chunk_size=s.chunk_size,
+            bus=bus_config(s),
+            decode_limits=decode_limits(s),
+            torch_threads=None,
+        )
+        t = threading.Thread(
+            target=_run_device, args=(config, o.pipeline, stop), name=f"split-device-{k}"
+        )
+        t.daemon = True
+        t.start()
+        handles.append(t)
+    return handles
+
+
+def _run_device(config: DeviceConfig, pipeline: bool, stop: threading.Event) -> None:
+    """One device: a ``FederatedClient`` whose trainer trains split over a link of its own."""
+    memory = config.broker_url.startswith("memory:")
+    opened: list[Bus] = []
+
+    def link() -> Bus:
+        bus = connect(config.broker_url, config.bus)
+        opened.append(bus)
+        return bus
+
+    bus = connect(config.broker_url, config.bus)
+    trainer = SplitTrainer.from_device_config(config, link, pipeline=pipeline)
     try:
-        split = split_model(fresh())
-        load_numpy(split.model, {**to_numpy(split.model), **global_parts})
-        with BusEdge(bus, session_id, f"c{k}", encoding=o.encoding) as link:
-            train_split(
-                split,
-                link,
-                data.x_train[idx],
-                data.y_train[idx],
-                epochs=o.local_epochs,
-                batch_size=o.batch_size,
-                lr=o.lr,
-                momentum=o.momentum,
-                seed=o.seed * 100_003 + r * 1009 + k,
+        FederatedClient(config, bus, trainer=trainer).run(stop)
+    finally:
+        if not memory:  # a named in-process bus belongs to the whole process
+            for b in [bus, *opened]:
+                b.close()
+
+
+class _EdgeDriver(threading.Thread):
+    """Round by round: start the round's edge session task, wait for it, evaluate."""
+
+    def __init__(
+        self,
+        s: Settings,
+        sessions: Any,
+        run_id: str,
+        o: SplitSimOptions,
+        spec: dict[str, Any],
+        stop: threading.Event,
+        log: Callable[[str], Any],
+    ) -> None:
+        super().__init__(name="split-edge-driver", daemon=True)
+        self.s, self.sessions, self.run_id, self.o, self.spec = s, sessions, run_id, o, spec
+        self.stop, self.log = stop, log
+        self.rounds: list[SplitRound] = []
+        self.error: BaseException | None = None
+        self._runner: TaskRunner | None = None
+        self.data = load_dataset(o.dataset, seed=o.seed)
+
+    def run(self) -> None:
+        try:
+            for r in range(1, self.o.rounds + 1):
+                expected = self._wait_round(r)
+                if expected is None:
+                    return
+                began = time.perf_counter()
+                served = self._serve(r, self._spec(r, expected))
+                if served is None:
+                    return
+                resumed = bool(served.get("resumed"))
+                self.rounds.append(self._evaluate(r, time.perf_counter() - began, resumed))
+                row = self.rounds[-1]
+                self.log(
+                    f"round {r}: accuracy {100 * row.accuracy:.2f}%, loss {row.loss:.4f}, "
+                    f"{row.seconds:.1f} s, body {row.body_sha256[:12]}"
+                )
+        except BaseException as e:
+            self.error = e
+
+    def _serve(self, r: int, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """Round ``r``'s edge session's result; None when stopped while it ran elsewhere."""
+        if self.s.embedded:
+            # The task's body on this thread, not Celery's eager mode: eager tasks of two
+            # threads share Celery's task stack (the orchestrator's tasks would fail).
+            return run_edge_session(worker_config(self.s), spec)
+        task_id = f"edge-{self.run_id}-r{r}"
+        if self._runner is None:
+            self._runner = task_runner(self.s)
+        runner = self._runner
+        runner.send(EDGE_TASK, [spec], task_id, "edge")
+        while (status := runner.poll(task_id)).state == "pending":
+            if self.stop.wait(0.1):
+                return None
+        if status.state != "success":
+            raise RuntimeError(f"edge session of round {r} failed: {status.error}")
+        return status.result or {}
+
+    def _spec(self, r: int, expected: int) -> dict[str, Any]:
+        o = self.o
+        return {
+            "run_id": self.run_id,
+            "round": r,
+            "model": self.spec,
+            "train": {"lr": o.lr, "momentum": o.momentum},
+            "edge": {"expected_devices": expected, "idle_timeout_s": o.deadline_s},
+            "version_wait_s": o.deadline_s,
+        }
+
+    def _wait_round(self, r: int) -> int | None:
+        """Devices selected in round ``r`` once it is open; None when stopped."""
+        while not self.stop.is_set():
+            with session_scope(self.sessions) as s:
+                rnd = q.get_round(s, self.run_id, r)
+                if rnd is not None:
+                    selected = q.list_participations(s, rnd.id)
+                    if selected:
+                        return len(selected)
+            self.stop.wait(0.05)
+        return None
+
+    def _evaluate(self, r: int, seconds: float, resumed: bool) -> SplitRound:
+        """The composed model of round ``r``: its version's head and tail + its body."""
+        limits = decode_limits(self.s)
+        with session_scope(self.sessions) as s:
+            rnd = q.get_round(s, self.run_id, r)
+            if rnd is None or rnd.state == RoundState.FAILED or rnd.model_version_id is None:
+                raise RuntimeError(f"round {r} made no model version")
+            mv = q.get_model_version_by_id(s, rnd.model_version_id)
+            assert mv is not None
+            sha = body_ref(mv.metrics)
+            if sha is None:
+                raise RuntimeError(f"round {r}: version {mv.version} names no body")
+            parts = codec.decode(blobstore.get(s, mv.blob_sha), limits=limits).tensors
+            body = codec.decode(blobstore.get(s, sha), limits=limits).tensors
+            version = mv.version
+            sent = sum(p.bytes or 0 for p in q.list_participations(s, rnd.id))
+        model = build_full(self.spec)
+        load_numpy(model, {**to_numpy(model), **parts, **body})
+        loss, acc = evaluate(model, self.data.x_test, self.data.y_test)
+        with session_scope(self.sessions) as s:
+            rnd = q.get_round(s, self.run_id, r)
+            assert rnd is not None
+            q.set_round_metrics(
+                s, rnd.id, {"accuracy": acc, "loss": loss, "model_version": version}
             )
-        parts = {n: v for n, v in to_numpy(split.model).items() if n in names}
-        results[k] = (parts, len(idx), link.stats.bytes_sent)
-    except BaseException as e:
-        errors.append(e)
+        return SplitRound(r, acc, loss, seconds, sent, version, sha, resumed)

@@ -47,6 +47,12 @@ def edge_reply_queue(session_id: str, client_id: str) -> str:
     return f"edge.{_word('session id', session_id)}.reply.{_word('client id', client_id)}"
 
 
+def round_session_id(run_id: str, round_number: int) -> str:
+    """The edge session of a run's round under the orchestrator (SplitFed): devices and the
+    edge both derive it from the round announcement, so nothing else has to carry it."""
+    return _word("session id", f"{run_id}-r{int(round_number)}")
+
+
 def _transient(name: str) -> Queue:
     return Queue(name, durable=False, exclusive=True, auto_delete=True, dead_letter_exchange=None)
 

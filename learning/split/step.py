@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from learning.split.cuts import SplitModel
 from learning.split.loss import loss_fn
@@ -128,9 +130,14 @@ def train_split(
     seed: int = 0,
     loss: str = "fused",
     timings: SplitTimings | None = None,
+    pipeline: bool = False,
 ) -> TrainResult:
     """Train the device parts of ``split`` with ``edge`` holding the body; the batches,
-    shuffles and seeding are ``train_local``'s, so the two compare one to one."""
+    shuffles and seeding are ``train_local``'s, so the two compare one to one.
+
+    ``pipeline`` keeps the device busy while the edge computes (see ``_pipelined_epoch``):
+    the head's update then lags one batch, so the weights are no longer those of unsplit
+    training; off by default."""
     started = time.perf_counter()
     xs, ys = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
     n = len(ys)
@@ -148,6 +155,12 @@ def train_split(
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0
             order = torch.randperm(n, generator=shuffle)
+            if pipeline:
+                batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+                loss_sum, correct = _pipelined_epoch(
+                    split, edge, opt, criterion, xs, ys, batches, t
+                )
+                continue
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 t0 = time.perf_counter()
@@ -170,6 +183,71 @@ def train_split(
                 t.tail_s += t3 - t2
                 t.batches += 1
     return TrainResult(n, loss_sum / n, correct / n, time.perf_counter() - started)
+
+
+def _stashed_forward(head: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """``head(x)`` on a copy of the head's parameters (weight stashing, as PipeDream): the
+    head's gradient for these activations is then taken at the weights that made them,
+    even after the optimizer has stepped the live parameters in place meanwhile."""
+    stash = {n: p.detach().clone().requires_grad_(True) for n, p in head.named_parameters()}
+    return functional_call(head, stash, (x,)), stash
+
+
+def _pipelined_epoch(
+    split: SplitModel,
+    edge: EdgeLink,
+    opt: torch.optim.Optimizer,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    xs: Tensor,
+    ys: Tensor,
+    batches: list[Tensor],
+    t: SplitTimings,
+) -> tuple[float, int]:
+    """One epoch with the device never idle while the edge computes.
+
+    The edge's calls run in order on one link thread. Batch ``i``'s backward is handed to
+    it, then, before waiting for its answer, the device computes the head's activations of
+    batch ``i + 1`` and queues their forward; the head's backward and step of batch ``i``
+    follow when the answer is in. So the head's activations of batch ``i + 1`` come from
+    the head before batch ``i``'s step: the head's gradient is taken at the weights that
+    made the activations (stashed) and applied one step late. Body and tail are exact
+    (the edge runs each forward after the previous step; the tail steps every batch).
+    """
+    head = dict(split.head.named_parameters())
+    loss_sum, correct = 0.0, 0
+    with ThreadPoolExecutor(1, thread_name_prefix="edge-link") as link:
+        t0 = time.perf_counter()
+        acts, stash = _stashed_forward(split.head, xs[batches[0]])
+        t.head_s += time.perf_counter() - t0
+        ahead: Future[Tensor] = link.submit(edge.forward, acts.detach())
+        for i, idx in enumerate(batches):
+            t1 = time.perf_counter()
+            out = ahead.result()
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            value, logits, grad_out = tail_step(split.tail, out, ys[idx], criterion)
+            t3 = time.perf_counter()
+            back = link.submit(edge.backward, grad_out)
+            if i + 1 < len(batches):
+                next_acts, next_stash = _stashed_forward(split.head, xs[batches[i + 1]])
+                ahead = link.submit(edge.forward, next_acts.detach())
+            t4 = time.perf_counter()
+            grad_acts = back.result()
+            t5 = time.perf_counter()
+            acts.backward(grad_acts.to(acts.dtype))
+            for name, p in head.items():
+                p.grad = stash[name].grad
+            opt.step()
+            if i + 1 < len(batches):
+                acts, stash = next_acts, next_stash
+            t6 = time.perf_counter()
+            loss_sum += float(value) * len(idx)
+            correct += int((logits.argmax(dim=1) == ys[idx]).sum())
+            t.head_s += (t4 - t3) + (t6 - t5)
+            t.edge_s += (t2 - t1) + (t5 - t4)
+            t.tail_s += t3 - t2
+            t.batches += 1
+    return loss_sum, correct
 
 
 def _timed(

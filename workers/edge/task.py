@@ -9,7 +9,13 @@ The spec (JSON, as Celery carries it)::
      "edge": {"wait_bound_s": 0.002, "expected_devices": 2, "idle_timeout_s": 60,
               "request_timeout_s": 30, "max_session_s": 3600, "overlap": true,
               "autocast": false},
-     "bus_url": null, "return_body": false}
+     "bus_url": null, "return_body": false,
+     "round": null}
+
+With ``round`` (a number; ``run_id`` required) the session is that round of a SplitFed run
+under the orchestrator (``workers.edge.bodies``): its id defaults to
+``round_session_id(run_id, round)``, the body starts from the one named in the round's base
+version, and after the session it is stored and named in the version the round makes.
 
 The body starts from the model built with ``seed``, as the devices build theirs, so head,
 body and tail start from one model. ``bus_url`` defaults to the worker's broker. The
@@ -25,14 +31,17 @@ import logging
 from typing import Any
 
 from learning.models import build_model
-from learning.params import to_numpy
+from learning.params import load_numpy, to_numpy
 from learning.split import split_model
 from protocol.bus import connect
 from protocol.codec import Encoding, encode
+from protocol.split import round_session_id
 from workers.config import WorkerConfig
+from workers.edge.bodies import load_body, store_body
 from workers.edge.engine import EdgeEngine, EngineOptions
 from workers.edge.session import EdgeSession, EdgeSessionConfig
 from workers.pipeline.device import resolve_device
+from workers.tasks.common import sessions
 
 log = logging.getLogger(__name__)
 
@@ -74,28 +83,60 @@ def body_state(engine: EdgeEngine, names: dict[str, str]) -> dict[str, Any]:
     return {names[k]: v for k, v in to_numpy(engine.body).items()}
 
 
+def load_body_state(engine: EdgeEngine, names: dict[str, str], saved: dict[str, Any]) -> None:
+    """Load a stored body (whole-model names, as ``body_state`` writes them)."""
+    inverse = {whole: local for local, whole in names.items()}
+    current = to_numpy(engine.body)
+    load_numpy(
+        engine.body, {**current, **{inverse[k]: v for k, v in saved.items() if k in inverse}}
+    )
+    engine.body.to(engine.device)
+
+
 def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, Any]:
     """Serve the session ``spec`` describes until it ends; returns its figures."""
     unknown = set(spec.get("edge", {})) - _EDGE_KEYS - _ENGINE_KEYS
     if unknown:
         raise ValueError(f"unknown edge settings {sorted(unknown)}")
     engine, names = build_engine(spec, config.device)
+    round_number = spec.get("round")
+    run_id = str(spec.get("run_id", ""))
+    saved = None
+    if round_number is not None:
+        saved = load_body(
+            sessions(config.database_url), run_id, int(round_number), config.decode_limits
+        )
+        if saved is not None:
+            load_body_state(engine, names, saved)
+    session_id = spec.get("session_id") or round_session_id(run_id, int(round_number))
     edge = {k: v for k, v in spec.get("edge", {}).items() if k in _EDGE_KEYS}
     session_config = EdgeSessionConfig(
-        session_id=str(spec["session_id"]), limits=config.decode_limits, **edge
+        session_id=str(session_id), limits=config.decode_limits, **edge
     )
-    bus = connect(spec.get("bus_url") or config.broker_url)
+    url = spec.get("bus_url") or config.broker_url
+    bus = connect(url)
     try:
         log.info("edge session %s on %s", session_config.session_id, engine.device)
         result = EdgeSession(bus, engine, session_config).serve()
     finally:
-        bus.close()
+        if not url.startswith("memory:"):  # a named in-process bus belongs to the process
+            bus.close()
     blob = encode(body_state(engine, names), Encoding.FP32)
     result.update(
         session_id=session_config.session_id,
         device=str(engine.device),
         body_sha256=hashlib.sha256(blob).hexdigest(),
+        resumed=saved is not None,
     )
+    if round_number is not None:
+        stored = store_body(
+            sessions(config.database_url),
+            run_id,
+            int(round_number),
+            blob,
+            wait_s=float(spec.get("version_wait_s", 120.0)),
+        )
+        result["body_model_version"] = stored["model_version"]
     if spec.get("return_body"):
         result["body_blob_b64"] = base64.b64encode(blob).decode()
     return result
