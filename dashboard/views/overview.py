@@ -40,6 +40,13 @@ def global_status() -> None:
         f"model version {ov.model_version} · loss "
         f"{'—' if ov.loss is None else f'{ov.loss:.4f}'} · updated {fmt.stamp(ov.last_updated)}"
     )
+    if ov.edge_body is not None:  # a split run: devices hold head and tail, the edge the body
+        body = ov.edge_body
+        size = "" if body["bytes"] is None else f", {body['bytes'] / 2**20:.2f} MiB"
+        st.caption(
+            f"split run · global model = device head + tail (version {ov.model_version}) · "
+            f"edge body from round {body['round']} (`{body['sha256'][:12]}`{size})"
+        )
     st.markdown(
         " · ".join(
             f"{fmt.badge(state.value)} **{ov.clients_by_state.get(state.value, 0)}**"

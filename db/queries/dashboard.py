@@ -59,6 +59,9 @@ class RunOverview:
     loss: float | None
     model_version: int | None
     last_updated: datetime
+    # Split runs: the edge body the newest version names (``split_body: {sha256, round}``),
+    # with its stored size; None for plain runs.
+    edge_body: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,14 @@ def run_overview(session: Session, run_id: str) -> RunOverview | None:
         .limit(1)
     ).first()
     metrics: dict[str, Any] = done[0] if done else {}
-    version = session.scalar(
-        select(func.max(ModelVersion.version)).where(ModelVersion.run_id == run_id)
-    )
+    newest = session.execute(
+        select(ModelVersion.version, ModelVersion.metrics)
+        .where(ModelVersion.run_id == run_id)
+        .order_by(ModelVersion.version.desc())
+        .limit(1)
+    ).first()
+    version = None if newest is None else newest[0]
+    edge_body = _edge_body(session, (newest[1] or {}) if newest else {})
     by_state = {
         str(state): n
         for state, n in session.execute(
@@ -140,7 +148,16 @@ def run_overview(session: Session, run_id: str) -> RunOverview | None:
         loss=_num(metrics.get("loss")),
         model_version=version,
         last_updated=max(run.updated_at, last_event) if last_event else run.updated_at,
+        edge_body=edge_body,
     )
+
+
+def _edge_body(session: Session, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    body = metrics.get("split_body")
+    if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
+        return None
+    size = session.scalar(select(Blob.size).where(Blob.sha256 == body["sha256"]))
+    return {"sha256": body["sha256"], "round": body.get("round"), "bytes": size}
 
 
 def count_clients(

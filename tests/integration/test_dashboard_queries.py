@@ -141,3 +141,24 @@ def test_the_event_log_filters_and_refusals_include_refused_commands_only(
     assert [e.kind for e in refused] == ["register.rejected", "command.result", "auth.rejected"]
     assert kinds == ["auth.rejected", "command.result", "round.opened", "update.accepted"]
     assert answer is not None and answer.detail["accepted"] is False
+
+
+def test_the_overview_names_a_split_runs_edge_body(engine: Engine) -> None:
+    with session_scope(engine) as s:
+        run_id = q.create_run(s, "split").id
+        head_tail = blobstore.put(s, b"h" * 100, BlobKind.MODEL)
+        body = blobstore.put(s, b"b" * 2048, BlobKind.MODEL)
+        q.create_model_version(s, run_id, head_tail)
+        q.create_model_version(
+            s, run_id, head_tail, metrics={"split_body": {"sha256": body, "round": 1}}
+        )
+    with session_scope(engine) as s:
+        ov = dq.run_overview(s, run_id)
+    assert ov is not None and ov.model_version == 1
+    assert ov.edge_body == {"sha256": body, "round": 1, "bytes": 2048}
+
+
+def test_a_plain_run_has_no_edge_body(engine: Engine, run: tuple[str, list[str]]) -> None:
+    with session_scope(engine) as s:
+        ov = dq.run_overview(s, run[0])
+    assert ov is not None and ov.edge_body is None
