@@ -50,6 +50,7 @@ from protocol.messages import (
     ClientState,
     Command,
     CommandAction,
+    Heartbeat,
     Register,
     Registered,
     Signal,
@@ -208,6 +209,30 @@ def run(n: int) -> dict[str, Any]:
             seen = {c.id: c.last_seen.timestamp() for c in q.list_clients(s, run_id)}
         signal_lat = [seen[c] - sent_at[c] for c in ids]
 
+        # 2b. One heartbeat per device, measured until the signals queue is drained. A
+        # heartbeat within a quarter of the timeout of the last refresh writes nothing (the
+        # machine's refresh throttle), so this is the common, cheap path.
+        def queued() -> int:
+            out = subprocess.run(
+                ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            for line in out.splitlines():
+                name, _, depth = line.partition("\t")
+                if name == topology.SIGNALS_QUEUE:
+                    return int(depth)
+            return 0
+
+        def beat(cid: str) -> None:
+            hb = Heartbeat(run_id=run_id, client_id=cid, token=tokens[cid])
+            bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), hb.to_json())
+
+        t_hb = time.time()
+        in_threads(ids, beat)
+        t_beats = wait(lambda: queued() == 0, 300, "every heartbeat consumed")
+
         # 3. One round, everyone selected; one small update each.
         cmd = Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=1, operator_token=TOKEN)
         bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
@@ -280,6 +305,8 @@ def run(n: int) -> dict[str, Any]:
             "signals_per_s": n / (t_ready - t1),
             "signal_to_db_p50_ms": pct(signal_lat, 50),
             "signal_to_db_p99_ms": pct(signal_lat, 99),
+            "heartbeats_s": t_beats - t_hb,
+            "heartbeats_per_s": n / (t_beats - t_hb),
             "updates_s": t_updates - t2,
             "updates_per_s": n / (t_updates - t2),
             "update_to_db_p50_ms": pct(update_lat, 50),
@@ -345,6 +372,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"({r['signals_s']:.1f} s) |",
             f"| signal → database latency p50 / p99 | {r['signal_to_db_p50_ms']:.0f} / "
             f"{r['signal_to_db_p99_ms']:.0f} ms |",
+            f"| heartbeats (publish → signals queue drained; refresh-throttled, no write) | "
+            f"{r['heartbeats_per_s']:.0f} /s ({r['heartbeats_s']:.1f} s) |",
             f"| updates (publish → all counted) | {r['updates_per_s']:.0f} /s "
             f"({r['updates_s']:.1f} s) |",
             f"| update → database latency p50 / p99 | {r['update_to_db_p50_ms']:.0f} / "

@@ -145,9 +145,18 @@ def _on_update(tx: Tx, ev: UpdateReceived) -> None:
     rounds.check_complete(tx)
 
 
+# A heartbeat refreshes ``last_seen`` only once it is older than this share of the timeout.
+HEARTBEAT_REFRESH = 0.25
+
+
 def _on_heartbeat(tx: Tx, ev: Heartbeat) -> None:
-    tx.live_client(ev.client_id)
-    tx.touch(ev.client_id)
+    """A heartbeat only proves liveness. Refreshing ``last_seen`` on every one would make
+    the service write the run's whole snapshot per heartbeat, most of its time with a large
+    fleet; a refresh once ``last_seen`` is a quarter of the timeout old keeps any client that
+    heartbeats faster than that at least three quarters of the timeout away from it."""
+    record = tx.live_client(ev.client_id)
+    if tx.now - record.last_seen >= HEARTBEAT_REFRESH * tx.policy.heartbeat_timeout_s:
+        tx.touch(ev.client_id)
 
 
 def _on_kick(tx: Tx, ev: ClientKicked) -> None:

@@ -749,3 +749,20 @@ def test_a_policy_that_makes_no_sense_is_refused() -> None:
         RoundPolicy(min_clients=0)
     with pytest.raises(ValueError, match="fraction"):
         RoundPolicy(fraction=0)
+
+
+def test_a_heartbeat_refreshes_last_seen_only_once_it_is_a_quarter_timeout_old() -> None:
+    sim = Sim(RoundPolicy(heartbeat_timeout_s=40)).ready("c0")
+    joined = sim.fed.clients["c0"].last_seen
+    sim.now += 9.9  # under 40 / 4: nothing changes, so the service writes nothing
+    before = sim.fed
+    assert sim(Heartbeat("c0")) == [] and sim.fed == before
+    sim.now += 0.1  # 10 s old now: refreshed
+    sim(Heartbeat("c0"))
+    assert sim.fed.clients["c0"].last_seen == sim.now != joined
+    # A client heartbeating every 9 s is never written off, however long it runs.
+    for _ in range(20):
+        sim.now += 9
+        sim(Heartbeat("c0"))
+        assert not of(ClientWentOffline, sim(Tick()))
+    assert sim.state("c0") is ClientState.READY
