@@ -4,6 +4,7 @@ simulated devices against a running stack (they share the heterogeneity options)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -55,30 +56,33 @@ def simulate(
     ),
 ) -> None:
     """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
+    common: dict[str, Any] = {
+        "dataset": dataset,
+        "model": model,
+        "partition": partition,
+        "partition_args": {} if alpha is None else {"alpha": alpha},
+        "clients": clients,
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "momentum": momentum,
+        "seed": seed,
+        "out": out,
+        "broker": broker,
+        "database": database,
+        "deadline_s": deadline,
+    }
     if split:
         from fedmq.split_sim import SplitSimOptions, run_split
 
         console.print(f"fedmq simulate --split: {clients} devices, {rounds} rounds, {model}")
         run_split(
             SplitSimOptions(
-                dataset=dataset,
-                model=model,
-                partition=partition,
-                partition_args={} if alpha is None else {"alpha": alpha},
-                clients=clients,
-                rounds=rounds,
-                local_epochs=local_epochs,
-                batch_size=batch_size,
-                lr=lr,
-                momentum=momentum,
+                **common,
                 encoding=encoding if encoding in ("fp32", "bf16", "fp16") else "bf16",
-                seed=seed,
-                out=out,
-                broker=broker,
-                database=database,
                 edge_device=get_settings().worker_device,
                 pipeline=split_pipeline,
-                deadline_s=deadline,
             ),
             log=console.print,
         )
@@ -88,25 +92,11 @@ def simulate(
     from fedmq.simulate import SimOptions, run
 
     options = SimOptions(
-        dataset=dataset,
-        model=model,
-        partition=partition,
-        partition_args={} if alpha is None else {"alpha": alpha},
-        clients=clients,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
+        **common,
         proximal_mu=proximal_mu,
         strategy=strategy,
         encoding=encoding,
-        seed=seed,
-        out=out,
-        broker=broker,
-        database=database,
         quorum=quorum,
-        deadline_s=deadline,
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
     )
     mode = (
