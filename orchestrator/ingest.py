@@ -22,7 +22,7 @@ from db import queries as q
 from db.engine import session_scope
 from db.models import BlobKind, ParticipationState, RoundState
 from db.queries import orchestrator as oq
-from orchestrator.outbox import ENVELOPE_HEADER, publish_item
+from orchestrator.outbox import ENVELOPE_HEADER, notify_device
 from orchestrator.state import Ignored, UpdateReceived
 from orchestrator.store import UpdateInfo, record_and_publish, step_run
 from protocol import chunking, topology
@@ -246,14 +246,4 @@ def _notify(s: Session, meta: UpdateMeta, kind: str, reason: str | None) -> None
         correlation_id=meta.message_id,
         detail={"reason": reason} if reason else {},
     )
-    oq.add_outbox(
-        s,
-        meta.run_id,
-        "publish",
-        publish_item(
-            exchange=topology.DEVICES_EXCHANGE,
-            routing_key=topology.device_routing_key(meta.client_id),
-            body=ev.to_json(),
-            message_id=ev.message_id,
-        ),
-    )
+    notify_device(s, ev)

@@ -51,6 +51,28 @@ def publish_item(
     }
 
 
+def send_to_device(s: Session, run_id: str, key: str, body: bytes, message_id: str) -> None:
+    """Queue a publish to one device's queue ``device.<key>`` (its client id; before
+    registration, the reply key it chose), sent once the transaction commits."""
+    oq.add_outbox(
+        s,
+        run_id,
+        "publish",
+        publish_item(
+            exchange=topology.DEVICES_EXCHANGE,
+            routing_key=topology.device_routing_key(key),
+            body=body,
+            message_id=message_id,
+        ),
+    )
+
+
+def notify_device(s: Session, ev: Event) -> None:
+    """Queue a notice ``ev`` to the device ``ev.client_id`` of run ``ev.run_id``."""
+    assert ev.client_id is not None and ev.run_id is not None
+    send_to_device(s, ev.run_id, ev.client_id, ev.to_json(), ev.message_id)
+
+
 @dataclass(frozen=True)
 class Item:
     id: int

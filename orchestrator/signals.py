@@ -13,11 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
-from orchestrator.outbox import publish_item
+from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
 from orchestrator.store import record_and_publish, step_run
-from protocol import topology
 from protocol.bus import Delivery
 from protocol.messages import (
     ClientState,
@@ -85,17 +84,7 @@ class Signals:
             reply = Registered(
                 run_id=msg.run_id, client_id=cid, reply_key=msg.reply_key, token=token
             )
-            oq.add_outbox(
-                s,
-                msg.run_id,
-                "publish",
-                publish_item(
-                    exchange=topology.DEVICES_EXCHANGE,
-                    routing_key=topology.device_routing_key(msg.reply_key),
-                    body=reply.to_json(),
-                    message_id=reply.message_id,
-                ),
-            )
+            send_to_device(s, msg.run_id, msg.reply_key, reply.to_json(), reply.message_id)
         return None
 
     def _signal(self, msg: SignalMsg | HeartbeatMsg) -> str | None:
@@ -164,14 +153,4 @@ def _ask_to_rejoin(s: Session, msg: HeartbeatMsg, reason: str) -> None:
         correlation_id=msg.message_id,
         detail={"reason": reason},
     )
-    oq.add_outbox(
-        s,
-        msg.run_id,
-        "publish",
-        publish_item(
-            exchange=topology.DEVICES_EXCHANGE,
-            routing_key=topology.device_routing_key(msg.client_id),
-            body=ev.to_json(),
-            message_id=ev.message_id,
-        ),
-    )
+    notify_device(s, ev)
