@@ -101,6 +101,18 @@ class LocalTrainer:
     def num_samples(self) -> int:
         return len(self.y)
 
+    def rebuild_args(self) -> dict[str, Any]:
+        """The keyword arguments (model and data aside) that build a trainer like this one:
+        what a trainer of another kind made from it takes (``WasmTrainer``, ``SplitTrainer``)."""
+        return {
+            "client_index": self.client_index,
+            "seed": self.seed,
+            "encoding": self.encoding,
+            "topk_fraction": self.topk_fraction,
+            "error_feedback": self.feedback is not None,
+            "limits": self.limits,
+        }
+
     def warm_up(self, batch: int = 8) -> float:
         """One training step on a few local samples, before the device says it is ready: a
         process's first step pays for torch's lazy initialisation (the optimizer's first

@@ -45,17 +45,7 @@ class SplitTrainer(LocalTrainer):
         pipeline: bool = False,
         timeout_s: float = 60.0,
     ) -> None:
-        super().__init__(
-            base.model,
-            base.x,
-            base.y,
-            client_index=base.client_index,
-            seed=base.seed,
-            encoding=base.encoding,
-            topk_fraction=base.topk_fraction,
-            error_feedback=base.feedback is not None,
-            limits=base.limits,
-        )
+        super().__init__(base.model, base.x, base.y, **base.rebuild_args())
         if link_encoding not in LINK_ENCODINGS:
             raise ValueError(f"link encoding {link_encoding!r}: one of {LINK_ENCODINGS}")
         self.split = split_model(self.model)

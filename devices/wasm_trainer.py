@@ -53,11 +53,7 @@ class WasmTrainer(LocalTrainer):
             base.model,
             base.x,
             base.y,
-            client_index=base.client_index,
-            seed=base.seed,
-            encoding=base.encoding,
-            topk_fraction=base.topk_fraction,
-            limits=base.limits,
+            **base.rebuild_args(),
         )
 
     def _module(self, batch_size: int) -> WasmMLP:
