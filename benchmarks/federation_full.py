@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import io
 import statistics
-import subprocess
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
+from _scratch import drop_scratch, make_scratch
 from rich.console import Console
 
 from db import queries as q
@@ -41,9 +39,6 @@ from fedmq.simulate import SimOptions, run
 from learning.replica import ReplicaConfig, run_replica
 from protocol.messages import RoundState
 
-AMQP = "amqp://guest:guest@127.0.0.1:5672/{vhost}"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
 PHASES = ("first_update", "last_update", "slowest_training", "aggregate", "evaluate", "reopen")
 
 
@@ -58,22 +53,6 @@ class FullOutcome:
 
     def mean(self, key: str) -> float:
         return statistics.fmean(p[key] for p in self.phases)
-
-
-def _services() -> tuple[str, str, str, str]:
-    name = f"fedmq_bench_{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
-    perms = ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"]
-    subprocess.run(perms, check=True, capture_output=True)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    return AMQP.format(vhost=name), PG.format(db=name), name, name
-
-
-def _drop(vhost: str, db: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
 def _s(a: datetime | None, b: datetime | None) -> float:
@@ -124,7 +103,7 @@ def measure(k: int, partition: str, rounds: int, encoding: str = "bf16") -> Full
     replica = run_replica(
         ReplicaConfig(clients=k, rounds=rounds, partition=partition, partition_args=alpha)
     ).accuracy
-    amqp, pg, vhost, db = _services()
+    scratch = make_scratch("fedmq_bench")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             options = SimOptions(
@@ -134,15 +113,17 @@ def measure(k: int, partition: str, rounds: int, encoding: str = "bf16") -> Full
                 partition_args=alpha,
                 encoding=encoding,
                 out=Path(tmp),
-                broker=amqp,
-                database=pg,
+                broker=scratch.amqp_url,
+                database=scratch.db_url,
             )
             began = time.perf_counter()
             result = run(options, Settings(_env_file=None), Console(file=io.StringIO()))
             wall = time.perf_counter() - began
-            return FullOutcome(k, partition, result.rows, replica, wall, phases(pg, result.run_id))
+            return FullOutcome(
+                k, partition, result.rows, replica, wall, phases(scratch.db_url, result.run_id)
+            )
     finally:
-        _drop(vhost, db)
+        drop_scratch(scratch)
 
 
 def render(outcomes: list[FullOutcome]) -> tuple[str, dict[str, Any], bool]:

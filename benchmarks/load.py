@@ -27,15 +27,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 from _report import machine, machine_line, publish
-from sqlalchemy import create_engine, func, make_url, select, text
+from _scratch import drop_scratch, make_scratch
+from sqlalchemy import func, select
 
 from db import migrations
 from db import queries as q
@@ -59,15 +58,9 @@ from protocol.messages import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-AMQP = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-PG = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TOKEN = "load-operator-token-0123456789"
 REPLY_KEY = "loadreplies"
 THREADS = 4
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 def model() -> dict[str, np.ndarray]:
@@ -112,16 +105,8 @@ def pct(values: list[float], p: float) -> float:
 
 
 def run(n: int) -> dict[str, Any]:
-    vhost = f"fedmq-load-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    amqp = f"{AMQP.rsplit('/', 1)[0]}/{quote(vhost, safe='')}"
-    admin_url = make_url(PG)
-    dbname = f"fedmq_load_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{dbname}"'))
-    db_url = admin_url.set(database=dbname).render_as_string(hide_password=False)
+    scratch = make_scratch("fedmq_load")
+    vhost, amqp, db_url = scratch.vhost, scratch.amqp_url, scratch.db_url
     procs: list[subprocess.Popen[bytes]] = []
     engine = None
     bus: Bus | None = None
@@ -326,12 +311,7 @@ def run(n: int) -> dict[str, Any]:
             bus.close()
         if engine is not None:
             engine.dispose()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-        admin.dispose()
-        subprocess.run(
-            ["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False
-        )
+        drop_scratch(scratch)
 
 
 def main() -> int:

@@ -27,15 +27,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 from _report import machine, machine_line, publish
-from sqlalchemy import create_engine, make_url, text
+from _scratch import drop_scratch, make_scratch
 
 from db import migrations
 from db import queries as q
@@ -51,13 +49,7 @@ from protocol.codec import Encoding, encode
 from protocol.messages import UpdateMeta, parse_message
 
 ROOT = Path(__file__).resolve().parents[1]
-AMQP = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-PG = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TOKEN = "bench-operator-token"
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 def ts(dt: datetime) -> float:
@@ -65,16 +57,8 @@ def ts(dt: datetime) -> float:
 
 
 def run(n_clients: int) -> dict[str, Any]:
-    vhost = f"fedmq-bench-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    amqp = f"{AMQP.rsplit('/', 1)[0]}/{quote(vhost, safe='')}"
-    admin_url = make_url(PG)
-    dbname = f"fedmq_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{dbname}"'))
-    db_url = admin_url.set(database=dbname).render_as_string(hide_password=False)
+    scratch = make_scratch("fedmq_bench")
+    amqp, db_url = scratch.amqp_url, scratch.db_url
     worker: subprocess.Popen[bytes] | None = None
     service: OrchestratorService | None = None
     engine = None
@@ -220,12 +204,7 @@ def run(n_clients: int) -> dict[str, Any]:
             worker.wait(timeout=10)
         if engine is not None:
             engine.dispose()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-        admin.dispose()
-        subprocess.run(
-            ["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False
-        )
+        drop_scratch(scratch)
 
 
 def main() -> int:
