@@ -77,7 +77,8 @@ def run(
     logs.mkdir(parents=True, exist_ok=True)
     migrations.upgrade(s.database_url)  # once, before any service reads the schema
     env = {**os.environ, "FEDMQ_BROKER_URL": s.broker_url, "FEDMQ_DATABASE_URL": s.database_url}
-    started = services(options or StackOptions())
+    opts = options or StackOptions()
+    started = services(opts)
     for svc in started:
         if svc.job:
             svc.argv = [*svc.argv, "--out", str(logs / svc.name)]
@@ -91,9 +92,9 @@ def run(
         f"broker {s.broker_url.split('@')[-1]}, database "
         f"{s.database_url.split('@')[-1]}; Ctrl-C stops everything"
     )
-    if s.gateway_port and any(x.name == "gateway" for x in started):
+    if opts.gateway:
         console.print(f"gateway on http://{s.gateway_host}:{s.gateway_port} (OpenAPI at /docs)")
-    if any(x.name == "dashboard" for x in started):
+    if opts.dashboard:
         console.print(f"dashboard on http://{s.dashboard_host}:{s.dashboard_port}")
     code = 0
     while not stop.is_set():
