@@ -152,7 +152,7 @@ def run(n_clients: int) -> dict[str, Any]:
                     headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": env_json}
                     bus.publish(
                         topology.UPDATES_EXCHANGE,
-                        topology.update_routing_key(run_id, 1),
+                        topology.update_routing_key(run_id, 1, cid),
                         chunk.data,
                         headers=headers,
                     )

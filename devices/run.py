@@ -14,11 +14,12 @@ import logging
 import signal
 import threading
 from types import FrameType
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from devices.client import FederatedClient, RoundCallback
 from devices.config import DeviceConfig
 from devices.transport import BusTransport, Transport
-from protocol.bus import connect
+from protocol.bus import Bus, connect
 
 log = logging.getLogger(__name__)
 
@@ -72,4 +73,23 @@ def _transport(config: DeviceConfig) -> Transport:
 
         assert config.gateway_url is not None
         return HttpTransport(config.gateway_url, bus=config.bus)
-    return BusTransport(connect(config.broker_url, config.bus))
+    bus = connect(config.broker_url, config.bus)
+    if config.broker_url.startswith("memory:"):
+        return BusTransport(bus)
+
+    def connect_as(user: str, password: str) -> Bus:
+        return connect(with_credentials(config.broker_url, user, password), config.bus)
+
+    return BusTransport(bus, connect_as)
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` (``amqp[s]://…``) with its user and password replaced."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -85,10 +85,16 @@ class Transport(ABC):
 
 
 class BusTransport(Transport):
-    """The device on the bus itself, as docs/architecture.md "Wire conventions" describes."""
+    """The device on the bus itself, as docs/architecture.md "Wire conventions" describes.
 
-    def __init__(self, bus: Bus) -> None:
+    With ``connect_as`` (user, password -> a new ``Bus`` to the same broker) the device asks
+    for a broker user of its own when it registers; if the orchestrator made one, the device
+    drops the shared enrollment connection and goes on as that user (protocol/permissions.py).
+    """
+
+    def __init__(self, bus: Bus, connect_as: Callable[[str, str], Bus] | None = None) -> None:
         self.bus = bus
+        self.connect_as = connect_as
 
     def register(
         self,
@@ -100,15 +106,25 @@ class BusTransport(Transport):
         poll_s: float,
         stopping: Callable[[], bool],
     ) -> Identity | None:
-        return wire.register(
+        ident = wire.register(
             self.bus,
             run_id,
             display_name,
             device_info=device_info,
+            broker_account=self.connect_as is not None,
             timeout_s=timeout_s,
             poll_s=poll_s,
             stopping=stopping,
         )
+        if ident is None:
+            return None
+        if ident.broker_user is not None and self.connect_as is not None:
+            own = self.connect_as(ident.broker_user, ident.token)
+            enrollment, self.bus = self.bus, own
+            with contextlib.suppress(BusError):
+                enrollment.close()
+        self.attach(ident)
+        return ident
 
     def attach(self, ident: Identity) -> None:
         topology.declare_device(self.bus, ident.client_id, ident.run_id)

@@ -38,6 +38,7 @@ class Identity:
     run_id: str
     client_id: str
     token: str
+    broker_user: str | None = None  # the device's own broker user (password: the token)
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,15 @@ def register(
     display_name: str,
     *,
     device_info: dict[str, Any] | None = None,
+    broker_account: bool = False,
     timeout_s: float = 30.0,
     poll_s: float = 0.1,
     stopping: Callable[[], bool] = lambda: False,
 ) -> Identity | None:
-    """Register once: a reply queue ``device.<reply_key>``, ``Register`` to ``fedmq.signals``,
-    ``Registered`` back; then declare ``device.<client_id>`` (bound to its key and the run's
-    broadcast) and delete the reply queue. None if ``stopping()`` turned true first;
+    """Register once: a reply queue ``device.<reply_key>``, ``Register`` to ``fedmq.signals``
+    (asking for a broker user of its own with ``broker_account``), ``Registered`` back, and
+    the reply queue deleted. The caller then declares ``device.<client_id>``, as its own
+    broker user if it got one (``BusTransport``). None if ``stopping()`` turned true first;
     ``TimeoutError`` after ``timeout_s`` without an answer."""
     reply_key = f"r{uuid.uuid4().hex[:16]}"
     reply_queue = topology.declare_device(bus, reply_key)
@@ -74,6 +77,7 @@ def register(
             display_name=display_name,
             reply_key=reply_key,
             device_info=dict(device_info or {}),
+            broker_account=broker_account,
         )
         bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(reply_key), reg.to_json()
@@ -91,8 +95,7 @@ def register(
             except MessageError:
                 continue  # not for us to act on; the next message may be the answer
             if msg.reply_key == reply_key:
-                topology.declare_device(bus, msg.client_id, run_id)
-                return Identity(run_id, msg.client_id, msg.token)
+                return Identity(run_id, msg.client_id, msg.token, msg.broker_user)
         return None
     finally:
         # A leftover reply queue is harmless; the next attempt uses a new key.
@@ -143,7 +146,7 @@ def publish_update(bus: Bus, meta: UpdateMeta, blob: bytes, chunk_size: int) -> 
     """The blob as chunks to ``fedmq.updates`` / ``update.<run>.<round>``, the ``UpdateMeta``
     JSON in ``x-fedmq-envelope`` of every chunk."""
     envelope = meta.model_dump_json()
-    key = topology.update_routing_key(meta.run_id, int(meta.round or 0))
+    key = topology.update_routing_key(meta.run_id, int(meta.round or 0), meta.client_id)
     for chunk in chunking.iter_chunks(blob, chunk_size):
         headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
         bus.publish(topology.UPDATES_EXCHANGE, key, chunk.data, headers=headers)

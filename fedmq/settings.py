@@ -106,6 +106,13 @@ class Settings(BaseSettings):
         description="Token required by control commands and routes (set your own outside a laptop)",
     )
     data_dir: Path = Field(Path(".fedmq"), description="Where embedded mode keeps its files")
+    broker_accounts_url: SecretStr | None = Field(
+        None,
+        description=(
+            "RabbitMQ management API (http://admin:password@host:15672) the orchestrator uses "
+            "to give every device its own broker user; unset: devices share one user"
+        ),
+    )
 
     # REST gateway (fedmq gateway; devices with --transport http)
     gateway_host: str = Field("127.0.0.1", description="Address the REST gateway listens on")

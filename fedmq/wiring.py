@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedmq.settings import Settings
+from orchestrator.accounts import BrokerAccounts
 from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.tasks import (
     CeleryTaskRunner,
@@ -109,4 +110,19 @@ def orchestrator_service(s: Settings, bus: Bus | None = None) -> OrchestratorSer
     from db.engine import make_engine, make_sessionmaker
 
     sessions = make_sessionmaker(make_engine(s.database_url))
-    return OrchestratorService(bus or open_bus(s), sessions, task_runner(s), orchestrator_config(s))
+    return OrchestratorService(
+        bus or open_bus(s),
+        sessions,
+        task_runner(s),
+        orchestrator_config(s),
+        accounts=broker_accounts(s),
+    )
+
+
+def broker_accounts(s: Settings) -> BrokerAccounts | None:
+    """Per-device broker users, when ``FEDMQ_BROKER_ACCOUNTS_URL`` names a management API."""
+    if s.broker_accounts_url is None or s.embedded:
+        return None
+    from orchestrator.accounts import ManagementAccounts, vhost_of
+
+    return ManagementAccounts(s.broker_accounts_url.get_secret_value(), vhost_of(s.broker_url))

@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import queries as q
 from db.engine import session_scope
+from orchestrator.outbox import revoke_account
 from orchestrator.state import Ignored, command_event
 from orchestrator.store import record_and_publish, step_run
 from protocol.bus import Delivery
-from protocol.messages import Command, MessageError, parse_as
+from protocol.messages import Command, CommandAction, MessageError, parse_as
 
 RESULT = "command.result"
 
@@ -60,6 +61,8 @@ class Control:
                 refusal = res.refusal
                 ok = refusal is None or isinstance(refusal, Ignored)
                 reason = None if refusal is None else refusal.reason
+                if refusal is None and cmd.action is CommandAction.KICK and cmd.target_client:
+                    revoke_account(s, cmd.run_id, cmd.target_client)
             record_and_publish(
                 s,
                 cmd.run_id if res is not None else None,

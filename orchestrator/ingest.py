@@ -79,7 +79,7 @@ class Ingest:
             raise Refuse(f"malformed update envelope: {e}") from None
         if meta.blob_sha256 != chunk.sha256 or meta.blob_bytes != chunk.size:
             raise Refuse("the envelope's blob_sha256/blob_bytes do not match the chunk's")
-        if d.routing_key != topology.update_routing_key(meta.run_id, meta.round):
+        if d.routing_key != topology.update_routing_key(meta.run_id, meta.round, meta.client_id):
             raise Refuse(f"routing key {d.routing_key!r} does not match run and round")
         return chunk, meta
 

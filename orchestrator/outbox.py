@@ -21,6 +21,7 @@ from db import blobstore
 from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
+from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.tasks import TaskRunner
 from protocol import chunking, topology
 from protocol.bus import Bus, BusError
@@ -67,6 +68,11 @@ def send_to_device(s: Session, run_id: str, key: str, body: bytes, message_id: s
     )
 
 
+def revoke_account(s: Session, run_id: str, client_id: str) -> None:
+    """Queue the deletion of ``client_id``'s broker user (a no-op without accounts)."""
+    oq.add_outbox(s, run_id, "revoke_account", {"client_id": client_id})
+
+
 def notify_device(s: Session, ev: Event) -> None:
     """Queue a notice ``ev`` to the device ``ev.client_id`` of run ``ev.run_id``."""
     assert ev.client_id is not None and ev.run_id is not None
@@ -89,11 +95,13 @@ class Outbox:
         tasks: TaskRunner,
         *,
         chunk_size: int = chunking.DEFAULT_CHUNK_SIZE,
+        accounts: BrokerAccounts | None = None,
     ) -> None:
         self.bus = bus
         self.sessions = sessions
         self.tasks = tasks
         self.chunk_size = chunk_size
+        self.accounts = accounts
         # One drainer per process at a time; other processes skip locked rows (Postgres).
         self._lock = threading.Lock()
 
@@ -119,7 +127,7 @@ class Outbox:
                     for item in sorted(items, key=lambda i: (i.kind != "task", i.id)):
                         try:
                             self._send(item)
-                        except BusError:
+                        except (BusError, AccountError):
                             raise  # the broker is away: retried on the next tick
                         except Exception:
                             # A bad item must not block all after it for ever.
@@ -164,6 +172,9 @@ class Outbox:
             )
         elif item.kind == "task":
             self.tasks.send(p["name"], list(p["args"]), p["task_id"], p["queue"])
+        elif item.kind == "revoke_account":
+            if self.accounts is not None:
+                self.accounts.revoke(p["client_id"])
         elif item.kind == "broadcast":
             with session_scope(self.sessions) as s:
                 self._broadcast(s, item)

@@ -22,6 +22,7 @@ from db import blobstore
 from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
+from orchestrator.accounts import BrokerAccounts
 from orchestrator.control import Control
 from orchestrator.ingest import Ingest
 from orchestrator.outbox import Outbox
@@ -69,15 +70,16 @@ class OrchestratorService:
         config: ServiceConfig,
         *,
         clock: Callable[[], float] = time.time,
+        accounts: BrokerAccounts | None = None,
     ) -> None:
         self.bus = bus
         self.sessions = sessions
         self.tasks = tasks
         self.config = config
         self.clock = clock
-        self.outbox = Outbox(bus, sessions, tasks, chunk_size=config.chunk_size)
+        self.outbox = Outbox(bus, sessions, tasks, chunk_size=config.chunk_size, accounts=accounts)
         drain = self._drain_soon
-        self.signals = Signals(sessions, drain, config.max_message_bytes, clock)
+        self.signals = Signals(sessions, drain, config.max_message_bytes, clock, accounts)
         self.ingest = Ingest(sessions, config.decode_limits, drain, clock)
         self.control = Control(sessions, config.operator_token, drain, clock)
         self._consumers: list[Consumer] = []

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
+from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
@@ -38,6 +39,8 @@ class Signals:
     after_commit: Callable[[], None]
     max_message_bytes: int = 1 << 20
     clock: Callable[[], float] = time.time
+    # Per-device broker users (orchestrator/accounts.py); None: devices share one user.
+    accounts: BrokerAccounts | None = None
 
     def handle(self, d: Delivery) -> None:
         try:
@@ -60,6 +63,24 @@ class Signals:
         self.after_commit()
 
     def _register(self, msg: Register) -> str | None:
+        try:
+            return self._enroll(msg)
+        except AccountError as e:
+            # Nothing of the registration committed; the device times out and registers
+            # again (with a new reply key) once the broker's management API answers.
+            reason = f"no broker account could be made: {e}"
+            log.warning("registration for run %s refused: %s", msg.run_id, reason)
+            with session_scope(self.sessions) as s:
+                record_and_publish(
+                    s,
+                    msg.run_id,
+                    "register.rejected",
+                    message_id=msg.message_id,
+                    detail={"reason": reason, "run_id": msg.run_id},
+                )
+            return reason
+
+    def _enroll(self, msg: Register) -> str | None:
         token = secrets.token_urlsafe(32)
         with session_scope(self.sessions) as s:
             if not q.mark_message_processed(s, msg.message_id):
@@ -81,8 +102,17 @@ class Signals:
             )
             if res is not None and isinstance(res.refusal, Rejected):
                 return res.refusal.reason
+            broker_user = None
+            if self.accounts is not None and msg.broker_account:
+                # Made before the reply is queued: the device connects as it at once. If this
+                # transaction then fails, the user is orphaned with a token no one knows.
+                broker_user = self.accounts.provision(cid, token)
             reply = Registered(
-                run_id=msg.run_id, client_id=cid, reply_key=msg.reply_key, token=token
+                run_id=msg.run_id,
+                client_id=cid,
+                reply_key=msg.reply_key,
+                token=token,
+                broker_user=broker_user,
             )
             send_to_device(s, msg.run_id, msg.reply_key, reply.to_json(), reply.message_id)
         return None

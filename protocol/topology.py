@@ -80,10 +80,12 @@ def signal_routing_key(client_id: str) -> str:
     return f"signal.{_word('client id', client_id)}"
 
 
-def update_routing_key(run_id: str, round: int) -> str:
+def update_routing_key(run_id: str, round: int, client_id: str) -> str:
+    """``update.<run>.<round>.<client>``: the sender's id is in the key so that the broker's
+    topic permissions can hold a per-device user to its own updates."""
     if isinstance(round, bool) or not isinstance(round, int) or round < 0:
         raise ValueError(f"round {round!r} must be a non-negative int")
-    return f"update.{_word('run id', run_id)}.{round}"
+    return f"update.{_word('run id', run_id)}.{round}.{_word('client id', client_id)}"
 
 
 def device_queue(client_id: str) -> str:
@@ -192,7 +194,7 @@ def default_topology() -> Topology:
         ),
         bindings=(
             Binding(SIGNALS_EXCHANGE, SIGNALS_QUEUE, "signal.*"),
-            Binding(UPDATES_EXCHANGE, UPDATES_QUEUE, "update.*.*"),
+            Binding(UPDATES_EXCHANGE, UPDATES_QUEUE, "update.*.*.*"),
             Binding(CONTROL_EXCHANGE, CONTROL_QUEUE, CONTROL_ROUTING_KEY),
             Binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
         ),
@@ -200,12 +202,16 @@ def default_topology() -> Topology:
 
 
 def device_topology(client_id: str, run_id: str | None = None) -> Topology:
-    """One device's durable queue, bound to its own key and (when known) its run's broadcast."""
+    """One device's durable queue, bound to its own key and (when known) its run's broadcast.
+
+    No exchanges: they are the orchestrator's (or the broker definitions'), and a device user
+    has no right to declare them (protocol/permissions.py). A device that comes up before the
+    orchestrator ever declared them gets a ``BusError`` here and retries."""
     queue = device_queue(client_id)
     bindings = [Binding(DEVICES_EXCHANGE, queue, device_routing_key(client_id))]
     if run_id is not None:
         bindings.append(Binding(DEVICES_EXCHANGE, queue, broadcast_routing_key(run_id)))
-    return exchanges() + Topology(queues=(Queue(queue),), bindings=tuple(bindings))
+    return Topology(queues=(Queue(queue),), bindings=tuple(bindings))
 
 
 def observer_topology(observer_id: str) -> Topology:

@@ -10,11 +10,17 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
+from hypothesis import settings
 from sqlalchemy import create_engine, make_url, text
 
 from tests.services import Services, ServiceUnavailable, discover
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# Tests check correctness, not time: on a loaded 2-core machine hypothesis's default 200 ms
+# per-example deadline failed a chunking property that passes in 1 s alone.
+settings.register_profile("fedmq", deadline=None)
+settings.load_profile("fedmq")
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +37,16 @@ def services() -> Iterator[Services]:
 
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def management_url(services: Services) -> str:
+    """RabbitMQ's management API as an administrator (per-device broker users)."""
+    if services.management_url is None:
+        if IN_CI:
+            pytest.fail("CI=true and RabbitMQ's management API is not available")
+        pytest.skip("needs RabbitMQ's management API (rabbitmq-plugins enable rabbitmq_management)")
+    return services.management_url
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 
 LOCAL_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 LOCAL_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+LOCAL_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672"
 
 
 class ServiceUnavailable(RuntimeError):
@@ -56,6 +57,22 @@ def _start_local_rabbitmq() -> bool:
     return _wait_port("127.0.0.1", 5672, 60)
 
 
+def _enable_local_management() -> bool:
+    """The management API (per-device broker users, tests/faults/test_broker_accounts.py):
+    enabling the plugin is online and idempotent, and takes a few seconds the first time."""
+    if port_open("127.0.0.1", 15672):
+        return True
+    if not shutil.which("rabbitmq-plugins"):
+        return False
+    subprocess.run(
+        ["rabbitmq-plugins", "enable", "rabbitmq_management"],
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
+    return _wait_port("127.0.0.1", 15672, 60)
+
+
 def _start_local_postgres() -> bool:
     if port_open("127.0.0.1", 5432):
         return True
@@ -86,6 +103,8 @@ class Services:
     database_url: str
     local_rabbitmq: bool  # rabbitmqctl can make a vhost per test
     _containers: list[Any] = field(default_factory=list)
+    # RabbitMQ's management API with an administrator (http://user:password@host:port).
+    management_url: str | None = None
 
     def stop(self) -> None:
         for c in self._containers:
@@ -97,19 +116,22 @@ def discover() -> Services:
     pg = os.environ.get("FEDMQ_TEST_DATABASE_URL")
     containers: list[Any] = []
     local_rabbit = False
+    management = os.environ.get("FEDMQ_TEST_MANAGEMENT_URL")
     if amqp is None and _start_local_rabbitmq():
         amqp, local_rabbit = LOCAL_AMQP_URL, shutil.which("rabbitmqctl") is not None
+        if management is None and _enable_local_management():
+            management = LOCAL_MANAGEMENT_URL
     if pg is None and _start_local_postgres():
         pg = LOCAL_PG_URL
     if (amqp is None or pg is None) and _docker_answers():
         if amqp is None:
             from testcontainers.rabbitmq import RabbitMqContainer
 
-            rc = RabbitMqContainer("rabbitmq:3.13-management").start()
+            rc = RabbitMqContainer("rabbitmq:3.13-management").with_exposed_ports(15672).start()
             containers.append(rc)
-            amqp = (
-                f"amqp://guest:guest@{rc.get_container_host_ip()}:{rc.get_exposed_port(5672)}/%2F"
-            )
+            host = rc.get_container_host_ip()
+            amqp = f"amqp://guest:guest@{host}:{rc.get_exposed_port(5672)}/%2F"
+            management = f"http://guest:guest@{host}:{rc.get_exposed_port(15672)}"
         if pg is None:
             from testcontainers.postgres import PostgresContainer
 
@@ -124,7 +146,7 @@ def discover() -> Services:
             "rabbitmq-server postgresql), or run a Docker engine for testcontainers."
         )
     assert amqp is not None and pg is not None
-    return Services(amqp, pg, local_rabbit, containers)
+    return Services(amqp, pg, local_rabbit, containers, management)
 
 
 if __name__ == "__main__":

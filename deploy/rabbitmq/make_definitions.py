@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from protocol import topology
+from protocol import permissions, topology
 
 VHOST = "fedmq"
 HERE = Path(__file__).resolve().parent
@@ -81,27 +81,29 @@ PERMISSIONS: dict[str, tuple[str, str, str]] = {
         _any(r"fedmq\.(control|dead)", _ORCH_Q),
         _any(r"fedmq\.(signals|updates|control|dead)"),
     ),
-    # declare_device() declares every exchange (configure), its own queue, and binds it;
-    # publishes signals and updates; a handler failure publishes a copy to fedmq.dead.
+    # The shared enrollment user: registration only (a reply queue device.r<16 hex> and a
+    # Register under signal.r<16 hex>). The orchestrator then makes each device a user of its
+    # own through the management API (the accounts user below, FEDMQ_BROKER_ACCOUNTS_URL),
+    # held to its own routing keys and queue: protocol/permissions.py.
     "device": (
-        _any(_EXCHANGES, _DEVICE_Q),
-        _any(r"fedmq\.(signals|updates|dead)", _DEVICE_Q),
-        _any(r"fedmq\.devices", _DEVICE_Q),
+        permissions.enrollment().configure,
+        permissions.enrollment().write,
+        permissions.enrollment().read,
     ),
 }
 
 # user -> [(exchange, write routing keys, read binding keys)] for topic exchanges. RabbitMQ
 # checks binding keys on topic exchanges against "read": a device may bind its queue only to
 # device.<id> and broadcast.<run>, never to "#" (everyone's registrations and notices).
-_DEVICE_TOPICS = [
-    (topology.SIGNALS_EXCHANGE, rf"^signal\.{_WORD}$", "^$"),
-    (topology.UPDATES_EXCHANGE, rf"^update\.{_WORD}\.[0-9]+$", "^$"),
-    (topology.DEVICES_EXCHANGE, "^$", rf"^(device|broadcast)\.{_WORD}$"),
-]
+_DEVICE_TOPICS = [(t.exchange, t.write, t.read) for t in permissions.enrollment().topics]
 # The gateway's topology.declare() also binds the orchestrator's queues with their wildcards.
 _GATEWAY_TOPICS = [
     (topology.SIGNALS_EXCHANGE, rf"^signal\.{_WORD}$", r"^signal\.\*$"),
-    (topology.UPDATES_EXCHANGE, rf"^update\.{_WORD}\.[0-9]+$", r"^update\.\*\.\*$"),
+    (
+        topology.UPDATES_EXCHANGE,
+        rf"^update\.{_WORD}\.[0-9]+\.{_WORD}$",
+        r"^update\.\*\.\*\.\*$",
+    ),
     (topology.DEVICES_EXCHANGE, "^$", rf"^(device|broadcast)\.{_WORD}$"),
 ]
 TOPIC_PERMISSIONS: dict[str, list[tuple[str, str, str]]] = {
@@ -109,7 +111,11 @@ TOPIC_PERMISSIONS: dict[str, list[tuple[str, str, str]]] = {
     "gateway": _GATEWAY_TOPICS,
 }
 
-ADMIN = "admin"  # management UI and operators; the only administrator
+ADMIN = "admin"  # management UI and operators
+# The orchestrator's management-API user that creates and deletes per-device users. RabbitMQ
+# lets only the administrator tag manage users; it gets no permission on any vhost, so it
+# cannot speak AMQP there.
+ACCOUNTS = "accounts"
 
 
 def dev_password(user: str) -> str:
@@ -133,14 +139,14 @@ def check_password(stored_hash: str, password: str) -> bool:
 
 def render(env: dict[str, str]) -> dict[str, Any]:
     topo = topology.default_topology()
-    users = [ADMIN, *PERMISSIONS]
+    users = [ADMIN, ACCOUNTS, *PERMISSIONS]
     return {
         "users": [
             {
                 "name": u,
                 "password_hash": password_hash(u, password_for(u, env)),
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": ["administrator"] if u == ADMIN else [],
+                "tags": ["administrator"] if u in (ADMIN, ACCOUNTS) else [],
                 "limits": {},
             }
             for u in users

@@ -125,7 +125,7 @@ class Bridge:
     def publish_update(self, meta: UpdateMeta, blob: bytes) -> None:
         """The blob as chunks to ``fedmq.updates``, ``UpdateMeta`` in every chunk's headers."""
         envelope = meta.model_dump_json()
-        key = topology.update_routing_key(meta.run_id, int(meta.round or 0))
+        key = topology.update_routing_key(meta.run_id, int(meta.round or 0), meta.client_id)
 
         def send() -> None:
             for chunk in chunking.iter_chunks(blob, self.chunk_size):

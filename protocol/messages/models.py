@@ -30,15 +30,22 @@ class Register(Envelope):
     display_name: Name
     reply_key: Ident
     device_info: Detail = Field(default_factory=dict)
+    # Asks for a broker user of its own (protocol/permissions.py); a device on the shared
+    # enrollment user can do nothing after registering without one.
+    broker_account: bool = False
 
 
 class Registered(Envelope):
-    """The orchestrator's answer: the de-identified client id and its secret token."""
+    """The orchestrator's answer: the de-identified client id and its secret token.
+
+    ``broker_user`` is set when the orchestrator created the device's own broker user (its
+    password is the token): the device reconnects as that user before anything else."""
 
     type: Literal["registered"] = "registered"
     client_id: Ident
     reply_key: Ident
     token: Token
+    broker_user: Ident | None = None
 
 
 class Signal(Envelope):

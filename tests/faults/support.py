@@ -85,7 +85,7 @@ class RawUpdate:
     def publish(self, h: Harness, first: int = 0, last: int | None = None) -> int:
         """Publish chunks ``[first, last)``; returns how many went out."""
         envelope = self.meta.model_dump_json()
-        key = topology.update_routing_key(self.meta.run_id, self.meta.round)
+        key = topology.update_routing_key(self.meta.run_id, self.meta.round, self.meta.client_id)
         part = self.chunks[first:last]
         for chunk in part:
             headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}

@@ -111,7 +111,7 @@ def signal_corpus(h: Harness, good: LightClient, other: LightClient) -> list[Pub
 def _chunks(
     h: Harness, meta: UpdateMeta, blob: bytes, *, size: int = 1 << 20, key: str | None = None
 ) -> list[Published]:
-    key = key or topology.update_routing_key(meta.run_id, meta.round)
+    key = key or topology.update_routing_key(meta.run_id, meta.round, meta.client_id)
     env = meta.model_dump_json()
     return [
         (topology.UPDATES_EXCHANGE, key, c.data, {**chunking.to_headers(c), ENVELOPE_HEADER: env})
@@ -140,7 +140,7 @@ def update_corpus(h: Harness, good: LightClient, other: LightClient) -> list[lis
     """Each entry: the messages of one bad update (one or more chunks)."""
     base = good.models[0]
     ok = make_update(good, 1, 0)
-    key = topology.update_routing_key(h.run_id, 1)
+    key = topology.update_routing_key(h.run_id, 1, good.client_id)
     headers = {**chunking.to_headers(ok.chunks[0]), ENVELOPE_HEADER: ok.meta.model_dump_json()}
     env = json.loads(ok.meta.model_dump_json())
 
@@ -274,7 +274,7 @@ def update_corpus(h: Harness, good: LightClient, other: LightClient) -> list[lis
                 {**headers, ENVELOPE_HEADER: json.dumps({**env, "blob_sha256": "0" * 64})},
             )
         ],
-        _chunks(h, ok.meta, ok.blob, key=topology.update_routing_key(h.run_id, 7)),
+        _chunks(h, ok.meta, ok.blob, key=topology.update_routing_key(h.run_id, 7, good.client_id)),
         _chunks(h, _meta_for(good, ok.blob, token=other.token), ok.blob),  # another's token
         _chunks(h, _meta_for(good, ok.blob, round=5), ok.blob),  # a round that never was
         _chunks(h, _meta_for(good, ok.blob, base_model_version=9), ok.blob),
@@ -293,7 +293,7 @@ def gap_update(good: LightClient) -> list[Published]:
     u = make_update(good, 1, 0, seed=13)
     cs = chunking.split(u.blob, (len(u.blob) + 2) // 3)
     assert len(cs) == 3
-    key = topology.update_routing_key(u.meta.run_id, 1)
+    key = topology.update_routing_key(u.meta.run_id, 1, u.meta.client_id)
     env = u.meta.model_dump_json()
     return [
         (topology.UPDATES_EXCHANGE, key, c.data, {**chunking.to_headers(c), ENVELOPE_HEADER: env})
@@ -427,7 +427,7 @@ def test_every_consumer_refuses_bad_input_and_keeps_consuming(
         generated_updates = [
             (
                 topology.UPDATES_EXCHANGE,
-                topology.update_routing_key(h.run_id, 1),
+                topology.update_routing_key(h.run_id, 1, good.client_id),
                 ok.chunks[0].data,
                 {
                     **chunking.to_headers(ok.chunks[0]),

@@ -1,23 +1,19 @@
 """Device permissions on the real local RabbitMQ, in a scratch vhost with scratch users.
 
-1. The shipped shared ``device`` user (deploy/rabbitmq/make_definitions.py: its permissions
-   and topic permissions, applied as they are): refused a command, the orchestrator's queue,
-   binding ``#`` on ``fedmq.devices`` and routing keys outside ``signal.<id>`` /
-   ``update.<run>.<round>``. Its documented limit is pinned too: one shared user may publish
-   under another client's routing key and read another's queue if it knows the id; what
-   stops it speaking for another client is the per-client token the orchestrator checks
-   (tests/faults/test_wire_faults.py, test_bad_input.py).
-2. Per-device users (one user per client id): with the client id written into the
-   permission regexes and ``{username}`` in the topic permissions (RabbitMQ expands it in
-   topic permissions only, not in the plain ones), a device cannot publish to another's
-   routing key nor read another's queue. This is the recipe deploy/README.md points to for
-   per-device isolation.
+1. The shipped shared ``device`` user (deploy/rabbitmq/make_definitions.py, from
+   ``protocol.permissions.enrollment``, applied as it is) may register and nothing else: its
+   own reply queue and a ``Register`` under ``signal.r<16 hex>``; no registered client's
+   routing key or queue, no updates, nothing of the orchestrator's.
+2. Per-device users made the way the orchestrator makes them (``ManagementAccounts``
+   against the real management API, ``protocol.permissions.device_account``): a device
+   cannot publish under another's routing key, read or bind another's queue, or touch the
+   orchestrator's side; a revoked user cannot log in.
+tests/faults/test_broker_accounts.py runs a whole federation that way.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
 import shutil
 import subprocess
 import uuid
@@ -30,6 +26,7 @@ import pika
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
+from orchestrator.accounts import ManagementAccounts
 from protocol import topology
 from protocol.bus import connect
 
@@ -133,62 +130,82 @@ def bind(queue: str, key: str) -> Callable[[BlockingChannel], object]:
     return lambda ch: ch.queue_bind(queue, topology.DEVICES_EXCHANGE, key)
 
 
-def test_the_shared_device_user_is_fenced_off_the_orchestrators_side(broker: Broker) -> None:
+def declare(queue: str) -> Callable[[BlockingChannel], object]:
+    args = {"x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE}
+    return lambda ch: ch.queue_declare(queue, durable=True, arguments=args)
+
+
+def declare_exchange(name: str) -> Callable[[BlockingChannel], object]:
+    return lambda ch: ch.exchange_declare(name, "topic", durable=True)
+
+
+REPLY_KEY = "r0123456789abcdef"  # what devices/wire.py makes
+
+
+def test_the_shared_device_user_may_only_register(broker: Broker) -> None:
     d = _definitions()
     user = broker.user(
         f"device-{uuid.uuid4().hex[:6]}", d.PERMISSIONS["device"], d.TOPIC_PERMISSIONS["device"]
     )
     ok = broker.attempt
-    a, b = broker.alice, broker.bob
-    # What a device does.
-    assert ok(user, publish(topology.SIGNALS_EXCHANGE, f"signal.{a}"))
-    assert ok(user, publish(topology.UPDATES_EXCHANGE, "update.run1.3"))
-    assert ok(user, read(f"device.{a}"))
-    assert ok(user, bind(f"device.{a}", f"device.{a}"))
-    # What it must not.
+    a = broker.alice
+    reply = f"device.{REPLY_KEY}"
+    # Registration: its reply queue, bound to its reply key, and a Register.
+    assert ok(user, declare(reply))
+    assert ok(user, bind(reply, f"device.{REPLY_KEY}"))
+    assert ok(user, read(reply))
+    assert ok(user, publish(topology.SIGNALS_EXCHANGE, f"signal.{REPLY_KEY}"))
+    # Nothing a registered device does, nor the orchestrator's side.
+    assert not ok(user, publish(topology.SIGNALS_EXCHANGE, f"signal.{a}"))
+    assert not ok(user, publish(topology.UPDATES_EXCHANGE, f"update.run1.3.{a}"))
+    assert not ok(user, read(f"device.{a}"))
+    assert not ok(user, bind(reply, f"device.{a}"))
+    assert not ok(user, bind(reply, "broadcast.run1"))
+    assert not ok(user, bind(reply, "#"))
     assert not ok(user, publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY))
-    assert not ok(user, publish(topology.DEVICES_EXCHANGE, f"device.{b}"))
-    assert not ok(user, publish(topology.SIGNALS_EXCHANGE, "signal.#"))
-    assert not ok(user, publish(topology.UPDATES_EXCHANGE, "update.run1.not-a-round"))
+    assert not ok(user, publish(topology.DEVICES_EXCHANGE, f"device.{a}"))
     assert not ok(user, read(topology.SIGNALS_QUEUE))
     assert not ok(user, read(topology.UPDATES_QUEUE))
     assert not ok(user, read(topology.DEAD_LETTER_QUEUE))
-    assert not ok(user, bind(f"device.{a}", "#"))
-    assert not ok(user, bind(f"device.{a}", "device.*"))
-    # The documented limit of one shared user (deploy/README.md): the broker cannot tell
-    # devices apart, so isolation between them rests on the per-client token.
-    assert ok(user, publish(topology.SIGNALS_EXCHANGE, f"signal.{b}"))
-    assert ok(user, read(f"device.{b}"))
+    assert not ok(user, declare_exchange(topology.SIGNALS_EXCHANGE))
 
 
-def per_device(client_id: str) -> tuple[tuple[str, str, str], list[tuple[str, str, str]]]:
-    """Permissions of a user named after its client id."""
-    own = re.escape(f"device.{client_id}")
-    ex = r"fedmq\.(signals|updates|control|devices|events|dead)"
-    perms = (
-        f"^({ex}|{own})$",
-        rf"^(fedmq\.(signals|updates|dead)|{own})$",
-        rf"^(fedmq\.devices|{own})$",
-    )
-    topics = [
-        (topology.SIGNALS_EXCHANGE, r"^signal\.{username}$", "^$"),
-        (topology.UPDATES_EXCHANGE, r"^update\.[A-Za-z0-9_-]+\.[0-9]+$", "^$"),
-        (topology.DEVICES_EXCHANGE, "^$", r"^(device\.{username}|broadcast\.[A-Za-z0-9_-]+)$"),
-    ]
-    return perms, topics
-
-
-def test_per_device_users_cannot_speak_for_or_read_another_device(broker: Broker) -> None:
-    alice = broker.user(broker.alice, *per_device(broker.alice))
-    ok = broker.attempt
+def test_provisioned_device_users_cannot_speak_for_or_read_another_device(
+    broker: Broker, management_url: str
+) -> None:
+    """Users made the way the orchestrator makes them (ManagementAccounts, the real
+    management API): each is held to its own keys and queue by the broker itself."""
+    accounts = ManagementAccounts(management_url, broker.vhost)
     a, b = broker.alice, broker.bob
-    assert ok(alice, publish(topology.SIGNALS_EXCHANGE, f"signal.{a}"))
-    assert ok(alice, read(f"device.{a}"))
-    assert ok(alice, bind(f"device.{a}", f"device.{a}"))
-    assert ok(alice, bind(f"device.{a}", "broadcast.run1"))
-    assert not ok(alice, publish(topology.SIGNALS_EXCHANGE, f"signal.{b}"))
-    assert not ok(alice, read(f"device.{b}"))
-    assert not ok(alice, bind(f"device.{a}", f"device.{b}"))
-    assert not ok(alice, bind(f"device.{a}", "#"))
-    assert not ok(alice, publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY))
-    assert not ok(alice, read(topology.SIGNALS_QUEUE))
+    try:
+        for cid in (a, b):
+            accounts.provision(cid, PASSWORD)
+            broker.users.append(cid)
+        ok = broker.attempt
+        # What a device does.
+        assert ok(a, declare(f"device.{a}"))
+        assert ok(a, bind(f"device.{a}", f"device.{a}"))
+        assert ok(a, bind(f"device.{a}", "broadcast.run1"))
+        assert ok(a, read(f"device.{a}"))
+        assert ok(a, publish(topology.SIGNALS_EXCHANGE, f"signal.{a}"))
+        assert ok(a, publish(topology.UPDATES_EXCHANGE, f"update.run1.3.{a}"))
+        # Another device's keys and queue.
+        assert not ok(a, publish(topology.SIGNALS_EXCHANGE, f"signal.{b}"))
+        assert not ok(a, publish(topology.UPDATES_EXCHANGE, f"update.run1.3.{b}"))
+        assert not ok(a, read(f"device.{b}"))
+        assert not ok(a, declare(f"device.{b}"))
+        assert not ok(a, bind(f"device.{a}", f"device.{b}"))
+        assert not ok(a, bind(f"device.{a}", "#"))
+        # The orchestrator's side.
+        assert not ok(a, publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY))
+        assert not ok(a, publish(topology.DEVICES_EXCHANGE, f"device.{a}"))
+        assert not ok(a, read(topology.SIGNALS_QUEUE))
+        assert not ok(a, declare_exchange(topology.SIGNALS_EXCHANGE))
+        # Revoked: the user is gone (and so is anything it could do).
+        accounts.revoke(a)
+        assert not accounts.exists(a)
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            ok(a, read(f"device.{a}"))
+        accounts.revoke(a)  # twice is fine
+    finally:
+        accounts.close()

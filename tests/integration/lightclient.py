@@ -245,7 +245,7 @@ class LightClient:
             metrics={"loss": 0.5},
         )
         envelope = meta.model_dump_json()
-        key = topology.update_routing_key(self.run_id, round)
+        key = topology.update_routing_key(self.run_id, round, self.client_id)
         for chunk in chunking.iter_chunks(blob, self.chunk_size):
             headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
             self.bus.publish(topology.UPDATES_EXCHANGE, key, chunk.data, headers=headers)

@@ -22,6 +22,7 @@ from db import blobstore, migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models import ClientState, Participation, Round
+from orchestrator.accounts import BrokerAccounts
 from orchestrator.runs import create_run
 from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.state import RoundPolicy
@@ -44,12 +45,15 @@ class Procs:
     logs: Path
     procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = field(default_factory=list)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``python *args`` with the harness's environment, updated with ``env``."""
         log = (self.logs / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, *args],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -65,8 +69,10 @@ class Procs:
             *("--without-gossip", "--without-mingle", "--without-heartbeat"),
         )
 
-    def orchestrator(self, name: str = "orchestrator") -> subprocess.Popen[bytes]:
-        return self.start(name, "-m", "fedmq.cli", "orchestrator")
+    def orchestrator(
+        self, name: str = "orchestrator", env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self.start(name, "-m", "fedmq.cli", "orchestrator", env=env)
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -106,10 +112,12 @@ class Harness:
             )
         return self.run_id
 
-    def start_service(self) -> OrchestratorService:
+    def start_service(self, accounts: BrokerAccounts | None = None) -> OrchestratorService:
         tasks = CeleryTaskRunner(self.amqp_url, result_backend_url(self.db_url))
         config = ServiceConfig(operator_token=OPERATOR_TOKEN, tick_s=0.3, task_timeout_s=60)
-        self.service = OrchestratorService(self.bus, self.sessions, tasks, config)
+        self.service = OrchestratorService(
+            self.bus, self.sessions, tasks, config, accounts=accounts
+        )
         self.service.start()
         return self.service
 

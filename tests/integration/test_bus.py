@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 # Short backoffs keep the reconnect test fast; a real deployment uses the defaults.
 FAST = BusConfig(reconnect_backoff_s=0.05, reconnect_backoff_max_s=0.5, reconnect_attempts=40)
 WAIT_S = 20.0
-KEY = t.update_routing_key("run1", 1)
+KEY = t.update_routing_key("run1", 1, "client1")
 
 
 @pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.integration)])

@@ -141,7 +141,7 @@ def test_malformed_bad_token_and_round_not_open_are_dead_lettered(h: Harness) ->
     headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: "{not json"}
     h.bus.publish(
         topology.UPDATES_EXCHANGE,
-        topology.update_routing_key(h.run_id, 1),
+        topology.update_routing_key(h.run_id, 1, c.client_id),
         chunk.data,
         headers=headers,
     )

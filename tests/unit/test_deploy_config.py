@@ -238,6 +238,7 @@ def test_every_fedmq_variable_in_compose_env_example_and_images_is_a_setting() -
 
 # Settings compose sets per service (or leaves to the image's own default on purpose).
 PER_SERVICE = {
+    "FEDMQ_BROKER_ACCOUNTS_URL",  # the orchestrator's alone
     "FEDMQ_BROKER_URL",
     "FEDMQ_DATABASE_URL",
     "FEDMQ_OPERATOR_TOKEN",
@@ -387,10 +388,11 @@ def test_each_service_has_its_own_user_without_administrator_rights() -> None:
     ("user", "kind", "name", "allowed"),
     [
         ("device", "write", "fedmq.signals", True),
-        ("device", "write", "fedmq.updates", True),
+        ("device", "write", "fedmq.updates", False),  # enrollment only: no updates
         ("device", "write", "fedmq.control", False),  # only operators send commands
         ("device", "read", "orchestrator.updates", False),
-        ("device", "read", "device.abc", True),
+        ("device", "read", "device.abc", False),  # a client's queue: not the enrollment user's
+        ("device", "read", "device.r0123456789abcdef", True),  # a reply queue
         ("device", "configure", "orchestrator.signals", False),
         ("worker", "configure", "fedmq.signals", False),
         ("worker", "read", "aggregate", True),
@@ -418,21 +420,38 @@ def test_permissions_grant_what_the_service_does_and_nothing_else(
     assert bool(re.search(p[kind], name)) is allowed
 
 
-def test_devices_may_bind_only_their_own_kind_of_key_on_the_devices_exchange() -> None:
+def test_the_shared_device_user_may_only_register() -> None:
     topic = {
         (t["user"], t["exchange"]): t
         for t in definitions()["topic_permissions"]
         if t["user"] == "device"
     }
+    reply_key = "r0123456789abcdef"
+    client_id = "0123456789abcdef0123456789abcdef"  # what register_client makes (uuid4 hex)
     devices = topic[("device", topology.DEVICES_EXCHANGE)]
-    assert re.search(devices["read"], topology.device_routing_key("c1"))
-    assert re.search(devices["read"], topology.broadcast_routing_key("run1"))
+    assert re.search(devices["read"], topology.device_routing_key(reply_key))
+    assert not re.search(devices["read"], topology.device_routing_key(client_id))
+    assert not re.search(devices["read"], topology.broadcast_routing_key("run1"))
     assert not re.search(devices["read"], "#")
     assert not re.search(devices["read"], "device.*")
     signals = topic[("device", topology.SIGNALS_EXCHANGE)]
-    assert re.search(signals["write"], topology.signal_routing_key("c1"))
+    assert re.search(signals["write"], topology.signal_routing_key(reply_key))
+    assert not re.search(signals["write"], topology.signal_routing_key(client_id))
     updates = topic[("device", topology.UPDATES_EXCHANGE)]
-    assert re.search(updates["write"], topology.update_routing_key("run1", 3))
+    assert not re.search(updates["write"], topology.update_routing_key("run1", 3, client_id))
+
+
+def test_the_orchestrator_can_manage_device_users_and_nothing_else_can() -> None:
+    d = definitions()
+    admins = {u["name"] for u in d["users"] if "administrator" in u["tags"]}
+    assert admins == {"admin", "accounts"}
+    assert not [p for p in d["permissions"] if p["user"] == "accounts"]  # no AMQP anywhere
+    orchestrator = services()["orchestrator"]
+    url = with_defaults(environment(orchestrator)["FEDMQ_BROKER_ACCOUNTS_URL"])
+    assert url.startswith("http://accounts:accounts-dev-password@rabbitmq:15672")
+    for name, service in services().items():
+        if name != "orchestrator":
+            assert "FEDMQ_BROKER_ACCOUNTS_URL" not in environment(service), name
 
 
 def broker_urls() -> Iterator[tuple[str, str]]:

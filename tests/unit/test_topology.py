@@ -19,7 +19,7 @@ def test_names_follow_the_design_table() -> None:
     assert t.device_queue("c1") == "device.c1"
     assert t.device_routing_key("c1") == "device.c1"
     assert t.broadcast_routing_key("run-7") == "broadcast.run-7"
-    assert t.update_routing_key("run-7", 3) == "update.run-7.3"
+    assert t.update_routing_key("run-7", 3, "c1") == "update.run-7.3.c1"
     assert t.signal_routing_key("c1") == "signal.c1"
     assert t.events_queue("dash") == "events.dash"
 
@@ -29,13 +29,15 @@ def test_ids_that_would_break_routing_keys_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         t.device_queue(bad)
     with pytest.raises(ValueError):
-        t.update_routing_key(bad, 1)
+        t.update_routing_key(bad, 1, "c1")
+    with pytest.raises(ValueError):
+        t.update_routing_key("run", 1, bad)
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.0, "1"])
 def test_a_round_must_be_a_non_negative_int(bad: object) -> None:
     with pytest.raises(ValueError):
-        t.update_routing_key("run", bad)  # type: ignore[arg-type]
+        t.update_routing_key("run", bad, "c1")  # type: ignore[arg-type]
 
 
 def test_the_default_topology_is_durable_and_dead_letters_every_work_queue() -> None:
@@ -77,7 +79,7 @@ def test_every_key_the_functions_make_reaches_its_queue() -> None:
     assert bound_queues(topo, t.SIGNALS_EXCHANGE, t.signal_routing_key("c1")) == {
         "orchestrator.signals"
     }
-    assert bound_queues(topo, t.UPDATES_EXCHANGE, t.update_routing_key("run1", 12)) == {
+    assert bound_queues(topo, t.UPDATES_EXCHANGE, t.update_routing_key("run1", 12, "c1")) == {
         "orchestrator.updates"
     }
     assert bound_queues(topo, t.CONTROL_EXCHANGE, t.CONTROL_ROUTING_KEY) == {"orchestrator.control"}
@@ -89,6 +91,7 @@ def test_every_key_the_functions_make_reaches_its_queue() -> None:
 
 def test_a_device_without_a_run_hears_only_its_own_key() -> None:
     topo = t.device_topology("c1")
+    assert topo.exchanges == ()  # the orchestrator's: a device user may not declare them
     assert [(b.queue, b.routing_key) for b in topo.bindings] == [("device.c1", "device.c1")]
     assert topo.queues[0].arguments == {"x-dead-letter-exchange": "fedmq.dead"}
 
@@ -106,8 +109,8 @@ def test_an_observer_queue_is_private_and_temporary() -> None:
 
 
 def test_adding_topologies_keeps_each_declaration_once() -> None:
-    both = t.device_topology("c1", "r") + t.device_topology("c2", "r")
-    assert len(both.exchanges) == len(t.exchanges().exchanges)
+    both = t.exchanges() + t.device_topology("c1", "r") + t.device_topology("c2", "r")
+    assert both.exchanges == t.exchanges().exchanges
     assert [q.name for q in both.queues] == ["device.c1", "device.c2"]
     assert len(both.bindings) == 4
 
