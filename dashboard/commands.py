@@ -41,7 +41,8 @@ def send(
         rounds=rounds,
         target_client=target_client,
     )
-    topology.declare(bus)
+    # Not declared here (the orchestrator's queues are its own); the publish is mandatory, so
+    # with no orchestrator queue yet it fails with ``Unroutable`` instead of vanishing.
     bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
     return cmd.message_id
 

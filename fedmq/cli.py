@@ -176,6 +176,7 @@ def run_create(
 def _send_command(run: str, action: str, **kw: object) -> None:
     from fedmq.wiring import open_bus
     from protocol import topology
+    from protocol.bus import Unroutable
     from protocol.messages import Command, CommandAction
 
     s = get_settings()
@@ -185,9 +186,15 @@ def _send_command(run: str, action: str, **kw: object) -> None:
         operator_token=s.operator_token.get_secret_value(),
         **kw,  # type: ignore[arg-type]
     )
-    with open_bus(s) as bus:
-        topology.declare(bus)
-        bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
+    try:
+        with open_bus(s) as bus:
+            bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
+    except Unroutable:
+        console.print(
+            "[red]no orchestrator queue takes commands on this broker: start `fedmq orchestrator`"
+            " (or `fedmq up`) first[/red]"
+        )
+        raise typer.Exit(1) from None
     console.print(f"sent {action} (message id {cmd.message_id})")
 
 

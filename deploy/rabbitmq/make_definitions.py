@@ -66,21 +66,17 @@ PERMISSIONS: dict[str, tuple[str, str, str]] = {
         _any(_CELERY_Q, _CELERY_INTERNAL),
         _any(_CELERY_Q, _CELERY_INTERNAL),
     ),
-    # The REST bridge does what devices do on their behalf and sends the paper's autorun
-    # commands. Like the dashboard it calls topology.declare() (the orchestrator's queues and
-    # bindings) before its first publish, hence the orchestrator.* and dead-letters rights;
-    # declaring only topology.exchanges() there would let both drop them.
+    # The REST bridge does what devices do on their behalf (its reply queues and its HTTP
+    # clients' queues, device.*) and sends the paper's autorun commands. It declares nothing
+    # of the orchestrator's: configure on a queue would also let it delete it. Its publishes
+    # are mandatory, so one made before the orchestrator's queues exist is refused, not lost.
     "gateway": (
-        _any(_EXCHANGES, _ORCH_Q, _DEVICE_Q),
-        _any(r"fedmq\.(signals|updates|control|dead)", _ORCH_Q, _DEVICE_Q),
-        _any(r"fedmq\.(signals|updates|control|devices|dead)", _DEVICE_Q),
+        _any(_DEVICE_Q),
+        _any(r"fedmq\.(signals|updates|control|dead)", _DEVICE_Q),
+        _any(r"fedmq\.devices", _DEVICE_Q),
     ),
-    # Sends operator commands (after topology.declare(), see the gateway); reads the database.
-    "dashboard": (
-        _any(_EXCHANGES, _ORCH_Q),
-        _any(r"fedmq\.(control|dead)", _ORCH_Q),
-        _any(r"fedmq\.(signals|updates|control|dead)"),
-    ),
+    # Sends operator commands (a mandatory publish, like the gateway's); reads the database.
+    "dashboard": ("^$", _any(r"fedmq\.control"), "^$"),
     # The shared enrollment user: registration only (a reply queue device.r<16 hex> and a
     # Register under signal.r<16 hex>). The orchestrator then makes each device a user of its
     # own through the management API (the accounts user below, FEDMQ_BROKER_ACCOUNTS_URL),
@@ -96,14 +92,9 @@ PERMISSIONS: dict[str, tuple[str, str, str]] = {
 # checks binding keys on topic exchanges against "read": a device may bind its queue only to
 # device.<id> and broadcast.<run>, never to "#" (everyone's registrations and notices).
 _DEVICE_TOPICS = [(t.exchange, t.write, t.read) for t in permissions.enrollment().topics]
-# The gateway's topology.declare() also binds the orchestrator's queues with their wildcards.
 _GATEWAY_TOPICS = [
-    (topology.SIGNALS_EXCHANGE, rf"^signal\.{_WORD}$", r"^signal\.\*$"),
-    (
-        topology.UPDATES_EXCHANGE,
-        rf"^update\.{_WORD}\.[0-9]+\.{_WORD}$",
-        r"^update\.\*\.\*\.\*$",
-    ),
+    (topology.SIGNALS_EXCHANGE, rf"^signal\.{_WORD}$", "^$"),
+    (topology.UPDATES_EXCHANGE, rf"^update\.{_WORD}\.[0-9]+\.{_WORD}$", "^$"),
     (topology.DEVICES_EXCHANGE, "^$", rf"^(device|broadcast)\.{_WORD}$"),
 ]
 TOPIC_PERMISSIONS: dict[str, list[tuple[str, str, str]]] = {

@@ -49,8 +49,11 @@ def _bus_call(what: str, fn: Callable[[], Any]) -> Any:
 
 class Bridge:
     def __init__(self, bus: Bus, chunk_size: int, register_timeout_s: float) -> None:
+        # Nothing of the orchestrator's side is declared here: its queues are its own (and the
+        # broker definitions'), and a user allowed to declare them may delete them too.
+        # Publishes are mandatory, so one sent before any orchestrator declared its queues
+        # is refused (503), never dropped.
         self.bus, self.chunk_size, self.register_timeout_s = bus, chunk_size, register_timeout_s
-        _bus_call("declare", lambda: topology.declare(bus))
 
     def register(
         self, run_id: str, display_name: str, device_info: dict[str, Any]

@@ -209,3 +209,30 @@ def test_provisioned_device_users_cannot_speak_for_or_read_another_device(
         accounts.revoke(a)  # twice is fine
     finally:
         accounts.close()
+
+
+@pytest.mark.parametrize("service", ["gateway", "dashboard"])
+def test_the_gateway_and_dashboard_cannot_declare_or_delete_the_orchestrators_side(
+    broker: Broker, service: str
+) -> None:
+    d = _definitions()
+    user = broker.user(
+        f"{service}-{uuid.uuid4().hex[:6]}",
+        d.PERMISSIONS[service],
+        d.TOPIC_PERMISSIONS.get(service, []),
+    )
+    ok = broker.attempt
+    assert ok(user, publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY))
+    for queue in (topology.UPDATES_QUEUE, topology.SIGNALS_QUEUE, topology.CONTROL_QUEUE):
+        assert not ok(user, lambda ch, q=queue: ch.queue_delete(q))
+        assert not ok(user, declare(queue))
+    assert not ok(user, declare_exchange(topology.UPDATES_EXCHANGE))
+    assert not ok(user, lambda ch: ch.exchange_delete(topology.UPDATES_EXCHANGE))
+    if service == "gateway":  # what it does for its HTTP devices
+        reply = f"device.gw-{uuid.uuid4().hex}"
+        assert ok(user, declare(reply))
+        assert ok(user, bind(reply, reply))
+        assert ok(user, read(reply))
+        assert ok(user, publish(topology.SIGNALS_EXCHANGE, f"signal.{broker.alice}"))
+        assert ok(user, publish(topology.UPDATES_EXCHANGE, f"update.run1.2.{broker.alice}"))
+        assert not ok(user, bind(reply, "#"))

@@ -400,7 +400,12 @@ def test_each_service_has_its_own_user_without_administrator_rights() -> None:
         ("dashboard", "write", "fedmq.control", True),
         ("dashboard", "write", "fedmq.devices", False),
         ("dashboard", "read", "orchestrator.updates", False),
-        ("dashboard", "configure", "orchestrator.control", True),  # topology.declare()
+        # Nobody but the orchestrator may declare (and so delete) its queues or exchanges.
+        ("dashboard", "configure", "orchestrator.control", False),
+        ("gateway", "configure", "orchestrator.updates", False),
+        ("gateway", "configure", "fedmq.signals", False),
+        ("gateway", "configure", "device.gw-0123", True),  # its reply and HTTP clients' queues
+        ("device", "configure", "fedmq.devices", False),
         ("orchestrator", "read", "orchestrator.updates", True),
         ("orchestrator", "write", "aggregate", True),
         ("orchestrator", "read", "device.abc", False),
