@@ -56,9 +56,13 @@ class Ingest:
     def handle(self, d: Delivery) -> None:
         try:
             chunk, meta = self._parse(d)
-            done = self._stage(d, chunk, meta)
         except Refuse as r:
             self._refuse(d, str(r))
+            return
+        try:
+            done = self._stage(d, chunk, meta)
+        except Refuse as r:
+            self._refuse(d, str(r), meta=meta)  # recorded under its run, client and round
             return
         if not done:
             d.ack()
@@ -105,7 +109,10 @@ class Ingest:
                     None,
                 )
             if part is not None and part.state == ParticipationState.UPDATE:
-                return False  # a duplicate of a counted update: ack and forget
+                # A duplicate of a counted update: acked and not stored again, but said once.
+                if chunk.index == 0:
+                    _duplicate(s, meta, part.message_id)
+                return False
             if rnd is None or rnd.state != RoundState.OPEN:
                 raise Refuse(f"round {meta.round} is not open")
             if part is None or part.state not in (
@@ -234,6 +241,32 @@ class Ingest:
         finally:
             d.reject(reason)
         self.after_commit()
+
+
+DUPLICATE = "update.duplicate"
+
+
+def _duplicate(s: Session, meta: UpdateMeta, counted: str | None) -> None:
+    """Record an update for a round that already counted one from this client. The same
+    update sent again (a device that resent after a reconnect lost the first notice) is
+    told ``update.accepted`` again; a different one is only recorded."""
+    same = counted == meta.message_id
+    reason = (
+        f"round {meta.round} already counted this update"
+        if same
+        else f"round {meta.round} already counted update {counted} from this client"
+    )
+    record_and_publish(
+        s,
+        meta.run_id,
+        DUPLICATE,
+        client_id=meta.client_id,
+        round=meta.round,
+        message_id=meta.message_id,
+        detail={"reason": reason, "counted": counted},
+    )
+    if same:
+        _notify(s, meta, "update.accepted", None)
 
 
 def _notify(s: Session, meta: UpdateMeta, kind: str, reason: str | None) -> None:

@@ -74,10 +74,22 @@ def test_duplicates_late_updates_and_replays_count_once(
             }
             assert {p.client_id: p.message_id for p in h.participations(k)} == want
             # An update for the round just closed (from a client counted in it: the ingest
-            # acks it as a duplicate of the counted one and drops it).
+            # acks it as a duplicate of the counted one, drops it and records that).
             late = make_update(c, k, version, seed=300 + k)
             late.publish(h)
             tally.sent += 1
+            h.wait(
+                lambda late=late: any(
+                    e.message_id == late.meta.message_id for e in h.events("update.duplicate")
+                ),
+                20,
+                "the late update recorded as a duplicate",
+            )
+            dup = next(
+                e for e in h.events("update.duplicate") if e.message_id == late.meta.message_id
+            )
+            assert dup.detail["counted"] == uc.meta.message_id
+            assert (dup.client_id, dup.round) == (c.client_id, k)
             refusals += len(spoof.chunks)  # the spoof is refused chunk by chunk
             h.wait(
                 lambda refusals=refusals: len(refused_events(h)) >= refusals,
