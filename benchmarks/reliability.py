@@ -211,15 +211,25 @@ zero crashes. The hand-written codec corpus is `tests/unit/test_codec_corpus.py`
   message names. Client B's token on client A's id is refused (`auth.rejected` for signals,
   `update.refused` "bad token" for update chunks, dead-lettered, nothing staged): see
   `test_wire_faults.py` (a spoofed update each round) and `test_bad_input.py`.
-- Broker permissions (`tests/faults/test_broker_permissions.py`, live RabbitMQ, scratch vhost
-  and users): the shipped shared `device` user cannot publish commands, read the
-  orchestrator's queues or the dead letters, bind `#` or `device.*`, or publish outside
-  `signal.<id>` / `update.<run>.<round>`. Being one user for all devices, it *can* publish
-  under another device's routing key and read another's queue if it knows the id (token
-  auth still refuses the messages). Per-device users (user name = client id, the id written
-  into the plain permissions, `{{username}}` in the topic permissions: RabbitMQ expands it only
-  there) close that: the test shows such a user refused another's routing key and queue.
-  The deployment does not provision per-device users yet.
+- Per-device broker users (`protocol/permissions.py`, `orchestrator/accounts.py`): with
+  `FEDMQ_BROKER_ACCOUNTS_URL` set (Compose and Kubernetes set it), the shared `device` user
+  may only register, and the orchestrator gives every registering device a RabbitMQ user of
+  its own (name = client id, password = token) that may publish only `signal.<id>` and
+  `update.<run>.<round>.<id>` and read and bind only its own queue. Measured on the live
+  broker (scratch vhosts and users):
+  - `tests/faults/test_broker_permissions.py`: the shipped enrollment user can register and
+    nothing else (no registered client's key or queue, no updates, no commands, nothing of
+    the orchestrator's); users made through the management API as the orchestrator makes
+    them are refused another device's signal and update keys, its queue and bindings, the
+    orchestrator's queues and exchanges; a revoked user cannot log in. The gateway's and
+    dashboard's users cannot declare or delete the orchestrator's queues or exchanges.
+  - `tests/faults/test_broker_accounts.py`: two `fedmq device` processes that know only the
+    enrollment user register, reconnect as their own users and train two autorun rounds
+    (every update counted, no refusal); a third client with her own user is refused by the
+    broker when she publishes under a real device's signal or update key or reads its
+    queue; kicked, her user is deleted and she cannot log in. With the management API
+    refusing, a registration asking for a user is refused with the reason and nothing of it
+    is kept.
 - Poisoned updates (`tests/unit/test_poisoning.py`, digits, MLP, 10 IID clients, 10 rounds,
   client 0 malicious every round): final test accuracy (%).
 

@@ -1,21 +1,32 @@
-"""Per-device broker users on the real stack: RabbitMQ with its management API, Postgres,
-``fedmq orchestrator`` with ``FEDMQ_BROKER_ACCOUNTS_URL``, a Celery worker and two
-``fedmq device`` processes that know only the shared enrollment user.
+"""The deployment's broker users on the real stack: every process on the user
+deploy/rabbitmq/definitions.json gives it, and every device on a broker user of its own.
 
-Each device registers through the enrollment user, gets a broker user named after its
-client id (password: its token), reconnects as it and trains two autorun rounds. A third
-client ("mallory", registered in the test the same way) then tries to speak for a real
-device and read its queue with her own broker user, and the broker refuses her; kicked, her
-broker user is deleted and she cannot log in again. With the management API refusing, a
-registration that asks for a user is refused with the reason, and nothing of it is kept.
+RabbitMQ with its management API, Postgres; in a scratch vhost, scratch copies of the
+shipped service users (``make_definitions.PERMISSIONS`` / ``TOPIC_PERMISSIONS``):
+``fedmq orchestrator`` (its user, and ``FEDMQ_BROKER_ACCOUNTS_URL``), a Celery worker (its
+user), ``fedmq gateway`` (its user), two ``fedmq device`` processes that know only the shared
+enrollment user ``device``, one ``fedmq device --transport http`` behind the gateway, and
+operator commands sent with the dashboard's user.
+
+Each AMQP device registers through the enrollment user, gets a broker user named after its
+client id (password: its token), reconnects as it, and all three devices train two autorun
+rounds. A fourth client ("mallory", registered in the test the same way) then tries to speak
+for a real device and read its queue with her own broker user, and the broker refuses her;
+kicked, her broker user is deleted and she cannot log in again. With the management API
+refusing, a registration that asks for a user is refused with the reason, and nothing of it
+is kept.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from urllib.parse import quote
 
 import httpx
@@ -23,6 +34,7 @@ import pika
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
+from dashboard.commands import send
 from db import queries as q
 from db.engine import session_scope
 from db.models import ClientState
@@ -34,21 +46,32 @@ from learning.params import to_numpy
 from orchestrator.accounts import ManagementAccounts, vhost_of
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import permissions, topology
+from protocol import topology
 from protocol.bus import connect
 from protocol.codec import Encoding, encode
 from protocol.messages import CommandAction
-from tests.integration.orchestrator_harness import Harness, harness
+from tests.integration.orchestrator_harness import OPERATOR_TOKEN, Harness, harness
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.faults,
-    pytest.mark.timeout(240),
+    pytest.mark.timeout(300),
     pytest.mark.skipif(not shutil.which("rabbitmqctl"), reason="needs the local RabbitMQ"),
 ]
 
-K, ROUNDS = 2, 2
-ENROLL_PASSWORD = "enrollment-password-for-tests"
+ROOT = Path(__file__).resolve().parents[2]
+AMQP_DEVICES, ROUNDS = 2, 2
+K = AMQP_DEVICES + 1  # and one HTTP device behind the gateway
+PASSWORD = "service-password-for-tests"
+
+
+def _definitions() -> ModuleType:
+    path = ROOT / "deploy" / "rabbitmq" / "make_definitions.py"
+    spec = importlib.util.spec_from_file_location("fedmq_make_definitions_accounts", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _api(management_url: str) -> httpx.Client:
@@ -61,31 +84,36 @@ def _api(management_url: str) -> httpx.Client:
 
 
 @pytest.fixture
-def enrollment(amqp_url: str, management_url: str) -> Iterator[str]:
-    """A shared enrollment user in the test's vhost, with the shipped permissions; yields
-    its AMQP URL."""
-    vhost = vhost_of(amqp_url)
-    name = f"enroll-{uuid.uuid4().hex[:8]}"
-    perms = permissions.enrollment()
-    v, u = quote(vhost, safe=""), quote(name, safe="")
+def users(amqp_url: str, management_url: str) -> Iterator[dict[str, str]]:
+    """Scratch copies of the shipped service users in the test's vhost; yields each
+    service's AMQP URL (``device`` is the shared enrollment user)."""
+    d = _definitions()
+    v = quote(vhost_of(amqp_url), safe="")
+    tag = uuid.uuid4().hex[:6]  # users are broker-wide
+    urls: dict[str, str] = {}
     with _api(management_url) as api:
-        api.put(f"/api/users/{u}", json={"password": ENROLL_PASSWORD, "tags": ""})
-        api.put(
-            f"/api/permissions/{v}/{u}",
-            json={"configure": perms.configure, "write": perms.write, "read": perms.read},
-        ).raise_for_status()
-        for t in perms.topics:
-            api.put(
-                f"/api/topic-permissions/{v}/{u}",
-                json={"exchange": t.exchange, "write": t.write, "read": t.read},
-            ).raise_for_status()
         try:
-            yield with_credentials(amqp_url, name, ENROLL_PASSWORD)
+            for service, (configure, write, read) in d.PERMISSIONS.items():
+                name = f"{service}-{tag}"
+                u = quote(name, safe="")
+                api.put(f"/api/users/{u}", json={"password": PASSWORD, "tags": ""})
+                urls[service] = with_credentials(amqp_url, name, PASSWORD)
+                api.put(
+                    f"/api/permissions/{v}/{u}",
+                    json={"configure": configure, "write": write, "read": read},
+                ).raise_for_status()
+                for exchange, w, r in d.TOPIC_PERMISSIONS.get(service, []):
+                    api.put(
+                        f"/api/topic-permissions/{v}/{u}",
+                        json={"exchange": exchange, "write": w, "read": r},
+                    ).raise_for_status()
+            yield urls
         finally:
-            api.delete(f"/api/users/{u}")
+            for service in urls:
+                api.delete(f"/api/users/{quote(f'{service}-{tag}', safe='')}")
 
 
-def _create_run(h: Harness) -> str:
+def _create_run(h: Harness, min_clients: int) -> str:
     data = load_dataset("digits")
     model = build_model("mlp", num_classes=data.num_classes, input_shape=data.input_shape, seed=0)
     with session_scope(h.sessions) as s:
@@ -93,10 +121,16 @@ def _create_run(h: Harness) -> str:
             s,
             f"accounts-{uuid.uuid4().hex[:6]}",
             encode(to_numpy(model), Encoding.FP32),
-            policy=RoundPolicy(min_clients=K, quorum_fraction=1.0, deadline_s=60),
+            policy=RoundPolicy(min_clients=min_clients, quorum_fraction=1.0, deadline_s=60),
             extra_config={"model": {"name": "mlp"}, "dataset": {"name": "digits"}},
         )
     return h.run_id
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _allowed(url: str, action: Callable[[BlockingChannel], object]) -> bool:
@@ -123,44 +157,82 @@ def _read(queue: str) -> Callable[[BlockingChannel], object]:
     return lambda ch: ch.basic_get(queue, auto_ack=False)
 
 
-def test_devices_train_as_their_own_broker_users_and_cannot_speak_for_another(
-    amqp_url: str, pg_url: str, management_url: str, enrollment: str, tmp_path: Path
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def test_every_process_on_its_deployment_user_and_every_device_on_its_own(
+    amqp_url: str,
+    pg_url: str,
+    management_url: str,
+    users: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     vhost = vhost_of(amqp_url)
     accounts = ManagementAccounts(management_url, vhost)
     made: list[str] = []
-    with harness(amqp_url, pg_url, tmp_path) as h, _api(management_url) as api:
+    operator = connect(users["dashboard"])
+    with harness(amqp_url, pg_url, tmp_path, worker=False) as h, _api(management_url) as api:
         try:
-            run_id = _create_run(h)
-            h.procs.orchestrator(env={"FEDMQ_BROKER_ACCOUNTS_URL": management_url})
-            for k in range(K):
+            run_id = _create_run(h, K)
+            h.procs.worker(env={"FEDMQ_BROKER_URL": users["worker"]})
+            h.procs.orchestrator(
+                env={
+                    "FEDMQ_BROKER_URL": users["orchestrator"],
+                    "FEDMQ_BROKER_ACCOUNTS_URL": management_url,
+                }
+            )
+            port = _free_port()
+            gateway = f"http://127.0.0.1:{port}"
+            h.procs.start(
+                "gateway",
+                *("-m", "fedmq.cli", "gateway", "--port", str(port)),
+                env={"FEDMQ_BROKER_URL": users["gateway"]},
+            )
+            device_args = ("--run", run_id, "--clients", str(K), "--rounds", str(ROUNDS))
+            for k in range(AMQP_DEVICES):
                 h.procs.start(
                     f"device-{k}",
-                    *("-m", "fedmq.cli", "device", "--run", run_id, "--index", str(k)),
-                    *("--clients", str(K), "--rounds", str(ROUNDS)),
-                    env={"FEDMQ_BROKER_URL": enrollment},
+                    *("-m", "fedmq.cli", "device", "--index", str(k), *device_args),
+                    env={"FEDMQ_BROKER_URL": users["device"]},
                 )
+            _wait_http(f"{gateway}/openapi.json")
+            h.procs.start(
+                "device-http",
+                *("-m", "fedmq.cli", "device", "--index", str(AMQP_DEVICES), *device_args),
+                *("--transport", "http", "--gateway", gateway),
+            )
 
-            def ready() -> list[str]:
+            def ready() -> list[tuple[str, str]]:
                 rows = h.read(lambda s: q.list_clients(s, run_id, ClientState.READY))
-                return sorted(c.id for c in rows)
+                return sorted((c.display_name, c.id) for c in rows)
 
             h.wait(lambda: len(ready()) == K, 120, f"{K} ready devices")
-            devices = ready()
-            made += devices
+            by_name = dict(ready())
+            amqp_ids = [by_name[f"device-{k}"] for k in range(AMQP_DEVICES)]
+            made += by_name.values()
 
-            # Each device is connected as its own user; none stayed on the enrollment user.
+            # Each AMQP device is connected as its own user; none stayed on the enrollment
+            # user. The HTTP device has no broker user: the gateway speaks for it.
             def users_connected() -> set[str]:
                 rows = api.get(f"/api/vhosts/{quote(vhost, safe='')}/connections").json()
                 return {c["user"] for c in rows}
 
-            h.wait(lambda: set(devices) <= users_connected(), 30, "device connections")
-            assert vhost_of(enrollment) == vhost
-            enroll_user = httpx.URL(enrollment.replace("amqp://", "http://")).username
+            h.wait(lambda: set(amqp_ids) <= users_connected(), 30, "device connections")
+            enroll_user = httpx.URL(users["device"].replace("amqp://", "http://")).username
             assert enroll_user not in users_connected()
+            assert not accounts.exists(by_name[f"device-{AMQP_DEVICES}"])
 
             # Mallory registers through the enrollment user, like the devices.
-            enroll_bus = connect(enrollment)
+            enroll_bus = connect(users["device"])
             try:
                 mallory = wire.register(enroll_bus, run_id, "mallory", broker_account=True)
             finally:
@@ -168,7 +240,7 @@ def test_devices_train_as_their_own_broker_users_and_cannot_speak_for_another(
             assert mallory is not None and mallory.broker_user == mallory.client_id
             made.append(mallory.client_id)
             own = with_credentials(amqp_url, mallory.client_id, mallory.token)
-            victim = devices[0]
+            victim = amqp_ids[0]
             assert _allowed(own, _publish(topology.SIGNALS_EXCHANGE, f"signal.{mallory.client_id}"))
             assert not _allowed(own, _publish(topology.SIGNALS_EXCHANGE, f"signal.{victim}"))
             key = topology.update_routing_key(run_id, 1, victim)
@@ -176,7 +248,7 @@ def test_devices_train_as_their_own_broker_users_and_cannot_speak_for_another(
             assert not _allowed(own, _read(topology.device_queue(victim)))
             assert not _allowed(own, _read(topology.UPDATES_QUEUE))
 
-            h.command(CommandAction.AUTORUN, rounds=ROUNDS)
+            send(operator, OPERATOR_TOKEN, run_id, CommandAction.AUTORUN, rounds=ROUNDS)
             h.wait(
                 lambda: sum(r.state == "done" for r in h.rounds()) == ROUNDS,
                 150,
@@ -187,15 +259,23 @@ def test_devices_train_as_their_own_broker_users_and_cannot_speak_for_another(
             ], h.procs.output()
             assert h.events("update.refused") == []
             assert h.events("auth.rejected") == []
+            assert "ACCESS_REFUSED" not in h.procs.output()
 
             # Kicked: her broker user goes, and she cannot log in any more.
-            h.command(CommandAction.KICK, target_client=mallory.client_id)
+            send(
+                operator,
+                OPERATOR_TOKEN,
+                run_id,
+                CommandAction.KICK,
+                target_client=mallory.client_id,
+            )
             h.wait(lambda: not accounts.exists(mallory.client_id), 30, "mallory's user deleted")
             with pytest.raises(pika.exceptions.ProbableAuthenticationError):
                 _allowed(own, _read(topology.device_queue(mallory.client_id)))
-            for cid in devices:
+            for cid in amqp_ids:
                 assert accounts.exists(cid)
         finally:
+            operator.close()
             for cid in made:
                 accounts.revoke(cid)
             accounts.close()
@@ -207,7 +287,7 @@ def test_a_registration_is_refused_when_no_broker_user_can_be_made(
     wrong = httpx.URL(management_url).copy_with(password="not-the-password")
     accounts = ManagementAccounts(str(wrong), vhost_of(amqp_url))
     with harness(amqp_url, pg_url, tmp_path, worker=False) as h:
-        run_id = _create_run(h)
+        run_id = _create_run(h, 1)
         h.start_service(accounts=accounts)
         with pytest.raises(TimeoutError):
             wire.register(h.bus, run_id, "asks", broker_account=True, timeout_s=5)

@@ -61,12 +61,13 @@ class Procs:
         self.procs.append((proc, log))
         return proc
 
-    def worker(self) -> subprocess.Popen[bytes]:
+    def worker(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.start(
             "worker",
             *("-m", "celery", "-A", "workers.app", "worker", "-Q", "aggregate,evaluate"),
             *("--concurrency", "1", "--pool", "solo", "--loglevel", "INFO"),
             *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+            env=env,
         )
 
     def orchestrator(
