@@ -94,10 +94,17 @@ def worker(
     """Run a Celery worker (aggregate / evaluate / edge) against FEDMQ_BROKER_URL."""
     from fedmq.wiring import worker_config
     from workers.app import configure
+    from workers.pipeline.device import DeviceUnavailable, resolve_device
 
     s = get_settings()
     if s.embedded:
         raise typer.BadParameter("a worker needs a broker: set FEDMQ_BROKER_URL to amqp://...")
+    try:
+        # A worker set to a GPU it does not have would start and then fail every task.
+        resolve_device(s.worker_device)
+    except DeviceUnavailable as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
     celery_app = configure(worker_config(s))
     celery_app.worker_main(
         [

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     gateway_max_upload_bytes: int = Field(
         256 * MiB, gt=0, description="Largest update a device may upload through the gateway"
     )
+
+    @field_validator("worker_device", mode="before")
+    @classmethod
+    def _device_name(cls, value: object) -> object:
+        # "CUDA" or " cuda:0 " from an environment file mean what they say.
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def embedded(self) -> bool:

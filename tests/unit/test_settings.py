@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,35 @@ def test_readme_configuration_table_matches_the_settings_class() -> None:
 def test_every_setting_is_documented() -> None:
     for name, field in Settings.model_fields.items():
         assert field.description, f"setting {name} has no description"
+
+
+@pytest.mark.parametrize(
+    ("raw", "device"), [("CUDA", "cuda"), (" Cuda:1 ", "cuda:1"), ("AUTO", "auto")]
+)
+def test_the_worker_device_is_read_whatever_its_case(
+    monkeypatch: pytest.MonkeyPatch, raw: str, device: str
+) -> None:
+    monkeypatch.setenv("FEDMQ_WORKER_DEVICE", raw)
+    assert Settings().worker_device == device
+
+
+def test_a_worker_set_to_a_gpu_it_does_not_have_refuses_to_start() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {
+        **os.environ,
+        "FEDMQ_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/%2F",
+        "FEDMQ_WORKER_DEVICE": "cuda",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no CUDA device is available" in done.stdout + done.stderr
