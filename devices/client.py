@@ -221,6 +221,7 @@ class FederatedClient:
             else:
                 if ident is not None:
                     self.ident = ident
+                    self.trainer.bind_identity(ident.client_id, ident.token)
                     self._registered.set()
                 return ident is not None
             attempt += 1

@@ -113,6 +113,10 @@ class LocalTrainer:
             "limits": self.limits,
         }
 
+    def bind_identity(self, client_id: str, token: str) -> None:
+        """Told the device's client id and token once it registered (a trainer that speaks
+        on the wire itself, like ``SplitTrainer``, signs its requests with them)."""
+
     def warm_up(self, batch: int = 8) -> float:
         """One training step on a few local samples, before the device says it is ready: a
         process's first step pays for torch's lazy initialisation (the optimizer's first

@@ -69,6 +69,7 @@ class BusEdge:
         client_id: str,
         *,
         run_id: str | None = None,
+        token: str | None = None,
         encoding: str = "bf16",
         timeout_s: float = 30.0,
         connect_timeout_s: float = 30.0,
@@ -76,6 +77,7 @@ class BusEdge:
     ) -> None:
         self.bus, self.session_id, self.client_id = bus, session_id, client_id
         self.run_id = run_id or session_id
+        self.token = token
         self.encoding, self.timeout_s, self.limits = encoding, timeout_s, limits
         self.connect_timeout_s = connect_timeout_s
         self.stats = LinkStats()
@@ -124,6 +126,7 @@ class BusEdge:
         return SplitRequest(
             run_id=self.run_id,
             client_id=self.client_id,
+            token=self.token,
             session_id=self.session_id,
             phase=phase,  # type: ignore[arg-type]
             step=self._step,

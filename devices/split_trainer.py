@@ -56,6 +56,12 @@ class SplitTrainer(LocalTrainer):
         self.link_encoding, self.pipeline, self.timeout_s = link_encoding, pipeline, timeout_s
         self._bus: Bus | None = None
         self.link_bytes = 0
+        # The registered identity; until then (a trainer used alone) "c<index>" and no token.
+        self.client_id: str | None = None
+        self.token: str | None = None
+
+    def bind_identity(self, client_id: str, token: str) -> None:
+        self.client_id, self.token = client_id, token
 
     @classmethod
     def from_device_config(
@@ -77,9 +83,9 @@ class SplitTrainer(LocalTrainer):
         if self._bus is None:
             self._bus = self._connect()
         session = round_session_id(self.run_id, round_number)
-        client = f"c{self.client_index}"
+        client = self.client_id or f"c{self.client_index}"
         with BusEdge(
-            self._bus, session, client, run_id=self.run_id,
+            self._bus, session, client, run_id=self.run_id, token=self.token,
             encoding=self.link_encoding, timeout_s=self.timeout_s,
         ) as link:  # fmt: skip
             result = train_split(

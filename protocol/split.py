@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field, StringConstraints, ValidationError
 
 from protocol.codec import CodecError, DecodeLimits, Encoding, decode, encode
-from protocol.messages.envelope import Envelope, Ident, MessageId
+from protocol.messages.envelope import Envelope, Ident, MessageId, Token
 from protocol.messages.errors import MessageError
 from protocol.topology import Queue, Topology, _word
 
@@ -68,10 +68,14 @@ def device_reply_topology(session_id: str, client_id: str) -> Topology:
 
 
 class SplitRequest(Envelope):
-    """A device's half of one exchange; ``run_id`` is the run the session trains for."""
+    """A device's half of one exchange; ``run_id`` is the run the session trains for.
+
+    ``token`` is the client's token from registration: an edge session that serves a run's
+    round refuses a request whose client id and token do not match that run's client."""
 
     type: Literal["split.request"] = "split.request"
     client_id: Ident
+    token: Token | None = None
     session_id: Ident
     phase: Phase
     step: Annotated[int, Field(ge=0)]

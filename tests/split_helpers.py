@@ -16,7 +16,7 @@ from learning.split import split_model, train_split
 from learning.train import train_local
 from protocol.bus import Bus
 from workers.edge.engine import EdgeEngine
-from workers.edge.session import EdgeSession, EdgeSessionConfig
+from workers.edge.session import Authenticate, EdgeSession, EdgeSessionConfig
 from workers.edge.task import build_engine
 
 MODEL = {
@@ -55,13 +55,16 @@ def spec(session_id: str, **edge: Any) -> dict[str, Any]:
 
 @contextmanager
 def edge_in_thread(
-    bus: Bus, session_spec: dict[str, Any]
+    bus: Bus, session_spec: dict[str, Any], authenticate: Authenticate | None = None
 ) -> Iterator[tuple[EdgeEngine, dict[str, str], dict[str, Any]]]:
     """Serve ``session_spec`` on a thread; yields (engine, body names, result when done)."""
     engine, names = build_engine(session_spec, "cpu")
     edge = {k: v for k, v in session_spec["edge"].items() if k not in ("overlap", "autocast")}
     session = EdgeSession(
-        bus, engine, EdgeSessionConfig(session_id=session_spec["session_id"], **edge)
+        bus,
+        engine,
+        EdgeSessionConfig(session_id=session_spec["session_id"], **edge),
+        authenticate=authenticate,
     )
     result: dict[str, Any] = {}
     ready = threading.Event()

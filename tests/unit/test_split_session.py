@@ -5,11 +5,17 @@ from __future__ import annotations
 import threading
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
+from db import migrations
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
 from devices.split import BusEdge, EdgeUnavailable
+from orchestrator.runs import create_run
 from protocol.bus import InProcessBus
+from protocol.codec import Encoding, encode
 from protocol.split import edge_request_queue, edge_session_topology
 from tests.split_helpers import (
     data,
@@ -19,7 +25,7 @@ from tests.split_helpers import (
     spec,
     train_device,
 )
-from workers.edge.task import body_state
+from workers.edge.task import body_state, client_check
 
 
 def _session() -> str:
@@ -112,3 +118,50 @@ def test_with_overlap_the_next_group_is_staged_before_the_backward_of_this_one()
             t.join(60)
     assert result["staged_ahead"] > 0 and result["refused"] == 0
     assert result["rows"] == 4 * 2 * 32 and result["groups"] == 4 * 2 * 2
+
+
+def test_a_session_that_authenticates_serves_only_clients_with_their_tokens() -> None:
+    """With ``authenticate`` (a run's round, see ``client_check``), a request naming another
+    client, or with a wrong token, is refused; a spoofed ``leave`` does not end another
+    device's part; the real device trains through."""
+    tokens = {"d1": "token-of-d1-0123456789"}
+    checked: list[str] = []
+
+    def authenticate(run_id: str, client_id: str, token: str | None) -> str | None:
+        checked.append(client_id)
+        ok = tokens.get(client_id) is not None and token == tokens[client_id]
+        return None if ok else f"unknown client or bad token for {client_id}"
+
+    bus, sid = InProcessBus(), _session()
+    x, y = data()
+    with edge_in_thread(bus, spec(sid, expected_devices=1), authenticate) as (_, _, result):
+        for client, token in (("d1", "not-the-token-0123456789"), ("d9", None)):
+            spoof = BusEdge(bus, sid, client, token=token)
+            with pytest.raises(EdgeUnavailable, match="bad token"):
+                spoof.forward(torch.zeros(4, 64))
+            spoof._consumer.stop()  # no leave: that comes next, from a third party
+        liar = BusEdge(bus, f"{sid}", "d1x", token="whatever-0123456789")
+        liar.client_id = "d1"  # a leave in d1's name, with a wrong token
+        liar.close()
+        device = train_device(bus, sid, "d1", x, y, token=tokens["d1"])
+    assert device  # trained to the end: the spoofed leave did not drop d1
+    assert result["refused"] == 3 and result["devices_seen"] == 1
+    assert checked.count("d1") == 3  # d1's token is checked once, then trusted
+
+
+def test_client_check_passes_a_runs_registered_clients_by_their_tokens(sqlite_url: str) -> None:
+    migrations.upgrade(sqlite_url)
+    sessions = make_sessionmaker(make_engine(sqlite_url))
+    blob = encode({"w": np.zeros(2, np.float32)}, Encoding.FP32)
+    with session_scope(sessions) as s:
+        run = create_run(s, "split-auth", blob)
+        other = create_run(s, "another", blob)
+        cid = q.register_client(s, run, "d", q.hash_token("the-token-0123456789"))
+        stranger = q.register_client(s, other, "d", q.hash_token("strangers-token-012345"))
+    check = client_check(sessions, run)
+    assert check(run, cid, "the-token-0123456789") is None
+    assert check(run, cid, "another-token-0123456") is not None
+    assert check(run, cid, None) is not None
+    assert check(other, cid, "the-token-0123456789") is not None  # another run's session
+    assert check(run, stranger, "strangers-token-012345") is not None  # another run's client
+    assert check(run, "nobody", "the-token-0123456789") is not None

@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,9 +106,24 @@ class SessionStats:
         return dict(vars(self))
 
 
+# (run id, client id, token) -> None when the client may take part, else the reason.
+Authenticate = Callable[[str, str, str | None], str | None]
+
+
 class EdgeSession:
-    def __init__(self, bus: Bus, engine: EdgeEngine, config: EdgeSessionConfig) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        engine: EdgeEngine,
+        config: EdgeSessionConfig,
+        *,
+        authenticate: Authenticate | None = None,
+    ) -> None:
+        """``authenticate`` checks every request's client and token (a session serving a
+        run's round); without it (a bare session: benchmarks, tests) anyone is served."""
         self.bus, self.engine, self.config = bus, engine, config
+        self.authenticate = authenticate
+        self._trusted: set[tuple[str, str, str | None]] = set()
         self.stats = SessionStats()
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._pending: deque[_Request] = deque()
@@ -155,7 +171,12 @@ class EdgeSession:
             delivery.reject(f"edge session {self.config.session_id}: {e}")
             return
         request = _Request(meta, None)
-        if meta.session_id != self.config.session_id:
+        refusal = self._authenticate(meta)
+        if refusal is not None:
+            # Answered like any refusal (the reply goes to the named client's queue, which
+            # only that client may read when devices have broker users of their own).
+            request.error = refusal
+        elif meta.session_id != self.config.session_id:
             request.error = (
                 f"request for session {meta.session_id}, this is {self.config.session_id}"
             )
@@ -166,6 +187,17 @@ class EdgeSession:
                 request.error = f"bad tensor: {e}"
         delivery.ack()
         self._inbox.put(request)
+
+    def _authenticate(self, meta: SplitRequest) -> str | None:
+        if self.authenticate is None:
+            return None
+        key = (meta.run_id, meta.client_id, meta.token)
+        if key in self._trusted:  # one database read per client, not per step
+            return None
+        reason = self.authenticate(*key)
+        if reason is None:
+            self._trusted.add(key)
+        return reason
 
     # --- the serving loop --------------------------------------------------------------
 
@@ -249,15 +281,15 @@ class EdgeSession:
             self.stats.requests += 1
             if self._first is None:
                 self._first = time.monotonic()
+            if r.error is not None:  # before a leave: a refused leave must not count
+                self._refuse(r, r.error)
+                continue
             if r.meta.phase == "leave":
                 self._active.discard(r.client)
                 self._left.add(r.client)
                 log.info("edge session %s: %s left", self.config.session_id, r.client)
                 if self._finished():
                     self._stop.set()
-                continue
-            if r.error is not None:
-                self._refuse(r, r.error)
                 continue
             self._seen.add(r.client)
             self._active.add(r.client)

@@ -27,9 +27,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import queries as q
+from db.engine import session_scope
 from learning.models import build_model
 from learning.params import load_numpy, to_numpy
 from learning.split import split_model
@@ -39,7 +44,7 @@ from protocol.split import round_session_id
 from workers.config import WorkerConfig
 from workers.edge.bodies import load_body, store_body
 from workers.edge.engine import EdgeEngine, EngineOptions
-from workers.edge.session import EdgeSession, EdgeSessionConfig
+from workers.edge.session import Authenticate, EdgeSession, EdgeSessionConfig
 from workers.pipeline.device import resolve_device
 from workers.tasks.common import sessions
 
@@ -93,6 +98,25 @@ def load_body_state(engine: EdgeEngine, names: dict[str, str], saved: dict[str, 
     engine.body.to(engine.device)
 
 
+def client_check(factory: sessionmaker[Session], run_id: str) -> Authenticate:
+    """Requests of run ``run_id``'s registered clients, with their tokens, pass."""
+
+    def check(request_run: str, client_id: str, token: str | None) -> str | None:
+        refused = f"unknown client or bad token for {client_id}"
+        if request_run != run_id or token is None:
+            return refused
+        with session_scope(factory) as s:
+            client = q.get_client(s, client_id)
+            ok = (
+                client is not None
+                and client.run_id == run_id
+                and hmac.compare_digest(client.token_hash, q.hash_token(token))
+            )
+        return None if ok else refused
+
+    return check
+
+
 def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, Any]:
     """Serve the session ``spec`` describes until it ends; returns its figures."""
     unknown = set(spec.get("edge", {})) - _EDGE_KEYS - _ENGINE_KEYS
@@ -114,10 +138,12 @@ def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, An
         session_id=str(session_id), limits=config.decode_limits, **edge
     )
     url = spec.get("bus_url") or config.broker_url
+    # A session serving a run's round takes only that run's clients, by their tokens.
+    check = None if round_number is None else client_check(sessions(config.database_url), run_id)
     bus = connect(url)
     try:
         log.info("edge session %s on %s", session_config.session_id, engine.device)
-        result = EdgeSession(bus, engine, session_config).serve()
+        result = EdgeSession(bus, engine, session_config, authenticate=check).serve()
     finally:
         if not url.startswith("memory:"):  # a named in-process bus belongs to the process
             bus.close()
