@@ -43,6 +43,7 @@ from collections.abc import Callable
 
 from devices import wire
 from devices.config import DeviceConfig
+from devices.identity import forget_identity, load_identity, save_identity
 from devices.local import LocalTrainer
 from devices.rounds import RoundSkipped, RoundTracker
 from devices.store import ModelError, ModelStore
@@ -86,6 +87,7 @@ class FederatedClient:
             expected=self.trainer.spec, limits=config.decode_limits, keep=config.keep_models
         )
         self.ident: Identity | None = None  # run id, client id and token once registered
+        self.resumed = False  # went on as a kept identity (config.identity_file)
         self.rounds = RoundTracker(config.model_wait_s)
         self.notices: list[Event] = []
         self.announcements: list[RoundAnnouncement] = []
@@ -205,6 +207,8 @@ class FederatedClient:
     # --- registration -------------------------------------------------------------------------
 
     def _register(self) -> bool:
+        if self._resume():
+            return True
         attempt = 0
         while not self._stopping():
             try:
@@ -220,13 +224,37 @@ class FederatedClient:
                 self._error(f"register: {e}")
             else:
                 if ident is not None:
-                    self.ident = ident
-                    self.trainer.bind_identity(ident.client_id, ident.token)
-                    self._registered.set()
+                    self._registered_as(ident)
+                    if self.config.identity_file is not None:
+                        save_identity(self.config.identity_file, ident)
                 return ident is not None
             attempt += 1
             self._wait(self.transport.backoff(attempt))
         return False
+
+    def _resume(self) -> bool:
+        """Go on as the client a kept identity names: the loop then rejoins (join + ready),
+        which the orchestrator takes from a client it wrote off or saw leave."""
+        path = self.config.identity_file
+        kept = None if path is None else load_identity(path, self.config.run_id)
+        if path is None or kept is None:
+            return False
+        try:
+            self.transport.resume(kept)
+        except BusError as e:
+            self._error(f"cannot resume as {kept.client_id} ({e}); registering anew")
+            forget_identity(path)
+            return False
+        log.info("%s: resumed as client %s", self.config.name, kept.client_id)
+        self._registered_as(kept)
+        self.resumed = True
+        self._recover, self._say_ready = True, False
+        return True
+
+    def _registered_as(self, ident: Identity) -> None:
+        self.ident = ident
+        self.trainer.bind_identity(ident.client_id, ident.token)
+        self._registered.set()
 
     # --- the loop ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ federation of K devices trains what the replica trains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from protocol.bus import BusConfig
@@ -98,6 +99,9 @@ class DeviceConfig:
     runtime: Literal["torch", "wasm"] = "torch"  # wasm: train in devices/wasm (MLPs only)
     warm_up: bool = True  # one forward/backward pass before registering (see LocalTrainer)
     device_info: dict[str, Any] = field(default_factory=dict)
+    # Where the device keeps its client id and token (devices/identity.py): a restart
+    # resumes as the same client instead of registering anew. None: nothing is kept.
+    identity_file: Path | None = None
     # Simulated heterogeneity (fleets and tests; all off for a real device):
     slowdown_s: float = 0.0  # extra seconds each local training takes (a slow device)
     dropout: float = 0.0  # chance per selected round that the device vanishes for it ...

@@ -55,6 +55,11 @@ class Transport(ABC):
     def attach(self, ident: Identity) -> None:
         """(Re)create what receiving needs (the device queue); idempotent."""
 
+    def resume(self, ident: Identity) -> None:
+        """Go on as ``ident``, a registration kept from an earlier start (raises
+        ``BusError`` when that is not possible, e.g. its broker user is gone)."""
+        self.attach(ident)
+
     @abstractmethod
     def signal(self, ident: Identity, state: ClientState) -> None: ...
 
@@ -118,13 +123,22 @@ class BusTransport(Transport):
         )
         if ident is None:
             return None
-        if ident.broker_user is not None and self.connect_as is not None:
-            own = self.connect_as(ident.broker_user, ident.token)
-            enrollment, self.bus = self.bus, own
-            with contextlib.suppress(BusError):
-                enrollment.close()
+        self._become(ident)
         self.attach(ident)
         return ident
+
+    def resume(self, ident: Identity) -> None:
+        self._become(ident)
+        self.attach(ident)  # on its own user: fails if the user was deleted (kicked)
+
+    def _become(self, ident: Identity) -> None:
+        """Drop the shared enrollment connection for the device's own broker user."""
+        if ident.broker_user is None or self.connect_as is None:
+            return
+        own = self.connect_as(ident.broker_user, ident.token)
+        enrollment, self.bus = self.bus, own
+        with contextlib.suppress(BusError):
+            enrollment.close()
 
     def attach(self, ident: Identity) -> None:
         topology.declare_device(self.bus, ident.client_id, ident.run_id)

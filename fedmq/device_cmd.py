@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Literal
 
 import typer
@@ -36,6 +37,9 @@ def device(
     outage: float = typer.Option(10.0, min=0, help="Simulated: how long a dropout lasts"),
     runtime: str = typer.Option(
         "torch", help="torch, or wasm: train in the WebAssembly sandbox (MLP models only)"
+    ),
+    identity: Path | None = typer.Option(
+        None, help="Keep the client id and token here: a restart resumes as the same client"
     ),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
@@ -74,6 +78,7 @@ def device(
         join_delay_s=join_delay,
         outage_s=outage,
         runtime="wasm" if runtime == "wasm" else "torch",
+        identity_file=identity,
     )
     client = run_device(config)
     dropped = f", dropped out of {client.dropped_rounds}" if client.dropped_rounds else ""

@@ -40,6 +40,7 @@ from db.engine import session_scope
 from db.models import ClientState
 from devices import wire
 from devices.run import with_credentials
+from devices.transport import BusTransport
 from learning.data import load_dataset
 from learning.models import build_model
 from learning.params import to_numpy
@@ -47,7 +48,7 @@ from orchestrator.accounts import ManagementAccounts, vhost_of
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
 from protocol import topology
-from protocol.bus import connect
+from protocol.bus import BusError, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import CommandAction
 from tests.integration.orchestrator_harness import OPERATOR_TOKEN, Harness, harness
@@ -272,6 +273,15 @@ def test_every_process_on_its_deployment_user_and_every_device_on_its_own(
             h.wait(lambda: not accounts.exists(mallory.client_id), 30, "mallory's user deleted")
             with pytest.raises(pika.exceptions.ProbableAuthenticationError):
                 _allowed(own, _read(topology.device_queue(mallory.client_id)))
+            # A restarted device that kept her identity cannot resume as her either (it
+            # registers anew instead: devices/client.py).
+            transport = BusTransport(
+                connect(users["device"]),
+                lambda user, pw: connect(with_credentials(amqp_url, user, pw)),
+            )
+            with pytest.raises(BusError):
+                transport.resume(mallory)
+            transport.close()
             for cid in amqp_ids:
                 assert accounts.exists(cid)
         finally:

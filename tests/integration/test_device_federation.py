@@ -4,9 +4,10 @@ plain FedAvg replica's (up to the bf16 transport of the updates)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from devices.client import FederatedClient
 from devices.config import DeviceConfig
+from devices.identity import load_identity
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
 from learning.models import build_model
@@ -123,3 +125,69 @@ def test_two_devices_two_rounds_match_the_replica(settings: Settings) -> None:
         for c in clients:
             c.stop()
         service.stop()
+
+
+def test_a_restarted_device_resumes_as_the_same_client(settings: Settings, tmp_path: Path) -> None:
+    """With an identity file, a device that died without leaving comes back as the client it
+    was (no second registration) and trains the next round; a file kept for another run is
+    ignored."""
+    data, _ = federation_data(ReplicaConfig(clients=1))
+    model = build_model("mlp", num_classes=data.num_classes, input_shape=data.input_shape, seed=0)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with session_scope(sessions) as s:
+        run_id = create_run(
+            s, "resume", encode(to_numpy(model), Encoding.FP32), policy=RoundPolicy(min_clients=1)
+        )
+    service = orchestrator_service(settings)
+    service.start()
+    bus = connect(settings.broker_url)
+    path = tmp_path / "device" / "identity.json"
+    config = DeviceConfig(
+        run_id=run_id,
+        client_index=0,
+        num_clients=1,
+        heartbeat_s=0.5,
+        poll_s=0.05,
+        identity_file=path,
+    )
+
+    def done_rounds() -> list[tuple[int, int]]:
+        with session_scope(sessions) as s:
+            return [(r.number, r.received) for r in q.list_rounds(s, run_id) if r.state == "done"]
+
+    def wait(predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 40
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
+    def ready() -> bool:
+        with session_scope(sessions) as s:
+            return [c.state for c in q.list_clients(s, run_id)] == ["ready"]
+
+    first = FederatedClient(config, bus).start()
+    try:
+        wait(ready, "the device ready")
+        with session_scope(sessions) as s:
+            step_run(s, run_id, Autorun(1), time.time())
+        wait(lambda: done_rounds() == [(1, 1)], "round 1")
+        assert first.wait_rounds(1) and not first.resumed
+    finally:
+        first.stop(leave=False)  # dies: no offline signal, its queue stays
+    assert path.stat().st_mode & 0o777 == 0o600  # it holds the token
+    second = FederatedClient(config, bus).start()
+    try:
+        assert second.resumed and second.client_id == first.client_id
+        wait(ready, "the resumed device ready")
+        with session_scope(sessions) as s:
+            step_run(s, run_id, Autorun(1), time.time())
+        wait(lambda: done_rounds() == [(1, 1), (2, 1)], "round 2")
+        assert second.wait_rounds(1) and second.rounds_trained == [2]
+        with session_scope(sessions) as s:
+            assert [c.id for c in q.list_clients(s, run_id)] == [first.client_id]
+    finally:
+        second.stop()
+        service.stop()
+        bus.close()
+    other = dataclasses.replace(config, run_id="another-run")
+    assert load_identity(path, other.run_id) is None
