@@ -102,12 +102,8 @@ class Ingest:
             ):
                 raise Refuse(f"unknown client or bad token for {meta.client_id}")
             rnd = q.get_round(s, meta.run_id, meta.round)
-            part = None
-            if rnd is not None:
-                part = next(
-                    (p for p in q.list_participations(s, rnd.id) if p.client_id == client.id),
-                    None,
-                )
+            # One row by its key: listing the round's participations cost O(fleet) an update.
+            part = None if rnd is None else oq.participation(s, rnd.id, client.id)
             if part is not None and part.state == ParticipationState.UPDATE:
                 # A duplicate of a counted update: acked and not stored again, but said once.
                 if chunk.index == 0:

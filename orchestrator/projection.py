@@ -7,6 +7,8 @@ participations, counted updates, autorun, and the outbox rows for side effects.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +70,10 @@ def project(
     effects: list[Effect],
     now: float,
     update: UpdateInfo | None,
+    changed_clients: Iterable[str] | None = None,
 ) -> None:
+    """Project the step ``old`` → ``new``; ``changed_clients``: the ids of the client records
+    that changed, if the caller knows them (else every client is compared)."""
     run_id = new.run_id
     # Updates first: record_update counts only into a round the db still has open, and the
     # update that completes a round closes it in this same step.
@@ -89,7 +94,7 @@ def project(
                     message_id=update.message_id if update else None,
                     now=ts(now),
                 )
-    _project_clients(s, old, new, now)
+    _project_clients(s, old, new, now, changed_clients)
     if new.round is not None:
         _project_round(s, old, new)
     if new.autorun_remaining != old.autorun_remaining:
@@ -151,13 +156,19 @@ def project(
                 q.set_round_state(s, rnd.id, RoundState.FAILED)
 
 
-def _project_clients(s: Session, old: Federation, new: Federation, now: float) -> None:
-    for cid, rec in new.clients.items():
+def _project_clients(
+    s: Session, old: Federation, new: Federation, now: float, ids: Iterable[str] | None
+) -> None:
+    for cid in new.clients if ids is None else ids:
+        rec = new.clients[cid]
         before = old.clients.get(cid)
+        state = None
         if before is None or before.state is not rec.state:
-            q.set_client_state(s, cid, DbClientState(rec.state.value))
+            state = DbClientState(rec.state.value)
+        seen = None
         if before is None or before.last_seen != rec.last_seen:
-            q.touch_client(s, cid, now=ts(rec.last_seen))
+            seen = ts(rec.last_seen)
+        oq.project_client(s, cid, state=state, last_seen=seen)
 
 
 def _project_round(s: Session, old: Federation, fed: Federation) -> None:
@@ -165,8 +176,10 @@ def _project_round(s: Session, old: Federation, fed: Federation) -> None:
     assert r is not None
     before = old.round
     same = before is not None and (before.number, before.attempt) == (r.number, r.attempt)
-    if same and before == r:
-        return  # most steps (signals, heartbeats) leave the round as it was
+    if same and (before == r or replace(before, received=r.received) == r):
+        # Most steps (signals, heartbeats) leave the round as it was; an update only adds to
+        # its received ones, which record_update counted.
+        return
     state = RoundState(r.state.value)
     row = q.get_round(s, fed.run_id, r.number)
     if row is None:

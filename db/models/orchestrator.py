@@ -1,11 +1,12 @@
-"""The orchestrator's durable plumbing: the outbox of side effects and staged upload chunks."""
+"""The orchestrator's durable plumbing: the outbox of side effects, staged upload chunks and
+the parts of the machine snapshot that are saved one by one."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Index, LargeBinary, String
+from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import Base
@@ -48,3 +49,15 @@ class UploadChunk(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(default=json_default)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MachinePart(Base):
+    """One piece of a run's machine snapshot kept in its own row, so that a step saves only
+    what it changed: ``c:<client id>`` a client record, ``u:<index>`` the current round's
+    received update at that position. The rest of the snapshot is ``runs.machine``."""
+
+    __tablename__ = "machine_parts"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(default=json_default)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String
+from sqlalchemy import BigInteger, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import Base
@@ -28,9 +28,14 @@ class Run(Base):
     autorun_remaining: Mapped[int | None]
     # Number of the latest round opened; 0 before the first.
     current_round: Mapped[int] = mapped_column(default=0)
-    # The orchestrator's snapshot of the round state machine (orchestrator.state.to_dict);
-    # None until the orchestrator first steps the run.
+    # The orchestrator's snapshot of the round state machine: its head (run scalars, policy,
+    # current round without its received updates; orchestrator.state.serde.head_to_dict),
+    # with the clients and received updates in machine_parts rows. None until the run is
+    # made for the orchestrator (orchestrator.runs.create_run).
     machine: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Bumped by every save of the snapshot: an orchestrator process keeps the snapshot it
+    # last saved or loaded and reuses it while this still matches (orchestrator.store).
+    machine_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, name={self.name!r}, status={self.status!r})"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Insert, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, defer
 
 from db.models import (
     Client,
+    ClientState,
+    Event,
+    MachinePart,
     OutboxItem,
     Participation,
     ParticipationState,
@@ -29,16 +34,107 @@ def lock_run(session: Session, run_id: str) -> Run | None:
     two consumers (threads or processes) never step the same run at once."""
     return session.scalar(
         select(Run)
+        .options(defer(Run.machine))  # the snapshot is read by read_machine, when needed
         .where(Run.id == run_id)
         .with_for_update()
         .execution_options(populate_existing=True)
     )
 
 
-def save_machine(session: Session, run_id: str, machine: dict[str, Any]) -> None:
+def lock_machine_seq(session: Session, run_id: str) -> int | None:
+    """``lock_run`` reading only the snapshot's sequence number; None: no such run."""
+    return session.scalar(select(Run.machine_seq).where(Run.id == run_id).with_for_update())
+
+
+def machine_seq(session: Session, run_id: str) -> int | None:
+    """The snapshot's sequence number, unlocked; None: no such run."""
+    return session.scalar(select(Run.machine_seq).where(Run.id == run_id))
+
+
+def read_machine(
+    session: Session, run_id: str
+) -> tuple[int, dict[str, Any] | None, list[tuple[str, dict[str, Any]]]] | None:
+    """The snapshot as stored: its sequence number, head (``runs.machine``) and parts; None:
+    no such run. Without the run lock, compare ``machine_seq`` after it: a save committed
+    between the two reads shows there."""
+    row = session.execute(select(Run.machine_seq, Run.machine).where(Run.id == run_id)).first()
+    if row is None:
+        return None
+    seq, head = row
+    if head is None:
+        return seq, None, []
+    stmt = select(MachinePart.key, MachinePart.data).where(MachinePart.run_id == run_id)
+    return seq, head, [(k, d) for k, d in session.execute(stmt)]
+
+
+# runs.machine_seq: a new snapshot starts at a random number and every save adds a random
+# step. It only ever grows while the run lives, and a process's cached (run, seq) pair cannot
+# match a different snapshot by chance: not a run deleted and made again under the same id,
+# not a database restored from a backup that went on from the same number.
+_SEQ_START = 1 << 62
+_SEQ_STEP = 1 << 20
+
+
+def next_machine_seq(seq: int) -> int:
+    return seq + 1 + secrets.randbelow(_SEQ_STEP)
+
+
+def save_machine(session: Session, run_id: str, machine: dict[str, Any]) -> int:
+    """Write a new snapshot, whole (``orchestrator.state.to_dict``), for a new run: it
+    replaces any head and parts the run had. Returns its ``machine_seq``."""
+    seq = 1 + secrets.randbelow(_SEQ_START)
+    session.execute(delete(MachinePart).where(MachinePart.run_id == run_id))
     session.execute(
-        update(Run).where(Run.id == run_id).values(machine=machine, updated_at=utcnow())
+        update(Run)
+        .where(Run.id == run_id)
+        .values(machine=machine, machine_seq=seq, updated_at=utcnow())
     )
+    return seq
+
+
+# Rows per INSERT of parts: well under Postgres's 65,535 bind parameters.
+_PARTS_PER_STATEMENT = 5000
+
+
+def save_machine_parts(
+    session: Session,
+    run_id: str,
+    seq: int,
+    head: dict[str, Any] | None,
+    upserts: dict[str, dict[str, Any]],
+    deletes: list[str],
+) -> int:
+    """Save a step's changes under the run lock read as ``seq``; ``head`` None keeps the
+    head. Returns the snapshot's new ``machine_seq``."""
+    new_seq = next_machine_seq(seq)
+    values: dict[str, Any] = {"machine_seq": new_seq, "updated_at": utcnow()}
+    if head is not None:
+        values["machine"] = head
+    session.execute(update(Run).where(Run.id == run_id).values(values))
+    for i in range(0, len(deletes), _PARTS_PER_STATEMENT):
+        keys = deletes[i : i + _PARTS_PER_STATEMENT]
+        session.execute(
+            delete(MachinePart).where(MachinePart.run_id == run_id, MachinePart.key.in_(keys))
+        )
+    rows = [{"run_id": run_id, "key": k, "data": d} for k, d in upserts.items()]
+    for i in range(0, len(rows), _PARTS_PER_STATEMENT):
+        session.execute(_upsert_parts(session, rows[i : i + _PARTS_PER_STATEMENT]))
+    return new_seq
+
+
+def _upsert_parts(session: Session, rows: list[dict[str, Any]]) -> Insert:
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        pg = postgresql.insert(MachinePart).values(rows)
+        return pg.on_conflict_do_update(
+            index_elements=["run_id", "key"], set_={"data": pg.excluded.data}
+        )
+    if name == "sqlite":
+        lite = sqlite.insert(MachinePart).values(rows)
+        return lite.on_conflict_do_update(
+            index_elements=["run_id", "key"], set_={"data": lite.excluded.data}
+        )
+    raise NotImplementedError(f"unsupported backend {name!r}")  # pragma: no cover
 
 
 def active_run_ids(session: Session) -> list[str]:
@@ -95,6 +191,28 @@ def set_participation_state(
     return changed(session, stmt) == 1
 
 
+def project_client(
+    session: Session,
+    client_id: str,
+    *,
+    state: ClientState | None = None,
+    last_seen: datetime | None = None,
+) -> None:
+    """A client row's state and last seen as the machine has them, in one UPDATE."""
+    values: dict[str, Any] = {}
+    if state is not None:
+        values["state"] = state
+    if last_seen is not None:
+        values["last_seen"] = last_seen
+    if values:
+        session.execute(update(Client).where(Client.id == client_id).values(values))
+
+
+def participation(session: Session, round_id: int, client_id: str) -> Participation | None:
+    """One client's participation in a round (by its primary key, not by listing the round)."""
+    return session.get(Participation, (round_id, client_id))
+
+
 def client_states(session: Session, run_id: str) -> dict[str, str]:
     rows = session.execute(select(Client.id, Client.state).where(Client.run_id == run_id))
     return {cid: str(state) for cid, state in rows}
@@ -108,6 +226,25 @@ def add_outbox(session: Session, run_id: str | None, kind: str, payload: dict[st
     session.add(item)
     session.flush()
     return item.id
+
+
+def record_effects(
+    session: Session,
+    run_id: str,
+    events: list[dict[str, Any]],
+    payloads: list[dict[str, Any]],
+) -> None:
+    """A step's effects: ``events`` rows (kind, client_id, round, message_id, detail) for
+    the event log and ``payloads`` as outbox items of kind "event", in order, one INSERT for
+    each table (what ``record_event`` and ``add_outbox`` do one row at a time)."""
+    now = utcnow()
+    if events:
+        session.execute(insert(Event), [{**e, "run_id": run_id, "ts": now} for e in events])
+    if payloads:
+        rows = [
+            {"run_id": run_id, "kind": "event", "payload": p, "created_at": now} for p in payloads
+        ]
+        session.execute(insert(OutboxItem), rows)
 
 
 def pending_outbox(session: Session, limit: int = 200) -> list[OutboxItem]:
