@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import blobstore
@@ -38,7 +39,7 @@ from orchestrator.state import Event as MachineEvent
 from orchestrator.store import aggregate_task_id, evaluate_task_id, load, step_run
 from orchestrator.tasks import TaskRunner
 from protocol import topology
-from protocol.bus import Bus, Consumer
+from protocol.bus import Bus, Consumer, Delivery
 from protocol.codec import DecodeLimits
 from protocol.messages import RoundState
 
@@ -59,6 +60,9 @@ class ServiceConfig:
     # Update blobs of this many latest rounds are kept; model versions always are.
     keep_update_rounds: int = 5
     prefetch: int = 16
+    # How long a consumer retries a message while the database is away before the bus's
+    # requeue-once-then-dead-letter policy takes over.
+    db_patience_s: float = 30.0
 
 
 class OrchestratorService:
@@ -96,16 +100,20 @@ class OrchestratorService:
         self._drain()  # what a previous process decided and did not send
         self._consumers.append(
             self.bus.consume(
-                topology.SIGNALS_QUEUE, self.signals.handle, prefetch=self.config.prefetch
+                topology.SIGNALS_QUEUE,
+                self._patient(self.signals.handle),
+                prefetch=self.config.prefetch,
             )
         )
         self._consumers.append(
-            self.bus.consume(topology.CONTROL_QUEUE, self.control.handle, prefetch=8)
+            self.bus.consume(topology.CONTROL_QUEUE, self._patient(self.control.handle), prefetch=8)
         )
         for _ in range(self.config.ingest_consumers):
             self._consumers.append(
                 self.bus.consume(
-                    topology.UPDATES_QUEUE, self.ingest.handle, prefetch=self.config.prefetch
+                    topology.UPDATES_QUEUE,
+                    self._patient(self.ingest.handle),
+                    prefetch=self.config.prefetch,
                 )
             )
         self._ticker = threading.Thread(
@@ -113,6 +121,37 @@ class OrchestratorService:
         )
         self._ticker.start()
         log.info("orchestrator started")
+
+    def _patient(self, handler: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
+        """``handler`` run again (with backoff) while the database is away.
+
+        A handler that raises has its message requeued once and then dead-lettered
+        (``protocol.bus.run_handler``): right for a message that breaks the handler, wrong for
+        a good update that met a database restart twice (found by the Postgres fault test,
+        which cuts connections several times a round). Every handler is idempotent by message
+        id and settles its message only after its transaction committed, so running it again
+        on the same message is safe; once the message is settled, or after
+        ``db_patience_s``, the error goes on to the bus's policy.
+        """
+
+        def run(d: Delivery) -> None:
+            waited, delay = 0.0, 0.1
+            while True:
+                try:
+                    handler(d)
+                    return
+                except DBAPIError as e:
+                    transient = isinstance(e, OperationalError) or e.connection_invalidated
+                    if not transient or d.settled or self._stop.is_set():
+                        raise
+                    if waited >= self.config.db_patience_s:
+                        raise
+                    log.warning("database unavailable (%s); retrying in %.1f s", e.orig, delay)
+                    self._stop.wait(delay)
+                    waited += delay
+                    delay = min(2 * delay, 2.0)
+
+        return run
 
     def stop(self) -> None:
         self._stop.set()
