@@ -180,9 +180,13 @@ Notes on the scenarios:
   its chunks and stops; a real device process killed by SIGKILL (and a RabbitMQ restart)
   is covered by `tests/integration/test_federation_faults.py`, which restarts the broker
   once and is not repeated here because it disturbs every other test on the machine.
-- A duplicate update for a round that already counted that client is acknowledged and
-  dropped without an event; an update from a client that was not counted arrives to a
-  closed round as `update.refused` ("round N is not open").
+- A duplicate update for a round that already counted that client is acknowledged, not
+  stored again and recorded as `update.duplicate` naming the counted update (the same update
+  resent is told `update.accepted` again); an update from a client that was not counted
+  arrives to a closed round as `update.refused` ("round N is not open").
+- The Postgres scenario's orchestrator rides the cuts out by running a handler that met a
+  connection error again (with backoff, up to 30 s); before that, a good update whose
+  handler met two cuts in a row was dead-lettered and the round waited for its deadline.
 
 ## Bad input
 
