@@ -19,20 +19,15 @@ is kept.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import socket
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from urllib.parse import quote
 
 import httpx
 import pika
 import pytest
-from pika.adapters.blocking_connection import BlockingChannel
 
 from dashboard.commands import send
 from db import queries as q
@@ -51,7 +46,9 @@ from protocol import topology
 from protocol.bus import BusError, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import CommandAction
+from tests.faults.broker import allowed, definitions, publish, read
 from tests.integration.orchestrator_harness import OPERATOR_TOKEN, Harness, harness
+from tests.net import free_port, wait_http
 
 pytestmark = [
     pytest.mark.integration,
@@ -60,19 +57,9 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("rabbitmqctl"), reason="needs the local RabbitMQ"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
 AMQP_DEVICES, ROUNDS = 2, 2
 K = AMQP_DEVICES + 1  # and one HTTP device behind the gateway
 PASSWORD = "service-password-for-tests"
-
-
-def _definitions() -> ModuleType:
-    path = ROOT / "deploy" / "rabbitmq" / "make_definitions.py"
-    spec = importlib.util.spec_from_file_location("fedmq_make_definitions_accounts", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _api(management_url: str) -> httpx.Client:
@@ -88,7 +75,7 @@ def _api(management_url: str) -> httpx.Client:
 def users(amqp_url: str, management_url: str) -> Iterator[dict[str, str]]:
     """Scratch copies of the shipped service users in the test's vhost; yields each
     service's AMQP URL (``device`` is the shared enrollment user)."""
-    d = _definitions()
+    d = definitions()
     v = quote(vhost_of(amqp_url), safe="")
     tag = uuid.uuid4().hex[:6]  # users are broker-wide
     urls: dict[str, str] = {}
@@ -128,48 +115,6 @@ def _create_run(h: Harness, min_clients: int) -> str:
     return h.run_id
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _allowed(url: str, action: Callable[[BlockingChannel], object]) -> bool:
-    """True if the broker lets the user of ``url`` do ``action``; False on ACCESS_REFUSED."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        action(ch)
-        return True
-    except pika.exceptions.ChannelClosedByBroker as e:
-        assert e.reply_code == 403, e
-        return False
-    finally:
-        if conn.is_open:
-            conn.close()
-
-
-def _publish(exchange: str, key: str) -> Callable[[BlockingChannel], object]:
-    return lambda ch: ch.basic_publish(exchange, key, b"{}", mandatory=False)
-
-
-def _read(queue: str) -> Callable[[BlockingChannel], object]:
-    return lambda ch: ch.basic_get(queue, auto_ack=False)
-
-
-def _wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
-
-
 def test_every_process_on_its_deployment_user_and_every_device_on_its_own(
     amqp_url: str,
     pg_url: str,
@@ -191,7 +136,7 @@ def test_every_process_on_its_deployment_user_and_every_device_on_its_own(
                     "FEDMQ_BROKER_ACCOUNTS_URL": management_url,
                 }
             )
-            port = _free_port()
+            port = free_port()
             gateway = f"http://127.0.0.1:{port}"
             h.procs.start(
                 "gateway",
@@ -205,7 +150,7 @@ def test_every_process_on_its_deployment_user_and_every_device_on_its_own(
                     *("-m", "fedmq.cli", "device", "--index", str(k), *device_args),
                     env={"FEDMQ_BROKER_URL": users["device"]},
                 )
-            _wait_http(f"{gateway}/openapi.json")
+            wait_http(f"{gateway}/openapi.json")
             h.procs.start(
                 "device-http",
                 *("-m", "fedmq.cli", "device", "--index", str(AMQP_DEVICES), *device_args),
@@ -242,12 +187,12 @@ def test_every_process_on_its_deployment_user_and_every_device_on_its_own(
             made.append(mallory.client_id)
             own = with_credentials(amqp_url, mallory.client_id, mallory.token)
             victim = amqp_ids[0]
-            assert _allowed(own, _publish(topology.SIGNALS_EXCHANGE, f"signal.{mallory.client_id}"))
-            assert not _allowed(own, _publish(topology.SIGNALS_EXCHANGE, f"signal.{victim}"))
+            assert allowed(own, publish(topology.SIGNALS_EXCHANGE, f"signal.{mallory.client_id}"))
+            assert not allowed(own, publish(topology.SIGNALS_EXCHANGE, f"signal.{victim}"))
             key = topology.update_routing_key(run_id, 1, victim)
-            assert not _allowed(own, _publish(topology.UPDATES_EXCHANGE, key))
-            assert not _allowed(own, _read(topology.device_queue(victim)))
-            assert not _allowed(own, _read(topology.UPDATES_QUEUE))
+            assert not allowed(own, publish(topology.UPDATES_EXCHANGE, key))
+            assert not allowed(own, read(topology.device_queue(victim)))
+            assert not allowed(own, read(topology.UPDATES_QUEUE))
 
             send(operator, OPERATOR_TOKEN, run_id, CommandAction.AUTORUN, rounds=ROUNDS)
             h.wait(
@@ -272,7 +217,7 @@ def test_every_process_on_its_deployment_user_and_every_device_on_its_own(
             )
             h.wait(lambda: not accounts.exists(mallory.client_id), 30, "mallory's user deleted")
             with pytest.raises(pika.exceptions.ProbableAuthenticationError):
-                _allowed(own, _read(topology.device_queue(mallory.client_id)))
+                allowed(own, read(topology.device_queue(mallory.client_id)))
             # A restarted device that kept her identity cannot resume as her either (it
             # registers anew instead: devices/client.py).
             transport = BusTransport(

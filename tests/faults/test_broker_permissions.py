@@ -13,22 +13,28 @@ tests/faults/test_broker_accounts.py runs a whole federation that way.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Iterator
 from urllib.parse import quote
 
 import pika
 import pytest
-from pika.adapters.blocking_connection import BlockingChannel
 
 from orchestrator.accounts import ManagementAccounts
 from protocol import topology
 from protocol.bus import connect
+from tests.faults.broker import (
+    Action,
+    allowed,
+    bind,
+    declare,
+    declare_exchange,
+    definitions,
+    publish,
+    read,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,21 +43,11 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("rabbitmqctl"), reason="needs the local rabbitmqctl"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "device-password-for-tests"
 
 
 def _ctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-def _definitions() -> ModuleType:
-    path = ROOT / "deploy" / "rabbitmq" / "make_definitions.py"
-    spec = importlib.util.spec_from_file_location("fedmq_make_definitions_perm", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Broker:
@@ -79,27 +75,13 @@ class Broker:
         _ctl("add_user", name, PASSWORD)
         self.users.append(name)
         _ctl("set_permissions", "-p", self.vhost, name, *perms)
-        for exchange, write, read in topics:
-            _ctl("set_topic_permissions", "-p", self.vhost, name, exchange, write, read)
+        for exchange, write_keys, read_keys in topics:
+            _ctl("set_topic_permissions", "-p", self.vhost, name, exchange, write_keys, read_keys)
         return name
 
-    def attempt(self, user: str, action: Callable[[BlockingChannel], object]) -> bool:
+    def attempt(self, user: str, action: Action) -> bool:
         """True if the broker allows ``action`` for ``user``; False on ACCESS_REFUSED."""
-        params = pika.URLParameters(
-            f"amqp://{user}:{PASSWORD}@{self.base}/{quote(self.vhost, safe='')}"
-        )
-        conn = pika.BlockingConnection(params)
-        try:
-            ch = conn.channel()
-            ch.confirm_delivery()
-            action(ch)
-            return True
-        except pika.exceptions.ChannelClosedByBroker as e:
-            assert e.reply_code == 403, e
-            return False
-        finally:
-            if conn.is_open:
-                conn.close()
+        return allowed(f"amqp://{user}:{PASSWORD}@{self.base}/{quote(self.vhost, safe='')}", action)
 
     def close(self) -> None:
         for u in self.users:
@@ -118,32 +100,11 @@ def broker(services) -> Iterator[Broker]:  # type: ignore[no-untyped-def]
     b.close()
 
 
-def publish(exchange: str, key: str) -> Callable[[BlockingChannel], object]:
-    return lambda ch: ch.basic_publish(exchange, key, b"{}", mandatory=False)
-
-
-def read(queue: str) -> Callable[[BlockingChannel], object]:
-    return lambda ch: ch.basic_get(queue, auto_ack=False)
-
-
-def bind(queue: str, key: str) -> Callable[[BlockingChannel], object]:
-    return lambda ch: ch.queue_bind(queue, topology.DEVICES_EXCHANGE, key)
-
-
-def declare(queue: str) -> Callable[[BlockingChannel], object]:
-    args = {"x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE}
-    return lambda ch: ch.queue_declare(queue, durable=True, arguments=args)
-
-
-def declare_exchange(name: str) -> Callable[[BlockingChannel], object]:
-    return lambda ch: ch.exchange_declare(name, "topic", durable=True)
-
-
 REPLY_KEY = "r0123456789abcdef"  # what devices/wire.py makes
 
 
 def test_the_shared_device_user_may_only_register(broker: Broker) -> None:
-    d = _definitions()
+    d = definitions()
     user = broker.user(
         f"device-{uuid.uuid4().hex[:6]}", d.PERMISSIONS["device"], d.TOPIC_PERMISSIONS["device"]
     )
@@ -215,7 +176,7 @@ def test_provisioned_device_users_cannot_speak_for_or_read_another_device(
 def test_the_gateway_and_dashboard_cannot_declare_or_delete_the_orchestrators_side(
     broker: Broker, service: str
 ) -> None:
-    d = _definitions()
+    d = definitions()
     user = broker.user(
         f"{service}-{uuid.uuid4().hex[:6]}",
         d.PERMISSIONS[service],

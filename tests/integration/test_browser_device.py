@@ -7,7 +7,6 @@ both rounds of an autorun need its update (min_clients=2) and aggregate it."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ from orchestrator.state import Autorun, RoundPolicy
 from orchestrator.store import step_run
 from protocol.bus import connect
 from protocol.codec import Encoding, encode
+from tests.net import free_port
 from workers.app import configure
 from workers.config import WorkerConfig
 
@@ -50,12 +50,6 @@ pytestmark = [
 ]
 
 K, ROUNDS = 2, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _until(check: Callable[[], bool], seconds: float, what: str) -> None:
@@ -88,7 +82,7 @@ def test_the_browser_device_trains_in_wasm_and_its_updates_are_aggregated(
     config = GatewayConfig(operator_token="browser-test-operator", default_run=run_id)
     app = create_app(config, bus, sessions)
     app.include_router(browser_router(config.decode_limits, config.max_upload_bytes))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from learning.params import to_numpy
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
 from protocol import codec
+from tests.net import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -56,12 +56,6 @@ pytestmark = [
         reason="no /usr/bin/chromium (scripts/ensure-browser.sh installs it)",
     ),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _until(check: Callable[[], bool], seconds: float, what: str) -> None:
@@ -129,7 +123,7 @@ def federation(tmp_path: Path, amqp_url: str, pg_url: str) -> Iterator[tuple[str
     migrations.upgrade(pg_url)
     sessions = make_sessionmaker(make_engine(pg_url))
     run_id = _digits_run(sessions)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "FEDMQ_BROKER_URL": amqp_url,

@@ -5,12 +5,9 @@ global model's accuracy rises."""
 
 from __future__ import annotations
 
-import socket
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from db import queries as q
@@ -28,28 +25,11 @@ from protocol.bus import connect
 from protocol.codec import Encoding, encode
 from protocol.messages import CommandAction
 from tests.integration.orchestrator_harness import Harness, harness
+from tests.net import free_port, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 K, ROUNDS = 4, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def _ready(h: Harness) -> int:
@@ -61,7 +41,7 @@ def test_two_amqp_and_two_http_devices_share_every_round(
 ) -> None:
     data = load_dataset("digits")
     model = build_model("mlp", num_classes=data.num_classes, input_shape=data.input_shape, seed=0)
-    port = _free_port()
+    port = free_port()
     gateway = f"http://127.0.0.1:{port}"
     with harness(amqp_url, pg_url, tmp_path) as h:
         with session_scope(h.sessions) as s:
@@ -81,7 +61,7 @@ def test_two_amqp_and_two_http_devices_share_every_round(
             *("--clients", str(K), "--transport", "http", "--gateway", gateway),
             *("--rounds", str(ROUNDS)),
         )
-        _wait_http(f"{gateway}/openapi.json")
+        wait_http(f"{gateway}/openapi.json")
 
         def config(k: int, **kw: object) -> DeviceConfig:
             return DeviceConfig(

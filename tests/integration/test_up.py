@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from protocol.messages import RoundState
+from tests.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(path: Path, text: str, seconds: float) -> bool:
@@ -63,7 +57,7 @@ def _done_rounds(pg_url: str) -> list[int]:
 def test_up_runs_the_whole_stack_with_a_fleet_and_ctrl_c_stops_everything(
     tmp_path: Path, amqp_url: str, pg_url: str
 ) -> None:
-    gateway, dashboard = _free_port(), _free_port()
+    gateway, dashboard = free_port(), free_port()
     env = {
         **os.environ,
         "FEDMQ_BROKER_URL": amqp_url,
