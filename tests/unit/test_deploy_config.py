@@ -4,7 +4,6 @@ refer only to things that exist, and declare the topology of protocol/topology.p
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import yaml
 from fedmq.cli import app
 from fedmq.settings import Settings
 from protocol import topology
+from tests.faults import broker
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -118,12 +118,7 @@ def check_fedmq_args(args: list[str]) -> None:
 
 @cache
 def make_definitions() -> ModuleType:
-    path = ROOT / "deploy" / "rabbitmq" / "make_definitions.py"
-    spec = importlib.util.spec_from_file_location("fedmq_make_definitions", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return broker.definitions()
 
 
 def definitions() -> dict[str, Any]:
