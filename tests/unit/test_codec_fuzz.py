@@ -48,10 +48,13 @@ FUZZ = settings(
 
 
 def _decode_or_refuse(blob: bytes) -> None:
-    began = time.process_time()  # CPU time: a loaded machine's stalls are not decode's
+    # This thread's CPU time: neither a loaded machine's stalls nor other threads' work (a
+    # process-wide clock counted 1.47 s once in CI) are decode's. The bound only has to
+    # catch a bomb that got decompressed, which costs far more.
+    began = time.thread_time()
     with contextlib.suppress(CodecError):
         decode(blob, limits=LIMITS)
-    assert time.process_time() - began < 1.0
+    assert time.thread_time() - began < 5.0
 
 
 JSON = st.recursive(
