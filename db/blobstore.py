@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, aliased
 
 from db.models import Blob, BlobChunk, BlobKind, ModelVersion, Participation, Round
 from db.models.enums import FINISHED_ROUND
-from db.queries._sql import insert_ignore
+from db.queries._sql import insert_ignore, insert_many_ignore
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,43 @@ def put(
     pieces = (view[i : i + chunk_size] for i in range(0, len(view), chunk_size))
     _store(session, sha, len(view), kind, chunk_size, pieces)
     return sha
+
+
+def put_many(
+    session: Session,
+    blobs: Sequence[bytes],
+    kind: BlobKind,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[list[str], set[str]]:
+    """``put`` for a batch of blobs in a few statements (a group commit's updates): their
+    SHA-256s in order, and the set of those stored now (not stored before, nor twice)."""
+    _check_chunk_size(chunk_size)
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    unique = dict(zip(shas, blobs, strict=True))
+    rows = [
+        {"sha256": sha, "size": len(b), "kind": kind, "chunk_count": -(-len(b) // chunk_size)}
+        for sha, b in unique.items()
+    ]
+    fresh = insert_many_ignore(session, Blob, rows, ("sha256",), Blob.sha256)
+    known = [sha for sha in unique if sha not in fresh]
+    if known and kind == BlobKind.MODEL:
+        session.execute(update(Blob).where(Blob.sha256.in_(known)).values(kind=BlobKind.MODEL))
+    chunks = [
+        {"sha256": sha, "idx": idx, "data": view[i : i + chunk_size]}
+        for sha in fresh
+        for view in [memoryview(unique[sha])]
+        for idx, i in enumerate(range(0, len(view), chunk_size))
+    ]
+    if chunks:
+        session.execute(insert(BlobChunk), chunks)
+    return shas, fresh
+
+
+def discard(session: Session, shas: Sequence[str]) -> None:
+    """Delete blobs this transaction stored and no longer wants (refused updates)."""
+    for start in range(0, len(shas), _BATCH):
+        _delete_blobs(session, shas[start : start + _BATCH])
 
 
 def put_stream(

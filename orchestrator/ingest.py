@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import blobstore
 from db import queries as q
 from db.engine import session_scope
-from db.models import BlobKind, ParticipationState, RoundState
+from db.models import BlobKind, Client, ParticipationState, Round, RoundState
 from db.queries import orchestrator as oq
 from orchestrator.outbox import ENVELOPE_HEADER, notify_device
 from orchestrator.state import Ignored, UpdateReceived
-from orchestrator.store import UpdateInfo, record_and_publish, step_run
+from orchestrator.store import StepInput, UpdateInfo, record_and_publish, step_many, step_run
 from protocol import chunking, topology
 from protocol.bus import Delivery
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, peek_header
@@ -59,6 +59,9 @@ class Ingest:
         except Refuse as r:
             self._refuse(d, str(r))
             return
+        self._handle_parsed(d, chunk, meta)
+
+    def _handle_parsed(self, d: Delivery, chunk: chunking.Chunk, meta: UpdateMeta) -> None:
         try:
             done = self._stage(d, chunk, meta)
         except Refuse as r:
@@ -68,6 +71,120 @@ class Ingest:
             d.ack()
             return
         self._finish(d, chunk, meta)
+
+    def handle_many(self, ds: list[Delivery]) -> None:
+        """A group commit of one-chunk updates: checked, verified, stored, counted and their
+        devices notified in one transaction (each run's machine stepped through them under
+        one lock), then each settled on its own. A refusal concerns its message alone. A
+        chunk of a multi-chunk blob goes the one-at-a-time way (``handle``): its staging
+        and reassembly are per blob anyway. If the batch raises, nothing of it committed
+        and the caller runs the unsettled messages one at a time."""
+        whole: list[tuple[Delivery, chunking.Chunk, UpdateMeta]] = []
+        for d in ds:
+            try:
+                chunk, meta = self._parse(d)
+            except Refuse as r:
+                self._refuse(d, str(r))
+                continue
+            if chunk.count == 1:
+                whole.append((d, chunk, meta))
+            else:
+                self._handle_parsed(d, chunk, meta)
+        if not whole:
+            return
+        reasons = self._store_many(whole)
+        for (d, _, _), reason in zip(whole, reasons, strict=True):
+            if reason is None:
+                d.ack()
+            else:
+                d.reject(reason)
+        self.after_commit()
+
+    def _store_many(
+        self, items: list[tuple[Delivery, chunking.Chunk, UpdateMeta]]
+    ) -> list[str | None]:
+        """Each update's refusal reason (None: acknowledge it), committed together."""
+        reasons: list[str | None] = [None] * len(items)
+        refused: list[tuple[int, bool]] = []  # (index, tell the device)
+        with session_scope(self.sessions) as s:
+            clients = q.get_clients(s, (meta.client_id for _, _, meta in items))
+            rounds = {
+                (meta.run_id, meta.round): q.get_round(s, meta.run_id, meta.round)
+                for _, _, meta in items
+            }
+            oq.participations(
+                s,
+                [
+                    (rnd.id, meta.client_id)
+                    for _, _, meta in items
+                    if (rnd := rounds[(meta.run_id, meta.round)]) is not None
+                ],
+            )  # into the session, so that each check below reads none
+            ok: list[int] = []
+            for i, (_, chunk, meta) in enumerate(items):
+                rnd = rounds[(meta.run_id, meta.round)]
+                try:
+                    if not self._expected(s, clients.get(meta.client_id), rnd, chunk, meta):
+                        continue
+                except Refuse as r:
+                    reasons[i] = str(r)
+                    refused.append((i, False))  # as _stage's refusals: recorded only
+                    continue
+                try:
+                    self._check(chunk.data, meta)
+                except Refuse as r:
+                    reasons[i] = str(r)
+                    refused.append((i, True))
+                    continue
+                ok.append(i)
+            fresh = q.mark_messages_processed(s, (items[i][2].message_id for i in ok))
+            ok = [i for i in ok if items[i][2].message_id in fresh]  # others: done before
+            shas, stored = blobstore.put_many(s, [items[i][1].data for i in ok], BlobKind.UPDATE)
+            by_run: dict[str, list[tuple[int, str, StepInput]]] = {}
+            for i, sha in zip(ok, shas, strict=True):
+                meta = items[i][2]
+                event = UpdateReceived(meta.client_id, meta.round, sha, meta.num_samples)
+                info = UpdateInfo(len(items[i][1].data), meta.message_id, dict(meta.metrics))
+                by_run.setdefault(meta.run_id, []).append(
+                    (i, sha, StepInput(event, meta.message_id, update=info))
+                )
+            now = self.clock()
+            kept: set[str] = set()
+            unwanted: list[tuple[int, str]] = []
+            for run_id, steps in by_run.items():
+                results = step_many(s, run_id, [inp for _, _, inp in steps], now)
+                for k, (i, sha, _) in enumerate(steps):
+                    refusal = None if results is None else results[k].refusal
+                    if results is None:
+                        reasons[i] = f"unknown run {run_id}"
+                    elif refusal is not None and not isinstance(refusal, Ignored):
+                        reasons[i] = refusal.reason
+                    else:
+                        kept.add(sha)
+                        _notify(s, items[i][2], "update.accepted", None)
+                        continue
+                    unwanted.append((i, sha))
+            # A refused update must not look stored: its claim and new blob go (what the
+            # one-at-a-time path's rollback does).
+            q.unmark_messages_processed(s, (items[i][2].message_id for i, _ in unwanted))
+            blobstore.discard(s, sorted({sha for _, sha in unwanted if sha in stored} - kept))
+            refused.extend((i, True) for i, _ in unwanted)
+            for i, notify in sorted(refused):
+                d, _, meta = items[i]
+                reason = reasons[i]
+                assert reason is not None
+                record_and_publish(
+                    s,
+                    meta.run_id,
+                    "update.refused",
+                    client_id=meta.client_id,
+                    round=meta.round,
+                    message_id=meta.message_id,
+                    detail={"reason": reason, "routing_key": d.routing_key},
+                )
+                if notify:
+                    _notify(s, meta, "update.rejected", reason)
+        return reasons
 
     def _parse(self, d: Delivery) -> tuple[chunking.Chunk, UpdateMeta]:
         try:
@@ -95,27 +212,9 @@ class Ingest:
         """
         with session_scope(self.sessions) as s:
             client = q.get_client(s, meta.client_id)
-            if (
-                client is None
-                or client.run_id != meta.run_id
-                or client.token_hash != q.hash_token(meta.token)
-            ):
-                raise Refuse(f"unknown client or bad token for {meta.client_id}")
             rnd = q.get_round(s, meta.run_id, meta.round)
-            # One row by its key: listing the round's participations cost O(fleet) an update.
-            part = None if rnd is None else oq.participation(s, rnd.id, client.id)
-            if part is not None and part.state == ParticipationState.UPDATE:
-                # A duplicate of a counted update: acked and not stored again, but said once.
-                if chunk.index == 0:
-                    _duplicate(s, meta, part.message_id)
+            if not self._expected(s, client, rnd, chunk, meta):
                 return False
-            if rnd is None or rnd.state != RoundState.OPEN:
-                raise Refuse(f"round {meta.round} is not open")
-            if part is None or part.state not in (
-                ParticipationState.SELECTED,
-                ParticipationState.TRAINING,
-            ):
-                raise Refuse(f"{meta.client_id} is not expected in round {meta.round}")
             if chunk.count == 1:
                 return True
             oq.stage_chunk(
@@ -135,6 +234,38 @@ class Ingest:
             )
         with session_scope(self.sessions) as s:
             return oq.staged_count(s, chunk.blob_id) >= chunk.count
+
+    @staticmethod
+    def _expected(
+        s: Session,
+        client: Client | None,
+        rnd: Round | None,
+        chunk: chunking.Chunk,
+        meta: UpdateMeta,
+    ) -> bool:
+        """Whether the update is one its round expects (Refuse if it is not); False for a
+        duplicate of a counted update, which is recorded and acknowledged, not stored."""
+        if (
+            client is None
+            or client.run_id != meta.run_id
+            or client.token_hash != q.hash_token(meta.token)
+        ):
+            raise Refuse(f"unknown client or bad token for {meta.client_id}")
+        # One row by its key: listing the round's participations cost O(fleet) an update.
+        part = None if rnd is None else oq.participation(s, rnd.id, client.id)
+        if part is not None and part.state == ParticipationState.UPDATE:
+            # A duplicate of a counted update: acked and not stored again, but said once.
+            if chunk.index == 0:
+                _duplicate(s, meta, part.message_id)
+            return False
+        if rnd is None or rnd.state != RoundState.OPEN:
+            raise Refuse(f"round {meta.round} is not open")
+        if part is None or part.state not in (
+            ParticipationState.SELECTED,
+            ParticipationState.TRAINING,
+        ):
+            raise Refuse(f"{meta.client_id} is not expected in round {meta.round}")
+        return True
 
     def _finish(self, d: Delivery, chunk: chunking.Chunk, meta: UpdateMeta) -> None:
         if chunk.count == 1:

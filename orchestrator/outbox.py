@@ -24,7 +24,7 @@ from db.queries import orchestrator as oq
 from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.tasks import TaskRunner
 from protocol import chunking, topology
-from protocol.bus import Bus, BusError
+from protocol.bus import Bus, BusError, Outgoing
 from protocol.codec import peek_header
 from protocol.messages import Event, ModelMeta, RoundAnnouncement
 from protocol.messages.envelope import new_message_id
@@ -122,17 +122,7 @@ class Outbox:
                     ]
                 done: list[int] = []
                 try:
-                    # Tasks first: a round's aggregation should not queue behind the events
-                    # of the hundred updates that closed it. Each kind keeps its own order.
-                    for item in sorted(items, key=lambda i: (i.kind != "task", i.id)):
-                        try:
-                            self._send(item)
-                        except (BusError, AccountError):
-                            raise  # the broker is away: retried on the next tick
-                        except Exception:
-                            # A bad item must not block all after it for ever.
-                            log.exception("outbox item %s (%s) dropped", item.id, item.kind)
-                        done.append(item.id)
+                    self._send_page(items, done)
                 finally:
                     if done:
                         with session_scope(self.sessions) as s:
@@ -141,7 +131,38 @@ class Outbox:
                 if len(items) < limit:
                     return sent
 
-    def _send(self, item: Item) -> None:
+    def _send_page(self, items: list[Item], done: list[int]) -> None:
+        """Send ``items``, appending the id of each that went out (or was dropped) to
+        ``done``. Plain publishes (events, notices) go together, one broker round trip for
+        a run of them, sent before any item that follows them."""
+        batch: list[tuple[int, Outgoing]] = []
+
+        def flush() -> None:
+            if batch:
+                self.bus.publish_many([m for _, m in batch])
+                done.extend(i for i, _ in batch)
+                batch.clear()
+
+        # Tasks first: a round's aggregation should not queue behind the events of the
+        # hundred updates that closed it. Each kind keeps its own order.
+        for item in sorted(items, key=lambda i: (i.kind != "task", i.id)):
+            try:
+                message = self._message(item)
+                if message is not None:
+                    batch.append((item.id, message))
+                    continue
+                flush()
+                self._send(item)
+            except (BusError, AccountError):
+                raise  # the broker is away: retried on the next tick
+            except Exception:
+                # A bad item must not block all after it for ever.
+                log.exception("outbox item %s (%s) dropped", item.id, item.kind)
+            done.append(item.id)
+        flush()
+
+    def _message(self, item: Item) -> Outgoing | None:
+        """The plain publish an event or publish item is; None for other kinds."""
         p = item.payload
         if item.kind == "event":
             msg = Event(
@@ -154,22 +175,22 @@ class Outbox:
                 # The outbox id makes a re-drained event recognisable as the same one.
                 message_id=f"evt-{item.id:012d}",
             )
-            self.bus.publish(
-                topology.EVENTS_EXCHANGE,
-                "",
-                msg.to_json(),
-                message_id=msg.message_id,
-                mandatory=False,
-            )
-        elif item.kind == "publish":
-            self.bus.publish(
+            return Outgoing(topology.EVENTS_EXCHANGE, "", msg.to_json(), None, msg.message_id)
+        if item.kind == "publish":
+            return Outgoing(
                 p["exchange"],
                 p["routing_key"],
                 base64.b64decode(p["body"]),
-                headers=p.get("headers") or None,
-                message_id=p.get("message_id"),
-                mandatory=False,
+                p.get("headers") or None,
+                p.get("message_id"),
             )
+        return None
+
+    def _send(self, item: Item) -> None:
+        p = item.payload
+        message = self._message(item)
+        if message is not None:
+            self.bus.publish_many([message])
         elif item.kind == "task":
             self.tasks.send(p["name"], list(p["args"]), p["task_id"], p["queue"])
         elif item.kind == "revoke_account":

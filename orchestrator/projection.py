@@ -19,11 +19,14 @@ from db.models import ClientState as DbClientState
 from db.models import ParticipationState, RoundState, RunStatus
 from db.queries import orchestrator as oq
 from orchestrator.state import (
+    ClientStateChanged,
     DispatchAggregate,
     DispatchEvaluate,
     Effect,
     Federation,
+    Ignored,
     OpenedRound,
+    Rejected,
     RoundDone,
     RoundFailed,
     UpdateAccepted,
@@ -71,30 +74,27 @@ def project(
     now: float,
     update: UpdateInfo | None,
     changed_clients: Iterable[str] | None = None,
+    deferred: list[tuple[int, dict[str, Any]]] | None = None,
 ) -> None:
     """Project the step ``old`` → ``new``; ``changed_clients``: the ids of the client records
-    that changed, if the caller knows them (else every client is compared)."""
+    that changed, if the caller knows them (else every client is compared).
+
+    ``deferred``: counted updates of earlier steps not written yet (a batch's). A step that
+    only counts updates adds its own there and writes nothing; any other step writes them
+    all first (``record_updates``, a few statements for the lot), so the rows still see
+    every update before the step that closes the round. The caller writes what is left.
+    """
     run_id = new.run_id
-    # Updates first: record_update counts only into a round the db still has open, and the
-    # update that completes a round closes it in this same step.
+    pending = [] if deferred is None else deferred
     for e in effects:
         if isinstance(e, UpdateAccepted):
-            rnd = q.get_round(s, run_id, e.round)
-            if rnd is not None:
-                q.record_update(
-                    s,
-                    rnd.id,
-                    e.client_id,
-                    update_sha=e.ref,
-                    num_samples=e.num_samples,
-                    nbytes=update.nbytes if update else 0,
-                    loss=_num(update.metrics.get("loss")) if update else None,
-                    accuracy=_num(update.metrics.get("accuracy")) if update else None,
-                    train_time_s=_num(update.metrics.get("train_time_s")) if update else None,
-                    message_id=update.message_id if update else None,
-                    now=ts(now),
-                )
-    _project_clients(s, old, new, now, changed_clients)
+            pending.append((e.round, _update_row(e, update, now)))
+    if deferred is not None and _counts_only(old, new, effects):
+        return
+    # Updates first: record_updates counts only into a round the db still has open, and
+    # the update that completes a round closes it in this same step.
+    write_updates(s, run_id, pending)
+    project_clients(s, old, new, now, changed_clients)
     if new.round is not None:
         _project_round(s, old, new)
     if new.autorun_remaining != old.autorun_remaining:
@@ -156,9 +156,56 @@ def project(
                 q.set_round_state(s, rnd.id, RoundState.FAILED)
 
 
-def _project_clients(
+def write_updates(s: Session, run_id: str, pending: list[tuple[int, dict[str, Any]]]) -> None:
+    """Record the counted updates of ``pending`` (round number, row), round by round, and
+    empty it."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for number, row in pending:
+        by_round.setdefault(number, []).append(row)
+    pending.clear()
+    for number, rows in by_round.items():
+        rnd = q.get_round(s, run_id, number)
+        if rnd is not None:
+            q.record_updates(s, rnd.id, rows)
+
+
+def _update_row(e: UpdateAccepted, update: UpdateInfo | None, now: float) -> dict[str, Any]:
+    metrics = update.metrics if update else {}
+    return {
+        "client_id": e.client_id,
+        "update_sha": e.ref,
+        "num_samples": e.num_samples,
+        "bytes": update.nbytes if update else 0,
+        "loss": _num(metrics.get("loss")),
+        "accuracy": _num(metrics.get("accuracy")),
+        "train_time_s": _num(metrics.get("train_time_s")),
+        "message_id": update.message_id if update else None,
+        "received_at": ts(now),
+    }
+
+
+# Effects whose projection is nothing but the counted update (events are recorded apart).
+_COUNTING = (UpdateAccepted, ClientStateChanged, Rejected, Ignored)
+
+
+def _counts_only(old: Federation, new: Federation, effects: list[Effect]) -> bool:
+    """The step changed the round only by counting updates: nothing to write but them."""
+    a, b = old.round, new.round
+    if a is None or b is None or (a.number, a.attempt) != (b.number, b.attempt):
+        return False
+    if replace(a, received=b.received) != b:
+        return False
+    if new.autorun_remaining != old.autorun_remaining or run_status(new) != run_status(old):
+        return False
+    return all(isinstance(e, _COUNTING) for e in effects)
+
+
+def project_clients(
     s: Session, old: Federation, new: Federation, now: float, ids: Iterable[str] | None
 ) -> None:
+    """The client rows of ``ids`` (None: every client) as ``new`` has them, where they
+    differ from ``old``: one UPDATE for all of them."""
+    rows: list[dict[str, Any]] = []
     for cid in new.clients if ids is None else ids:
         rec = new.clients[cid]
         before = old.clients.get(cid)
@@ -168,7 +215,14 @@ def _project_clients(
         seen = None
         if before is None or before.last_seen != rec.last_seen:
             seen = ts(rec.last_seen)
-        oq.project_client(s, cid, state=state, last_seen=seen)
+        row: dict[str, Any] = {"id": cid}
+        if state is not None:
+            row["state"] = state
+        if seen is not None:
+            row["last_seen"] = seen
+        if len(row) > 1:
+            rows.append(row)
+    oq.project_clients(s, rows)
 
 
 def _project_round(s: Session, old: Federation, fed: Federation) -> None:

@@ -39,7 +39,8 @@ from orchestrator.state import Event as MachineEvent
 from orchestrator.store import aggregate_task_id, evaluate_task_id, load, step_run
 from orchestrator.tasks import TaskRunner
 from protocol import topology
-from protocol.bus import Bus, Consumer, Delivery
+from protocol.bus import Batching, Bus, Consumer, Delivery
+from protocol.bus.base import run_handler
 from protocol.codec import DecodeLimits
 from protocol.messages import RoundState
 
@@ -60,6 +61,12 @@ class ServiceConfig:
     # Update blobs of this many latest rounds are kept; model versions always are.
     keep_update_rounds: int = 5
     prefetch: int = 16
+    # Group commit (``Bus.consume_batches``): up to this many signals or one-chunk updates
+    # in one transaction; None: one message a transaction. Signals are prefetched
+    # ``signal_prefetch`` at a time (small messages); updates ``prefetch`` (up to 4 MiB
+    # each), so ingest holds at most ``prefetch`` chunks per consumer in memory.
+    batching: Batching | None = field(default_factory=Batching)
+    signal_prefetch: int = 128
     # How long a consumer retries a message while the database is away before the bus's
     # requeue-once-then-dead-letter policy takes over.
     db_patience_s: float = 30.0
@@ -99,10 +106,11 @@ class OrchestratorService:
         topology.declare(self.bus)
         self._drain()  # what a previous process decided and did not send
         self._consumers.append(
-            self.bus.consume(
+            self._consume(
                 topology.SIGNALS_QUEUE,
-                self._patient(self.signals.handle),
-                prefetch=self.config.prefetch,
+                self.signals.handle,
+                self.signals.handle_many,
+                self.config.signal_prefetch,
             )
         )
         self._consumers.append(
@@ -110,10 +118,11 @@ class OrchestratorService:
         )
         for _ in range(self.config.ingest_consumers):
             self._consumers.append(
-                self.bus.consume(
+                self._consume(
                     topology.UPDATES_QUEUE,
-                    self._patient(self.ingest.handle),
-                    prefetch=self.config.prefetch,
+                    self.ingest.handle,
+                    self.ingest.handle_many,
+                    self.config.prefetch,
                 )
             )
         self._ticker = threading.Thread(
@@ -121,6 +130,36 @@ class OrchestratorService:
         )
         self._ticker.start()
         log.info("orchestrator started")
+
+    def _consume(
+        self,
+        queue: str,
+        one: Callable[[Delivery], None],
+        many: Callable[[list[Delivery]], None],
+        prefetch: int,
+    ) -> Consumer:
+        """A consumer of ``queue``: batched (group commit) unless batching is off."""
+        patient = self._patient(one)
+        batching = self.config.batching
+        if batching is None:
+            return self.bus.consume(queue, patient, prefetch=prefetch)
+
+        def run(ds: list[Delivery]) -> None:
+            if len(ds) > 1:
+                try:
+                    many(ds)
+                    return
+                except Exception as e:
+                    # Nothing of the batch committed (or it all did, and only settling
+                    # failed: then each message is found processed). One at a time, a bad
+                    # message meets the bus's policy alone and the rest go through.
+                    log.warning("batch of %d from %s failed (%r); one at a time", len(ds), queue, e)
+            for d in ds:
+                if not d.settled:
+                    run_handler(d, patient)
+
+        # A batch is bounded by the prefetch too (the broker sends no more un-acked).
+        return self.bus.consume_batches(queue, run, batching=batching, prefetch=prefetch)
 
     def _patient(self, handler: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
         """``handler`` run again (with backoff) while the database is away.

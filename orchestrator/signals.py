@@ -17,7 +17,7 @@ from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
-from orchestrator.store import record_and_publish, step_run
+from orchestrator.store import StepInput, StepResult, record_and_publish, step_many, step_run
 from protocol.bus import Delivery
 from protocol.messages import (
     ClientState,
@@ -62,6 +62,137 @@ class Signals:
             d.reject(reason)
         self.after_commit()
 
+    def handle_many(self, ds: list[Delivery]) -> None:
+        """A group commit: every message of ``ds`` in one transaction (each run's machine
+        stepped through its messages under one lock), then each settled on its own: acked,
+        or dead-lettered with its reason. If the batch raises, nothing of it committed and
+        the caller runs the messages one at a time (``handle``), so a message that breaks
+        the batch is dealt with alone."""
+        reasons = self._batch(ds)
+        for d, reason in zip(ds, reasons, strict=True):
+            if reason is None:
+                d.ack()
+            else:
+                d.reject(reason)
+        self.after_commit()
+
+    def _batch(self, ds: list[Delivery]) -> list[str | None]:
+        """Each message's refusal reason (None: acknowledge it), committed together."""
+        reasons: list[str | None] = [None] * len(ds)
+        msgs: dict[int, Register | SignalMsg | HeartbeatMsg] = {}
+        with session_scope(self.sessions) as s:
+            for i, d in enumerate(ds):
+                try:
+                    msg = parse_message(d.body, max_bytes=self.max_message_bytes)
+                except MessageError as e:
+                    reasons[i] = f"malformed message: {e}"
+                    record_and_publish(s, None, "signal.refused", detail={"reason": reasons[i]})
+                    continue
+                if isinstance(msg, Register | SignalMsg | HeartbeatMsg):
+                    msgs[i] = msg
+                else:
+                    reasons[i] = f"unexpected message type {msg.type!r} on the signals queue"
+                    record_and_publish(
+                        s,
+                        msg.run_id,
+                        "signal.refused",
+                        client_id=msg.client_id,
+                        detail={"reason": reasons[i]},
+                    )
+            # Re-deliveries change nothing (heartbeats are not de-duplicated: see _signal).
+            fresh = q.mark_messages_processed(
+                s, (m.message_id for m in msgs.values() if not isinstance(m, HeartbeatMsg))
+            )
+            clients = q.get_clients(
+                s, (m.client_id for m in msgs.values() if not isinstance(m, Register))
+            )
+            runs: dict[str, list[tuple[int, StepInput]]] = {}
+            tokens: dict[int, str] = {}
+            for i, msg in msgs.items():
+                if not isinstance(msg, HeartbeatMsg) and msg.message_id not in fresh:
+                    continue  # processed before: acknowledged again, nothing done
+                if isinstance(msg, Register):
+                    if q.get_run(s, msg.run_id) is None:
+                        reasons[i] = f"unknown run {msg.run_id}"
+                        record_and_publish(
+                            s,
+                            None,
+                            "register.rejected",
+                            message_id=msg.message_id,
+                            detail={"reason": reasons[i], "run_id": msg.run_id},
+                        )
+                        continue
+                    tokens[i] = secrets.token_urlsafe(32)
+                    cid = q.register_client(
+                        s,
+                        msg.run_id,
+                        msg.display_name,
+                        q.hash_token(tokens[i]),
+                        dict(msg.device_info),
+                    )
+                    event: MachineEvent = ClientJoined(cid)
+                else:
+                    client = clients.get(msg.client_id)
+                    if (
+                        client is None
+                        or client.run_id != msg.run_id
+                        or client.token_hash != q.hash_token(msg.token)
+                    ):
+                        reasons[i] = f"unknown client or bad token for {msg.client_id}"
+                        record_and_publish(
+                            s,
+                            msg.run_id,
+                            "auth.rejected",
+                            client_id=msg.client_id,
+                            message_id=msg.message_id,
+                            detail={"reason": reasons[i], "type": msg.type},
+                        )
+                        continue
+                    event = _machine_event(msg)
+                runs.setdefault(msg.run_id, []).append((i, StepInput(event, msg.message_id)))
+            now = self.clock()
+            for run_id, items in runs.items():
+                results = step_many(s, run_id, [inp for _, inp in items], now)
+                for (i, inp), res in zip(items, results or [None] * len(items), strict=True):
+                    reasons[i] = self._settled(s, msgs[i], inp, res, tokens.get(i))
+        return reasons
+
+    def _settled(
+        self,
+        s: Session,
+        msg: Register | SignalMsg | HeartbeatMsg,
+        inp: StepInput,
+        res: StepResult | None,
+        token: str | None,
+    ) -> str | None:
+        """What a batch's step of ``msg`` leaves to do: its reason if refused, else the
+        registration's reply (and broker user)."""
+        if res is None:
+            return f"unknown run {msg.run_id}"
+        if isinstance(res.refusal, Rejected):
+            if res.refusal.rejoin and isinstance(msg, HeartbeatMsg):
+                _ask_to_rejoin(s, msg, res.refusal.reason)
+            return res.refusal.reason
+        if isinstance(msg, Register):
+            assert token is not None and isinstance(inp.event, ClientJoined)
+            self._reply(s, msg, inp.event.client_id, token)
+        return None
+
+    def _reply(self, s: Session, msg: Register, cid: str, token: str) -> None:
+        broker_user = None
+        if self.accounts is not None and msg.broker_account:
+            # Made before the reply is queued: the device connects as it at once. If this
+            # transaction then fails, the user is orphaned with a token no one knows.
+            broker_user = self.accounts.provision(cid, token)
+        reply = Registered(
+            run_id=msg.run_id,
+            client_id=cid,
+            reply_key=msg.reply_key,
+            token=token,
+            broker_user=broker_user,
+        )
+        send_to_device(s, msg.run_id, msg.reply_key, reply.to_json(), reply.message_id)
+
     def _register(self, msg: Register) -> str | None:
         try:
             return self._enroll(msg)
@@ -102,31 +233,11 @@ class Signals:
             )
             if res is not None and isinstance(res.refusal, Rejected):
                 return res.refusal.reason
-            broker_user = None
-            if self.accounts is not None and msg.broker_account:
-                # Made before the reply is queued: the device connects as it at once. If this
-                # transaction then fails, the user is orphaned with a token no one knows.
-                broker_user = self.accounts.provision(cid, token)
-            reply = Registered(
-                run_id=msg.run_id,
-                client_id=cid,
-                reply_key=msg.reply_key,
-                token=token,
-                broker_user=broker_user,
-            )
-            send_to_device(s, msg.run_id, msg.reply_key, reply.to_json(), reply.message_id)
+            self._reply(s, msg, cid, token)
         return None
 
     def _signal(self, msg: SignalMsg | HeartbeatMsg) -> str | None:
-        event: MachineEvent
-        if isinstance(msg, HeartbeatMsg):
-            event = Heartbeat(msg.client_id)
-        elif msg.state is ClientState.OFFLINE:
-            event = ClientLeft(msg.client_id)
-        elif msg.state is ClientState.JOIN:
-            event = ClientJoined(msg.client_id)
-        else:
-            event = ClientSignal(msg.client_id, msg.state)
+        event = _machine_event(msg)
         with session_scope(self.sessions) as s:
             client = q.get_client(s, msg.client_id)
             if (
@@ -170,6 +281,16 @@ class Signals:
 
 
 REJOIN = "client.rejoin"
+
+
+def _machine_event(msg: SignalMsg | HeartbeatMsg) -> MachineEvent:
+    if isinstance(msg, HeartbeatMsg):
+        return Heartbeat(msg.client_id)
+    if msg.state is ClientState.OFFLINE:
+        return ClientLeft(msg.client_id)
+    if msg.state is ClientState.JOIN:
+        return ClientJoined(msg.client_id)
+    return ClientSignal(msg.client_id, msg.state)
 
 
 def _ask_to_rejoin(s: Session, msg: HeartbeatMsg, reason: str) -> None:

@@ -29,7 +29,14 @@ from sqlalchemy.orm import Session
 
 from db import queries as q
 from db.queries import orchestrator as oq
-from orchestrator.projection import aggregate_task_id, evaluate_task_id, project, ts
+from orchestrator.projection import (
+    aggregate_task_id,
+    evaluate_task_id,
+    project,
+    project_clients,
+    ts,
+    write_updates,
+)
 from orchestrator.state import (
     Effect,
     Event,
@@ -44,12 +51,14 @@ from orchestrator.state.serde import changes, join
 __all__ = [
     "CACHE",
     "SnapshotCache",
+    "StepInput",
     "StepResult",
     "UpdateInfo",
     "aggregate_task_id",
     "evaluate_task_id",
     "load",
     "record_and_publish",
+    "step_many",
     "step_run",
     "ts",
 ]
@@ -234,6 +243,16 @@ def load(s: Session, run_id: str) -> Federation | None:
     return None if seq is None else _stored(s, run_id, seq, locked=False)[0]
 
 
+@dataclass(frozen=True)
+class StepInput:
+    """One input of ``step_many``: the machine's event and what to record it under."""
+
+    event: Event
+    message_id: str | None = None
+    correlation_id: str | None = None
+    update: UpdateInfo | None = None
+
+
 def step_run(
     s: Session,
     run_id: str,
@@ -245,21 +264,44 @@ def step_run(
     update: UpdateInfo | None = None,
 ) -> StepResult | None:
     """Step run ``run_id`` with ``event``; None if the run does not exist (or has no machine)."""
+    results = step_many(s, run_id, [StepInput(event, message_id, correlation_id, update)], now)
+    return None if results is None else results[0]
+
+
+def step_many(
+    s: Session, run_id: str, inputs: list[StepInput], now: float
+) -> list[StepResult] | None:
+    """Step run ``run_id`` through ``inputs`` in order, under one lock, saving once (a group
+    commit's step); one ``StepResult`` per input. None if the run does not exist.
+
+    Each input is projected as its own step (the round and participation rows see every
+    step, as they would one message at a time); the client rows, the snapshot's parts and
+    the event and outbox rows are written once for the whole batch.
+    """
     seq = oq.lock_machine_seq(s, run_id)
     if seq is None:
         return None
+    results: list[StepResult] = []
     try:
         old, split = _stored(s, run_id, seq, locked=True)
         if old is None:
             return None
-        new, effects = step(old, event, now)
-        diff = changes(old if split else None, new)
+        fed = old
+        deferred: list[tuple[int, dict[str, Any]]] = []
+        for inp in inputs:
+            new, effects = step(fed, inp.event, now)
+            if new is not fed:
+                project(s, fed, new, effects, now, inp.update, (), deferred)
+            results.append(StepResult(new, effects))
+            fed = new
+        write_updates(s, run_id, deferred)
+        diff = changes(old if split else None, fed)
         if diff:
             new_seq = oq.save_machine_parts(s, run_id, seq, diff.head, diff.upserts, diff.deletes)
             engine = _engine(s)
-            _pending(s)[run_id] = (engine, new_seq, new, True)
+            _pending(s)[run_id] = (engine, new_seq, fed, True)
             CACHE.expect(engine, run_id, new_seq)
-            project(s, old, new, effects, now, update, diff.clients)
+            project_clients(s, old, fed, now, diff.clients)
     except BaseException:
         # Whatever this transaction saved for the run must not reach the cache.
         mine = _pending(s).pop(run_id, None)
@@ -267,44 +309,46 @@ def step_run(
         if mine is not None and mine[3]:
             CACHE.settle(mine[0], run_id, mine[1])
         raise
-    _record(s, run_id, effects, message_id, correlation_id)
-    return StepResult(new, effects)
+    _record(
+        s,
+        run_id,
+        [(r.effects, i.message_id, i.correlation_id) for r, i in zip(results, inputs, strict=True)],
+    )
+    return results
 
 
 def _record(
-    s: Session,
-    run_id: str,
-    effects: list[Effect],
-    message_id: str | None,
-    correlation_id: str | None,
+    s: Session, run_id: str, steps: list[tuple[list[Effect], str | None, str | None]]
 ) -> None:
-    """Each effect as an event row and an outbox item to publish it (one INSERT each)."""
+    """Each effect as an event row and an outbox item to publish it (one INSERT each for
+    the whole batch). ``steps``: each step's effects, message id and correlation id."""
     events: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
-    for effect in effects:
-        detail = effect.detail()
-        client_id = getattr(effect, "client_id", None)
-        number = getattr(effect, "number", None)
-        if number is None:
-            number = getattr(effect, "round", None)
-        events.append(
-            {
-                "kind": effect.kind,
-                "client_id": client_id,
-                "round": number,
-                "message_id": message_id,
-                "detail": detail,
-            }
-        )
-        items.append(
-            {
-                "kind": effect.kind,
-                "client_id": client_id,
-                "round": number,
-                "correlation_id": correlation_id,
-                "detail": detail,
-            }
-        )
+    for effects, message_id, correlation_id in steps:
+        for effect in effects:
+            detail = effect.detail()
+            client_id = getattr(effect, "client_id", None)
+            number = getattr(effect, "number", None)
+            if number is None:
+                number = getattr(effect, "round", None)
+            events.append(
+                {
+                    "kind": effect.kind,
+                    "client_id": client_id,
+                    "round": number,
+                    "message_id": message_id,
+                    "detail": detail,
+                }
+            )
+            items.append(
+                {
+                    "kind": effect.kind,
+                    "client_id": client_id,
+                    "round": number,
+                    "correlation_id": correlation_id,
+                    "detail": detail,
+                }
+            )
     oq.record_effects(s, run_id, events, items)
 
 

@@ -49,6 +49,36 @@ def insert_ignore(
     return result.rowcount == 1
 
 
+def insert_many_ignore(
+    session: Session,
+    model: type[Base],
+    rows: list[dict[str, Any]],
+    conflict_columns: Sequence[str],
+    returning: Any,
+) -> set[Any]:
+    """``insert_ignore`` for many rows in one INSERT; returns the ``returning`` column's
+    values of the rows inserted (rows whose key was present, or repeated, are skipped)."""
+    if not rows:
+        return set()
+    name = session.get_bind().dialect.name
+    stmt: Insert
+    if name == "postgresql":
+        stmt = (
+            postgresql.insert(model)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=list(conflict_columns))
+        )
+    elif name == "sqlite":
+        stmt = (
+            sqlite.insert(model)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=list(conflict_columns))
+        )
+    else:  # pragma: no cover - fedmq supports these two only
+        raise NotImplementedError(f"insert_many_ignore: unsupported backend {name!r}")
+    return set(session.scalars(stmt.returning(returning)))
+
+
 def changed(session: Session, stmt: Executable) -> int:
     """Execute an UPDATE or DELETE and return how many rows it touched."""
     result = session.execute(stmt)

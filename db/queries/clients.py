@@ -50,6 +50,14 @@ def get_client(session: Session, client_id: str) -> Client | None:
     return session.get(Client, client_id)
 
 
+def get_clients(session: Session, client_ids: Iterable[str]) -> dict[str, Client]:
+    """The clients of ``client_ids`` that exist, by id, in one query."""
+    ids = list(set(client_ids))
+    if not ids:
+        return {}
+    return {c.id: c for c in session.scalars(select(Client).where(Client.id.in_(ids)))}
+
+
 def get_client_by_token_hash(session: Session, token_hash: str) -> Client | None:
     return session.scalar(select(Client).where(Client.token_hash == token_hash))
 

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from db.models import Event, ProcessedMessage, utcnow
-from db.queries._sql import changed, insert_ignore
+from db.queries._sql import changed, insert_ignore, insert_many_ignore
 
 
 def record_event(
@@ -68,6 +68,28 @@ def events_since(
     if run_id is not None:
         stmt = stmt.where(Event.run_id == run_id)
     return list(session.scalars(stmt.order_by(Event.id).limit(limit)))
+
+
+def mark_messages_processed(
+    session: Session, message_ids: Iterable[str], *, now: datetime | None = None
+) -> set[str]:
+    """``mark_message_processed`` for many messages in one INSERT; returns the ids claimed
+    now (the others were processed before, or appear twice in ``message_ids``)."""
+    ids = list(dict.fromkeys(message_ids))
+    if not ids:
+        return set()
+    ts = now or utcnow()
+    rows = [{"message_id": m, "ts": ts} for m in ids]
+    return insert_many_ignore(
+        session, ProcessedMessage, rows, ("message_id",), ProcessedMessage.message_id
+    )
+
+
+def unmark_messages_processed(session: Session, message_ids: Iterable[str]) -> None:
+    """Release claims taken in this transaction whose messages were refused after all."""
+    ids = list(message_ids)
+    if ids:
+        session.execute(delete(ProcessedMessage).where(ProcessedMessage.message_id.in_(ids)))
 
 
 def mark_message_processed(

@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, defer
 
 from db.models import (
     Client,
-    ClientState,
     Event,
     MachinePart,
     OutboxItem,
@@ -191,26 +190,36 @@ def set_participation_state(
     return changed(session, stmt) == 1
 
 
-def project_client(
-    session: Session,
-    client_id: str,
-    *,
-    state: ClientState | None = None,
-    last_seen: datetime | None = None,
-) -> None:
-    """A client row's state and last seen as the machine has them, in one UPDATE."""
-    values: dict[str, Any] = {}
-    if state is not None:
-        values["state"] = state
-    if last_seen is not None:
-        values["last_seen"] = last_seen
-    if values:
-        session.execute(update(Client).where(Client.id == client_id).values(values))
+def project_clients(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Client rows' state and/or last seen as the machine has them: each row is ``{"id",
+    "state"?, "last_seen"?}``; one executemany UPDATE per set of columns."""
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_columns.setdefault(tuple(sorted(row)), []).append(row)
+    for group in by_columns.values():
+        session.execute(update(Client), group)
 
 
 def participation(session: Session, round_id: int, client_id: str) -> Participation | None:
     """One client's participation in a round (by its primary key, not by listing the round)."""
     return session.get(Participation, (round_id, client_id))
+
+
+def participations(
+    session: Session, keys: list[tuple[int, str]]
+) -> dict[tuple[int, str], Participation]:
+    """Participations by (round id, client id), in one query; they are then in the
+    session's identity map, so ``participation`` finds them without another."""
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    rounds = {r for r, _ in wanted}
+    clients = {c for _, c in wanted}
+    stmt = select(Participation).where(
+        Participation.round_id.in_(rounds), Participation.client_id.in_(clients)
+    )
+    found = {(p.round_id, p.client_id): p for p in session.scalars(stmt)}
+    return {k: p for k, p in found.items() if k in wanted}
 
 
 def client_states(session: Session, run_id: str) -> dict[str, str]:
@@ -221,11 +230,11 @@ def client_states(session: Session, run_id: str) -> dict[str, str]:
 # --- outbox ---------------------------------------------------------------------------------
 
 
-def add_outbox(session: Session, run_id: str | None, kind: str, payload: dict[str, Any]) -> int:
-    item = OutboxItem(run_id=run_id, kind=kind, payload=payload, created_at=utcnow())
-    session.add(item)
-    session.flush()
-    return item.id
+def add_outbox(session: Session, run_id: str | None, kind: str, payload: dict[str, Any]) -> None:
+    """Queue an outbox item. Not flushed here: the next statement's autoflush (or the
+    commit) inserts it, together with the items added since, in the order they were added;
+    a batch of notices is one INSERT, not one each."""
+    session.add(OutboxItem(run_id=run_id, kind=kind, payload=payload, created_at=utcnow()))
 
 
 def record_effects(

@@ -225,6 +225,51 @@ def record_update(
     return UpdateOutcome.ACCEPTED
 
 
+def record_updates(session: Session, round_id: int, updates: list[dict[str, Any]]) -> int:
+    """``record_update`` for many clients of one round in a few statements (a group
+    commit's updates); each of ``updates`` holds ``client_id`` and the columns
+    ``record_update`` writes (update_sha, num_samples, bytes, train_time_s, loss, accuracy,
+    received_at, message_id). Same rules: a client already recorded, or not selected, is
+    skipped; into a round that is not open an update is recorded late. Returns how many
+    were counted."""
+    round_state = session.scalar(select(Round.state).where(Round.id == round_id).with_for_update())
+    if round_state is None or not updates:
+        return 0
+    rows_found = session.execute(
+        select(Participation.client_id, Participation.state)
+        .where(
+            Participation.round_id == round_id,
+            Participation.client_id.in_({u["client_id"] for u in updates}),
+        )
+        .with_for_update()
+    )
+    states = {cid: state for cid, state in rows_found}
+    rows: list[dict[str, Any]] = []
+    counted: list[str] = []
+    for u in updates:
+        state = states.get(u["client_id"])
+        if state is None or state in (ParticipationState.UPDATE, ParticipationState.LATE):
+            continue  # not selected, or recorded already (also earlier in ``updates``)
+        accepted = round_state == RoundState.OPEN and state in PENDING_PARTICIPATION
+        new = ParticipationState.UPDATE if accepted else ParticipationState.LATE
+        states[u["client_id"]] = new
+        rows.append({**u, "round_id": round_id, "state": new})
+        if accepted:
+            counted.append(u["client_id"])
+    if rows:
+        session.execute(update(Participation), rows)
+    if counted:
+        session.execute(
+            update(Round).where(Round.id == round_id).values(received=Round.received + len(counted))
+        )
+        session.execute(
+            update(Client)
+            .where(Client.id.in_(counted))
+            .values(rounds_participated=Client.rounds_participated + 1)
+        )
+    return len(counted)
+
+
 def list_participations(
     session: Session,
     round_id: int,

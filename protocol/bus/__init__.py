@@ -16,11 +16,14 @@ from protocol.bus.base import (
     ORIGINAL_QUEUE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
+    BatchHandler,
+    Batching,
     Bus,
     BusConfig,
     Consumer,
     Delivery,
     Handler,
+    Outgoing,
 )
 from protocol.bus.errors import BusError, ConnectionLost, Unroutable
 from protocol.bus.memory import InProcessBus
@@ -34,6 +37,8 @@ __all__ = [
     "ORIGINAL_ROUTING_KEY_HEADER",
     "REASON_HEADER",
     "AmqpBus",
+    "BatchHandler",
+    "Batching",
     "Bus",
     "BusConfig",
     "BusError",
@@ -42,6 +47,7 @@ __all__ = [
     "Delivery",
     "Handler",
     "InProcessBus",
+    "Outgoing",
     "Unroutable",
     "connect",
 ]

@@ -172,6 +172,40 @@ class Delivery(ABC):
 Handler = Callable[[Delivery], None]
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One message of ``Bus.publish_many`` (persistent, not mandatory)."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any] | None = None
+    message_id: str | None = None
+BatchHandler = Callable[[list[Delivery]], None]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a batch consumer groups deliveries (``Bus.consume_batches``).
+
+    A batch is what is waiting when the first message arrives, plus what arrives within
+    ``linger_s``, up to ``max_messages`` or ``max_bytes`` of bodies: under load it fills
+    from the queue's backlog at no wait; when idle a message waits ``linger_s`` at most.
+    The consumer's prefetch bounds it too (the broker sends no more un-acked messages).
+    """
+
+    max_messages: int = 64
+    max_bytes: int = 16 << 20
+    linger_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 1 or self.max_bytes < 1 or self.linger_s < 0:
+            raise ValueError(f"bad batching {self}")
+
+    def full(self, count: int, nbytes: int) -> bool:
+        return count >= self.max_messages or nbytes >= self.max_bytes
+
+
 def run_handler(delivery: Delivery, handler: Handler) -> None:
     """Run ``handler``; a consumer never dies from a bad message.
 
@@ -183,22 +217,36 @@ def run_handler(delivery: Delivery, handler: Handler) -> None:
     try:
         handler(delivery)
     except Exception as exc:
-        if delivery.settled:
-            log.exception("handler raised after settling %r", delivery)
-            return
+        _failed(delivery, exc)
+
+
+def run_batch_handler(deliveries: list[Delivery], handler: BatchHandler) -> None:
+    """Run a batch ``handler``; if it raises, every delivery it left unsettled meets the
+    policy of ``run_handler`` on its own (requeued once, then dead-lettered)."""
+    try:
+        handler(deliveries)
+    except Exception as exc:
+        for d in deliveries:
+            _failed(d, exc)
+
+
+def _failed(delivery: Delivery, exc: Exception) -> None:
+    if delivery.settled:
+        log.exception("handler raised after settling %r", delivery)
+        return
+    try:
+        if delivery.redelivered:
+            log.warning("handler failed again on %r, dead-lettering: %r", delivery, exc)
+            delivery.reject(f"handler error: {exc!r}")
+        else:
+            log.warning("handler failed on %r, requeueing once: %r", delivery, exc)
+            delivery.requeue()
+    except Exception:
+        log.exception("could not requeue or dead-letter %r; discarding it", delivery)
         try:
-            if delivery.redelivered:
-                log.warning("handler failed again on %r, dead-lettering: %r", delivery, exc)
-                delivery.reject(f"handler error: {exc!r}")
-            else:
-                log.warning("handler failed on %r, requeueing once: %r", delivery, exc)
-                delivery.requeue()
+            delivery._discard()
         except Exception:
-            log.exception("could not requeue or dead-letter %r; discarding it", delivery)
-            try:
-                delivery._discard()
-            except Exception:
-                log.exception("could not discard %r either", delivery)
+            log.exception("could not discard %r either", delivery)
 
 
 class Consumer(ABC):
@@ -236,6 +284,21 @@ class Bus(ABC):
         ``mandatory`` and no queue is bound for the key; ``BusError`` for a missing exchange.
         Pass ``mandatory=False`` for fire-and-forget feeds such as ``fedmq.events``."""
 
+    def publish_many(self, messages: list[Outgoing]) -> None:
+        """Publish ``messages`` in order; returns once the broker holds them all (durably,
+        as ``publish``). Not mandatory: a message no queue is bound for is dropped. The
+        point is one broker round trip for many (the outbox drains in batches); this
+        default publishes one at a time."""
+        for m in messages:
+            self.publish(
+                m.exchange,
+                m.routing_key,
+                m.body,
+                headers=m.headers,
+                message_id=m.message_id,
+                mandatory=False,
+            )
+
     @abstractmethod
     def consume(
         self,
@@ -249,6 +312,20 @@ class Bus(ABC):
         ``prefetch`` un-acked at a time. ``declare`` is declared by the consumer itself first
         (and after each reconnect): exclusive queues need that. A missing queue is a
         ``BusError`` here, not later."""
+
+    @abstractmethod
+    def consume_batches(
+        self,
+        queue: str,
+        handler: BatchHandler,
+        *,
+        batching: Batching,
+        prefetch: int | None = None,
+        declare: Topology | None = None,
+    ) -> Consumer:
+        """Like ``consume``, but ``handler`` gets the deliveries in batches (``Batching``),
+        in delivery order, and settles each of them (a group commit: one transaction for
+        many messages). ``prefetch`` should be at least ``batching.max_messages``."""
 
     @abstractmethod
     def get(self, queue: str, timeout: float = 0.0) -> Delivery | None:

@@ -23,12 +23,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from protocol.bus.base import (
+    BatchHandler,
+    Batching,
     Bus,
     BusConfig,
     Consumer,
     Delivery,
     Handler,
     check_headers,
+    run_batch_handler,
     run_handler,
 )
 from protocol.bus.errors import BusError, Unroutable
@@ -89,8 +92,17 @@ class _MemoryDelivery(Delivery):
 
 
 class _MemoryConsumer(Consumer):
-    def __init__(self, bus: InProcessBus, queue: str, handler: Handler, prefetch: int) -> None:
+    def __init__(
+        self,
+        bus: InProcessBus,
+        queue: str,
+        handler: Handler | BatchHandler,
+        prefetch: int,
+        batching: Batching | None = None,
+    ) -> None:
+        # With ``batching`` the handler takes a list of deliveries (a BatchHandler).
         self._bus, self._queue, self._handler, self._prefetch = bus, queue, handler, prefetch
+        self._batching = batching
         self._channel = _Channel()
         self._stopping = False
         self._thread = threading.Thread(
@@ -111,7 +123,8 @@ class _MemoryConsumer(Consumer):
             if self._thread.is_alive():
                 log.warning("consumer of %s: handler still running after stop", self._queue)
 
-    def _next(self) -> tuple[int, _Message] | None:
+    def _next(self, deadline: float | None = None) -> tuple[int, _Message] | None:
+        """The next message; waits for one (until ``deadline``, if given: then None)."""
         cond = self._bus._cond
         with cond:
             while not self._stopping:
@@ -122,16 +135,34 @@ class _MemoryConsumer(Consumer):
                     tag = next(self._bus._tags)
                     self._channel.unacked[tag] = (self._queue, m)
                     return tag, m
-                cond.wait()
+                if deadline is None:
+                    cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    cond.wait(left)
             return None
+
+    def _delivery(self, item: tuple[int, _Message]) -> _MemoryDelivery:
+        return _MemoryDelivery(self._bus, self._channel, item[0], self._queue, item[1])
 
     def _run(self) -> None:
         try:
             while (item := self._next()) is not None:
-                tag, m = item
-                run_handler(
-                    _MemoryDelivery(self._bus, self._channel, tag, self._queue, m), self._handler
-                )
+                if self._batching is None:
+                    run_handler(self._delivery(item), self._handler)  # type: ignore[arg-type]
+                    continue
+                batch = [self._delivery(item)]
+                nbytes = len(batch[0].body)
+                deadline = time.monotonic() + self._batching.linger_s
+                while not self._batching.full(len(batch), nbytes):
+                    more = self._next(deadline)
+                    if more is None:
+                        break
+                    batch.append(self._delivery(more))
+                    nbytes += len(batch[-1].body)
+                run_batch_handler(batch, self._handler)  # type: ignore[arg-type]
         finally:
             self._bus._consumer_gone(self, self._channel)
 
@@ -233,13 +264,34 @@ class InProcessBus(Bus):
         prefetch: int | None = None,
         declare: Topology | None = None,
     ) -> Consumer:
+        return self._subscribe(queue, handler, prefetch, declare, None)
+
+    def consume_batches(
+        self,
+        queue: str,
+        handler: BatchHandler,
+        *,
+        batching: Batching,
+        prefetch: int | None = None,
+        declare: Topology | None = None,
+    ) -> Consumer:
+        return self._subscribe(queue, handler, prefetch, declare, batching)
+
+    def _subscribe(
+        self,
+        queue: str,
+        handler: Handler | BatchHandler,
+        prefetch: int | None,
+        declare: Topology | None,
+        batching: Batching | None,
+    ) -> Consumer:
         if declare is not None:
             self.declare(declare)
         with self._cond:
             self._check_open()
             self._queue(queue).consumers += 1
             prefetch = self.config.prefetch if prefetch is None else prefetch
-            consumer = _MemoryConsumer(self, queue, handler, prefetch)
+            consumer = _MemoryConsumer(self, queue, handler, prefetch, batching)
             self._consumers.add(consumer)
             return consumer
 
