@@ -106,6 +106,14 @@ class Ingest:
         """Each update's refusal reason (None: acknowledge it), committed together."""
         reasons: list[str | None] = [None] * len(items)
         refused: list[tuple[int, bool]] = []  # (index, tell the device)
+        # The base models' specs are read first, in their own sessions: inside the batch's
+        # transaction another one would wait for its write lock on SQLite.
+        no_spec: dict[int, str] = {}
+        for i, (_, _, meta) in enumerate(items):
+            try:
+                self._spec(meta.run_id, meta.base_model_version)
+            except Refuse as r:
+                no_spec[i] = str(r)
         with session_scope(self.sessions) as s:
             clients = q.get_clients(s, (meta.client_id for _, _, meta in items))
             rounds = {
@@ -131,6 +139,8 @@ class Ingest:
                     refused.append((i, False))  # as _stage's refusals: recorded only
                     continue
                 try:
+                    if i in no_spec:
+                        raise Refuse(no_spec[i])
                     self._check(chunk.data, meta)
                 except Refuse as r:
                     reasons[i] = str(r)

@@ -19,11 +19,13 @@ from protocol.bus import (
     ORIGINAL_QUEUE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
+    Batching,
     Bus,
     BusConfig,
     BusError,
     Delivery,
     InProcessBus,
+    Outgoing,
     Unroutable,
     connect,
 )
@@ -312,3 +314,87 @@ def test_a_deleted_device_queue_takes_its_bindings_with_it(orchestrator_bus: Bus
     orchestrator_bus.delete_queue(queue)  # absent is fine
     with pytest.raises(BusError):
         orchestrator_bus.publish(t.DEVICES_EXCHANGE, t.device_routing_key("leaver"), b"hi")
+
+
+def test_a_batch_consumer_gets_a_backlog_in_order_in_bounded_batches(orchestrator_bus: Bus) -> None:
+    bus = orchestrator_bus
+    for i in range(50):
+        bus.publish(t.UPDATES_EXCHANGE, KEY, f"m{i}".encode())
+    batches: list[list[bytes]] = []
+    done = threading.Event()
+
+    def handle(ds: list[Delivery]) -> None:
+        batches.append([d.body for d in ds])
+        for d in ds:
+            d.ack()
+        if sum(map(len, batches)) == 50:
+            done.set()
+
+    consumer = bus.consume_batches(
+        t.UPDATES_QUEUE, handle, batching=Batching(max_messages=16, linger_s=0.05), prefetch=16
+    )
+    try:
+        assert done.wait(WAIT_S)
+    finally:
+        consumer.stop()
+    assert [b for batch in batches for b in batch] == [f"m{i}".encode() for i in range(50)]
+    assert max(map(len, batches)) <= 16
+    assert len(batches) < 50  # the backlog came in batches, not one by one
+    assert bus.queue_depth(t.UPDATES_QUEUE) == 0
+
+
+def test_a_batch_handler_that_raises_leaves_each_message_to_the_policy(
+    orchestrator_bus: Bus,
+) -> None:
+    """Settled messages stay settled; each unsettled one is requeued once, then
+    dead-lettered with the error, on its own."""
+    bus = orchestrator_bus
+    for i in range(3):
+        bus.publish(t.UPDATES_EXCHANGE, KEY, f"m{i}".encode())
+    seen: list[tuple[bytes, bool]] = []
+
+    def handle(ds: list[Delivery]) -> None:
+        for d in ds:
+            seen.append((d.body, d.redelivered))
+            if d.body == b"m0":
+                d.ack()
+        raise RuntimeError("the batch broke")
+
+    consumer = bus.consume_batches(
+        t.UPDATES_QUEUE, handle, batching=Batching(max_messages=8, linger_s=0.05), prefetch=8
+    )
+    try:
+        wait_until(lambda: bus.queue_depth(t.DEAD_LETTER_QUEUE) == 2)
+    finally:
+        consumer.stop()
+    assert seen.count((b"m0", False)) == 1 and (b"m0", True) not in seen
+    for body in (b"m1", b"m2"):
+        assert (body, False) in seen and (body, True) in seen
+    dead = [bus.get(t.DEAD_LETTER_QUEUE, timeout=1.0) for _ in range(2)]
+    assert sorted(d.body for d in dead if d) == [b"m1", b"m2"]
+    assert all(d and "the batch broke" in str(d.headers[REASON_HEADER]) for d in dead)
+    for d in dead:
+        assert d is not None
+        d.ack()
+
+
+def test_publish_many_delivers_every_message_in_order(orchestrator_bus: Bus) -> None:
+    bus = orchestrator_bus
+    q = t.declare_device(bus, "many1", "run1")
+    bus.publish_many(
+        [
+            Outgoing(
+                t.DEVICES_EXCHANGE, t.device_routing_key("many1"), f"n{i}".encode(), None, f"id{i}"
+            )
+            for i in range(20)
+        ]
+        + [Outgoing(t.DEVICES_EXCHANGE, t.device_routing_key("nobody"), b"dropped")]
+    )
+    got = [bus.get(q, timeout=2.0) for _ in range(20)]
+    assert [(d.body, d.message_id) for d in got if d] == [
+        (f"n{i}".encode(), f"id{i}") for i in range(20)
+    ]
+    for d in got:
+        assert d is not None
+        d.ack()
+    assert bus.queue_depth(q) == 0
