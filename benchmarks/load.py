@@ -37,16 +37,17 @@ from typing import Any
 import numpy as np
 from _report import machine, machine_line, publish
 from _scratch import drop_scratch, make_scratch
+from floor import measure as measure_floor
 from sqlalchemy import func, select
 
 from db import migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
-from db.models import Client, Participation, ParticipationState
+from db.models import Client, Participation, ParticipationState, ProcessedMessage
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
 from protocol import chunking, topology
-from protocol.bus import Bus, connect
+from protocol.bus import Batching, Bus, Delivery, Outgoing, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import (
     ClientState,
@@ -64,53 +65,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "load-operator-token-0123456789"
 REPLY_KEY = "loadreplies"
 THREADS = 4
+# Messages per AMQP transaction from the load generator.
+PER_TX = 50
 BIG_SHAPE = (512, 640)
+# Offered signal rates of the latency sweep, as fractions of the burst's measured rate.
+SWEEP = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+IMG = ROOT / "docs" / "img" / "load_latency.png"
 
-# The figures before the snapshot was saved in parts and cached (orchestrator/store.py):
-# benchmarks/results/load.json as measured 2026-11-29 19:55 UTC on the same 2-core machine.
-BEFORE: dict[str, Any] = {
-    "date": "2026-11-29 19:55 UTC",
-    "devices": 1000,
-    "register_per_s": 40.58443583193452,
-    "signals_per_s": 31.995936795288408,
-    "signal_to_db_p50_ms": 15612.614512443542,
-    "signal_to_db_p99_ms": 30393.984298706055,
-    "heartbeats_per_s": 94.66343010714903,
-    "updates_per_s": 16.675866818527187,
-    "update_to_db_p50_ms": 28225.428223609924,
-    "update_to_db_p99_ms": 56986.01715326309,
-    "messages_per_s": 25.89312868623279,
-    "orchestrator_peak_rss_mb": 121.7890625,
-    "lost": 0,
-    "compare": {"devices": 250, "messages_per_s": 43.594734032498486},
-}
-
-
-# The committed code of that 19:55 run (421a2e6), run again on this machine at 22:00 UTC with
-# 250 devices: the machine (a new instance since ~20:57) is much slower than the one of 19:55.
-OLD_CODE_NOW: dict[str, Any] = {
-    "date": "2026-11-29 22:00 UTC",
-    "commit": "421a2e6",
-    "devices": 250,
-    "register_per_s": 250 / 11.7,
-    "signals_per_s": 250 / 10.5,
-    "updates_per_s": 250 / 21.2,
-    "messages_per_s": 750 / (11.7 + 10.5 + 21.2),
-    "before_messages_per_s": 43.594734032498486,
-}
-
-# The same working tree with orchestrator/store.py, serde.py, projection.py and the
-# orchestrator queries as they were before this change, run on the same machine just before
-# the figures below (the 19:55 ones came from a quieter machine): 1,000 devices.
-SAME_TREE_BEFORE: dict[str, Any] = {
-    "date": "2026-11-29 21:45 UTC",
-    "register_per_s": 1000 / 67.9,
-    "signals_per_s": 1000 / 86.7,
-    "heartbeats_per_s": 1000 / 31.3,
-    "updates_per_s": 1000 / 161.1,
-    "messages_per_s": 3000 / (67.9 + 86.7 + 161.1),
-    "load_avg_1m_mean": 1.9,
-}
+# The committed figures of the previous change (docs/benchmarks.md before this one), for the
+# text only: the table compares with the old code run in the same run (--old-tree).
+PREVIOUS = {"date": "2026-11-29 22:05 UTC", "messages_per_s": 28, "devices": 1000}
 
 
 def model(big: bool = False) -> dict[str, np.ndarray]:
@@ -174,6 +138,116 @@ def in_threads(items: list[Any], fn: Any) -> None:
         t.join()
 
 
+def publish_all(bus: Bus, make: Any, items: list[Any]) -> dict[Any, float]:
+    """Publish ``make(item) -> Outgoing`` for every item from ``THREADS`` threads, in AMQP
+    transactions of ``PER_TX`` (the generator must outrun the orchestrator); the time each
+    item's transaction started, by item."""
+    sent: dict[Any, float] = {}
+
+    def one_thread(mine: list[Any]) -> None:
+        for i in range(0, len(mine), PER_TX):
+            part = mine[i : i + PER_TX]
+            now = time.time()
+            bus.publish_many([make(x) for x in part])
+            sent.update(dict.fromkeys(part, now))
+
+    in_threads([items[k::THREADS] for k in range(THREADS)], one_thread)
+    return sent
+
+
+def offered_load(
+    bus: Bus, make: Any, ids: list[str], rate: float, seconds: float
+) -> dict[str, float]:
+    """Publish ``make(client_id) -> (message_id, Outgoing)`` at ``rate`` per second, spread
+    over ``seconds`` in ticks of 20 ms (not one burst), cycling through ``ids``; the send
+    time of each message id."""
+    sent: dict[str, float] = {}
+    tick = 0.02
+    start = time.time()
+    total = int(rate * seconds)
+    done = k = 0
+    while done < total:
+        target = min(total, round(rate * tick * (k + 1)))
+        if target > done:
+            batch = [make(ids[i % len(ids)]) for i in range(done, target)]
+            now = time.time()
+            bus.publish_many([m for _, m in batch])
+            sent.update({mid: now for mid, _ in batch})
+            done = target
+        k += 1
+        time.sleep(max(0.0, start + k * tick - time.time()))
+    return sent
+
+
+def sweep(
+    bus: Bus, sessions: Any, make: Any, ids: list[str], max_rate: float, seconds: float = 5.0
+) -> list[dict[str, float]]:
+    """Signal → database latency and throughput at offered rates around ``max_rate``. A
+    signal is in the database once its message id is in ``processed_messages`` (written in
+    the transaction that applied it; its ``ts`` is taken just before that commit)."""
+    points = []
+    for frac in SWEEP:
+        rate = max(10.0, frac * max_rate)
+        sent = offered_load(bus, make, ids, rate, seconds)
+        keys = list(sent)
+
+        def stored(keys: list[str] = keys) -> dict[str, float]:
+            with session_scope(sessions) as s:
+                rows = s.execute(
+                    select(ProcessedMessage.message_id, ProcessedMessage.ts).where(
+                        ProcessedMessage.message_id.in_(keys)
+                    )
+                )
+                return {m: t.timestamp() for m, t in rows}
+
+        wait(lambda keys=keys: len(stored(keys)) == len(keys), 300, "every swept signal stored")
+        at = stored()
+        lat = [at[m] - sent[m] for m in keys]
+        points.append(
+            {
+                "fraction": frac,
+                "offered_per_s": rate,
+                "achieved_per_s": len(keys) / (max(at.values()) - min(sent.values())),
+                "p50_ms": pct(lat, 50),
+                "p99_ms": pct(lat, 99),
+            }
+        )
+    return points
+
+
+def plot_sweep(points: list[dict[str, float]], floor: dict[str, float] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = [p["achieved_per_s"] for p in points]
+    ax.plot(x, [p["p50_ms"] for p in points], "o-", label="p50")
+    ax.plot(x, [p["p99_ms"] for p in points], "s-", label="p99")
+    for p in points:
+        ax.annotate(
+            f"{p['offered_per_s']:.0f}/s offered",
+            (p["achieved_per_s"], p["p99_ms"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, 4),
+        )
+    ax.axhline(500, color="grey", ls=":", lw=1, label="target p99 500 ms")
+    ax.set_xlabel("ready signals stored per second (one orchestrator)")
+    ax.set_ylabel("signal → database latency (ms)")
+    ax.set_yscale("log")
+    title = "fedmq orchestrator: throughput vs latency"
+    if floor:
+        title += f"\n(db single-commit floor {floor['db_single_commit_per_s']:.0f}/s)"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    IMG.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG, dpi=120)
+    plt.close(fig)
+
+
 def wait(predicate: Any, timeout: float, what: str) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -194,13 +268,15 @@ def pct(values: list[float], p: float) -> float:
     return float(np.percentile(np.asarray(values), p)) * 1000  # ms
 
 
-def run(n: int, *, big: bool = False) -> dict[str, Any]:
+def run(n: int, *, big: bool = False, tree: Path = ROOT, with_sweep: bool = True) -> dict[str, Any]:
+    """One scenario; ``tree``: the source tree the orchestrator runs from (an older commit's
+    checkout measures the old code in the same run)."""
     with LoadAverage() as load:
-        out = _run(n, big)
+        out = _run(n, big, tree, with_sweep)
     return {**out, **load.summary()}
 
 
-def _run(n: int, big: bool) -> dict[str, Any]:
+def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
     scratch = make_scratch("fedmq_load")
     vhost, amqp, db_url = scratch.vhost, scratch.amqp_url, scratch.db_url
     procs: list[subprocess.Popen[bytes]] = []
@@ -216,10 +292,10 @@ def _run(n: int, big: bool) -> dict[str, Any]:
         }
         env.pop("FEDMQ_RESULT_BACKEND", None)
 
-        def start(*args: str) -> subprocess.Popen[bytes]:
+        def start(*args: str, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
             p = subprocess.Popen(
                 [sys.executable, *args],
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -233,7 +309,7 @@ def _run(n: int, big: bool) -> dict[str, Any]:
             *("--concurrency", "1", "--pool", "solo", "--loglevel", "WARNING"),
             *("--without-gossip", "--without-mingle", "--without-heartbeat"),
         )
-        orch = start("-m", "fedmq.cli", "orchestrator")
+        orch = start("-m", "fedmq.cli", "orchestrator", cwd=tree)
         engine = make_engine(db_url)
         sessions = make_sessionmaker(engine)
         bus = connect(amqp)
@@ -250,36 +326,47 @@ def _run(n: int, big: bool) -> dict[str, Any]:
             with session_scope(sessions) as s:
                 return int(s.scalar(stmt) or 0)
 
-        # 1. Registration: n Register messages, n Registered answers on one queue.
+        # 1. Registration: n Register messages, n Registered answers on one queue (read by
+        # a consumer: one basic.get per answer would be the generator's own limit).
         regs = [
             Register(run_id=run_id, display_name=f"d{i}", reply_key=REPLY_KEY) for i in range(n)
         ]
         key = topology.signal_routing_key(REPLY_KEY)
-        t0 = time.time()
-        in_threads(regs, lambda m: bus.publish(topology.SIGNALS_EXCHANGE, key, m.to_json()))
         tokens: dict[str, str] = {}
-        deadline = time.monotonic() + 300
-        while len(tokens) < n and time.monotonic() < deadline:
-            d = bus.get(replies, timeout=1.0)
-            if d is None:
-                continue
-            d.ack()
-            msg = parse_as(d.body, Registered)
-            tokens[msg.client_id] = msg.token
+        all_in = threading.Event()
+
+        def on_replies(ds: list[Delivery]) -> None:
+            for d in ds:
+                msg = parse_as(d.body, Registered)
+                tokens[msg.client_id] = msg.token
+                d.ack()
+            if len(tokens) >= n:
+                all_in.set()
+
+        reader = bus.consume_batches(
+            replies, on_replies, batching=Batching(max_messages=256, linger_s=0), prefetch=256
+        )
+        t0 = time.time()
+        publish_all(
+            bus,
+            lambda i: Outgoing(topology.SIGNALS_EXCHANGE, key, regs[i].to_json()),
+            list(range(n)),
+        )
+        all_in.wait(300)
         t_registered = time.time()
+        reader.stop()
         assert len(tokens) == n, f"{len(tokens)} of {n} registered"
 
         # 2. Ready signals: publish time per client vs the last_seen the orchestrator wrote.
-        sent_at: dict[str, float] = {}
-
-        def ready(cid: str) -> None:
+        def ready(cid: str) -> Outgoing:
             sig = Signal(run_id=run_id, client_id=cid, token=tokens[cid], state=ClientState.READY)
-            sent_at[cid] = time.time()
-            bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), sig.to_json())
+            return Outgoing(
+                topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), sig.to_json()
+            )
 
         ids = sorted(tokens)
         t1 = time.time()
-        in_threads(ids, ready)
+        sent_at = publish_all(bus, ready, ids)
         ready_count = (
             select(func.count())
             .select_from(Client)
@@ -306,13 +393,26 @@ def _run(n: int, big: bool) -> dict[str, Any]:
                     return int(depth)
             return 0
 
-        def beat(cid: str) -> None:
+        def beat(cid: str) -> Outgoing:
             hb = Heartbeat(run_id=run_id, client_id=cid, token=tokens[cid])
-            bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), hb.to_json())
+            return Outgoing(
+                topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), hb.to_json()
+            )
 
         t_hb = time.time()
-        in_threads(ids, beat)
+        publish_all(bus, beat, ids)
         t_beats = wait(lambda: queued() == 0, 300, "every heartbeat consumed")
+
+        # 2c. Ready signals again (each refreshes last_seen: a write), offered at steady
+        # rates around the burst's, for latency under load rather than behind a burst.
+        def alive(cid: str) -> tuple[str, Outgoing]:
+            sig = Signal(run_id=run_id, client_id=cid, token=tokens[cid], state=ClientState.READY)
+            route = topology.signal_routing_key(cid)
+            return sig.message_id, Outgoing(topology.SIGNALS_EXCHANGE, route, sig.to_json())
+
+        swept = (
+            [] if big or not with_sweep else sweep(bus, sessions, alive, ids, n / (t_ready - t1))
+        )
 
         # 3. One round, everyone selected; one small update each.
         cmd = Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=1, operator_token=TOKEN)
@@ -324,13 +424,12 @@ def _run(n: int, big: bool) -> dict[str, Any]:
                 return r is not None and len(q.list_participations(s, r.id)) == n
 
         wait(round_open, 300, "round 1 open with every device")
-        update_sent: dict[str, float] = {}
         message_ids: dict[str, str] = {}
         # Big updates are encoded before the clock starts (the devices' work, not the
         # platform's); light ones inside it, as the earlier figures were measured.
         blobs = {cid: trained(base, cid) for cid in ids} if big else {}
 
-        def update(cid: str) -> None:
+        def update(cid: str) -> Outgoing:
             blob = blobs[cid] if big else trained(base, cid)
             meta = UpdateMeta(
                 run_id=run_id,
@@ -344,15 +443,13 @@ def _run(n: int, big: bool) -> dict[str, Any]:
                 blob_bytes=len(blob),
             )
             message_ids[cid] = meta.message_id
-            envelope = meta.model_dump_json()
+            (chunk,) = chunking.iter_chunks(blob)  # one chunk: the default chunk size is 4 MiB
+            headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": meta.model_dump_json()}
             route = topology.update_routing_key(run_id, 1, cid)
-            update_sent[cid] = time.time()
-            for chunk in chunking.iter_chunks(blob):
-                headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": envelope}
-                bus.publish(topology.UPDATES_EXCHANGE, route, chunk.data, headers=headers)
+            return Outgoing(topology.UPDATES_EXCHANGE, route, chunk.data, headers)
 
         t2 = time.time()
-        in_threads(ids, update)
+        update_sent = publish_all(bus, update, ids)
         counted = (
             select(func.count())
             .select_from(Participation)
@@ -402,6 +499,7 @@ def _run(n: int, big: bool) -> dict[str, Any]:
             "aggregated": aggregated,
             "orchestrator_peak_rss_mb": peak,
             "lost": len(lost),
+            "sweep": swept,
         }
     finally:
         for p in procs:
@@ -419,27 +517,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="print only, write nothing")
-    parser.add_argument("--compare", type=int, default=250, help="a smaller fleet too (0: no)")
+    parser.add_argument(
+        "--old-tree", type=Path, default=None, help="a checkout of the old code, run too"
+    )
     parser.add_argument(
         "--big", type=int, default=100, help="devices sending ~1 MB updates (0: no)"
     )
+    parser.add_argument("--no-sweep", action="store_true", help="skip the latency sweep")
     args = parser.parse_args()
-    small = run(args.compare) if args.compare else None
-    r = run(args.devices)
+    scratch = make_scratch("fedmq_floor")
+    try:
+        floor = measure_floor(scratch.amqp_url, scratch.db_url)
+    finally:
+        drop_scratch(scratch)
+    r = run(args.devices, with_sweep=not args.no_sweep)
+    r["floor"] = floor
+    if args.old_tree is not None:
+        r["old"] = run(args.devices, tree=args.old_tree.resolve(), with_sweep=False)
+        r["old"]["commit"] = subprocess.run(
+            ["git", "-C", str(args.old_tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     big = run(args.big, big=True) if args.big else None
-    if small is not None:
-        r["compare"] = small
     if big is not None:
         r["big_updates"] = big
-    r["before"] = BEFORE
-    r["same_tree_before"] = SAME_TREE_BEFORE
-    r["old_code_now"] = OLD_CODE_NOW
+    r["previous"] = PREVIOUS
+    if r["sweep"]:
+        plot_sweep(r["sweep"], floor)
     table = markdown(r)
     print(table)
     print(machine_line(machine()))
     if not args.quick:
         publish("load", table, r)
-    ok = [x for x in (r, small, big) if x is not None]
+    ok = [x for x in (r, r.get("old"), big) if x is not None]
     return 0 if all(x["lost"] == 0 and x["aggregated"] == x["devices"] for x in ok) else 1
 
 
@@ -455,139 +567,117 @@ def _load(r: dict[str, Any]) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    b = r.get("before") if r["devices"] == BEFORE["devices"] else None
+    f, old = r["floor"], r.get("old")
 
-    def row(label: str, now: str, before: str = "") -> str:
-        return f"| {label} | {before} | {now} |" if b else f"| {label} | {now} |"
+    def rate(x: dict[str, Any], key: str, seconds: str) -> str:
+        return f"{x[key]:,.0f} /s ({x[seconds]:.1f} s)"
 
-    def rate(key: str, seconds: str) -> str:
-        return f"{r[key]:.0f} /s ({r[seconds]:.1f} s)"
+    def row(label: str, key: str, seconds: str | None, floor: str | None = None) -> str:
+        now = rate(r, key, seconds) if seconds else f"{r[key]:,.0f}"
+        cells = [label]
+        if old:
+            was = rate(old, key, seconds) if seconds else f"{old[key]:,.0f}"
+            cells += [was, now, f"{r[key] / old[key]:.1f}x" if old[key] else ""]
+        else:
+            cells.append(now)
+        cells.append(f"{r[key] / f[floor]:.2f}" if floor else "")
+        return "| " + " | ".join(cells) + " |"
 
+    head = ["measure"] + (
+        [f"old code ({old['commit']}), same run", "now", "now / old"] if old else ["now"]
+    )
     lines = [
         f"## Load: {r['devices']:,} light devices in one round (RabbitMQ + Postgres)",
         "",
-        f"{r['devices']:,} simulated devices speak the wire protocol from 4 publisher threads: "
-        "register (one reply queue), signal ready, then each sends one "
-        f"{r['update_bytes']:.0f} B update (fp32 delta, one chunk) in one round that selects "
-        "all of them; one `fedmq orchestrator` process (two ingest consumers) and one Celery "
-        "worker. Phase rates run from the first publish to the last message in the database.",
+        f"{r['devices']:,} simulated devices speak the wire protocol from {THREADS} publisher "
+        f"threads (AMQP transactions of {PER_TX} messages, so that the generator outruns the "
+        "orchestrator): register (one reply queue), signal ready, heartbeat, then each sends "
+        f"one {r['update_bytes']:.0f} B update (fp32 delta, one chunk) in one round that selects "
+        "all of them; one `fedmq orchestrator` process (two ingest consumers, group commit: up "
+        "to 64 signals or 16 updates a transaction) and one Celery worker. Phase rates run from "
+        "the first publish to the last message in the database (registrations: to the last "
+        "`Registered` reply received).",
         "",
-    ]
-    if b:
-        lines += [
-            f"| measure | before ({b['date']}) | now |",
-            "|---|---:|---:|",
-        ]
-    else:
-        lines += ["| measure | value |", "|---|---:|"]
-    lines += [
+        "**The floor**, measured first in the same run on the same servers "
+        "(`benchmarks/floor.py`): RabbitMQ consume + ack of 200-byte persistent messages "
+        f"**{f['broker_consume_ack_per_s']:,.0f} /s**; PostgreSQL single-row upsert, one commit "
+        f"each, **{f['db_single_commit_per_s']:,.0f} /s**; the same upserts 100 to a commit "
+        f"**{f['db_batched_rows_per_s']:,.0f} rows/s**; 1 MiB rows one commit each "
+        f"**{f['db_large_write_mb_per_s']:,.1f} MB/s**. The last column is fedmq's rate over "
+        "the database's one-commit-each rate (for update MB/s: over its large-write rate).",
+        "",
+        "| " + " | ".join([*head, "now / db single-commit floor"]) + " |",
+        "|---|" + "---:|" * len(head),
         row(
             "registrations (Register → Registered received)",
-            rate("register_per_s", "register_s"),
-            f"{b['register_per_s']:.0f} /s" if b else "",
+            "register_per_s",
+            "register_s",
+            "db_single_commit_per_s",
         ),
         row(
             "ready signals (publish → all `ready` in the database)",
-            rate("signals_per_s", "signals_s"),
-            f"{b['signals_per_s']:.0f} /s" if b else "",
+            "signals_per_s",
+            "signals_s",
+            "db_single_commit_per_s",
         ),
         row(
-            "signal → database latency p50 / p99",
-            _ms(r, "signal_to_db"),
-            _ms(b, "signal_to_db") if b else "",
-        ),
-        row(
-            "heartbeats (publish → signals queue drained; refresh-throttled, no write)",
-            rate("heartbeats_per_s", "heartbeats_s"),
-            f"{b['heartbeats_per_s']:.0f} /s" if b else "",
+            "heartbeats (publish → queue drained; refresh-throttled, no write)",
+            "heartbeats_per_s",
+            "heartbeats_s",
+            "db_single_commit_per_s",
         ),
         row(
             "updates (publish → all counted)",
-            rate("updates_per_s", "updates_s"),
-            f"{b['updates_per_s']:.0f} /s" if b else "",
+            "updates_per_s",
+            "updates_s",
+            "db_single_commit_per_s",
         ),
         row(
-            "update → database latency p50 / p99",
-            _ms(r, "update_to_db"),
-            _ms(b, "update_to_db") if b else "",
+            "**messages per second sustained** (register, ready, update)",
+            "messages_per_s",
+            None,
+            "db_single_commit_per_s",
         ),
-        row(
-            "**messages per second sustained** (3 per device, all phases)",
-            f"**{r['messages_per_s']:.0f}**",
-            f"**{b['messages_per_s']:.0f}**" if b else "",
-        ),
-        row(
-            f"last update counted → round done (aggregate {r['aggregated']} updates, evaluate)",
-            f"{r['last_update_to_round_done_s']:.1f} s",
-            "2.2 s" if b else "",
-        ),
-        row(
-            "orchestrator peak memory (VmHWM)",
-            f"{r['orchestrator_peak_rss_mb']:.0f} MB",
-            f"{b['orchestrator_peak_rss_mb']:.0f} MB" if b else "",
-        ),
-        row(
-            "updates lost (not in exactly one participation row)",
-            f"**{r['lost']}**",
-            f"**{b['lost']}**" if b else "",
-        ),
+        row("orchestrator peak memory (VmHWM, MB)", "orchestrator_peak_rss_mb", None),
+        row("updates lost (not in exactly one participation row)", "lost", None),
+        "",
+        f"Burst latencies (every device publishes at once, so they are mostly queueing): signal "
+        f"→ database p50 / p99 {_ms(r, 'signal_to_db')}, update → database "
+        f"{_ms(r, 'update_to_db')}"
+        + (f" (old code: {_ms(old, 'signal_to_db')} and {_ms(old, 'update_to_db')})" if old else "")
+        + f". Last update counted → round done (aggregate {r['aggregated']} updates, "
+        f"evaluate): {r['last_update_to_round_done_s']:.1f} s.",
         "",
         f"Load average (1 min) on the 2-core machine during the run: {_load(r)}.",
     ]
-    if b:
-        t = SAME_TREE_BEFORE
+    sweep_points = r.get("sweep") or []
+    if sweep_points:
         lines += [
             "",
-            "The before column is the committed run of "
-            f"{b['date']}. The same tree without this change, run on this machine just "
-            f"before ({t['date']}, load average {t['load_avg_1m_mean']:.1f}), managed "
-            f"{t['register_per_s']:.0f} registrations/s, {t['signals_per_s']:.0f} signals/s, "
-            f"{t['heartbeats_per_s']:.0f} heartbeats/s and {t['updates_per_s']:.0f} updates/s: "
-            f"**{t['messages_per_s']:.0f} messages/s**. And the very code of the before column "
-            f"(commit {OLD_CODE_NOW['commit']}), run again on this machine at "
-            f"{OLD_CODE_NOW['date'][11:]} with {OLD_CODE_NOW['devices']} devices, managed "
-            f"{OLD_CODE_NOW['messages_per_s']:.0f} messages/s where it had managed "
-            f"{OLD_CODE_NOW['before_messages_per_s']:.0f} at 19:55: this setup (the machine "
-            "was restarted since) runs the same code about 2.5 times slower than it did then, "
-            "so the before column flatters the old code.",
-        ]
-    lines += [
-        "",
-        "Latencies include queueing behind the burst (all devices publish at once), so p99 is "
-        "close to the phase's duration; with devices spread over time it would be the "
-        "per-message cost.",
-    ]
-    small = r.get("compare")
-    if small:
-        lines += [
+            "### Latency under a steady offered load",
             "",
-            f"With {small['devices']} devices the same phases ran at "
-            f"{small['register_per_s']:.0f} registrations/s, {small['signals_per_s']:.0f} "
-            f"signals/s and {small['updates_per_s']:.0f} updates/s "
-            f"(**{small['messages_per_s']:.0f} messages/s**"
-            + (
-                f"; before: {b['compare']['messages_per_s']:.0f}, against "
-                f"{b['messages_per_s']:.0f} with {b['devices']:,}"
-                if b
-                else ""
-            )
-            + "). Every message is one `step_run` transaction that locks the run row, so one "
-            "run's messages are processed one at a time. It used to load and save the run's "
-            "whole machine snapshot (all clients and the open round, serialised with "
-            "`dataclasses.asdict`), a cost that grew with the fleet; now the snapshot is saved "
-            "in parts (a row per client record and per received update, the rest in "
-            "`runs.machine`, written only when it changes) and each orchestrator process "
-            "reuses the snapshot it last saw while `runs.machine_seq` read under the lock "
-            "still matches (`orchestrator/store.py`), so a step costs the same at any fleet "
-            "size: a handful of single-row statements and its commit.",
+            "Ready signals from the ready fleet (each refreshes `last_seen`: a write), offered at "
+            "steady rates (ticks of 20 ms, 5 s each) as fractions of the burst's rate; a "
+            "signal is stored once its message id is in `processed_messages`, written in the "
+            "transaction that applied it.",
+            "",
+            "| offered | stored | p50 | p99 |",
+            "|---:|---:|---:|---:|",
+            *[
+                f"| {p['offered_per_s']:,.0f} /s ({p['fraction']:.0%}) | "
+                f"{p['achieved_per_s']:,.0f} /s | {p['p50_ms']:,.0f} ms | {p['p99_ms']:,.0f} ms |"
+                for p in sweep_points
+            ],
+            "",
+            "![throughput vs latency](img/load_latency.png)",
         ]
     big = r.get("big_updates")
     if big:
-        lines += ["", *markdown_big(big)]
+        lines += ["", *markdown_big(big, f)]
     return "\n".join(lines)
 
 
-def markdown_big(r: dict[str, Any]) -> list[str]:
+def markdown_big(r: dict[str, Any], floor: dict[str, float]) -> list[str]:
     chunks = r["chunks_per_update"]
     return [
         f"### {r['devices']} devices sending {r['update_bytes'] / 1e6:.1f} MB updates",
@@ -603,7 +693,9 @@ def markdown_big(r: dict[str, Any]) -> list[str]:
         "|---|---:|",
         f"| updates (publish → all counted) | {r['updates_per_s']:.1f} /s "
         f"({r['updates_s']:.1f} s) |",
-        f"| update throughput | {r['mb_per_s']:.1f} MB/s |",
+        f"| update throughput | {r['mb_per_s']:.1f} MB/s "
+        f"({r['mb_per_s'] / floor['db_large_write_mb_per_s']:.0%} of the database's "
+        f"{floor['db_large_write_mb_per_s']:.1f} MB/s of 1 MiB rows, one commit each) |",
         f"| update → database latency p50 / p99 | {_ms(r, 'update_to_db')} |",
         f"| last update counted → round done (aggregate {r['aggregated']} updates, evaluate) | "
         f"{r['last_update_to_round_done_s']:.1f} s |",

@@ -109,7 +109,10 @@ def orchestrator_config(s: Settings) -> ServiceConfig:
 def orchestrator_service(s: Settings, bus: Bus | None = None) -> OrchestratorService:
     from db.engine import make_engine, make_sessionmaker
 
-    sessions = make_sessionmaker(make_engine(s.database_url))
+    # No ping per checkout (a round trip before every transaction): the orchestrator's
+    # handlers run again when a connection turns out dead (OrchestratorService._patient),
+    # and a failed tick is retried on the next one.
+    sessions = make_sessionmaker(make_engine(s.database_url, pool_pre_ping=False))
     return OrchestratorService(
         bus or open_bus(s),
         sessions,
