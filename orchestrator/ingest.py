@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import blobstore
 from db import queries as q
 from db.engine import session_scope
-from db.models import BlobKind, Client, ParticipationState, Round, RoundState
+from db.models import BlobKind, Client, Participation, ParticipationState, Round, RoundState
 from db.queries import orchestrator as oq
 from orchestrator.outbox import ENVELOPE_HEADER, notify_device
 from orchestrator.state import Ignored, UpdateReceived
@@ -117,22 +117,23 @@ class Ingest:
         with session_scope(self.sessions) as s:
             clients = q.get_clients(s, (meta.client_id for _, _, meta in items))
             rounds = {
-                (meta.run_id, meta.round): q.get_round(s, meta.run_id, meta.round)
-                for _, _, meta in items
+                key: q.get_round(s, *key)
+                for key in dict.fromkeys((meta.run_id, meta.round) for _, _, meta in items)
             }
-            oq.participations(
+            parts = oq.participations(
                 s,
                 [
                     (rnd.id, meta.client_id)
                     for _, _, meta in items
                     if (rnd := rounds[(meta.run_id, meta.round)]) is not None
                 ],
-            )  # into the session, so that each check below reads none
+            )
             ok: list[int] = []
             for i, (_, chunk, meta) in enumerate(items):
                 rnd = rounds[(meta.run_id, meta.round)]
+                part = None if rnd is None else parts.get((rnd.id, meta.client_id))
                 try:
-                    if not self._expected(s, clients.get(meta.client_id), rnd, chunk, meta):
+                    if not self._expected(s, clients.get(meta.client_id), rnd, part, chunk, meta):
                         continue
                 except Refuse as r:
                     reasons[i] = str(r)
@@ -223,7 +224,9 @@ class Ingest:
         with session_scope(self.sessions) as s:
             client = q.get_client(s, meta.client_id)
             rnd = q.get_round(s, meta.run_id, meta.round)
-            if not self._expected(s, client, rnd, chunk, meta):
+            # One row by its key: listing the round's participations cost O(fleet) an update.
+            part = None if rnd is None or client is None else oq.participation(s, rnd.id, client.id)
+            if not self._expected(s, client, rnd, part, chunk, meta):
                 return False
             if chunk.count == 1:
                 return True
@@ -250,6 +253,7 @@ class Ingest:
         s: Session,
         client: Client | None,
         rnd: Round | None,
+        part: Participation | None,
         chunk: chunking.Chunk,
         meta: UpdateMeta,
     ) -> bool:
@@ -261,8 +265,6 @@ class Ingest:
             or client.token_hash != q.hash_token(meta.token)
         ):
             raise Refuse(f"unknown client or bad token for {meta.client_id}")
-        # One row by its key: listing the round's participations cost O(fleet) an update.
-        part = None if rnd is None else oq.participation(s, rnd.id, client.id)
         if part is not None and part.state == ParticipationState.UPDATE:
             # A duplicate of a counted update: acked and not stored again, but said once.
             if chunk.index == 0:

@@ -108,11 +108,16 @@ class Signals:
             )
             runs: dict[str, list[tuple[int, StepInput]]] = {}
             tokens: dict[int, str] = {}
+            known = {
+                run_id: q.get_run(s, run_id) is not None
+                for run_id in {m.run_id for m in msgs.values() if isinstance(m, Register)}
+            }
+            joining: dict[str, list[int]] = {}
             for i, msg in msgs.items():
                 if not isinstance(msg, HeartbeatMsg) and msg.message_id not in fresh:
                     continue  # processed before: acknowledged again, nothing done
                 if isinstance(msg, Register):
-                    if q.get_run(s, msg.run_id) is None:
+                    if not known[msg.run_id]:
                         reasons[i] = f"unknown run {msg.run_id}"
                         record_and_publish(
                             s,
@@ -121,35 +126,47 @@ class Signals:
                             message_id=msg.message_id,
                             detail={"reason": reasons[i], "run_id": msg.run_id},
                         )
-                        continue
-                    tokens[i] = secrets.token_urlsafe(32)
-                    cid = q.register_client(
+                    else:
+                        tokens[i] = secrets.token_urlsafe(32)
+                        joining.setdefault(msg.run_id, []).append(i)
+                    continue
+                client = clients.get(msg.client_id)
+                if (
+                    client is None
+                    or client.run_id != msg.run_id
+                    or client.token_hash != q.hash_token(msg.token)
+                ):
+                    reasons[i] = f"unknown client or bad token for {msg.client_id}"
+                    record_and_publish(
                         s,
                         msg.run_id,
-                        msg.display_name,
-                        q.hash_token(tokens[i]),
-                        dict(msg.device_info),
+                        "auth.rejected",
+                        client_id=msg.client_id,
+                        message_id=msg.message_id,
+                        detail={"reason": reasons[i], "type": msg.type},
                     )
-                    event: MachineEvent = ClientJoined(cid)
-                else:
-                    client = clients.get(msg.client_id)
-                    if (
-                        client is None
-                        or client.run_id != msg.run_id
-                        or client.token_hash != q.hash_token(msg.token)
-                    ):
-                        reasons[i] = f"unknown client or bad token for {msg.client_id}"
-                        record_and_publish(
-                            s,
-                            msg.run_id,
-                            "auth.rejected",
-                            client_id=msg.client_id,
-                            message_id=msg.message_id,
-                            detail={"reason": reasons[i], "type": msg.type},
-                        )
-                        continue
-                    event = _machine_event(msg)
-                runs.setdefault(msg.run_id, []).append((i, StepInput(event, msg.message_id)))
+                    continue
+                runs.setdefault(msg.run_id, []).append(
+                    (i, StepInput(_machine_event(msg), msg.message_id))
+                )
+            # New clients in one INSERT a run; they join before the run's other messages
+            # (none of which can be theirs: a device learns its id from the reply).
+            for run_id, idx in joining.items():
+                regs = [msgs[i] for i in idx]
+                cids = q.register_clients(
+                    s,
+                    run_id,
+                    [
+                        (m.display_name, q.hash_token(tokens[i]), dict(m.device_info))
+                        for i, m in zip(idx, regs, strict=True)
+                        if isinstance(m, Register)
+                    ],
+                )
+                joins = [
+                    (i, StepInput(ClientJoined(cid), msgs[i].message_id))
+                    for i, cid in zip(idx, cids, strict=True)
+                ]
+                runs[run_id] = joins + runs.get(run_id, [])
             now = self.clock()
             for run_id, items in runs.items():
                 results = step_many(s, run_id, [inp for _, inp in items], now)

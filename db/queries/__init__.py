@@ -13,6 +13,7 @@ from db.queries.clients import (
     list_clients,
     mark_silent_offline,
     register_client,
+    register_clients,
     set_client_state,
     touch_client,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "record_update",
     "record_updates",
     "register_client",
+    "register_clients",
     "set_autorun",
     "set_client_state",
     "set_round_metrics",

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Client, ClientState, utcnow
@@ -44,6 +44,33 @@ def register_client(
     session.add(client)
     session.flush()
     return client.id
+
+
+def register_clients(
+    session: Session,
+    run_id: str,
+    entries: list[tuple[str, str, dict[str, Any]]],
+    *,
+    now: datetime | None = None,
+) -> list[str]:
+    """``register_client`` for a batch of (display name, token hash, device info), in one
+    INSERT; their new ids in order."""
+    now = now or utcnow()
+    rows = [
+        {
+            "id": uuid.uuid4().hex,
+            "run_id": run_id,
+            "display_name": name,
+            "token_hash": token_hash,
+            "device_info": info or {},
+            "joined_at": now,
+            "last_seen": now,
+        }
+        for name, token_hash, info in entries
+    ]
+    if rows:
+        session.execute(insert(Client), rows)
+    return [r["id"] for r in rows]
 
 
 def get_client(session: Session, client_id: str) -> Client | None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, delete, func, insert, select, update
+from sqlalchemy import Insert, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 
@@ -230,11 +230,33 @@ def client_states(session: Session, run_id: str) -> dict[str, str]:
 # --- outbox ---------------------------------------------------------------------------------
 
 
+# Session.info key: outbox rows this transaction queued, written in one INSERT at its commit.
+_OUTBOX = "fedmq.outbox"
+
+
 def add_outbox(session: Session, run_id: str | None, kind: str, payload: dict[str, Any]) -> None:
-    """Queue an outbox item. Not flushed here: the next statement's autoflush (or the
-    commit) inserts it, together with the items added since, in the order they were added;
-    a batch of notices is one INSERT, not one each."""
-    session.add(OutboxItem(run_id=run_id, kind=kind, payload=payload, created_at=utcnow()))
+    """Queue an outbox item. Items are written at the commit, all of them in one INSERT in
+    the order they were queued (a batch's notices and events are one statement, not one
+    each); a rollback drops them with the rest."""
+    _queue(session, [{"run_id": run_id, "kind": kind, "payload": payload}])
+
+
+def _queue(session: Session, rows: list[dict[str, Any]]) -> None:
+    session.info.setdefault(_OUTBOX, []).extend(rows)
+
+
+@event.listens_for(Session, "before_commit")
+def _write_outbox(session: Session) -> None:
+    rows = session.info.pop(_OUTBOX, None)
+    if rows:
+        now = utcnow()
+        session.execute(insert(OutboxItem), [{**r, "created_at": now} for r in rows])
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _drop_outbox(session: Session, _tx: Any) -> None:
+    if not session.in_transaction():
+        session.info.pop(_OUTBOX, None)
 
 
 def record_effects(
@@ -244,16 +266,12 @@ def record_effects(
     payloads: list[dict[str, Any]],
 ) -> None:
     """A step's effects: ``events`` rows (kind, client_id, round, message_id, detail) for
-    the event log and ``payloads`` as outbox items of kind "event", in order, one INSERT for
-    each table (what ``record_event`` and ``add_outbox`` do one row at a time)."""
-    now = utcnow()
+    the event log, in one INSERT, and ``payloads`` queued as outbox items of kind "event"
+    (``add_outbox``)."""
     if events:
+        now = utcnow()
         session.execute(insert(Event), [{**e, "run_id": run_id, "ts": now} for e in events])
-    if payloads:
-        rows = [
-            {"run_id": run_id, "kind": "event", "payload": p, "created_at": now} for p in payloads
-        ]
-        session.execute(insert(OutboxItem), rows)
+    _queue(session, [{"run_id": run_id, "kind": "event", "payload": p} for p in payloads])
 
 
 def pending_outbox(session: Session, limit: int = 200) -> list[OutboxItem]:
