@@ -270,7 +270,10 @@ def record_effects(
     (``add_outbox``)."""
     if events:
         now = utcnow()
-        session.execute(insert(Event), [{**e, "run_id": run_id, "ts": now} for e in events])
+        # The table, not the entity: the ORM's bulk insert sent one INSERT per event row.
+        session.execute(
+            insert(Event.__table__), [{**e, "run_id": run_id, "ts": now} for e in events]
+        )
     _queue(session, [{"run_id": run_id, "kind": "event", "payload": p} for p in payloads])
 
 

@@ -132,14 +132,14 @@ def _on_update(tx: Tx, ev: UpdateReceived) -> None:
         )
     if rnd is None or rnd.number != ev.round or rnd.state is not RoundState.OPEN:
         raise Refused(f"round {ev.round} is not open")
-    if ev.client_id not in rnd.selected:
+    if not rnd.is_selected(ev.client_id):
         raise Refused(f"{ev.client_id} is not selected for round {ev.round}")
     if ev.client_id in rnd.dropped:
         raise Refused(f"{ev.client_id} was dropped from round {ev.round}")
     if ev.num_samples < 1 or not ev.ref:
         raise Refused("an update needs a ref and at least one sample")
     update = Update(ev.client_id, ev.ref, ev.num_samples)
-    tx.set_round(received=(*rnd.received, update))
+    tx.round = rnd.with_update(update)
     tx.move(ev.client_id, S.UPDATE, f"update for round {ev.round} stored", last_seen=tx.now)
     tx.emit(UpdateAccepted(ev.round, ev.client_id, ev.ref, ev.num_samples))
     rounds.check_complete(tx)

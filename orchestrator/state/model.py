@@ -8,7 +8,7 @@ equal and save to the same rows.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from orchestrator.state.policy import RoundPolicy
@@ -61,15 +61,48 @@ class Round:
     retry_pending: bool = False
     failure: str | None = None
 
+    # (selected, received client ids) as sets, made on first use: every update asks whether
+    # its client is selected and whether anyone is left, and scanning the tuples made each
+    # update cost O(fleet). Not a field of the state: not compared, copied or stored.
+    _sets: tuple[frozenset[str], frozenset[str]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def _index(self) -> tuple[frozenset[str], frozenset[str]]:
+        sets = self._sets
+        if sets is None:
+            sets = (frozenset(self.selected), frozenset(u.client_id for u in self.received))
+            object.__setattr__(self, "_sets", sets)
+        return sets
+
     @property
     def received_clients(self) -> frozenset[str]:
-        return frozenset(u.client_id for u in self.received)
+        return self._index()[1]
+
+    def is_selected(self, client_id: str) -> bool:
+        return client_id in self._index()[0]
+
+    def with_update(self, update: Update) -> Round:
+        """This round with ``update`` received (its index carried over, not rebuilt)."""
+        new = replace(self, received=(*self.received, update))
+        selected, received = self._index()
+        object.__setattr__(new, "_sets", (selected, received | {update.client_id}))
+        return new
 
     @property
     def expected(self) -> tuple[str, ...]:
         """Selected clients still to report: neither received from nor dropped."""
         done = self.received_clients | set(self.dropped)
         return tuple(c for c in self.selected if c not in done)
+
+    @property
+    def anyone_expected(self) -> bool:
+        """Whether ``expected`` is not empty, without listing it."""
+        selected, received = self._index()
+        # Received clients are all selected (the machine refuses others); dropped ones are
+        # few, and may have reported before they dropped.
+        gone = {c for c in self.dropped if c in selected and c not in received}
+        return len(selected) - len(received) - len(gone) > 0
 
     @property
     def in_flight(self) -> bool:

@@ -126,7 +126,7 @@ def fail_for_good(tx: Tx) -> None:
 def check_complete(tx: Tx) -> None:
     """Nobody left to wait for (all reported, or the rest dropped out): end the attempt now."""
     rnd = tx.round
-    if rnd is None or rnd.state is not RoundState.OPEN or rnd.expected:
+    if rnd is None or rnd.state is not RoundState.OPEN or rnd.anyone_expected:
         return
     if rnd.has_quorum:
         close(tx, "no selected client left to wait for")

@@ -94,7 +94,7 @@ class Tx:
         if (
             rnd is not None
             and rnd.state is RoundState.OPEN
-            and client_id in rnd.selected
+            and rnd.is_selected(client_id)
             and client_id not in rnd.dropped
         ):
             self.set_round(dropped=tuple(sorted((*rnd.dropped, client_id))))
