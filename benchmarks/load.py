@@ -594,7 +594,7 @@ def markdown(r: dict[str, Any]) -> str:
         "orchestrator): register (one reply queue), signal ready, heartbeat, then each sends "
         f"one {r['update_bytes']:.0f} B update (fp32 delta, one chunk) in one round that selects "
         "all of them; one `fedmq orchestrator` process (two ingest consumers, group commit: up "
-        "to 64 signals or 16 updates a transaction) and one Celery worker. Phase rates run from "
+        "to 64 signals or 32 updates a transaction) and one Celery worker. Phase rates run from "
         "the first publish to the last message in the database (registrations: to the last "
         "`Registered` reply received).",
         "",

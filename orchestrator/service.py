@@ -1,7 +1,9 @@
 """The orchestrator service: bus consumers, a ticker, the outbox drainer and task follower.
 
-Every input is one database transaction (``store.step_run``); the bus message is settled
-only after it committed, and side effects leave through the outbox after that. Any number
+Signals and updates are consumed in batches, each batch one database transaction
+(``store.step_many``, a group commit); commands and ticks are one each. A bus message is
+settled only after its transaction committed, and side effects leave through the outbox
+after that. Any number
 of these services may run against one database and broker: the run row lock orders them.
 """
 

@@ -170,7 +170,10 @@ class Signals:
             now = self.clock()
             for run_id, items in runs.items():
                 results = step_many(s, run_id, [inp for _, inp in items], now)
-                for (i, inp), res in zip(items, results or [None] * len(items), strict=True):
+                outcomes: list[StepResult | None] = (
+                    list(results) if results is not None else [None] * len(items)
+                )
+                for (i, inp), res in zip(items, outcomes, strict=True):
                     reasons[i] = self._settled(s, msgs[i], inp, res, tokens.get(i))
         return reasons
 

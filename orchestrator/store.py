@@ -1,6 +1,7 @@
-"""One step of a run's machine inside one database transaction.
+"""Steps of a run's machine inside one database transaction.
 
-``step_run`` locks the run row, loads the ``Federation`` snapshot, steps it, saves it,
+``step_run`` (one event) and ``step_many`` (a batch, in order, under one lock) lock the run
+row, loads the ``Federation`` snapshot, steps it, saves it,
 projects the effects onto the normalised tables (clients, rounds, participations, events)
 and writes the side effects to the outbox. The caller owns the transaction: it commits, then
 acknowledges the bus message, then drains the outbox (``orchestrator.outbox``).

@@ -56,7 +56,7 @@ def register_clients(
     """``register_client`` for a batch of (display name, token hash, device info), in one
     INSERT; their new ids in order."""
     now = now or utcnow()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": uuid.uuid4().hex,
             "run_id": run_id,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Insert, delete, event, func, insert, select, update
+from sqlalchemy import Insert, Table, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 
@@ -271,9 +271,8 @@ def record_effects(
     if events:
         now = utcnow()
         # The table, not the entity: the ORM's bulk insert sent one INSERT per event row.
-        session.execute(
-            insert(Event.__table__), [{**e, "run_id": run_id, "ts": now} for e in events]
-        )
+        table = cast(Table, Event.__table__)
+        session.execute(insert(table), [{**e, "run_id": run_id, "ts": now} for e in events])
     _queue(session, [{"run_id": run_id, "kind": "event", "payload": p} for p in payloads])
 
 

@@ -181,6 +181,8 @@ class Outgoing:
     body: bytes
     headers: dict[str, Any] | None = None
     message_id: str | None = None
+
+
 BatchHandler = Callable[[list[Delivery]], None]
 
 
