@@ -62,21 +62,18 @@ def insert_many_ignore(
         return set()
     name = session.get_bind().dialect.name
     stmt: Insert
+    # Rows as parameters, not .values(rows): compiled once and cached, then sent as
+    # multi-row INSERTs ("insertmanyvalues"); building and compiling a .values() list anew
+    # for every batch cost more than running it.
     if name == "postgresql":
-        stmt = (
-            postgresql.insert(model)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=list(conflict_columns))
+        stmt = postgresql.insert(model).on_conflict_do_nothing(
+            index_elements=list(conflict_columns)
         )
     elif name == "sqlite":
-        stmt = (
-            sqlite.insert(model)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=list(conflict_columns))
-        )
+        stmt = sqlite.insert(model).on_conflict_do_nothing(index_elements=list(conflict_columns))
     else:  # pragma: no cover - fedmq supports these two only
         raise NotImplementedError(f"insert_many_ignore: unsupported backend {name!r}")
-    return set(session.scalars(stmt.returning(returning)))
+    return set(session.scalars(stmt.returning(returning), rows))
 
 
 def changed(session: Session, stmt: Executable) -> int:

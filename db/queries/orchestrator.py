@@ -91,7 +91,7 @@ def save_machine(session: Session, run_id: str, machine: dict[str, Any]) -> int:
     return seq
 
 
-# Rows per INSERT of parts: well under Postgres's 65,535 bind parameters.
+# Keys per DELETE of parts: well under Postgres's 65,535 bind parameters.
 _PARTS_PER_STATEMENT = 5000
 
 
@@ -116,20 +116,22 @@ def save_machine_parts(
             delete(MachinePart).where(MachinePart.run_id == run_id, MachinePart.key.in_(keys))
         )
     rows = [{"run_id": run_id, "key": k, "data": d} for k, d in upserts.items()]
-    for i in range(0, len(rows), _PARTS_PER_STATEMENT):
-        session.execute(_upsert_parts(session, rows[i : i + _PARTS_PER_STATEMENT]))
+    if rows:
+        # Rows as parameters with RETURNING: one cached statement, sent as multi-row
+        # INSERTs in pages (insertmanyvalues), not a .values() list compiled each time.
+        session.execute(_upsert_parts(session).returning(MachinePart.key), rows)
     return new_seq
 
 
-def _upsert_parts(session: Session, rows: list[dict[str, Any]]) -> Insert:
+def _upsert_parts(session: Session) -> Insert:
     name = session.get_bind().dialect.name
     if name == "postgresql":
-        pg = postgresql.insert(MachinePart).values(rows)
+        pg = postgresql.insert(MachinePart)
         return pg.on_conflict_do_update(
             index_elements=["run_id", "key"], set_={"data": pg.excluded.data}
         )
     if name == "sqlite":
-        lite = sqlite.insert(MachinePart).values(rows)
+        lite = sqlite.insert(MachinePart)
         return lite.on_conflict_do_update(
             index_elements=["run_id", "key"], set_={"data": lite.excluded.data}
         )
