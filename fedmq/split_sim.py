@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from db import blobstore
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
@@ -194,6 +196,10 @@ def run_split(
             raise RuntimeError(f"the edge driver failed: {edge.error!r}") from edge.error
         if len(edge.rounds) < o.rounds:
             raise RuntimeError(f"only {len(edge.rounds)} of {o.rounds} rounds finished")
+        # The edge driver is done once it has evaluated the last round itself; the run is
+        # done once the orchestrator has followed that round's evaluation too. Stopping in
+        # between left round N "evaluating" (seen under load).
+        _wait_run_finished(sessions, run_id, o.rounds, timeout=o.deadline_s + 60)
     finally:
         stop.set()
         edge.join(5)
@@ -300,6 +306,20 @@ def _run_device(config: DeviceConfig, pipeline: bool, stop: threading.Event) -> 
         if not memory:  # a named in-process bus belongs to the whole process
             for b in [bus, *opened]:
                 b.close()
+
+
+def _wait_run_finished(
+    sessions: sessionmaker[Session], run_id: str, last: int, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(sessions) as s:
+            rnd = q.get_round(s, run_id, last)
+            if rnd is not None and rnd.state in (RoundState.DONE, RoundState.FAILED):
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"round {last} did not finish within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 class _EdgeDriver(threading.Thread):
