@@ -127,31 +127,25 @@ class LoadAverage:
         }
 
 
-def in_threads(items: list[Any], fn: Any) -> None:
-    threads = [
-        threading.Thread(target=lambda k=k: [fn(x) for x in items[k::THREADS]])
-        for k in range(THREADS)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def publish_all(bus: Bus, make: Any, items: list[Any]) -> dict[Any, float]:
     """Publish ``make(item) -> Outgoing`` for every item from ``THREADS`` threads, in AMQP
     transactions of ``PER_TX`` (the generator must outrun the orchestrator); the time each
     item's transaction started, by item."""
     sent: dict[Any, float] = {}
 
-    def one_thread(mine: list[Any]) -> None:
+    def one_thread(k: int) -> None:
+        mine = items[k::THREADS]
         for i in range(0, len(mine), PER_TX):
             part = mine[i : i + PER_TX]
             now = time.time()
             bus.publish_many([make(x) for x in part])
             sent.update(dict.fromkeys(part, now))
 
-    in_threads([items[k::THREADS] for k in range(THREADS)], one_thread)
+    threads = [threading.Thread(target=one_thread, args=(k,)) for k in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return sent
 
 

@@ -94,10 +94,7 @@ class Ingest:
             return
         reasons = self._store_many(whole)
         for (d, _, _), reason in zip(whole, reasons, strict=True):
-            if reason is None:
-                d.ack()
-            else:
-                d.reject(reason)
+            d.settle(reason)
         self.after_commit()
 
     def _store_many(
@@ -184,17 +181,7 @@ class Ingest:
                 d, _, meta = items[i]
                 reason = reasons[i]
                 assert reason is not None
-                record_and_publish(
-                    s,
-                    meta.run_id,
-                    "update.refused",
-                    client_id=meta.client_id,
-                    round=meta.round,
-                    message_id=meta.message_id,
-                    detail={"reason": reason, "routing_key": d.routing_key},
-                )
-                if notify:
-                    _notify(s, meta, "update.rejected", reason)
+                _refused(s, meta, reason, notify=notify, routing_key=d.routing_key)
         return reasons
 
     def _parse(self, d: Delivery) -> tuple[chunking.Chunk, UpdateMeta]:
@@ -323,20 +310,8 @@ class Ingest:
             reason = rb.reason
             with session_scope(self.sessions) as s:
                 oq.delete_staged(s, chunk.blob_id)
-                record_and_publish(
-                    s,
-                    meta.run_id,
-                    "update.refused",
-                    client_id=meta.client_id,
-                    round=meta.round,
-                    message_id=meta.message_id,
-                    detail={"reason": reason},
-                )
-                _notify(s, meta, "update.rejected", reason)
-        if reason is not None:
-            d.reject(reason)
-        else:
-            d.ack()
+                _refused(s, meta, reason, notify=True)
+        d.settle(reason)
         self.after_commit()
 
     def _check(self, blob: bytes, meta: UpdateMeta) -> None:
@@ -380,6 +355,22 @@ class Ingest:
         finally:
             d.reject(reason)
         self.after_commit()
+
+
+def _refused(s: Session, meta: UpdateMeta, reason: str, *, notify: bool, **detail: str) -> None:
+    """Record a refused update under its run, client, round and message (and, with
+    ``notify``, tell its device)."""
+    record_and_publish(
+        s,
+        meta.run_id,
+        "update.refused",
+        client_id=meta.client_id,
+        round=meta.round,
+        message_id=meta.message_id,
+        detail={"reason": reason, **detail},
+    )
+    if notify:
+        _notify(s, meta, "update.rejected", reason)
 
 
 DUPLICATE = "update.duplicate"

@@ -187,11 +187,9 @@ class Outbox:
         return None
 
     def _send(self, item: Item) -> None:
+        """An item that is not a plain publish (those go in ``_send_page``'s batches)."""
         p = item.payload
-        message = self._message(item)
-        if message is not None:
-            self.bus.publish_many([message])
-        elif item.kind == "task":
+        if item.kind == "task":
             self.tasks.send(p["name"], list(p["args"]), p["task_id"], p["queue"])
         elif item.kind == "revoke_account":
             if self.accounts is not None:

@@ -27,6 +27,7 @@ from orchestrator.state import (
     Ignored,
     OpenedRound,
     Rejected,
+    Round,
     RoundDone,
     RoundFailed,
     UpdateAccepted,
@@ -190,14 +191,26 @@ _COUNTING = (UpdateAccepted, ClientStateChanged, Rejected, Ignored)
 
 def _counts_only(old: Federation, new: Federation, effects: list[Effect]) -> bool:
     """The step changed the round only by counting updates: nothing to write but them."""
-    a, b = old.round, new.round
-    if a is None or b is None or (a.number, a.attempt) != (b.number, b.attempt):
-        return False
-    if replace(a, received=b.received) != b:
+    if not _only_received_changed(old.round, new.round):
         return False
     if new.autorun_remaining != old.autorun_remaining or run_status(new) != run_status(old):
         return False
     return all(isinstance(e, _COUNTING) for e in effects)
+
+
+def _only_received_changed(before: Round | None, after: Round | None) -> bool:
+    """The same round attempt, with at most more updates received."""
+    if (
+        before is None
+        or after is None
+        or (before.number, before.attempt)
+        != (
+            after.number,
+            after.attempt,
+        )
+    ):
+        return False
+    return before == after or replace(before, received=after.received) == after
 
 
 def project_clients(
@@ -230,9 +243,9 @@ def _project_round(s: Session, old: Federation, fed: Federation) -> None:
     assert r is not None
     before = old.round
     same = before is not None and (before.number, before.attempt) == (r.number, r.attempt)
-    if same and (before == r or replace(before, received=r.received) == r):
+    if _only_received_changed(before, r):
         # Most steps (signals, heartbeats) leave the round as it was; an update only adds to
-        # its received ones, which record_update counted.
+        # its received ones, which record_updates counted.
         return
     state = RoundState(r.state.value)
     row = q.get_round(s, fed.run_id, r.number)

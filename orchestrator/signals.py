@@ -17,7 +17,7 @@ from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
-from orchestrator.store import StepInput, StepResult, record_and_publish, step_many, step_run
+from orchestrator.store import StepInput, StepResult, record_and_publish, step_many
 from protocol.bus import Delivery
 from protocol.messages import (
     ClientState,
@@ -56,10 +56,7 @@ class Signals:
             reason = f"unexpected message type {msg.type!r} on the signals queue"
             self._refuse(d, msg.run_id, msg.client_id, reason)
             return
-        if reason is None:
-            d.ack()
-        else:
-            d.reject(reason)
+        d.settle(reason)
         self.after_commit()
 
     def handle_many(self, ds: list[Delivery]) -> None:
@@ -70,10 +67,7 @@ class Signals:
         the batch is dealt with alone."""
         reasons = self._batch(ds)
         for d, reason in zip(ds, reasons, strict=True):
-            if reason is None:
-                d.ack()
-            else:
-                d.reject(reason)
+            d.settle(reason)
         self.after_commit()
 
     def _batch(self, ds: list[Delivery]) -> list[str | None]:
@@ -248,13 +242,9 @@ class Signals:
             cid = q.register_client(
                 s, msg.run_id, msg.display_name, q.hash_token(token), dict(msg.device_info)
             )
-            res = step_run(
-                s, msg.run_id, ClientJoined(cid), self.clock(), message_id=msg.message_id
-            )
-            if res is not None and isinstance(res.refusal, Rejected):
-                return res.refusal.reason
-            self._reply(s, msg, cid, token)
-        return None
+            joined = StepInput(ClientJoined(cid), msg.message_id)
+            res = step_many(s, msg.run_id, [joined], self.clock())
+            return self._settled(s, msg, joined, None if res is None else res[0], token)
 
     def _signal(self, msg: SignalMsg | HeartbeatMsg) -> str | None:
         event = _machine_event(msg)
@@ -280,14 +270,9 @@ class Signals:
                 s, msg.message_id
             ):
                 return None
-            res = step_run(s, msg.run_id, event, self.clock(), message_id=msg.message_id)
-            if res is None:
-                return f"unknown run {msg.run_id}"
-            if isinstance(res.refusal, Rejected):
-                if res.refusal.rejoin and isinstance(msg, HeartbeatMsg):
-                    _ask_to_rejoin(s, msg, res.refusal.reason)
-                return res.refusal.reason
-        return None
+            inp = StepInput(event, msg.message_id)
+            res = step_many(s, msg.run_id, [inp], self.clock())
+            return self._settled(s, msg, inp, None if res is None else res[0], None)
 
     def _refuse(self, d: Delivery, run_id: str | None, client_id: str | None, reason: str) -> None:
         try:

@@ -210,8 +210,8 @@ def participation(session: Session, round_id: int, client_id: str) -> Participat
 def participations(
     session: Session, keys: list[tuple[int, str]]
 ) -> dict[tuple[int, str], Participation]:
-    """Participations by (round id, client id), in one query; they are then in the
-    session's identity map, so ``participation`` finds them without another."""
+    """Participations by (round id, client id), in one query (``participation`` for a
+    batch)."""
     wanted = set(keys)
     if not wanted:
         return {}

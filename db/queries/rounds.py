@@ -188,53 +188,33 @@ def record_update(
     nothing. The round row is locked first (FOR UPDATE; SQLite's write lock does the same)
     so an update cannot be counted into a round that a concurrent transaction is closing.
     """
-    round_state = session.scalar(select(Round.state).where(Round.id == round_id).with_for_update())
-    part_state = session.scalar(
-        select(Participation.state)
-        .where(Participation.round_id == round_id, Participation.client_id == client_id)
-        .with_for_update()
-    )
-    if round_state is None or part_state is None:
-        return UpdateOutcome.NOT_SELECTED
-    if part_state in (ParticipationState.UPDATE, ParticipationState.LATE):
-        return UpdateOutcome.DUPLICATE
-    accepted = round_state == RoundState.OPEN and part_state in PENDING_PARTICIPATION
-    session.execute(
-        update(Participation)
-        .where(Participation.round_id == round_id, Participation.client_id == client_id)
-        .values(
-            state=ParticipationState.UPDATE if accepted else ParticipationState.LATE,
-            update_sha=update_sha,
-            num_samples=num_samples,
-            bytes=nbytes,
-            train_time_s=train_time_s,
-            loss=loss,
-            accuracy=accuracy,
-            received_at=now or utcnow(),
-            message_id=message_id,
-        )
-    )
-    if not accepted:
-        return UpdateOutcome.LATE
-    session.execute(update(Round).where(Round.id == round_id).values(received=Round.received + 1))
-    session.execute(
-        update(Client)
-        .where(Client.id == client_id)
-        .values(rounds_participated=Client.rounds_participated + 1)
-    )
-    return UpdateOutcome.ACCEPTED
+    row = {
+        "client_id": client_id,
+        "update_sha": update_sha,
+        "num_samples": num_samples,
+        "bytes": nbytes,
+        "train_time_s": train_time_s,
+        "loss": loss,
+        "accuracy": accuracy,
+        "received_at": now or utcnow(),
+        "message_id": message_id,
+    }
+    return record_updates(session, round_id, [row])[client_id]
 
 
-def record_updates(session: Session, round_id: int, updates: list[dict[str, Any]]) -> int:
+def record_updates(
+    session: Session, round_id: int, updates: list[dict[str, Any]]
+) -> dict[str, UpdateOutcome]:
     """``record_update`` for many clients of one round in a few statements (a group
     commit's updates); each of ``updates`` holds ``client_id`` and the columns
     ``record_update`` writes (update_sha, num_samples, bytes, train_time_s, loss, accuracy,
     received_at, message_id). Same rules: a client already recorded, or not selected, is
-    skipped; into a round that is not open an update is recorded late. Returns how many
-    were counted."""
+    skipped; into a round that is not open an update is recorded late. Returns each
+    client's outcome (the first of a client's updates decides it)."""
     round_state = session.scalar(select(Round.state).where(Round.id == round_id).with_for_update())
+    outcomes: dict[str, UpdateOutcome] = {}
     if round_state is None or not updates:
-        return 0
+        return {u["client_id"]: UpdateOutcome.NOT_SELECTED for u in updates}
     rows_found = session.execute(
         select(Participation.client_id, Participation.state)
         .where(
@@ -247,15 +227,20 @@ def record_updates(session: Session, round_id: int, updates: list[dict[str, Any]
     rows: list[dict[str, Any]] = []
     counted: list[str] = []
     for u in updates:
-        state = states.get(u["client_id"])
+        cid = u["client_id"]
+        state = states.get(cid)
         if state is None or state in (ParticipationState.UPDATE, ParticipationState.LATE):
-            continue  # not selected, or recorded already (also earlier in ``updates``)
+            # Not selected, or recorded already (also earlier in ``updates``).
+            outcome = UpdateOutcome.NOT_SELECTED if state is None else UpdateOutcome.DUPLICATE
+            outcomes.setdefault(cid, outcome)
+            continue
         accepted = round_state == RoundState.OPEN and state in PENDING_PARTICIPATION
         new = ParticipationState.UPDATE if accepted else ParticipationState.LATE
-        states[u["client_id"]] = new
+        states[cid] = new
         rows.append({**u, "round_id": round_id, "state": new})
+        outcomes[cid] = UpdateOutcome.ACCEPTED if accepted else UpdateOutcome.LATE
         if accepted:
-            counted.append(u["client_id"])
+            counted.append(cid)
     if rows:
         session.execute(update(Participation), rows)
     if counted:
@@ -267,7 +252,7 @@ def record_updates(session: Session, round_id: int, updates: list[dict[str, Any]
             .where(Client.id.in_(counted))
             .values(rounds_participated=Client.rounds_participated + 1)
         )
-    return len(counted)
+    return outcomes
 
 
 def list_participations(

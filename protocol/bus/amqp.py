@@ -430,13 +430,7 @@ class AmqpBus(Bus):
         prefetch: int | None = None,
         declare: Topology | None = None,
     ) -> Consumer:
-        if self._closed:
-            raise BusError("bus is closed")
-        prefetch = self.config.prefetch if prefetch is None else prefetch
-        consumer = _AmqpConsumer(self, queue, handler, prefetch, declare)
-        with self._lock:
-            self._consumers.add(consumer)
-        return consumer
+        return self._subscribe(queue, handler, prefetch, declare, None)
 
     def consume_batches(
         self,
@@ -447,8 +441,23 @@ class AmqpBus(Bus):
         prefetch: int | None = None,
         declare: Topology | None = None,
     ) -> Consumer:
+        return self._subscribe(queue, handler, prefetch, declare, batching)
+
+    def _subscribe(
+        self,
+        queue: str,
+        handler: Handler | BatchHandler,
+        prefetch: int | None,
+        declare: Topology | None,
+        batching: Batching | None,
+    ) -> Consumer:
+        if self._closed:
+            raise BusError("bus is closed")
         prefetch = self.config.prefetch if prefetch is None else prefetch
-        return _AmqpConsumer(self, queue, handler, prefetch, declare, batching)
+        consumer = _AmqpConsumer(self, queue, handler, prefetch, declare, batching)
+        with self._lock:
+            self._consumers.add(consumer)  # so that close() stops it
+        return consumer
 
     def get(self, queue: str, timeout: float = 0.0) -> Delivery | None:
         deadline = time.monotonic() + timeout

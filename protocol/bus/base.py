@@ -109,6 +109,13 @@ class Delivery(ABC):
         self._claim("ack")
         self._ack()
 
+    def settle(self, reason: str | None) -> None:
+        """``ack`` when ``reason`` is None, else ``reject(reason)``: a handler's verdict."""
+        if reason is None:
+            self.ack()
+        else:
+            self.reject(reason)
+
     def requeue(self) -> None:
         """Give the message back; it comes again with ``redelivered=True``."""
         self._claim("requeue")
