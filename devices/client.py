@@ -74,6 +74,7 @@ class FederatedClient:
         *,
         trainer: LocalTrainer | None = None,
         on_round: RoundCallback | None = None,
+        compute: threading.Semaphore | None = None,
     ) -> None:
         self.config, self.on_round = config, on_round
         # A bare Bus is the AMQP (or in-process) device; HttpTransport goes through the gateway.
@@ -97,7 +98,8 @@ class FederatedClient:
         self.dropped_rounds: list[int] = []
         self.left = False
         self._silent_until = 0.0
-        self.training = TrainingSlot(self.trainer, config, self._stopping)
+        # ``compute``: training slots shared with the process's other devices (TrainingSlot).
+        self.training = TrainingSlot(self.trainer, config, self._stopping, compute)
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._done = threading.Event()
@@ -296,8 +298,16 @@ class FederatedClient:
             self._heartbeat()
         self._flush()
         self._maybe_train()
+        wait = self.config.poll_s
+        if self.training.busy:
+            # The update goes out as soon as training ends, not at the next poll timeout
+            # (that wait was most of a small model's round); the queue is read without
+            # waiting meanwhile, so notices and announcements still come in every pass.
+            if self.training.wait(wait):
+                self._collect()
+            wait = 0.0
         began = time.monotonic()
-        d = self.transport.receive(self.ident, self.config.poll_s)
+        d = self.transport.receive(self.ident, wait)
         if time.monotonic() - began > self.config.rejoin_after_stall_s:
             self._recover = True  # the bus reconnected on its own; we may be offline by now
         if d is not None:

@@ -38,7 +38,12 @@ class LocalUpdate:
     num_samples: int
     encoding: str
     metrics: dict[str, float]
-    sent_delta: Arrays = field(repr=False)  # what the blob decodes to
+    sent: Arrays | None = field(default=None, repr=False)  # what the blob decodes to, if known
+
+    @property
+    def sent_delta(self) -> Arrays:
+        """What the blob decodes to (decoded now if the step had no need to)."""
+        return self.sent if self.sent is not None else decode(self.blob).tensors
 
 
 class LocalTrainer:
@@ -164,9 +169,11 @@ class LocalTrainer:
         }
         return to_numpy(self.model), metrics
 
-    def encode_delta(self, d: Mapping[str, np.ndarray], base_version: int) -> tuple[bytes, Arrays]:
+    def encode_delta(
+        self, d: Mapping[str, np.ndarray], base_version: int
+    ) -> tuple[bytes, Arrays | None]:
         """Encode ``d`` as a delta against ``base_version`` (with error feedback when lossy);
-        returns the blob and what it decodes to."""
+        returns the blob and, with error feedback (which needs it), what it decodes to."""
         to_send = self.feedback.compensate(d) if self.feedback is not None else dict(d)
         # A zero base makes the stored values exactly ``to_send`` while the header still says
         # "delta against base_version" (encode computes tensors - base).
@@ -178,9 +185,10 @@ class LocalTrainer:
             base_version=str(base_version),
             topk_fraction=self.topk_fraction,
         )
+        if self.feedback is None:
+            return blob, None  # the ingest decodes and checks it; decoding here cost 0.6 ms
         sent = decode(blob, limits=self.limits, expected=self.spec).tensors
-        if self.feedback is not None:
-            self.feedback.update(sent)
+        self.feedback.update(sent)
         return blob, sent
 
     def step(
@@ -201,7 +209,7 @@ class LocalTrainer:
             num_samples=self.num_samples,
             encoding=self.encoding,
             metrics=metrics,
-            sent_delta=sent,
+            sent=sent,
         )
 
     def residual_norm(self) -> float:

@@ -28,8 +28,10 @@ def run_device(
     config: DeviceConfig,
     stop_event: threading.Event | None = None,
     on_round: RoundCallback | None = None,
+    compute: threading.Semaphore | None = None,
 ) -> FederatedClient:
-    """Run one device until stopped; returns the client (its ``sent``, ``errors`` ...)."""
+    """Run one device until stopped; returns the client (its ``sent``, ``errors`` ...).
+    Devices run as threads of one process share ``compute`` (see ``TrainingSlot``)."""
     if config.torch_threads is not None:
         import torch
 
@@ -51,7 +53,7 @@ def run_device(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         raise
-    client = FederatedClient(config, transport, on_round=on_round)
+    client = FederatedClient(config, transport, on_round=on_round, compute=compute)
     try:
         client.run(stop)
     except KeyboardInterrupt:

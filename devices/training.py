@@ -2,7 +2,13 @@
 
 ``TrainingSlot`` runs one job at a time on a worker thread that makes no bus call, so the
 device loop keeps heartbeating and reading its queue however long training takes; the loop
-``collect``s the finished update and sends it. The slot also plays the simulated device
+``collect``s the finished update and sends it. Devices that share one process (an embedded
+simulation's fleet) may share ``compute``: a semaphore of as many slots as the process has
+cores, so that at most that many train at once. A hundred trainings on two cores at once
+made every one of them take the whole round (each op a contended GIL hand-off), where one
+after another each is done in milliseconds and its update goes out while others train; a
+simulation engine bounds its clients the same way (Flower's ``client_resources``).
+The slot also plays the simulated device
 behaviour of ``DeviceConfig``: a slow device's training takes ``slowdown_s`` longer, and
 ``drops_out`` rolls a device's dice for a round, seeded by (seed, device, round, attempt)
 so that a fleet is reproducible.
@@ -11,9 +17,10 @@ so that a fleet is reproducible.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -37,9 +44,14 @@ class Trainer(Protocol):
 
 class TrainingSlot:
     def __init__(
-        self, trainer: Trainer, config: DeviceConfig, stopping: Callable[[], bool]
+        self,
+        trainer: Trainer,
+        config: DeviceConfig,
+        stopping: Callable[[], bool],
+        compute: threading.Semaphore | None = None,
     ) -> None:
         self.trainer, self.config, self.stopping = trainer, config, stopping
+        self.compute = compute
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"train-{config.name}")
         self._running: tuple[Job, Future[LocalUpdate]] | None = None
 
@@ -56,6 +68,18 @@ class TrainingSlot:
     def start(self, job: Job) -> None:
         assert self._running is None, "one training at a time"
         self._running = (job, self._pool.submit(self._train, job))
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the running job to finish; True once it has."""
+        if self._running is None:
+            return False
+        try:
+            self._running[1].exception(timeout)
+        except TimeoutError:
+            return False
+        except CancelledError:
+            pass
+        return True
 
     def collect(self) -> tuple[Job, LocalUpdate | Exception] | None:
         """The finished job with its update (or the exception it raised); None while it
@@ -79,4 +103,7 @@ class TrainingSlot:
         while time.monotonic() < end and not self.stopping():
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
         settings = self.config.train.with_overrides(ann.train_config)
-        return self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+        if self.compute is None:
+            return self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+        with self.compute:  # after the simulated slowness: a slow device holds no slot
+            return self.trainer.step(job.weights, ann.model_version, ann.round, settings)

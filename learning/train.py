@@ -66,7 +66,10 @@ def train_local(
     model.train()
     loss_sum, correct = 0.0, 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # dropout and any other sampling inside the model
+        # Dropout and any other sampling inside the model. The CPU generator only (what
+        # fork_rng restores): torch.manual_seed also seeds CUDA lazily, and recording that
+        # lazy call formats a stack trace, a millisecond a call, most of a small model's step.
+        torch.default_generator.manual_seed(seed)
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0
             order = torch.randperm(n, generator=shuffle)

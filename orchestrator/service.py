@@ -147,15 +147,16 @@ class OrchestratorService:
             return self.bus.consume(queue, patient, prefetch=prefetch)
 
         def run(ds: list[Delivery]) -> None:
-            if len(ds) > 1:
-                try:
-                    many(ds)
-                    return
-                except Exception as e:
-                    # Nothing of the batch committed (or it all did, and only settling
-                    # failed: then each message is found processed). One at a time, a bad
-                    # message meets the bus's policy alone and the rest go through.
-                    log.warning("batch of %d from %s failed (%r); one at a time", len(ds), queue, e)
+            # A batch of one too: the batch path is one transaction where the update path
+            # one at a time takes two (staging check, then store).
+            try:
+                many(ds)
+                return
+            except Exception as e:
+                # Nothing of the batch committed (or it all did, and only settling failed:
+                # then each message is found processed). One at a time, a bad message meets
+                # the bus's policy alone and the rest go through.
+                log.warning("batch of %d from %s failed (%r); one at a time", len(ds), queue, e)
             for d in ds:
                 if not d.settled:
                     run_handler(d, patient)

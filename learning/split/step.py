@@ -151,7 +151,7 @@ def train_split(
     split.tail.train()
     loss_sum, correct = 0.0, 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only, as in learning.train
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0
             order = torch.randperm(n, generator=shuffle)

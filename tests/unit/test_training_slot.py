@@ -31,7 +31,7 @@ class FakeTrainer:
             num_samples=1,
             encoding="bf16",
             metrics={},
-            sent_delta={},
+            sent={},
         )
 
 
