@@ -13,8 +13,9 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from typing import cast
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy import exists as sql_exists
 from sqlalchemy.orm import Session, aliased
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 # Keeps every IN (...) list under SQLite's bound-parameter limit.
 _BATCH = 500
+_INSERT_CHUNK = insert(cast(Table, BlobChunk.__table__))
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -92,7 +94,7 @@ def put_many(
         for idx, i in enumerate(range(0, len(view), chunk_size))
     ]
     if chunks:
-        session.execute(insert(BlobChunk), chunks)
+        session.execute(_INSERT_CHUNK, chunks)  # Core executemany: not the ORM's bulk path
     return shas, fresh
 
 

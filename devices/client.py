@@ -298,7 +298,10 @@ class FederatedClient:
             self._heartbeat()
         self._flush()
         self._maybe_train()
-        wait = self.config.poll_s
+        # No longer than until the next heartbeat is due: a device that polls no more often
+        # than it must (a long poll_s) still beats on time.
+        due = self._last_beat + self.config.heartbeat_s - time.monotonic()
+        wait = max(0.0, min(self.config.poll_s, due))
         if self.training.busy:
             # The update goes out as soon as training ends, not at the next poll timeout
             # (that wait was most of a small model's round); the queue is read without

@@ -80,7 +80,8 @@ def device_threads(
             encoding=encoding,
             heartbeat_s=s.heartbeat_interval_s,
             # The in-process bus wakes a waiting device the moment a message comes; a short
-            # poll only woke 1,000 idle devices 10,000 times a second to check the time.
+            # poll only woke 1,000 idle devices 10,000 times a second to check the time
+            # (a second still bounds how long a stopped device takes to notice).
             poll_s=1.0,
             chunk_size=s.chunk_size,
             bus=bus_config(s),

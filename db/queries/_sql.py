@@ -6,9 +6,9 @@ twice."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Executable, Insert
+from sqlalchemy import ColumnElement, CursorResult, Executable, Insert, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -61,19 +61,34 @@ def insert_many_ignore(
     if not rows:
         return set()
     name = session.get_bind().dialect.name
-    stmt: Insert
-    # Rows as parameters, not .values(rows): compiled once and cached, then sent as
-    # multi-row INSERTs ("insertmanyvalues"); building and compiling a .values() list anew
-    # for every batch cost more than running it.
+    key = (name, model, tuple(conflict_columns), returning.key)
+    stmt = _INSERT_IGNORE.get(key)
+    if stmt is None:
+        stmt = _INSERT_IGNORE[key] = _insert_ignore_stmt(name, model, conflict_columns, returning)
+    return set(session.scalars(stmt, rows))
+
+
+# Rows as parameters, not .values(rows): compiled once, then sent as multi-row INSERTs
+# ("insertmanyvalues"). Core statements on the tables, built once per (backend, table) and
+# reused: the ORM's bulk-insert path and a statement built anew each call (its cache key
+# computed again every time) cost more than running the INSERT.
+_INSERT_IGNORE: dict[tuple[str, type[Base], tuple[str, ...], str], Insert] = {}
+
+
+def _insert_ignore_stmt(
+    name: str, model: type[Base], conflict_columns: Sequence[str], returning: Any
+) -> Insert:
+    table = cast(Table, model.__table__)
+    stmt: postgresql.Insert | sqlite.Insert
     if name == "postgresql":
-        stmt = postgresql.insert(model).on_conflict_do_nothing(
-            index_elements=list(conflict_columns)
-        )
+        stmt = postgresql.insert(table)
     elif name == "sqlite":
-        stmt = sqlite.insert(model).on_conflict_do_nothing(index_elements=list(conflict_columns))
+        stmt = sqlite.insert(table)
     else:  # pragma: no cover - fedmq supports these two only
         raise NotImplementedError(f"insert_many_ignore: unsupported backend {name!r}")
-    return set(session.scalars(stmt.returning(returning), rows))
+    return stmt.on_conflict_do_nothing(index_elements=list(conflict_columns)).returning(
+        table.c[returning.key]
+    )
 
 
 def changed(session: Session, stmt: Executable) -> int:

@@ -119,23 +119,34 @@ def save_machine_parts(
     if rows:
         # Rows as parameters with RETURNING: one cached statement, sent as multi-row
         # INSERTs in pages (insertmanyvalues), not a .values() list compiled each time.
-        session.execute(_upsert_parts(session).returning(MachinePart.key), rows)
+        session.execute(_upsert_parts(session), rows)
     return new_seq
 
 
+_UPSERT_PARTS: dict[str, Insert] = {}
+
+
 def _upsert_parts(session: Session) -> Insert:
+    """The parts' upsert for this backend, built once (a Core statement on the table)."""
     name = session.get_bind().dialect.name
+    stmt = _UPSERT_PARTS.get(name)
+    if stmt is not None:
+        return stmt
+    table = cast(Table, MachinePart.__table__)
     if name == "postgresql":
-        pg = postgresql.insert(MachinePart)
-        return pg.on_conflict_do_update(
+        pg = postgresql.insert(table)
+        stmt = pg.on_conflict_do_update(
             index_elements=["run_id", "key"], set_={"data": pg.excluded.data}
         )
-    if name == "sqlite":
-        lite = sqlite.insert(MachinePart)
-        return lite.on_conflict_do_update(
+    elif name == "sqlite":
+        lite = sqlite.insert(table)
+        stmt = lite.on_conflict_do_update(
             index_elements=["run_id", "key"], set_={"data": lite.excluded.data}
         )
-    raise NotImplementedError(f"unsupported backend {name!r}")  # pragma: no cover
+    else:  # pragma: no cover
+        raise NotImplementedError(f"unsupported backend {name!r}")
+    _UPSERT_PARTS[name] = stmt = stmt.returning(table.c.key)
+    return stmt
 
 
 def active_run_ids(session: Session) -> list[str]:

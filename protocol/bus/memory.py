@@ -74,7 +74,7 @@ class _Channel:
 class _Routes:
     """One exchange's bindings, indexed for routing."""
 
-    every: dict[str, None] = field(default_factory=dict)  # bound queues (a fanout's targets)
+    every: dict[str, int] = field(default_factory=dict)  # bound queues (a fanout's targets)
     exact: dict[str, list[str]] = field(default_factory=dict)  # key without wildcards
     patterns: list[tuple[str, str]] = field(default_factory=list)  # (queue, topic pattern)
 
@@ -191,8 +191,9 @@ class InProcessBus(Bus):
         self._exchanges: dict[str, Exchange] = {}
         self._queues: dict[str, _Queue] = {}
         self._bindings: set[tuple[str, str, str]] = set()
-        # Bindings by exchange, in the order routing uses (rebuilt when bindings change).
-        self._by_exchange: dict[str, _Routes] | None = None
+        # The bindings by exchange, indexed for routing (kept with ``_bindings``).
+        self._by_exchange: dict[str, _Routes] = {}
+        self._by_queue: dict[str, set[tuple[str, str, str]]] = {}
         self._consumers: set[_MemoryConsumer] = set()
         self._get_channel = _Channel()
         self._tags = itertools.count(1)
@@ -223,8 +224,7 @@ class InProcessBus(Bus):
                     raise BusError(f"no exchange {b.exchange!r} to bind {b.queue!r} to")
                 if b.queue not in self._queues:
                     raise BusError(f"no queue {b.queue!r} to bind to {b.exchange!r}")
-                self._bindings.add((b.exchange, b.queue, b.routing_key))
-            self._by_exchange = None
+                self._bind(b.exchange, b.queue, b.routing_key)
 
     def publish(
         self,
@@ -260,29 +260,42 @@ class InProcessBus(Bus):
         ex = self._exchanges.get(exchange)
         if ex is None:
             raise BusError(f"no exchange {exchange!r}")
-        if self._by_exchange is None:
-            self._by_exchange = self._index()
         routes = self._by_exchange.get(exchange)
         if routes is None:
             return []
         if ex.type == "fanout":
-            return list(routes.every)
+            return sorted(routes.every)
         found = set(routes.exact.get(routing_key, ()))
         if ex.type == "topic":
             found.update(q for q, key in routes.patterns if topic_matches(key, routing_key))
         return sorted(found)
 
-    def _index(self) -> dict[str, _Routes]:
-        """Bindings by exchange: a key without wildcards is found by lookup, so routing one
-        device's notice does not match it against every other device's binding."""
-        index: dict[str, _Routes] = {}
-        for ex_name, queue, key in sorted(self._bindings):
-            routes = index.setdefault(ex_name, _Routes())
-            routes.every[queue] = None
-            routes.exact.setdefault(key, []).append(queue)  # a direct exchange's every key
-            if {"*", "#"} & set(key.split(".")):
-                routes.patterns.append((queue, key))
-        return index
+    def _bind(self, exchange: str, queue: str, key: str) -> None:
+        """Add a binding (called with the lock held). A key without wildcards is indexed
+        for lookup, so routing one device's notice does not match it against every other
+        device's binding (and a direct exchange's keys are all exact)."""
+        if (exchange, queue, key) in self._bindings:
+            return
+        self._bindings.add((exchange, queue, key))
+        self._by_queue.setdefault(queue, set()).add((exchange, queue, key))
+        routes = self._by_exchange.setdefault(exchange, _Routes())
+        routes.every[queue] = routes.every.get(queue, 0) + 1
+        routes.exact.setdefault(key, []).append(queue)
+        if {"*", "#"} & set(key.split(".")):
+            routes.patterns.append((queue, key))
+
+    def _unbind_queue(self, queue: str) -> None:
+        """Drop every binding of ``queue`` (called with the lock held)."""
+        for exchange, _, key in self._by_queue.pop(queue, ()):
+            self._bindings.discard((exchange, queue, key))
+            routes = self._by_exchange[exchange]
+            routes.every.pop(queue, None)
+            targets = routes.exact.get(key, [])
+            if queue in targets:
+                targets.remove(queue)
+            if not targets:
+                routes.exact.pop(key, None)
+            routes.patterns = [p for p in routes.patterns if p[0] != queue]
 
     def consume(
         self,
@@ -354,8 +367,7 @@ class InProcessBus(Bus):
         with self._lock:
             self._check_open()
             self._queues.pop(queue, None)
-            self._bindings = {b for b in self._bindings if b[1] != queue}
-            self._by_exchange = None
+            self._unbind_queue(queue)
             self._wake(queue)
 
     def close(self) -> None:
@@ -438,6 +450,5 @@ class InProcessBus(Bus):
                 q.consumers -= 1
                 if q.consumers == 0 and (q.spec.auto_delete or q.spec.exclusive):
                     del self._queues[q.spec.name]
-                    self._bindings = {b for b in self._bindings if b[1] != q.spec.name}
-                    self._by_exchange = None
+                    self._unbind_queue(q.spec.name)
                     self._wake(q.spec.name)
