@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,12 +204,12 @@ def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
     stop = threading.Event()
     started = time.perf_counter()
     devices: list[Handle] = []
-    switch = sys.getswitchinterval()
+    restore: Callable[[], None] | None = None
     try:
         devices = _start_fleet(s, run_id, o, stop)
         wait_ready(sessions, run_id, o.clients - o.heterogeneity.late_joiners, timeout=120)
         if s.embedded:
-            _settle_for_rounds()
+            restore = _settle_for_rounds()
         start_autorun(bus, s, run_id, o.rounds)
         follow(sessions, run_id, o.rounds, console)
     finally:
@@ -217,22 +218,30 @@ def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
             d.join(timeout=15)
         service.stop()
         bus.close()
-        sys.setswitchinterval(switch)
-        gc.unfreeze()
+        if restore is not None:
+            restore()
     seconds = time.perf_counter() - started
     return report(sessions, run_id, o, seconds, console)
 
 
-def _settle_for_rounds() -> None:
+def _settle_for_rounds() -> Callable[[], None]:
     """Tune this process for an embedded fleet's rounds: K devices, the orchestrator and
     its tasks share one interpreter lock. Threads that let go of it often (each torch op,
     each SQLite call) waited up to the 5 ms switch interval to get it back from a busy one,
     which stretched a 3 ms local step to 30 ms; 1 ms measured 20 % shorter rounds at
     K = 100. The objects the fleet holds from now on (models, data, modules) are frozen out
-    of the cyclic collector, whose full passes otherwise scan all of them again and again."""
+    of the cyclic collector, whose full passes otherwise scan all of them again and again.
+    Returns what undoes both."""
+    switch = sys.getswitchinterval()
     sys.setswitchinterval(0.001)
     gc.collect()
     gc.freeze()
+
+    def restore() -> None:
+        sys.setswitchinterval(switch)
+        gc.unfreeze()
+
+    return restore
 
 
 def report(

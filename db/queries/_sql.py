@@ -27,22 +27,11 @@ def insert_ignore(
     waits for the other transaction and then does nothing, so exactly one caller gets True.
     Any other constraint violation still raises.
     """
-    name = session.get_bind().dialect.name
-    stmt: Insert
-    if name == "postgresql":
-        stmt = (
-            postgresql.insert(model)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=list(conflict_columns))
-        )
-    elif name == "sqlite":
-        stmt = (
-            sqlite.insert(model)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=list(conflict_columns))
-        )
-    else:  # pragma: no cover - fedmq supports these two only
-        raise NotImplementedError(f"insert_ignore: unsupported backend {name!r}")
+    stmt = (
+        dialect_insert(session.get_bind().dialect.name, model)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=list(conflict_columns))
+    )
     # An INSERT's rowcount is only kept when asked for (it reads -1 on psycopg otherwise).
     result = session.execute(stmt.execution_options(preserve_rowcount=True))
     assert isinstance(result, CursorResult)
@@ -79,16 +68,19 @@ def _insert_ignore_stmt(
     name: str, model: type[Base], conflict_columns: Sequence[str], returning: Any
 ) -> Insert:
     table = cast(Table, model.__table__)
-    stmt: postgresql.Insert | sqlite.Insert
-    if name == "postgresql":
-        stmt = postgresql.insert(table)
-    elif name == "sqlite":
-        stmt = sqlite.insert(table)
-    else:  # pragma: no cover - fedmq supports these two only
-        raise NotImplementedError(f"insert_many_ignore: unsupported backend {name!r}")
+    stmt = dialect_insert(name, table)
     return stmt.on_conflict_do_nothing(index_elements=list(conflict_columns)).returning(
         table.c[returning.key]
     )
+
+
+def dialect_insert(name: str, target: Table | type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT with the ON CONFLICT clauses of backend ``name``."""
+    if name == "postgresql":
+        return postgresql.insert(target)
+    if name == "sqlite":
+        return sqlite.insert(target)
+    raise NotImplementedError(f"unsupported backend {name!r}")  # pragma: no cover
 
 
 def changed(session: Session, stmt: Executable) -> int:

@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Insert, Table, delete, event, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 
 from db.models import (
@@ -24,7 +23,7 @@ from db.models import (
     UploadChunk,
     utcnow,
 )
-from db.queries._sql import changed, insert_ignore
+from db.queries._sql import changed, dialect_insert, insert_ignore
 
 
 def lock_run(session: Session, run_id: str) -> Run | None:
@@ -133,19 +132,11 @@ def _upsert_parts(session: Session) -> Insert:
     if stmt is not None:
         return stmt
     table = cast(Table, MachinePart.__table__)
-    if name == "postgresql":
-        pg = postgresql.insert(table)
-        stmt = pg.on_conflict_do_update(
-            index_elements=["run_id", "key"], set_={"data": pg.excluded.data}
-        )
-    elif name == "sqlite":
-        lite = sqlite.insert(table)
-        stmt = lite.on_conflict_do_update(
-            index_elements=["run_id", "key"], set_={"data": lite.excluded.data}
-        )
-    else:  # pragma: no cover
-        raise NotImplementedError(f"unsupported backend {name!r}")
-    _UPSERT_PARTS[name] = stmt = stmt.returning(table.c.key)
+    insert_ = dialect_insert(name, table)
+    upsert = insert_.on_conflict_do_update(
+        index_elements=["run_id", "key"], set_={"data": insert_.excluded.data}
+    )
+    _UPSERT_PARTS[name] = stmt = upsert.returning(table.c.key)
     return stmt
 
 

@@ -74,7 +74,7 @@ class _Channel:
 class _Routes:
     """One exchange's bindings, indexed for routing."""
 
-    every: dict[str, int] = field(default_factory=dict)  # bound queues (a fanout's targets)
+    every: dict[str, None] = field(default_factory=dict)  # bound queues (a fanout's targets)
     exact: dict[str, list[str]] = field(default_factory=dict)  # key without wildcards
     patterns: list[tuple[str, str]] = field(default_factory=list)  # (queue, topic pattern)
 
@@ -137,8 +137,7 @@ class _MemoryConsumer(Consumer):
 
     def _next(self, deadline: float | None = None) -> tuple[int, _Message] | None:
         """The next message; waits for one (until ``deadline``, if given: then None)."""
-        cond = self._bus._waiters(self._queue)
-        with cond:
+        with self._bus._lock:
             while not self._stopping:
                 q = self._bus._queues.get(self._queue)
                 room = self._prefetch == 0 or len(self._channel.unacked) < self._prefetch
@@ -147,6 +146,8 @@ class _MemoryConsumer(Consumer):
                     tag = next(self._bus._tags)
                     self._channel.unacked[tag] = (self._queue, m)
                     return tag, m
+                # Fetched each pass: a deleted queue's condition is replaced by a new one.
+                cond = self._bus._waiters(self._queue)
                 if deadline is None:
                     cond.wait()
                 else:
@@ -190,10 +191,9 @@ class InProcessBus(Bus):
         self._conds: dict[str, threading.Condition] = {}
         self._exchanges: dict[str, Exchange] = {}
         self._queues: dict[str, _Queue] = {}
-        self._bindings: set[tuple[str, str, str]] = set()
-        # The bindings by exchange, indexed for routing (kept with ``_bindings``).
+        # The bindings, by queue (exchange, key) and by exchange indexed for routing.
+        self._by_queue: dict[str, set[tuple[str, str]]] = {}
         self._by_exchange: dict[str, _Routes] = {}
-        self._by_queue: dict[str, set[tuple[str, str, str]]] = {}
         self._consumers: set[_MemoryConsumer] = set()
         self._get_channel = _Channel()
         self._tags = itertools.count(1)
@@ -274,20 +274,22 @@ class InProcessBus(Bus):
         """Add a binding (called with the lock held). A key without wildcards is indexed
         for lookup, so routing one device's notice does not match it against every other
         device's binding (and a direct exchange's keys are all exact)."""
-        if (exchange, queue, key) in self._bindings:
+        bound = self._by_queue.setdefault(queue, set())
+        if (exchange, key) in bound:
             return
-        self._bindings.add((exchange, queue, key))
-        self._by_queue.setdefault(queue, set()).add((exchange, queue, key))
+        bound.add((exchange, key))
         routes = self._by_exchange.setdefault(exchange, _Routes())
-        routes.every[queue] = routes.every.get(queue, 0) + 1
+        routes.every[queue] = None
         routes.exact.setdefault(key, []).append(queue)
         if {"*", "#"} & set(key.split(".")):
             routes.patterns.append((queue, key))
 
     def _unbind_queue(self, queue: str) -> None:
-        """Drop every binding of ``queue`` (called with the lock held)."""
-        for exchange, _, key in self._by_queue.pop(queue, ()):
-            self._bindings.discard((exchange, queue, key))
+        """Drop every binding of ``queue`` and its waiters' condition, after waking them
+        (called with the lock held): a fleet's queues come and go, their state must not stay."""
+        self._wake(queue)
+        self._conds.pop(queue, None)
+        for exchange, key in self._by_queue.pop(queue, ()):
             routes = self._by_exchange[exchange]
             routes.every.pop(queue, None)
             targets = routes.exact.get(key, [])
@@ -368,7 +370,6 @@ class InProcessBus(Bus):
             self._check_open()
             self._queues.pop(queue, None)
             self._unbind_queue(queue)
-            self._wake(queue)
 
     def close(self) -> None:
         with self._lock:
@@ -451,4 +452,3 @@ class InProcessBus(Bus):
                 if q.consumers == 0 and (q.spec.auto_delete or q.spec.exclusive):
                     del self._queues[q.spec.name]
                     self._unbind_queue(q.spec.name)
-                    self._wake(q.spec.name)
