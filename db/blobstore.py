@@ -19,7 +19,15 @@ from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy import exists as sql_exists
 from sqlalchemy.orm import Session, aliased
 
-from db.models import Blob, BlobChunk, BlobKind, ModelVersion, Participation, Round
+from db.models import (
+    Blob,
+    BlobChunk,
+    BlobKind,
+    InboxUpdate,
+    ModelVersion,
+    Participation,
+    Round,
+)
 from db.models.enums import FINISHED_ROUND
 from db.queries._sql import insert_ignore, insert_many_ignore
 
@@ -102,6 +110,28 @@ def discard(session: Session, shas: Sequence[str]) -> None:
     """Delete blobs this transaction stored and no longer wants (refused updates)."""
     for start in range(0, len(shas), _BATCH):
         _delete_blobs(session, shas[start : start + _BATCH])
+
+
+def discard_unreferenced(session: Session, shas: Sequence[str]) -> None:
+    """Delete those of the update blobs ``shas`` that nothing refers to any more (no
+    participation, model version or waiting update): the blobs of updates refused after
+    they were stored. One stored earlier by another client with the same bytes stays."""
+    candidates = sorted(set(shas))
+    for start in range(0, len(candidates), _BATCH):
+        page = candidates[start : start + _BATCH]
+        doomed = list(
+            session.scalars(
+                select(Blob.sha256).where(
+                    Blob.sha256.in_(page),
+                    Blob.kind == BlobKind.UPDATE,
+                    ~sql_exists().where(Participation.update_sha == Blob.sha256),
+                    ~sql_exists().where(ModelVersion.blob_sha == Blob.sha256),
+                    ~sql_exists().where(InboxUpdate.update_sha == Blob.sha256),
+                )
+            )
+        )
+        if doomed:
+            _delete_blobs(session, doomed)
 
 
 def put_stream(

@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import queries as q
 from db.engine import session_scope
+from orchestrator.counter import count
 from orchestrator.outbox import revoke_account
 from orchestrator.state import Ignored, command_event
-from orchestrator.store import record_and_publish, step_run
+from orchestrator.store import StepInput, record_and_publish
 from protocol.bus import Delivery
 from protocol.messages import Command, CommandAction, MessageError, parse_as
 
@@ -46,14 +47,10 @@ class Control:
                 d.ack()
                 return
             event = command_event(cmd.action, cmd.rounds, cmd.target_client)
-            res = step_run(
-                s,
-                cmd.run_id,
-                event,
-                self.clock(),
-                message_id=cmd.message_id,
-                correlation_id=cmd.message_id,
-            )
+            # Stored updates are counted first: closing a round must not pass them by.
+            step = StepInput(event, cmd.message_id, cmd.message_id)
+            results = count(s, cmd.run_id, self.clock(), extra=[step]).results
+            res = None if results is None else results[0]
             if res is None:
                 reason: str | None = f"unknown run {cmd.run_id}"
                 ok = False

@@ -1,9 +1,13 @@
-"""Update ingest: chunks staged durably, the whole blob verified, stored and counted at once.
+"""Update ingest: chunks staged durably, the whole blob verified and stored, off the run lock.
 
 Each chunk is acknowledged only after it is committed to ``upload_chunks``; the last one only
-after the update is stored, recorded and stepped into the machine in one transaction. So a
-crash at any point loses nothing acknowledged and counts nothing twice (the update's message
-id and the (round, client) participation both de-duplicate).
+after the whole update is verified and stored: its blob, its message claim and a row in the
+run's update inbox, in one transaction that never takes the run lock, so that any number of
+consumers (threads, processes) store updates in parallel. Counting an update (the machine's
+step, the device's ``update.accepted``) is the counter's (``orchestrator.counter``), which
+takes the inbox under the lock in batches. A crash at any point loses nothing acknowledged
+and counts nothing twice: the message id, the inbox's (run, round, client) key and the
+(round, client) participation all de-duplicate.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,25 +27,19 @@ from db import queries as q
 from db.engine import session_scope
 from db.models import BlobKind, Client, Participation, ParticipationState, Round, RoundState
 from db.queries import orchestrator as oq
-from orchestrator.outbox import ENVELOPE_HEADER, notify_device
-from orchestrator.state import Ignored, UpdateReceived
-from orchestrator.store import StepInput, UpdateInfo, record_and_publish, step_many, step_run
+from orchestrator.counter import notify_update, record_refused
+from orchestrator.outbox import ENVELOPE_HEADER
+from orchestrator.store import record_and_publish
 from protocol import chunking, topology
 from protocol.bus import Delivery
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, peek_header
-from protocol.messages import Event, MessageError, UpdateMeta, parse_as
+from protocol.messages import MessageError, UpdateMeta, parse_as
 
 log = logging.getLogger(__name__)
 
 
 class Refuse(Exception):
     """Dead-letter the message with this reason."""
-
-
-class _Rollback(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -73,9 +72,9 @@ class Ingest:
         self._finish(d, chunk, meta)
 
     def handle_many(self, ds: list[Delivery]) -> None:
-        """A group commit of one-chunk updates: checked, verified, stored, counted and their
-        devices notified in one transaction (each run's machine stepped through them under
-        one lock), then each settled on its own. A refusal concerns its message alone. A
+        """A group commit of one-chunk updates: checked, verified and stored (blobs, claims,
+        inbox rows) in one transaction without the run lock, then each settled on its own;
+        the counter counts them after. A refusal concerns its message alone. A
         chunk of a multi-chunk blob goes the one-at-a-time way (``handle``): its staging
         and reassembly are per blob anyway. If the batch raises, nothing of it committed
         and the caller runs the unsettled messages one at a time."""
@@ -147,36 +146,22 @@ class Ingest:
                 ok.append(i)
             fresh = q.mark_messages_processed(s, (items[i][2].message_id for i in ok))
             ok = [i for i in ok if items[i][2].message_id in fresh]  # others: done before
-            shas, stored = blobstore.put_many(s, [items[i][1].data for i in ok], BlobKind.UPDATE)
-            by_run: dict[str, list[tuple[int, str, StepInput]]] = {}
-            for i, sha in zip(ok, shas, strict=True):
-                meta = items[i][2]
-                event = UpdateReceived(meta.client_id, meta.round, sha, meta.num_samples)
-                info = UpdateInfo(len(items[i][1].data), meta.message_id, dict(meta.metrics))
-                by_run.setdefault(meta.run_id, []).append(
-                    (i, sha, StepInput(event, meta.message_id, update=info))
-                )
-            now = self.clock()
-            kept: set[str] = set()
-            unwanted: list[tuple[int, str]] = []
-            for run_id, steps in by_run.items():
-                results = step_many(s, run_id, [inp for _, _, inp in steps], now)
-                for k, (i, sha, _) in enumerate(steps):
-                    refusal = None if results is None else results[k].refusal
-                    if results is None:
-                        reasons[i] = f"unknown run {run_id}"
-                    elif refusal is not None and not isinstance(refusal, Ignored):
-                        reasons[i] = refusal.reason
-                    else:
-                        kept.add(sha)
-                        _notify(s, items[i][2], "update.accepted", None)
-                        continue
-                    unwanted.append((i, sha))
-            # A refused update must not look stored: its claim and new blob go (what the
-            # one-at-a-time path's rollback does).
-            q.unmark_messages_processed(s, (items[i][2].message_id for i, _ in unwanted))
-            blobstore.discard(s, sorted({sha for _, sha in unwanted if sha in stored} - kept))
-            refused.extend((i, True) for i, _ in unwanted)
+            shas, _ = blobstore.put_many(s, [items[i][1].data for i in ok], BlobKind.UPDATE)
+            queued = oq.put_inbox(
+                s,
+                [
+                    _inbox_row(items[i][2], len(items[i][1].data), sha)
+                    for i, sha in zip(ok, shas, strict=True)
+                ],
+            )
+            waiting = [
+                (i, sha)
+                for i, sha in zip(ok, shas, strict=True)
+                if items[i][2].message_id not in queued
+            ]
+            for i, _ in waiting:
+                _waiting_duplicate(s, items[i][2])
+            blobstore.discard_unreferenced(s, [sha for _, sha in waiting])
             for i, notify in sorted(refused):
                 d, _, meta = items[i]
                 reason = reasons[i]
@@ -285,33 +270,14 @@ class Ingest:
                 oq.delete_staged(s, chunk.blob_id)
             self._refuse(d, str(r), notify=True, meta=meta)
             return
-        reason: str | None = None
-        try:
-            with session_scope(self.sessions) as s:
-                if not q.mark_message_processed(s, meta.message_id):
-                    oq.delete_staged(s, chunk.blob_id)
-                else:
-                    sha = blobstore.put(s, blob, BlobKind.UPDATE)
-                    event = UpdateReceived(meta.client_id, meta.round, sha, meta.num_samples)
-                    info = UpdateInfo(len(blob), meta.message_id, dict(meta.metrics))
-                    now = self.clock()
-                    res = step_run(
-                        s, meta.run_id, event, now, message_id=meta.message_id, update=info
-                    )
-                    refusal = None if res is None else res.refusal
-                    if res is None:
-                        raise _Rollback(f"unknown run {meta.run_id}")
-                    if refusal is not None and not isinstance(refusal, Ignored):
-                        raise _Rollback(refusal.reason)
-                    oq.delete_staged(s, chunk.blob_id)
-                    _notify(s, meta, "update.accepted", None)
-        except _Rollback as rb:
-            # The update must not look stored; only the refusal is recorded.
-            reason = rb.reason
-            with session_scope(self.sessions) as s:
-                oq.delete_staged(s, chunk.blob_id)
-                _refused(s, meta, reason, notify=True)
-        d.settle(reason)
+        with session_scope(self.sessions) as s:
+            if q.mark_message_processed(s, meta.message_id):
+                sha = blobstore.put(s, blob, BlobKind.UPDATE)
+                if not oq.put_inbox(s, [_inbox_row(meta, len(blob), sha)]):
+                    _waiting_duplicate(s, meta)
+                    blobstore.discard_unreferenced(s, [sha])
+            oq.delete_staged(s, chunk.blob_id)
+        d.ack()
         self.after_commit()
 
     def _check(self, blob: bytes, meta: UpdateMeta) -> None:
@@ -351,7 +317,7 @@ class Ingest:
                     detail={"reason": reason, "routing_key": d.routing_key},
                 )
                 if notify and meta is not None:
-                    _notify(s, meta, "update.rejected", reason)
+                    _notify(s, meta, reason)
         finally:
             d.reject(reason)
         self.after_commit()
@@ -360,17 +326,22 @@ class Ingest:
 def _refused(s: Session, meta: UpdateMeta, reason: str, *, notify: bool, **detail: str) -> None:
     """Record a refused update under its run, client, round and message (and, with
     ``notify``, tell its device)."""
-    record_and_publish(
-        s,
-        meta.run_id,
-        "update.refused",
-        client_id=meta.client_id,
-        round=meta.round,
-        message_id=meta.message_id,
-        detail={"reason": reason, **detail},
+    record_refused(
+        s, meta.run_id, meta.client_id, meta.round, meta.message_id, reason, notify=notify, **detail
     )
-    if notify:
-        _notify(s, meta, "update.rejected", reason)
+
+
+def _inbox_row(meta: UpdateMeta, nbytes: int, sha: str) -> dict[str, Any]:
+    return {
+        "run_id": meta.run_id,
+        "round": meta.round,
+        "client_id": meta.client_id,
+        "message_id": meta.message_id,
+        "update_sha": sha,
+        "num_samples": meta.num_samples,
+        "bytes": nbytes,
+        "metrics": dict(meta.metrics),
+    }
 
 
 DUPLICATE = "update.duplicate"
@@ -396,17 +367,23 @@ def _duplicate(s: Session, meta: UpdateMeta, counted: str | None) -> None:
         detail={"reason": reason, "counted": counted},
     )
     if same:
-        _notify(s, meta, "update.accepted", None)
+        _notify(s, meta, None)
 
 
-def _notify(s: Session, meta: UpdateMeta, kind: str, reason: str | None) -> None:
-    """Tell the device on its own queue whether its update counted."""
-    ev = Event(
-        run_id=meta.run_id,
+def _waiting_duplicate(s: Session, meta: UpdateMeta) -> None:
+    """Record an update for a round that already holds another one from this client,
+    stored and waiting to be counted: acknowledged and recorded, never counted."""
+    record_and_publish(
+        s,
+        meta.run_id,
+        DUPLICATE,
         client_id=meta.client_id,
         round=meta.round,
-        kind=kind,
-        correlation_id=meta.message_id,
-        detail={"reason": reason} if reason else {},
+        message_id=meta.message_id,
+        detail={"reason": f"round {meta.round} already holds an update from this client"},
     )
-    notify_device(s, ev)
+
+
+def _notify(s: Session, meta: UpdateMeta, reason: str | None) -> None:
+    """Tell the device on its own queue whether its update counted (``reason`` None)."""
+    notify_update(s, meta.run_id, meta.client_id, meta.round, meta.message_id, reason)

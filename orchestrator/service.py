@@ -1,10 +1,12 @@
-"""The orchestrator service: bus consumers, a ticker, the outbox drainer and task follower.
+"""The orchestrator service: bus consumers, the counter, a ticker, the outbox drainer and
+task follower.
 
-Signals and updates are consumed in batches, each batch one database transaction
-(``store.step_many``, a group commit); commands and ticks are one each. A bus message is
-settled only after its transaction committed, and side effects leave through the outbox
-after that. Any number
-of these services may run against one database and broker: the run row lock orders them.
+Signals and updates are consumed in batches, each batch one database transaction (a group
+commit); commands and ticks are one each. Signals step the run's machine under its lock
+(``store.step_many``); updates are stored without it and counted after, in batches, by the
+counter thread (``orchestrator.counter``). A bus message is settled only after its
+transaction committed, and side effects leave through the outbox after that. Any number of
+these services may run against one database and broker: the run row lock orders them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from db.engine import session_scope
 from db.queries import orchestrator as oq
 from orchestrator.accounts import BrokerAccounts
 from orchestrator.control import Control
+from orchestrator.counter import count
 from orchestrator.ingest import Ingest
 from orchestrator.outbox import Outbox
 from orchestrator.signals import Signals
@@ -38,7 +41,7 @@ from orchestrator.state import (
     Tick,
 )
 from orchestrator.state import Event as MachineEvent
-from orchestrator.store import aggregate_task_id, evaluate_task_id, load, step_run
+from orchestrator.store import StepInput, aggregate_task_id, evaluate_task_id, load
 from orchestrator.tasks import TaskRunner
 from protocol import topology
 from protocol.bus import Batching, Bus, Consumer, Delivery
@@ -93,12 +96,14 @@ class OrchestratorService:
         self.outbox = Outbox(bus, sessions, tasks, chunk_size=config.chunk_size, accounts=accounts)
         drain = self._drain_soon
         self.signals = Signals(sessions, drain, config.max_message_bytes, clock, accounts)
-        self.ingest = Ingest(sessions, config.decode_limits, drain, clock)
+        self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock)
         self.control = Control(sessions, config.operator_token, drain, clock)
         self._consumers: list[Consumer] = []
         self._stop = threading.Event()
         self._kick = threading.Event()
+        self._counting = threading.Event()
         self._ticker: threading.Thread | None = None
+        self._counter: threading.Thread | None = None
         # When this process first saw each followed task: its timeout counts from there.
         self._task_seen: dict[str, float] = {}
 
@@ -131,6 +136,11 @@ class OrchestratorService:
             target=self._tick_loop, name="orchestrator-ticker", daemon=True
         )
         self._ticker.start()
+        self._counting.set()  # what a previous process stored and did not count
+        self._counter = threading.Thread(
+            target=self._count_loop, name="orchestrator-counter", daemon=True
+        )
+        self._counter.start()
         log.info("orchestrator started")
 
     def _consume(
@@ -198,14 +208,16 @@ class OrchestratorService:
     def stop(self) -> None:
         self._stop.set()
         self._kick.set()
+        self._counting.set()
         for c in self._consumers:
             try:
                 c.stop()
             except Exception:
                 log.exception("stopping a consumer")
         self._consumers.clear()
-        if self._ticker is not None:
-            self._ticker.join(timeout=10)
+        for t in (self._ticker, self._counter):
+            if t is not None:
+                t.join(timeout=10)
         log.info("orchestrator stopped")
 
     def run_forever(self) -> None:
@@ -221,6 +233,42 @@ class OrchestratorService:
                     break
         finally:
             self.stop()
+
+    # --- counter ------------------------------------------------------------------------
+
+    def _count_soon(self) -> None:
+        """Ingest stored updates (or refused some: their notices wait in the outbox)."""
+        self._counting.set()
+        self._kick.set()
+
+    def _count_loop(self) -> None:
+        # Cleared before the inbox is read: an update stored after that sets it again, so
+        # none waits for the next tick. The timeout counts what another process stored.
+        while not self._stop.is_set():
+            self._counting.wait(self.config.tick_s)
+            self._counting.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.count_waiting()
+            except Exception:
+                log.exception("counting stored updates failed; retrying")
+
+    def count_waiting(self) -> int:
+        """Count every run's stored updates; returns how many were counted or refused."""
+        with session_scope(self.sessions) as s:
+            run_ids = oq.inbox_run_ids(s)
+        done = 0
+        for run_id in run_ids:
+            while True:
+                with session_scope(self.sessions) as s:
+                    c = count(s, run_id, self.clock())
+                done += c.accepted + c.refused
+                if not c.full:
+                    break
+        if done:
+            self._drain_soon()
+        return done
 
     # --- ticker -------------------------------------------------------------------------
 
@@ -281,8 +329,10 @@ class OrchestratorService:
             return list(oq.active_run_ids(s))
 
     def step(self, run_id: str, event: MachineEvent) -> None:
+        """Step ``event`` after counting the run's stored updates (a deadline must not close
+        a round past an update that is already in)."""
         with session_scope(self.sessions) as s:
-            step_run(s, run_id, event, self.clock())
+            count(s, run_id, self.clock(), extra=[StepInput(event)])
 
     def housekeeping(self) -> None:
         """Staged uploads whose chunks stopped coming are dropped; old update blobs too."""

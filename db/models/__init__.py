@@ -11,7 +11,7 @@ from db.models.enums import (
     RunStatus,
 )
 from db.models.events import Event, ProcessedMessage
-from db.models.orchestrator import MachinePart, OutboxItem, UploadChunk
+from db.models.orchestrator import InboxUpdate, MachinePart, OutboxItem, UploadChunk
 from db.models.rounds import Participation, Round
 from db.models.runs import Run
 from db.models.types import UTCDateTime, utcnow
@@ -26,6 +26,7 @@ __all__ = [
     "Client",
     "ClientState",
     "Event",
+    "InboxUpdate",
     "MachinePart",
     "ModelVersion",
     "OutboxItem",

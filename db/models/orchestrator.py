@@ -1,12 +1,13 @@
-"""The orchestrator's durable plumbing: the outbox of side effects, staged upload chunks and
-the parts of the machine snapshot that are saved one by one."""
+"""The orchestrator's durable plumbing: the outbox of side effects, staged upload chunks, the
+inbox of stored updates not yet counted, and the parts of the machine snapshot that are saved
+one by one."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String
+from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import Base
@@ -61,3 +62,29 @@ class MachinePart(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(80), primary_key=True)
     data: Mapped[dict[str, Any]] = mapped_column(default=json_default)
+
+
+class InboxUpdate(Base):
+    """An update stored (its blob committed, its message acknowledged) and not yet counted
+    by the run's machine.
+
+    Ingest consumers write these without the run lock, in parallel; the run's counter takes
+    them under the lock and steps the machine through them in one batch, deleting the rows
+    in the same transaction. So storing an update (the heavy part) never waits for the
+    machine, and a crash between the two leaves the row for the next count.
+    """
+
+    __tablename__ = "update_inbox"
+    # One update per client per round: a second one is a duplicate before it is counted.
+    __table_args__ = (UniqueConstraint("run_id", "round", "client_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round: Mapped[int]
+    client_id: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(100))
+    update_sha: Mapped[str] = mapped_column(String(64))
+    num_samples: Mapped[int]
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=json_default)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

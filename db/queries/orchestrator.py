@@ -1,4 +1,5 @@
-"""The orchestrator's queries: the run lock and snapshot, the outbox, staged upload chunks."""
+"""The orchestrator's queries: the run lock and snapshot, the outbox, staged upload chunks,
+the inbox of stored updates waiting to be counted."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session, defer
 from db.models import (
     Client,
     Event,
+    InboxUpdate,
     MachinePart,
     OutboxItem,
     Participation,
@@ -23,7 +25,7 @@ from db.models import (
     UploadChunk,
     utcnow,
 )
-from db.queries._sql import changed, dialect_insert, insert_ignore
+from db.queries._sql import changed, dialect_insert, insert_ignore, insert_many_ignore
 
 
 def lock_run(session: Session, run_id: str) -> Run | None:
@@ -334,3 +336,65 @@ def expire_staged(session: Session, older_than: datetime) -> list[str]:
     if stale:
         session.execute(delete(UploadChunk).where(UploadChunk.blob_id.in_(stale)))
     return stale
+
+
+# --- the update inbox ---------------------------------------------------------------------
+
+
+def put_inbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
+    """Queue stored updates for counting (one INSERT); each row holds run_id, round,
+    client_id, message_id, update_sha, num_samples, bytes, metrics. Returns the message ids
+    queued: a row whose (run, round, client) already waits is skipped (a second update from
+    that client for the round is a duplicate before it is even counted)."""
+    now = utcnow()
+    return cast(
+        set[str],
+        insert_many_ignore(
+            session,
+            InboxUpdate,
+            [{**r, "received_at": now} for r in rows],
+            ("run_id", "round", "client_id"),
+            InboxUpdate.message_id,
+        ),
+    )
+
+
+def take_inbox(session: Session, run_id: str, limit: int) -> list[InboxUpdate]:
+    """The run's oldest waiting updates (up to ``limit``), deleted in this transaction: the
+    caller holds the run lock and counts them before it commits, so a rollback puts them
+    back and a commit counts each exactly once."""
+    rows = list(
+        session.scalars(
+            select(InboxUpdate)
+            .where(InboxUpdate.run_id == run_id)
+            .order_by(InboxUpdate.id)
+            .limit(limit)
+        )
+    )
+    if rows:
+        session.execute(
+            delete(InboxUpdate).where(InboxUpdate.id.in_([r.id for r in rows])),
+            execution_options={"synchronize_session": False},
+        )
+    return rows
+
+
+def inbox_run_ids(session: Session) -> list[str]:
+    """Runs with updates waiting to be counted."""
+    return list(session.scalars(select(InboxUpdate.run_id).distinct().order_by(InboxUpdate.run_id)))
+
+
+def inbox_waiting(session: Session, run_id: str, round: int, client_ids: Iterable[str]) -> set[str]:
+    """Which of ``client_ids`` have an update for that round waiting to be counted."""
+    ids = list(client_ids)
+    if not ids:
+        return set()
+    return set(
+        session.scalars(
+            select(InboxUpdate.client_id).where(
+                InboxUpdate.run_id == run_id,
+                InboxUpdate.round == round,
+                InboxUpdate.client_id.in_(ids),
+            )
+        )
+    )

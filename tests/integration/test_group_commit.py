@@ -1,14 +1,17 @@
-"""Group commit (``Signals.handle_many``, ``Ingest.handle_many``) on a real database.
+"""Group commit (``Signals.handle_many``, ``Ingest.handle_many``, the counter) on a real
+database.
 
 A batch of deliveries is one transaction; each message is still settled on its own, so a
-bad message in a batch is dead-lettered alone with its reason while its neighbours count,
-and a re-delivered batch counts nothing twice. Deliveries come from a real in-process bus
-(the same semantics as RabbitMQ's), handlers run against SQLite and Postgres.
+bad message in a batch is dead-lettered alone with its reason while its neighbours are
+stored, and a re-delivered batch counts nothing twice. Updates are stored without the run
+lock and counted after by ``orchestrator.counter``. Deliveries come from a real in-process
+bus (the same semantics as RabbitMQ's), handlers run against SQLite and Postgres.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,10 +21,12 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import migrations
+from db import blobstore, migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models import ParticipationState
+from db.queries import orchestrator as oq
+from orchestrator.counter import count
 from orchestrator.ingest import Ingest
 from orchestrator.outbox import ENVELOPE_HEADER, Outbox
 from orchestrator.runs import create_run
@@ -40,6 +45,7 @@ from protocol.messages import (
     Signal,
     UpdateMeta,
     parse_as,
+    parse_message,
 )
 
 pytestmark = pytest.mark.integration
@@ -71,6 +77,17 @@ class Stack:
             assert d is not None, f"only {len(out)} of {n} messages on {queue}"
             out.append(d)
         return out
+
+    def count(self) -> int:
+        """Count every stored update waiting in the run's inbox (what the service's counter
+        thread does); returns how many were counted or refused."""
+        done = 0
+        while True:
+            with session_scope(self.sessions) as s:
+                c = count(s, self.run_id, time.time(), limit=2)
+            done += c.accepted + c.refused
+            if not c.full:
+                return done
 
     def dead(self) -> list[Delivery]:
         out = []
@@ -220,6 +237,9 @@ def test_an_update_batch_counts_the_good_ones_and_refuses_the_bad_one_alone(st: 
             assert rnd is not None
             return {p.client_id: p.state for p in q.list_participations(s, rnd.id)}
 
+    # Stored, not counted yet: the machine counts them in its own step.
+    assert [parts()[c] for c in ids] == ["selected"] * 4
+    assert st.count() == 2
     p = parts()
     assert [p[c] for c in ids] == ["update", "update", "selected", "selected"]
 
@@ -231,9 +251,133 @@ def test_an_update_batch_counts_the_good_ones_and_refuses_the_bad_one_alone(st: 
     batch = st.take(topology.UPDATES_QUEUE, 3)
     st.ingest.handle_many(batch)
     assert all(d.settled for d in batch) and not st.dead()
+    assert st.count() == 2
     assert set(parts().values()) == {ParticipationState.UPDATE}
     with session_scope(st.sessions) as s:
         rnd = q.get_round(s, st.run_id, 1)
         assert rnd is not None and rnd.received == 4 and str(rnd.state) == "aggregating"
         counted = [p.message_id for p in q.list_participations(s, rnd.id)]
     assert metas[0].message_id in counted and metas[1].message_id in counted
+
+
+def _open_round(st: Stack) -> dict[str, str]:
+    tokens = _register(st, 4, "inboxreplies")
+    for cid in sorted(tokens):
+        _signal(st, cid, tokens[cid])
+    st.signals.handle_many(st.take(topology.SIGNALS_QUEUE, 4))
+    with session_scope(st.sessions) as s:
+        step_run(s, st.run_id, Autorun(1), time.time())
+    return tokens
+
+
+def _notices(st: Stack, cid: str) -> list[tuple[str, str | None]]:
+    """The update notices queued for ``cid``'s device: (kind, reason)."""
+    st.outbox.drain()
+    out = []
+    while (d := st.bus.get(topology.device_queue(cid))) is not None:
+        d.ack()
+        if chunking.is_chunk(d.headers):
+            continue
+        msg = parse_message(d.body)
+        if msg.type == "event" and str(msg.kind).startswith("update."):
+            out.append((str(msg.kind), msg.detail.get("reason")))
+    return out
+
+
+def test_an_update_refused_when_counted_is_told_and_leaves_no_blob_or_claim(st: Stack) -> None:
+    tokens = _open_round(st)
+    ids = sorted(tokens)
+    for cid in ids:
+        topology.declare_device(st.bus, cid, st.run_id)
+    tensors = {k: np.full_like(v, 0.25) for k, v in MODEL.items()}
+    meta = _update(st, ids[0], tokens[ids[0]], tensors)
+    st.ingest.handle_many(st.take(topology.UPDATES_QUEUE, 1))
+    # Stored and acknowledged; before it is counted its client leaves the federation.
+    _signal(st, ids[0], tokens[ids[0]], ClientState.OFFLINE)
+    st.signals.handle_many(st.take(topology.SIGNALS_QUEUE, 1))
+    assert st.count() == 1
+    with session_scope(st.sessions) as s:
+        rnd = q.get_round(s, st.run_id, 1)
+        assert rnd is not None and rnd.received == 0
+        assert not q.is_message_processed(s, meta.message_id)
+        assert not blobstore.exists(s, meta.blob_sha256)
+        refused = q.list_events(s, st.run_id, kinds=["update.refused"], limit=10)
+    assert [e.message_id for e in refused] == [meta.message_id]
+    assert [k for k, _ in _notices(st, ids[0])] == ["update.rejected"]
+
+
+def test_a_second_update_while_the_first_waits_is_a_duplicate_never_counted(st: Stack) -> None:
+    tokens = _open_round(st)
+    cid = sorted(tokens)[0]
+    topology.declare_device(st.bus, cid, st.run_id)
+    first = _update(st, cid, tokens[cid], {k: np.full_like(v, 1.0) for k, v in MODEL.items()})
+    second = _update(st, cid, tokens[cid], {k: np.full_like(v, 2.0) for k, v in MODEL.items()})
+    batch = st.take(topology.UPDATES_QUEUE, 2)
+    st.ingest.handle_many(batch)
+    assert all(d.settled for d in batch) and not st.dead()
+    assert st.count() == 1
+    with session_scope(st.sessions) as s:
+        rnd = q.get_round(s, st.run_id, 1)
+        assert rnd is not None and rnd.received == 1
+        (part,) = [p for p in q.list_participations(s, rnd.id) if p.client_id == cid]
+        assert part.message_id == first.message_id
+        assert not blobstore.exists(s, second.blob_sha256)  # nothing refers to it
+        dups = q.list_events(s, st.run_id, kinds=["update.duplicate"], limit=10)
+    assert [e.message_id for e in dups] == [second.message_id]
+    assert _notices(st, cid) == [("update.accepted", None)]
+
+
+def test_consumers_store_in_parallel_while_the_counter_counts_each_once(st: Stack) -> None:
+    """Four storing threads (no run lock) and a counting one on the same run: every update
+    counted exactly once, the round closed with all of them."""
+    n = 40
+    policy = RoundPolicy(min_clients=n, quorum_fraction=1.0, heartbeat_timeout_s=3600)
+    with session_scope(st.sessions) as s:
+        st.run_id = create_run(s, "parallel", encode(MODEL, Encoding.FP32), policy=policy)
+    tokens = _register(st, n, "parallelreplies")
+    for cid in sorted(tokens):
+        _signal(st, cid, tokens[cid])
+    st.signals.handle_many(st.take(topology.SIGNALS_QUEUE, n))
+    with session_scope(st.sessions) as s:
+        step_run(s, st.run_id, Autorun(1), time.time())
+    metas = [
+        _update(st, cid, tokens[cid], {k: np.full_like(v, i) for k, v in MODEL.items()})
+        for i, cid in enumerate(sorted(tokens))
+    ]
+    deliveries = st.take(topology.UPDATES_QUEUE, n)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def store(part: list[Delivery]) -> None:
+        try:
+            for k in range(0, len(part), 3):
+                st.ingest.handle_many(part[k : k + 3])
+        except BaseException as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    def counter() -> None:
+        try:
+            while not done.is_set():
+                st.count()
+        except BaseException as e:
+            errors.append(e)
+
+    stores = [threading.Thread(target=store, args=(deliveries[k::4],)) for k in range(4)]
+    counting = threading.Thread(target=counter)
+    counting.start()
+    for t in stores:
+        t.start()
+    for t in stores:
+        t.join()
+    done.set()
+    counting.join()
+    st.count()
+    assert not errors and all(d.settled for d in deliveries) and not st.dead()
+    with session_scope(st.sessions) as s:
+        rnd = q.get_round(s, st.run_id, 1)
+        assert rnd is not None and rnd.received == n and str(rnd.state) == "aggregating"
+        counted = sorted(str(p.message_id) for p in q.list_participations(s, rnd.id))
+        accepted = q.list_events(s, st.run_id, kinds=["update.accepted"], limit=10_000)
+        assert oq.inbox_run_ids(s) == []
+    assert counted == sorted(m.message_id for m in metas)
+    assert sorted(str(e.message_id) for e in accepted) == counted
