@@ -24,7 +24,7 @@ from db.models import (
     utcnow,
 )
 from db.models.enums import PENDING_PARTICIPATION
-from db.queries._sql import changed, in_states, insert_ignore
+from db.queries._sql import changed, in_states, insert_ignore, insert_many_ignore
 
 
 class UpdateOutcome(enum.StrEnum):
@@ -61,8 +61,14 @@ def create_round(
     )
     session.add(rnd)
     session.flush()
-    for client_id in dict.fromkeys(selected):  # de-duplicated, order kept
-        record_participation(session, rnd.id, client_id)
+    rows = [
+        {"round_id": rnd.id, "client_id": cid, "state": ParticipationState.SELECTED}
+        for cid in dict.fromkeys(selected)  # de-duplicated, order kept
+    ]
+    # One multi-row INSERT, not one a client: a round of 10,000 took 10,000 statements.
+    insert_many_ignore(
+        session, Participation, rows, ("round_id", "client_id"), Participation.client_id
+    )
     session.execute(
         update(Run)
         .where(Run.id == run_id, Run.current_round < number)

@@ -174,9 +174,13 @@ def _on_kick(tx: Tx, ev: ClientKicked) -> None:
 
 def _on_tick(tx: Tx, _: Tick) -> None:
     timeout = tx.policy.heartbeat_timeout_s
-    for cid in sorted(tx.clients):
-        record = tx.clients[cid]
-        if record.state is not S.OFFLINE and tx.now - record.last_seen > timeout:
+
+    def silent(record: ClientRecord) -> bool:
+        return record.state is not S.OFFLINE and tx.now - record.last_seen > timeout
+
+    # Sorted are only the few that went silent, not the fleet, at every tick.
+    for cid in sorted(cid for cid, record in tx.clients.items() if silent(record)):
+        if silent(tx.clients[cid]):  # still: an earlier one's step may have changed it
             tx.go_offline(cid, "timeout")
             rounds.check_complete(tx)
     rounds.check_deadline(tx)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from orchestrator.state.clientmap import changed_since
 from orchestrator.state.model import ClientRecord, Federation, Round, Update
 from orchestrator.state.policy import RoundPolicy
 from protocol.messages import ClientState, RoundState
@@ -198,8 +199,8 @@ def changes(old: Federation | None, new: Federation) -> Changes:
     """The parts to write to turn the stored ``old`` into ``new``; ``old`` None: nothing of
     the split format is stored yet (a new run, or a whole snapshot to split), so all of it.
 
-    Cheap when little changed: unchanged client records are the same objects in both (the
-    machine copies only what it edits), so the scan is mostly identity checks.
+    Cheap when little changed: ``new``'s client map knows which records a step may have
+    replaced since ``old`` (``clientmap.changed_since``), and the others are not looked at.
     """
     if old is None:
         head, parts = split(new)
@@ -207,13 +208,15 @@ def changes(old: Federation | None, new: Federation) -> Changes:
     out = Changes()
     if _head_differs(old, new):
         out.head = head_to_dict(new)
-    before = old.clients
-    for cid, rec in new.clients.items():
+    before, after = old.clients, new.clients
+    candidates, may_delete = changed_since(before, after)
+    for cid in candidates:
+        rec = after[cid]
         prev = before.get(cid)
         if prev is not rec and prev != rec:
             out.upserts[client_key(cid)] = client_to_dict(rec)
             out.clients.append(cid)
-    if len(before) > len(new.clients) or out.clients:
+    if len(before) > len(after) or (may_delete and out.clients):
         out.deletes.extend(client_key(cid) for cid in before.keys() - new.clients.keys())
     old_r = old.round.received if old.round is not None else ()
     new_r = new.round.received if new.round is not None else ()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from orchestrator.state.clientmap import Draft
 from orchestrator.state.effects import ClientStateChanged, ClientWentOffline, Effect
 from orchestrator.state.model import ClientRecord, Federation, Round
 from orchestrator.state.policy import RoundPolicy
@@ -30,7 +31,8 @@ class Tx:
     def __init__(self, fed: Federation, now: float) -> None:
         self.base = fed
         self.now = now
-        self.clients: dict[str, ClientRecord] = dict(fed.clients)
+        # Copy-on-write: only the records this step changes are new (not the fleet).
+        self.clients = Draft(fed.clients)
         self.round: Round | None = fed.round
         self.autorun_remaining = fed.autorun_remaining
         self.paused = fed.paused
@@ -45,7 +47,7 @@ class Tx:
     def result(self) -> Federation:
         return replace(
             self.base,
-            clients=self.clients,
+            clients=self.clients.result(),
             round=self.round,
             autorun_remaining=self.autorun_remaining,
             paused=self.paused,
