@@ -23,7 +23,7 @@ QUORUM = typer.Option(None, min=0.01, max=1, help="Share of updates a round need
 DEADLINE = typer.Option(120.0, min=1, help="Seconds a round may stay open")
 
 
-def simulate(
+def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     dataset: str = typer.Option("digits", help="digits, mnist1d, synthetic, cifar10"),
     model: str = typer.Option("mlp", help="mlp, cnn, resnet18, vit_tiny"),
     partition: str = typer.Option("iid", help="iid, dirichlet, shards, quantity_skew"),
@@ -122,7 +122,7 @@ def simulate(
         console.print(f"{what}: {path}")
 
 
-def fleet(
+def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
     clients: int = typer.Option(3, min=1, help="Number of device processes"),
     run: str | None = typer.Option(None, help="Run to join (default: create one)"),
     rounds: int = typer.Option(0, min=0, help="Start autorun of this many rounds (0: don't)"),
