@@ -76,3 +76,11 @@ def select_run() -> str | None:
 
 def current_run() -> str | None:
     return st.session_state.get(RUN_KEY)
+
+
+def required_run() -> str:
+    """The chosen run; a page stops here when there is none (the sidebar says why)."""
+    run_id = current_run()
+    if run_id is None:
+        st.stop()
+    return run_id

@@ -25,7 +25,7 @@ from devices.transport import Inbound, LinkError, Transport
 from devices.wire import Identity
 from protocol import chunking
 from protocol.bus import BusConfig, BusError
-from protocol.codec import CodecError, peek_header
+from protocol.codec import CodecError, Encoding, peek_header
 from protocol.messages import ClientState, Event, ModelMeta, UpdateMeta
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,11 @@ class HttpTransport(Transport):
             log.warning("%s refused (%s): %s", what, res.status_code, _reason(res))
 
 
-def _encoding(blob: bytes) -> str:
+def _encoding(blob: bytes) -> Encoding:
     try:
-        return peek_header(blob).encoding.value
+        return peek_header(blob).encoding
     except CodecError:
-        return "fp32"  # the model store's decode refuses the blob with the reason
+        return Encoding.FP32  # the model store's decode refuses the blob with the reason
 
 
 def _ident(meta: UpdateMeta) -> Identity:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from protocol.bus import Bus, BusError, Delivery, Unroutable
-from protocol.codec import CodecError, DecodeLimits
+from protocol.codec import CodecError, DecodeLimits, Encoding
 from protocol.messages import MessageError
 from protocol.split import (
     DEFAULT_EXCHANGE,
@@ -131,7 +131,7 @@ class BusEdge:
             phase=phase,  # type: ignore[arg-type]
             step=self._step,
             correlation_id=correlation_id,
-            encoding=self.encoding,  # type: ignore[arg-type]
+            encoding=Encoding(self.encoding),
         )
 
     def _exchange(self, phase: str, tensor: Tensor) -> Tensor:

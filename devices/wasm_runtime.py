@@ -144,7 +144,8 @@ class Sandbox:
         if ptr <= 0 or ptr + nbytes > size:
             raise WasmError(f"range {ptr}+{nbytes} is outside linear memory ({size} bytes)")
         # Re-read every time: growing memory may move it.
-        return np.frombuffer(self.memory.get_buffer_ptr(self.store, nbytes, ptr), dtype=np.uint8)
+        window = memoryview(self.memory.get_buffer_ptr(self.store, nbytes, ptr))  # no copy
+        return np.frombuffer(window, dtype=np.uint8)
 
     def write(self, ptr: int, array: np.ndarray) -> None:
         data = np.ascontiguousarray(array).view(np.uint8).reshape(-1)

@@ -20,6 +20,7 @@ from devices.local import LocalUpdate, finite_metrics
 from devices.store import ENVELOPE_HEADER
 from protocol import chunking, topology
 from protocol.bus import Bus, BusError
+from protocol.codec import Encoding
 from protocol.messages import (
     ClientState,
     Heartbeat,
@@ -134,11 +135,11 @@ def update_meta(ident: Identity, upd: LocalUpdate) -> UpdateMeta:
         token=ident.token,
         base_model_version=upd.base_version,
         num_samples=upd.num_samples,
-        encoding=upd.encoding,  # type: ignore[arg-type]
+        encoding=Encoding(upd.encoding),
         is_delta=True,
         blob_sha256=hashlib.sha256(upd.blob).hexdigest(),
         blob_bytes=len(upd.blob),
-        metrics=finite_metrics(upd.metrics),
+        metrics={**finite_metrics(upd.metrics)},
     )
 
 

@@ -159,9 +159,12 @@ def run_create(
 
     from db import migrations
     from db.engine import make_engine, session_scope
+    from fedmq.wiring import run_configs
     from orchestrator.runs import create_run
     from orchestrator.state import RoundPolicy
 
+    # The strategy's client settings (FedProx's mu) go into the train config the devices get.
+    strategy_config, train_config = run_configs(json.loads(strategy), json.loads(train))
     s = get_settings()
     _ensure_sqlite_dir(s.database_url)
     migrations.upgrade(s.database_url)
@@ -172,8 +175,8 @@ def run_create(
             name,
             model.read_bytes(),
             policy=RoundPolicy(**json.loads(policy)),
-            strategy=json.loads(strategy),
-            train=json.loads(train),
+            strategy=strategy_config,
+            train=train_config,
             run_id=run_id,
         )
     engine.dispose()

@@ -12,7 +12,7 @@ import typer
 from fedmq.settings import get_settings
 
 
-def device(
+def device(  # noqa: PLR0913 (a typer command: each option is an argument)
     run: str = typer.Option(..., help="Run id to join"),
     index: int = typer.Option(..., help="This device's partition k (0-based)"),
     clients: int = typer.Option(..., help="Number of partitions K"),

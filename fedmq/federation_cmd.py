@@ -23,7 +23,7 @@ QUORUM = typer.Option(None, min=0.01, max=1, help="Share of updates a round need
 DEADLINE = typer.Option(120.0, min=1, help="Seconds a round may stay open")
 
 
-def simulate(
+def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     dataset: str = typer.Option("digits", help="digits, mnist1d, synthetic, cifar10"),
     model: str = typer.Option("mlp", help="mlp, cnn, resnet18, vit_tiny"),
     partition: str = typer.Option("iid", help="iid, dirichlet, shards, quantity_skew"),
@@ -34,7 +34,9 @@ def simulate(
     batch_size: int = typer.Option(32, min=1),
     lr: float = typer.Option(0.05),
     momentum: float = typer.Option(0.9),
-    proximal_mu: float = typer.Option(0.0, help="FedProx term (0: off)"),
+    proximal_mu: float | None = typer.Option(
+        None, min=0, help="FedProx's mu, with --strategy fedprox (default 0.01)"
+    ),
     strategy: str = typer.Option("fedavg", help="fedavg, fedprox, fedavgm, fedadam, ..."),
     encoding: str = typer.Option("bf16", help="fp32, bf16, fp16, int8, topk"),
     seed: int = typer.Option(0),
@@ -91,6 +93,11 @@ def simulate(
     from fedmq.heterogeneity import Heterogeneity
     from fedmq.simulate import SimOptions, run
 
+    if proximal_mu is not None and strategy.lower() != "fedprox":
+        # The mu the devices train with is the strategy's: one source (fedmq/wiring.py).
+        raise typer.BadParameter(
+            "is FedProx's mu: use it with --strategy fedprox", param_hint="--proximal-mu"
+        )
     options = SimOptions(
         **common,
         proximal_mu=proximal_mu,
@@ -115,7 +122,7 @@ def simulate(
         console.print(f"{what}: {path}")
 
 
-def fleet(
+def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
     clients: int = typer.Option(3, min=1, help="Number of device processes"),
     run: str | None = typer.Option(None, help="Run to join (default: create one)"),
     rounds: int = typer.Option(0, min=0, help="Start autorun of this many rounds (0: don't)"),

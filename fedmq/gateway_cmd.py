@@ -49,7 +49,7 @@ def gateway(
         config = gateway_config(s)
         app = create_app(config, bus, make_sessionmaker(engine))
         # The browser device page (issue 8): served beside the API, talks to it like a device.
-        from fedmq.browser_device import browser_router
+        from devices.browser import browser_router
 
         app.include_router(browser_router(config.decode_limits, config.max_upload_bytes))
         uvicorn.run(

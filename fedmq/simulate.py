@@ -32,7 +32,7 @@ from fedmq.fleet_local import Handle
 from fedmq.heterogeneity import Heterogeneity
 from fedmq.report import RoundRow, plot_accuracy, summary_table, write_json
 from fedmq.settings import Settings
-from fedmq.wiring import open_bus, orchestrator_service
+from fedmq.wiring import open_bus, orchestrator_service, run_configs
 from learning.data import load_dataset
 from learning.models import build_model
 from learning.params import to_numpy
@@ -54,7 +54,7 @@ class SimOptions:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
-    proximal_mu: float = 0.0
+    proximal_mu: float | None = None  # FedProx's mu; None: the strategy's default (0.01)
     strategy: str = "fedavg"
     encoding: str = "bf16"
     seed: int = 0
@@ -155,23 +155,32 @@ def policy_for(o: SimOptions, s: Settings) -> RoundPolicy:
     )
 
 
+def strategy_config(o: SimOptions) -> dict[str, Any]:
+    """``{"name": ..., **params}``; ``proximal_mu`` is a parameter of FedProx only (another
+    strategy refuses it), and it reaches the devices through ``run_configs``."""
+    params = {} if o.proximal_mu is None else {"proximal_mu": o.proximal_mu}
+    return {"name": o.strategy, **params}
+
+
 def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim") -> str:
     """A new run for these options, version 0 built as the replica builds it."""
-    train = {
-        "epochs": o.local_epochs,
-        "batch_size": o.batch_size,
-        "lr": o.lr,
-        "momentum": o.momentum,
-        "proximal_mu": o.proximal_mu,
-        "encoding": o.encoding,
-    }
+    strategy, train = run_configs(
+        strategy_config(o),
+        {
+            "epochs": o.local_epochs,
+            "batch_size": o.batch_size,
+            "lr": o.lr,
+            "momentum": o.momentum,
+            "encoding": o.encoding,
+        },
+    )
     with session_scope(sessions) as session:
         return create_run(
             session,
             f"{prefix}-{uuid.uuid4().hex[:8]}",
             _initial_model(o),
             policy=policy_for(o, s),
-            strategy={"name": o.strategy},
+            strategy=strategy,
             train=train,
             extra_config={
                 "model": {"name": o.model},

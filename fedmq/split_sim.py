@@ -48,6 +48,7 @@ from fedmq.wiring import (
     decode_limits,
     open_bus,
     orchestrator_service,
+    run_configs,
     task_runner,
     worker_config,
 )
@@ -227,20 +228,23 @@ def run_split(
 
 
 def _create_run(sessions: Any, o: SplitSimOptions, s: Settings, spec: dict[str, Any]) -> str:
-    train = {
-        "epochs": o.local_epochs,
-        "batch_size": o.batch_size,
-        "lr": o.lr,
-        "momentum": o.momentum,
-        "encoding": o.encoding,
-    }
+    strategy, train = run_configs(
+        {"name": "fedavg"},
+        {
+            "epochs": o.local_epochs,
+            "batch_size": o.batch_size,
+            "lr": o.lr,
+            "momentum": o.momentum,
+            "encoding": o.encoding,
+        },
+    )
     with session_scope(sessions) as session:
         return create_run(
             session,
             f"split-{uuid.uuid4().hex[:8]}",
             codec.encode(device_part(spec), codec.Encoding.FP32),
             policy=policy_for(_sim_options(o), s),
-            strategy={"name": "fedavg"},
+            strategy=strategy,
             train=train,
             extra_config={
                 # No evaluator knows this name: the evaluate task skips, the driver evaluates.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from devices.config import TRAIN_CONFIG_KEYS
 from fedmq.settings import Settings
+from learning.strategies import strategy_from_config
 from orchestrator.accounts import BrokerAccounts
 from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.tasks import (
@@ -55,6 +58,33 @@ def worker_config(s: Settings) -> WorkerConfig:
         task_time_limit_s=s.task_timeout_s,
         device=s.worker_device,
     )
+
+
+def run_configs(
+    strategy: Mapping[str, Any] | None, train: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's ``strategy`` and ``train`` configs, with one source for what both need.
+
+    The strategy is built (so a bad one is refused before the run exists) and recorded with
+    all its parameters. What its clients must train with (``client_config()``: FedProx's
+    mu) is written into ``train``, the config every round announces to the devices, so the
+    devices train with the mu that the run and its model versions record. A ``train`` key
+    that sets the same device setting (``proximal_mu`` or its alias ``mu``) to a different
+    value is refused: the run would say one thing and its devices do another.
+    """
+    built = strategy_from_config(strategy)
+    merged = dict(train or {})
+    for field, value in built.client_config().items():
+        aliases = [k for k, f in TRAIN_CONFIG_KEYS.items() if f == field and k in merged]
+        for key in aliases:
+            if merged[key] != value:
+                raise ValueError(
+                    f"train config {key}={merged[key]!r} disagrees with strategy "
+                    f"{built.name}'s {field}={value!r}; set it in the strategy only"
+                )
+            del merged[key]
+        merged[field] = value
+    return built.config(), merged
 
 
 # --- the orchestrator -----------------------------------------------------------------------

@@ -211,7 +211,7 @@ class Outbox:
             return
         blob = blobstore.get(s, mv.blob_sha)
         key = topology.broadcast_routing_key(run_id)
-        encoding = peek_header(blob).encoding.value
+        encoding = peek_header(blob).encoding
         meta = ModelMeta(
             run_id=run_id,
             round=int(p["round"]),

@@ -208,22 +208,7 @@ class Reassembler:
                     f"chunk {c.index} contradicts completed blob {c.blob_id!r}", c.blob_id
                 )
             return None
-        p = self._partials.get(c.blob_id)
-        if p is None:
-            if len(self._partials) >= self.max_partial_blobs:
-                self._expire(self._clock())
-            if len(self._partials) >= self.max_partial_blobs:
-                raise ChunkError(
-                    f"already {len(self._partials)} partial blobs; refusing {c.blob_id!r}",
-                    c.blob_id,
-                )
-            p = _Partial(c, {}, 0, self._clock())
-        elif (c.count, c.size, c.sha256) != (p.first.count, p.first.size, p.first.sha256):
-            raise ChunkError(
-                f"chunk {c.index} of blob {c.blob_id!r} disagrees with its first "
-                "chunk on count, size or sha256",
-                c.blob_id,
-            )
+        p = self._partial_for(c)
         known = p.parts.get(c.index)
         if known is not None:
             if known != c.data:
@@ -249,6 +234,28 @@ class Reassembler:
         if len(p.parts) < c.count:
             return None
         return self._complete(p)
+
+    def _partial_for(self, c: Chunk) -> _Partial:
+        """The blob ``c`` belongs to: the one being collected, which ``c`` must agree with,
+        or a new one (not yet kept: ``_add`` keeps it once ``c`` is accepted) if room is
+        left after expiring stale ones."""
+        p = self._partials.get(c.blob_id)
+        if p is None:
+            if len(self._partials) >= self.max_partial_blobs:
+                self._expire(self._clock())
+            if len(self._partials) >= self.max_partial_blobs:
+                raise ChunkError(
+                    f"already {len(self._partials)} partial blobs; refusing {c.blob_id!r}",
+                    c.blob_id,
+                )
+            return _Partial(c, {}, 0, self._clock())
+        if (c.count, c.size, c.sha256) != (p.first.count, p.first.size, p.first.sha256):
+            raise ChunkError(
+                f"chunk {c.index} of blob {c.blob_id!r} disagrees with its first "
+                "chunk on count, size or sha256",
+                c.blob_id,
+            )
+        return p
 
     def _complete(self, p: _Partial) -> bytes:
         first = p.first

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, Field, StringConstraints, ValidationError
 
 from protocol.codec import CodecError, DecodeLimits, Encoding, decode, encode
 from protocol.messages.envelope import Envelope, Ident, MessageId, Token
@@ -67,6 +67,20 @@ def device_reply_topology(session_id: str, client_id: str) -> Topology:
     return Topology(queues=(_transient(edge_reply_queue(session_id, client_id)),))
 
 
+# Activations and gradients travel as float tensors: the lossy update encodings (int8,
+# top-k) are not for them.
+LINK_ENCODINGS = frozenset({Encoding.FP32, Encoding.BF16, Encoding.FP16})
+
+
+def _link_encoding(encoding: Encoding) -> Encoding:
+    if encoding not in LINK_ENCODINGS:
+        raise ValueError(f"split tensors travel as fp32, bf16 or fp16, not {encoding.value}")
+    return encoding
+
+
+LinkEncoding = Annotated[Encoding, AfterValidator(_link_encoding)]
+
+
 class SplitRequest(Envelope):
     """A device's half of one exchange; ``run_id`` is the run the session trains for.
 
@@ -80,7 +94,7 @@ class SplitRequest(Envelope):
     phase: Phase
     step: Annotated[int, Field(ge=0)]
     correlation_id: MessageId
-    encoding: Literal["fp32", "bf16", "fp16"] = "bf16"
+    encoding: LinkEncoding = Encoding.BF16
 
 
 class SplitReply(Envelope):

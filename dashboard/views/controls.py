@@ -14,10 +14,8 @@ from protocol.bus import BusError
 from protocol.messages import CommandAction
 
 cfg = data.config()
-run_id = data.current_run()
 st.title("Controls")
-if run_id is None:
-    st.stop()
+run_id = data.required_run()
 LOG_KEY = "command_log"
 
 

@@ -15,10 +15,8 @@ from db.models import Event
 from db.queries import dashboard as dq
 
 cfg = data.config()
-run_id = data.current_run()
 st.title("Events")
-if run_id is None:
-    st.stop()
+run_id = data.required_run()
 
 with session_scope(data.sessions()) as s:
     names = dq.client_names(s, run_id)

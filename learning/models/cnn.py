@@ -43,4 +43,5 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         c, s = self.config.in_channels, self.config.image_size
-        return self.head(self.features(x.reshape(-1, c, s, s)))
+        out: Tensor = self.head(self.features(x.reshape(-1, c, s, s)))
+        return out

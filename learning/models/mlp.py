@@ -31,4 +31,5 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1))
+        out: Tensor = self.net(x.flatten(1))
+        return out

@@ -69,4 +69,5 @@ class ViT(nn.Module):
             tokens = block(tokens)
         tokens = self.norm(tokens)
         pooled = tokens[:, 0] if c.pool == "cls" else tokens.mean(dim=1)
-        return self.head(pooled)
+        out: Tensor = self.head(pooled)
+        return out

@@ -42,7 +42,8 @@ class SplitModel:
     tail: nn.Module
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.tail(self.body(self.head(x)))
+        out: Tensor = self.tail(self.body(self.head(x)))
+        return out
 
     def part(self, name: Part) -> nn.Module:
         return {"head": self.head, "body": self.body, "tail": self.tail}[name]
@@ -94,7 +95,8 @@ class _ViTHead(nn.Module):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         if c.pool == "cls":
             tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
-        return tokens + self.pos_embed
+        out: Tensor = tokens + self.pos_embed
+        return out
 
 
 class _ViTBody(nn.Module):
@@ -118,7 +120,8 @@ class _ViTTail(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         tokens = self.norm(tokens)
         pooled = tokens[:, 0] if self.config.pool == "cls" else tokens.mean(dim=1)
-        return self.head(pooled)
+        out: Tensor = self.head(pooled)
+        return out
 
 
 def _split_mlp(model: MLP) -> SplitModel:

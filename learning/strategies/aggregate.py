@@ -44,7 +44,8 @@ def weighted_average(
 
 def coordinate_median(stack: np.ndarray) -> np.ndarray:
     """Median over axis 0 (clients), coordinate-wise; sorts ``stack`` in place."""
-    return np.median(stack, axis=0, overwrite_input=True)
+    out: np.ndarray = np.median(stack, axis=0, overwrite_input=True)
+    return out
 
 
 def trimmed_mean(stack: np.ndarray, beta: float) -> np.ndarray:
@@ -55,7 +56,8 @@ def trimmed_mean(stack: np.ndarray, beta: float) -> np.ndarray:
     k = stack.shape[0]
     cut = int(np.floor(beta * k))
     stack.sort(axis=0)
-    return stack[cut : k - cut].mean(axis=0, dtype=np.float64)
+    out: np.ndarray = stack[cut : k - cut].mean(axis=0, dtype=np.float64)
+    return out
 
 
 class WeightedMean:

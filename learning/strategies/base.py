@@ -138,9 +138,9 @@ class Strategy(ABC):
             if d.shape != w.shape:
                 raise StrategyError(f"{self.name}: delta {name!r} is {d.shape}, not {w.shape}")
             slots = {s: _slot(state, s, name, w.shape, self.name) for s in self.state_slots}
-            w64, slots = self.step_tensor(w.astype(np.float64), d, slots)
+            w64, stepped = self.step_tensor(w.astype(np.float64), d, slots)
             new_w[name] = w64.astype(np.float32)
-            for slot, arr in slots.items():
+            for slot, arr in stepped.items():
                 new_state[f"{slot}/{name}"] = arr.astype(np.float32)
         return new_w, new_state
 

@@ -18,4 +18,5 @@ class FedAdagrad(FedOpt):
     default_beta_1: ClassVar[float] = 0.0
 
     def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
-        return v + g2
+        out: np.ndarray = v + g2
+        return out

@@ -2,8 +2,9 @@
 
 Li et al. 2020, "Federated Optimization in Heterogeneous Networks" (MLSys). Clients
 minimise ``F_k(w) + mu/2 · ‖w - w_global‖²``; the server aggregates exactly like FedAvg.
-``proximal_mu`` is recorded in the run's config and handed to the clients'
-trainer through ``client_config()``.
+``proximal_mu`` is recorded in the run's strategy config, and ``client_config()`` hands it to
+the clients' trainer: the composition root (``fedmq.wiring.run_configs``) writes it into the
+run's train config, which every round announces to the devices.
 """
 
 from __future__ import annotations

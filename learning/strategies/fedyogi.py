@@ -20,4 +20,5 @@ class FedYogi(FedOpt):
     default_tau: ClassVar[float] = 1e-3
 
     def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
-        return v - (1.0 - self.beta_2) * g2 * np.sign(v - g2)
+        out: np.ndarray = v - (1.0 - self.beta_2) * g2 * np.sign(v - g2)
+        return out

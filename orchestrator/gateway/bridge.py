@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from orchestrator.gateway.errors import GatewayError
@@ -149,7 +150,7 @@ class Bridge:
                 d = self.bus.get(queue, timeout=left)
             except BusError:
                 self.attach(run_id, client_id)  # deleted by a leave, or lost with the broker
-                d = _bus_call("messages", lambda t=left: self.bus.get(queue, timeout=t))
+                d = _bus_call("messages", partial(self.bus.get, queue, timeout=left))
             if d is None:
                 break
             d.ack()

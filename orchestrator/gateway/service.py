@@ -16,7 +16,7 @@ from orchestrator.gateway.config import GatewayConfig
 from orchestrator.gateway.errors import GatewayError
 from orchestrator.gateway.ledger import Caller, ClientRef, Ledger, Model
 from orchestrator.gateway.schemas import RegisterRequest, Registration, RoundInfo, Sent
-from orchestrator.gateway.uploads import check_update, read_limited
+from orchestrator.gateway.uploads import check_update, read_upload
 from protocol.messages import CommandAction
 
 BLOB_MEDIA_TYPE = "application/octet-stream"
@@ -135,7 +135,7 @@ class Gateway:
         parsed = _metrics(metrics)
         # Refuse a closed round or an unexpected client before reading a large body.
         plan = await run_in_threadpool(self.ledger.expect_update, ref, round, base_model_version)
-        blob = await read_limited(request, self.config.max_upload_bytes)
+        blob = await read_upload(request, self.config.max_upload_bytes)
         if plan is None:
             return Sent(status="duplicate", round=round, bytes=len(blob))
         meta = await run_in_threadpool(

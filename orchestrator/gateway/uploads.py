@@ -12,19 +12,17 @@ from fastapi import Request
 from orchestrator.gateway.errors import GatewayError
 from orchestrator.gateway.ledger import UploadPlan
 from protocol.codec import CodecError, DecodeLimits, decode
+from protocol.http_body import BodyRefused, read_limited
 from protocol.messages import UpdateMeta
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(413, f"upload of {declared} bytes exceeds the limit of {limit}")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise GatewayError(413, f"upload exceeds the limit of {limit} bytes")
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) before it passes ``limit`` bytes, (400) when its
+    Content-Length is not a byte count, and (422) when it is empty."""
+    try:
+        body = await read_limited(request.headers.get("content-length"), request.stream(), limit)
+    except BodyRefused as e:
+        raise GatewayError(e.status, f"upload refused: {e.reason}") from None
     if not body:
         raise GatewayError(422, "empty upload: the body must be a codec blob")
     return bytes(body)

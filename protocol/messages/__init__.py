@@ -1,5 +1,6 @@
 """Pydantic models for every message on the wire, and their one parse function."""
 
+from protocol.codec.encodings import Encoding  # the one encoding type, also the wire's
 from protocol.messages.envelope import (
     SCHEMA_VERSION,
     ClientState,
@@ -12,7 +13,6 @@ from protocol.messages.errors import MessageError
 from protocol.messages.models import (
     Command,
     CommandAction,
-    Encoding,
     Event,
     Heartbeat,
     ModelMeta,

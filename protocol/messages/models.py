@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
+from protocol.codec.encodings import Encoding
 from protocol.messages.envelope import (
     ClientState,
     Detail,
@@ -19,7 +20,8 @@ from protocol.messages.envelope import (
     Token,
 )
 
-Encoding = Literal["fp32", "bf16", "fp16", "int8", "topk"]
+# A blob's encoding is the codec's own ``Encoding`` (one type from the codec to the wire): on
+# the wire it is the value ("bf16"), and a message takes either the member or the value.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 

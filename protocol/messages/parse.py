@@ -89,7 +89,7 @@ def parse_message(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> M
     try:
         return _ADAPTER.validate_python(obj)
     except ValidationError as e:
-        raise MessageError(f"invalid {kind} message: {_describe(e, kind)}") from None
+        raise MessageError(f"invalid {kind} message: {_describe(e, str(kind))}") from None
 
 
 def parse_as(data: bytes | str, cls: type[M], *, max_bytes: int = DEFAULT_MAX_BYTES) -> M:

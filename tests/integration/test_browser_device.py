@@ -19,9 +19,9 @@ import uvicorn
 from db import migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
+from devices.browser import browser_router
 from devices.client import FederatedClient
 from devices.config import DeviceConfig
-from fedmq.browser_device import browser_router
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
 from learning.data import load_dataset, partition

@@ -201,6 +201,10 @@ def test_an_upload_is_checked_then_counted_like_an_amqp_update(env: GatewayEnv) 
     _reason(env.http.post(path, params=params, content=wrong, headers=auth), 422)
     big = b"\0" * (MAX_UPLOAD + 1)
     assert "limit" in _reason(env.http.post(path, params=params, content=big, headers=auth), 413)
+    bad_length = {**auth, "content-length": "12x"}
+    assert "not a byte count" in _reason(
+        env.http.post(path, params=params, content=_update(env), headers=bad_length), 400
+    )
     _reason(env.http.post(path, params=params, content=b"", headers=auth), 422)
     _reason(env.http.post(path, params={"round": 1}, content=_update(env), headers=auth), 422)
     _reason(env.http.post(path, params=params, content=_update(env)), 401)

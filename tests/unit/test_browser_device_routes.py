@@ -1,18 +1,20 @@
 """The browser device's routes on a bare FastAPI app: the page, the module, a partition as
 raw bytes, and the codec conversions the page relies on (a blob to raw float32 and a raw
-delta back to an update blob that decodes to it)."""
+delta back to an update blob that decodes to it), and their bodies' cap."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from devices.browser import TENSORS_HEADER, browser_router
 from devices.wasm import MODULE_PATH
-from fedmq.browser_device import TENSORS_HEADER, browser_router
 from learning.data import load_dataset, partition
 from protocol.codec import DecodeLimits, Encoding, decode, encode
 
@@ -85,3 +87,79 @@ def test_bad_bodies_are_refused(http: TestClient) -> None:
     assert short.status_code == 422
     big = http.post("/device/codec/decode", content=b"\0" * ((1 << 20) + 1))
     assert big.status_code == 413
+
+
+class _Upload:
+    """Drives the app as a server would (raw ASGI), handing it the body one part at a time
+    and counting the parts it pulls: what ``TestClient`` cannot show."""
+
+    def __init__(self, parts: int, size: int) -> None:
+        self.parts, self.size, self.pulled = parts, size, 0
+        self.status = 0
+        self.body = b""
+
+    async def receive(self) -> dict[str, Any]:
+        if self.pulled >= self.parts:
+            return {"type": "http.disconnect"}
+        self.pulled += 1
+        more = self.pulled < self.parts
+        return {"type": "http.request", "body": b"\0" * self.size, "more_body": more}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body", b"")
+
+    def post(self, app: FastAPI, path: str, headers: dict[str, str]) -> _Upload:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"base_version=0",
+            "root_path": "",
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        asyncio.run(app(scope, self.receive, self.send))
+        return self
+
+
+CODEC_ROUTES = ["/device/codec/decode", "/device/codec/encode"]
+LIMIT = 1 << 20
+
+
+@pytest.fixture
+def app() -> FastAPI:
+    app = FastAPI()
+    app.include_router(browser_router(DecodeLimits(), max_body_bytes=LIMIT))
+    return app
+
+
+@pytest.mark.parametrize("path", CODEC_ROUTES)
+def test_a_bad_content_length_is_a_400_with_its_reason(app: FastAPI, path: str) -> None:
+    up = _Upload(parts=1, size=16).post(app, path, {"content-length": "sixteen"})
+    assert up.status == 400
+    assert "'sixteen' is not a byte count" in json.loads(up.body)["detail"]
+    assert up.pulled == 0
+
+
+@pytest.mark.parametrize("path", CODEC_ROUTES)
+def test_a_declared_body_over_the_limit_is_a_413_without_reading(app: FastAPI, path: str) -> None:
+    up = _Upload(parts=64, size=1 << 16).post(app, path, {"content-length": str(LIMIT + 1)})
+    assert up.status == 413 and "limit" in json.loads(up.body)["detail"]
+    assert up.pulled == 0
+
+
+@pytest.mark.parametrize("path", CODEC_ROUTES)
+def test_a_chunked_body_over_the_limit_is_a_413_read_no_further(app: FastAPI, path: str) -> None:
+    # 4 MiB in 64 KiB parts and no Content-Length: 16 parts fill the 1 MiB limit and the
+    # 17th is refused, so at most the limit is ever held; the other 47 are never pulled.
+    up = _Upload(parts=64, size=1 << 16).post(app, path, {"transfer-encoding": "chunked"})
+    assert up.status == 413 and "limit" in json.loads(up.body)["detail"]
+    assert up.pulled == 17

@@ -511,14 +511,18 @@ def names_of(docs: list[dict[str, Any]], kind: str) -> set[str]:
     return names
 
 
-def test_k8s_references_point_at_objects_that_exist() -> None:
-    docs = k8s_docs()
-    secrets, configmaps = names_of(docs, "Secret"), names_of(docs, "ConfigMap")
-    secret_keys = {
+def secret_keys_of(docs: list[dict[str, Any]]) -> dict[str, set[str]]:
+    return {
         d["metadata"]["name"]: set((d.get("stringData") or {}) | (d.get("data") or {}))
         for d in docs
         if d["kind"] == "Secret"
     }
+
+
+def test_k8s_container_references_point_at_objects_that_exist() -> None:
+    docs = k8s_docs()
+    secrets, configmaps = names_of(docs, "Secret"), names_of(docs, "ConfigMap")
+    secret_keys = secret_keys_of(docs)
     for workload, c in containers(docs):
         for source in c.get("envFrom", []):
             if "configMapRef" in source:
@@ -529,12 +533,22 @@ def test_k8s_references_point_at_objects_that_exist() -> None:
             ref = (env.get("valueFrom") or {}).get("secretKeyRef")
             if ref:
                 assert ref["key"] in secret_keys[ref["name"]], f"{workload}: {ref}"
+
+
+def test_k8s_volumes_point_at_objects_that_exist() -> None:
+    docs = k8s_docs()
+    secrets, configmaps = names_of(docs, "Secret"), names_of(docs, "ConfigMap")
     for workload, spec in pod_specs(docs):
         for volume in spec.get("volumes", []):
             if "secret" in volume:
                 assert volume["secret"]["secretName"] in secrets, workload
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in configmaps, workload
+
+
+def test_k8s_autoscalers_point_at_objects_that_exist() -> None:
+    docs = k8s_docs()
+    secret_keys = secret_keys_of(docs)
     deployments = names_of(docs, "Deployment")
     auth = names_of(docs, "TriggerAuthentication")
     for d in docs:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.codec import Encoding
 from protocol.messages import (
     MESSAGE_TYPES,
     ClientState,
@@ -29,6 +30,7 @@ from protocol.messages import (
     parse_as,
     parse_message,
 )
+from protocol.messages import Encoding as MessageEncoding
 
 TOKEN = "t" * 32
 SHA = "ab" * 32
@@ -135,6 +137,17 @@ def _signal_obj(**over: object) -> dict[str, object]:
 def test_malformed_messages_are_refused_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(MessageError, match=reason):
         parse_message(data)
+
+
+def test_a_blob_encoding_is_the_codecs_own_type_and_travels_as_its_value() -> None:
+    assert MessageEncoding is Encoding  # one type from the codec to the wire
+    update = next(m for m in examples() if isinstance(m, UpdateMeta))
+    wire = json.loads(update.to_json())
+    assert wire["encoding"] == "bf16"
+    back = parse_as(json.dumps({**wire, "encoding": "int8"}), UpdateMeta)
+    assert back.encoding is Encoding.INT8
+    with pytest.raises(MessageError, match="encoding"):
+        parse_as(json.dumps({**wire, "encoding": "fp64"}), UpdateMeta)
 
 
 def test_oversized_messages_are_refused_before_parsing() -> None:

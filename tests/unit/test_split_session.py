@@ -16,7 +16,7 @@ from devices.split import BusEdge, EdgeUnavailable
 from orchestrator.runs import create_run
 from protocol.bus import InProcessBus
 from protocol.codec import Encoding, encode
-from protocol.split import edge_request_queue, edge_session_topology
+from protocol.split import SplitRequest, edge_request_queue, edge_session_topology
 from tests.split_helpers import (
     data,
     edge_in_thread,
@@ -165,3 +165,20 @@ def test_client_check_passes_a_runs_registered_clients_by_their_tokens(sqlite_ur
     assert check(other, cid, "the-token-0123456789") is not None  # another run's session
     assert check(run, stranger, "strangers-token-012345") is not None  # another run's client
     assert check(run, "nobody", "the-token-0123456789") is not None
+
+
+def test_split_tensors_travel_only_in_the_float_encodings() -> None:
+    """A request's encoding is the codec's ``Encoding``, limited to fp32, bf16 and fp16."""
+    base = {
+        "run_id": "run1",
+        "client_id": "d1",
+        "session_id": "s1",
+        "phase": "forward",
+        "step": 0,
+        "correlation_id": "c" * 16,
+    }
+    assert SplitRequest(**base, encoding="fp16").encoding is Encoding.FP16
+    assert SplitRequest(**base).encoding is Encoding.BF16
+    for lossy in ("int8", "topk"):
+        with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+            SplitRequest(**base, encoding=lossy)

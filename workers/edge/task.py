@@ -132,7 +132,11 @@ def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, An
         )
         if saved is not None:
             load_body_state(engine, names, saved)
-    session_id = spec.get("session_id") or round_session_id(run_id, int(round_number))
+    session_id = spec.get("session_id")
+    if not session_id:
+        if round_number is None:
+            raise ValueError("an edge session spec needs a session_id or a round")
+        session_id = round_session_id(run_id, int(round_number))
     edge = {k: v for k, v in spec.get("edge", {}).items() if k in _EDGE_KEYS}
     session_config = EdgeSessionConfig(
         session_id=str(session_id), limits=config.decode_limits, **edge

@@ -2,7 +2,7 @@
 
 ``browser_router`` adds to the gateway's FastAPI app:
 
-- ``GET /device``: the page (``fedmq/browser/device.html`` + ``device.js``); its query says
+- ``GET /device``: the page (``devices/browser/device.html`` + ``device.js``); its query says
   which run and partition it is (``?run=<id>&index=<k>&clients=<K>``, optional
   ``dataset``, ``partition``, ``seed``, ``name``);
 - ``GET /device/kernels.wasm``: ``devices/wasm/kernels.wasm``, the module the Python
@@ -15,7 +15,12 @@
 
 Everything else the page does through ``/api/v1`` like any HTTP device: register, signal
 join and ready, heartbeat, long-poll its messages, fetch the announced model, upload.
-The conversion routes hold no state and need no token; their bodies are capped.
+The conversion routes hold no state and need no token; their bodies are read with the
+gateway's cap (``protocol.http_body``): a bad Content-Length is a 400, and a body over the
+cap a 413 before more than the cap is read.
+
+A device feature, so it lives in ``devices`` (it imports only ``protocol`` and ``learning``
+of ours, and fastapi); the gateway command mounts it.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from fastapi.responses import FileResponse
 
 from devices.wasm import MODULE_PATH
 from protocol.codec import CodecError, DecodeLimits, Encoding, decode, encode
+from protocol.http_body import BodyRefused, read_limited
 
-PAGE_DIR = Path(__file__).with_name("browser")
+PAGE_DIR = Path(__file__).parent
 TENSORS_HEADER = "x-fedmq-tensors"  # JSON [[name, [shape...]], ...], in body order
 
 
@@ -49,17 +55,30 @@ def _partition(
     return x, np.asarray(data.y_train[idx], dtype=np.int32)
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    try:
+        return await read_limited(request.headers.get("content-length"), request.stream(), limit)
+    except BodyRefused as e:
+        raise HTTPException(e.status, e.reason) from None
+
+
+def _tensors(raw: np.ndarray, layout: Any) -> dict[str, np.ndarray]:
+    """``raw`` float32 cut into the tensors ``layout`` (``[[name, shape], ...]``) names."""
+    tensors: dict[str, np.ndarray] = {}
+    at = 0
+    for name, shape in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        if at + size > raw.size:
+            raise ValueError("body shorter than the layout")
+        tensors[str(name)] = raw[at : at + size].reshape([int(s) for s in shape])
+        at += size
+    if at != raw.size or not tensors:
+        raise ValueError("body and layout disagree")
+    return tensors
+
+
 def browser_router(limits: DecodeLimits, max_body_bytes: int) -> APIRouter:
     router = APIRouter(prefix="/device", tags=["browser device"])
-
-    async def body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and int(declared) > max_body_bytes:
-            raise HTTPException(413, f"body over {max_body_bytes} bytes")
-        data = await request.body()
-        if len(data) > max_body_bytes:
-            raise HTTPException(413, f"body over {max_body_bytes} bytes")
-        return data
 
     @router.get("", include_in_schema=False)
     def page() -> FileResponse:
@@ -97,7 +116,7 @@ def browser_router(limits: DecodeLimits, max_body_bytes: int) -> APIRouter:
     async def decode_blob(request: Request) -> Response:
         """A codec blob to its float tensors, raw float32 in the order of the header."""
         try:
-            decoded = decode(await body(request), limits=limits)
+            decoded = decode(await _body(request, max_body_bytes), limits=limits)
         except CodecError as e:
             raise HTTPException(422, f"blob refused: {e}") from None
         tensors = {n: np.asarray(v, dtype=np.float32) for n, v in decoded.tensors.items()}
@@ -117,20 +136,11 @@ def browser_router(limits: DecodeLimits, max_body_bytes: int) -> APIRouter:
     ) -> Response:
         """Raw float32 tensors (laid out as ``x-fedmq-tensors`` says) to an update blob:
         a delta against ``base_version`` (the device computed trained - global)."""
+        body = await _body(request, max_body_bytes)
         try:
             enc = Encoding(encoding)
-            layout = json.loads(request.headers.get(TENSORS_HEADER, "[]"))
-            raw = np.frombuffer(await body(request), dtype=np.float32)
-            tensors: dict[str, Any] = {}
-            at = 0
-            for name, shape in layout:
-                size = int(np.prod(shape, dtype=np.int64))
-                if at + size > raw.size:
-                    raise ValueError("body shorter than the layout")
-                tensors[str(name)] = raw[at : at + size].reshape([int(s) for s in shape])
-                at += size
-            if at != raw.size or not tensors:
-                raise ValueError("body and layout disagree")
+            raw = np.frombuffer(body, dtype=np.float32)
+            tensors = _tensors(raw, json.loads(request.headers.get(TENSORS_HEADER, "[]")))
             zeros = {n: np.zeros_like(v) for n, v in tensors.items()}
             blob = encode(tensors, enc, base=zeros, base_version=str(base_version))
         except (ValueError, TypeError, CodecError) as e:
