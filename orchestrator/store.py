@@ -182,7 +182,8 @@ def _engine(s: Session) -> Engine:
 
 
 def _pending(s: Session) -> dict[str, tuple[Engine, int, Federation, bool]]:
-    return s.info.setdefault(_PENDING, {})  # type: ignore[no-any-return]
+    pending: dict[str, tuple[Engine, int, Federation, bool]] = s.info.setdefault(_PENDING, {})
+    return pending
 
 
 def _end(s: Session, *, committed: bool) -> None:
@@ -226,9 +227,12 @@ def _stored(s: Session, run_id: str, seq: int, *, locked: bool) -> tuple[Federat
         return cached, True
     while True:
         stored = oq.read_machine(s, run_id)
-        if stored is None or stored[1] is None:
+        if stored is None:
             return None, False
-        read_seq, head, parts = stored
+        read_seq, maybe_head, parts = stored
+        if maybe_head is None:
+            return None, False
+        head = maybe_head
         if locked or oq.machine_seq(s, run_id) == read_seq:
             break  # unlocked: no save committed between the head and the parts
     fed = join(head, parts)
