@@ -14,10 +14,8 @@ from db.models import ClientState
 from db.queries import dashboard as dq
 
 cfg = data.config()
-run_id = data.current_run()
 st.title("Overview")
-if run_id is None:
-    st.stop()
+run_id = data.require_run()
 
 
 @st.fragment(run_every=cfg.refresh_s)

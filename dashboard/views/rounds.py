@@ -11,10 +11,8 @@ from db.engine import session_scope
 from db.queries import dashboard as dq
 
 cfg = data.config()
-run_id = data.current_run()
 st.title("Rounds")
-if run_id is None:
-    st.stop()
+run_id = data.require_run()
 labels = data.runs()
 compare = st.multiselect(
     "Runs to compare",
