@@ -94,8 +94,10 @@ class RoundPolicy:
     def from_dict(cls, data: Mapping[str, Any]) -> RoundPolicy:
         """A policy from JSON-like ``data`` (``--policy``), naming any field it does not know
         instead of Python's "unexpected keyword argument"."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a policy is an object of fields, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ValueError(
                 f"unknown policy field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"

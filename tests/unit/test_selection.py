@@ -272,6 +272,8 @@ def test_a_policy_that_makes_no_sense_names_the_problem() -> None:
         RoundPolicy(max_clients=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"unknown policy field.*max_client;"):
         RoundPolicy.from_dict({"max_client": 10})
+    with pytest.raises(ValueError, match="a policy is an object of fields, not list"):
+        RoundPolicy.from_dict([1])  # type: ignore[arg-type]
 
 
 def test_the_policy_and_availability_round_trip_through_json_and_the_snapshot() -> None:
