@@ -270,7 +270,7 @@ def _free_port() -> int:
 
 
 def browser_times(url: str, run_id: str, repeats: int) -> dict[str, dict[str, dict[str, float]]]:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import ViewportSize, expect, sync_playwright
 
     port = _free_port()
     env = {**os.environ, "FEDMQ_DATABASE_URL": url, "FEDMQ_BROKER_URL": "memory://"}
@@ -295,7 +295,7 @@ def browser_times(url: str, run_id: str, repeats: int) -> dict[str, dict[str, di
         samples: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PAGES} for w in ways}
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            viewport = {"width": 1400, "height": 1000}
+            viewport: ViewportSize = {"width": 1400, "height": 1000}
             try:
                 shared = browser.new_context(viewport=viewport)  # keeps the HTTP cache
                 for _ in range(repeats + 1):
