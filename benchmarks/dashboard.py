@@ -12,8 +12,14 @@ A fresh database is seeded in bulk through ``db.queries.bulk`` (one run, 1,000 c
 
 Target: under 2 s per page.
 
+``--fleet`` is a cross-device run instead (issue 16, item 6): 100,000 registered clients,
+50 rounds of 1,000 sampled ones, and each read behind the pages timed alone as well; it
+writes its own section (``dashboard-fleet``).
+
     .venv/bin/python benchmarks/dashboard.py            # writes docs/benchmarks.md + JSON
+    .venv/bin/python benchmarks/dashboard.py --fleet    # 100,000 clients; its own section
     .venv/bin/python benchmarks/dashboard.py --quick    # 200 clients x 40 rounds, prints only
+    # --keep / --reuse DB: seed once, measure again; --no-publish: print only
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,17 +81,29 @@ PAGES = ("overview", "rounds", "events", "controls")
 TARGET_S = 2.0
 
 
-def seed(url: str, clients: int, rounds: int) -> str:
-    """One run with ``clients`` clients and ``rounds`` done rounds; returns the run id."""
+def seed(url: str, clients: int, rounds: int, per_round: int | None = None) -> str:
+    """One run with ``clients`` clients and ``rounds`` done rounds; returns the run id.
+
+    ``per_round``: the clients each round selects (a fresh random sample each time, as a
+    capped run draws them), every client when None. A sampled (cross-device) run also gets
+    the events such a run writes: each client's join and ready, and per selected client its
+    moves to training and finish besides its accepted update.
+    """
     rng = random.Random(0)
     migrations.upgrade(url)
     engine = make_engine(url)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    sampled = per_round is not None and per_round < clients
     with session_scope(engine) as s:
         run = q.create_run(s, "bench-dashboard", {"strategy": {"name": "fedavg"}})
         run_id = run.id
         sha = blobstore.put(s, rng.randbytes(100_000), BlobKind.MODEL)
         ids = [uuid.uuid4().hex for _ in range(clients)]
+        chosen = [
+            sorted(rng.sample(ids, per_round)) if sampled and per_round else ids
+            for _ in range(rounds)
+        ]
+        taken = Counter(c for sel in chosen for c in sel)
         insert_rows(
             s,
             Client,
@@ -98,7 +117,7 @@ def seed(url: str, clients: int, rounds: int) -> str:
                     "last_seen": t0 + timedelta(hours=1),
                     "device_info": {},
                     "token_hash": uuid.uuid4().hex + uuid.uuid4().hex,
-                    "rounds_participated": rounds,
+                    "rounds_participated": taken[cid],
                 }
                 for k, cid in enumerate(ids)
             ),
@@ -122,8 +141,8 @@ def seed(url: str, clients: int, rounds: int) -> str:
                     "state": RoundState.DONE,
                     "opened_at": opened[n - 1],
                     "closed_at": opened[n - 1] + timedelta(seconds=8),
-                    "received": clients,
-                    "quorum": clients // 2,
+                    "received": len(chosen[n - 1]),
+                    "quorum": len(chosen[n - 1]) // 2,
                     "attempt": 1,
                     "base_version_id": versions[n - 1],
                     "model_version_id": versions[n],
@@ -159,15 +178,36 @@ def seed(url: str, clients: int, rounds: int) -> str:
                     "received_at": opened[n] + timedelta(seconds=rng.uniform(1, 8)),
                 }
                 for n, rid in enumerate(round_ids)
-                for k, cid in enumerate(ids)
+                for k, cid in enumerate(chosen[n])
             ),
         )
 
+        def state(cid: str, old: str | None, new: str, at: datetime, n: int | None) -> Any:
+            detail = {"from": old, "to": new, "reason": new}
+            return {
+                "run_id": run_id,
+                "kind": "client.state",
+                "client_id": cid,
+                "round": n,
+                "ts": at,
+                "detail": detail,
+            }
+
         def events() -> Any:
+            if sampled:
+                for k, cid in enumerate(ids):
+                    at = t0 + timedelta(milliseconds=k)
+                    yield state(cid, None, "join", at, None)
+                    yield state(cid, "join", "ready", at, None)
             for n in range(1, rounds + 1):
                 at = opened[n - 1]
-                yield {"run_id": run_id, "kind": "round.opened", "round": n, "ts": at, "detail": {}}
-                for cid in ids:
+                sel = chosen[n - 1]
+                detail = {"selected": sel, "quorum": len(sel) // 2} if sampled else {}
+                yield {"run_id": run_id, "kind": "round.opened", "round": n, "ts": at,
+                       "detail": detail}  # fmt: skip
+                for cid in sel:
+                    if sampled:
+                        yield state(cid, "ready", "training", at, n)
                     yield {
                         "run_id": run_id,
                         "kind": "update.accepted",
@@ -176,6 +216,8 @@ def seed(url: str, clients: int, rounds: int) -> str:
                         "ts": at + timedelta(seconds=2),
                         "detail": {"round": n},
                     }
+                    if sampled:
+                        yield state(cid, "update", "finish", at + timedelta(seconds=8), n)
                 for kind in ("round.closed", "aggregate.done", "evaluate.done", "round.done"):
                     yield {"run_id": run_id, "kind": kind, "round": n, "ts": at, "detail": {}}
                 yield {
@@ -228,7 +270,7 @@ def _free_port() -> int:
 
 
 def browser_times(url: str, run_id: str, repeats: int) -> dict[str, dict[str, dict[str, float]]]:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import ViewportSize, expect, sync_playwright
 
     port = _free_port()
     env = {**os.environ, "FEDMQ_DATABASE_URL": url, "FEDMQ_BROKER_URL": "memory://"}
@@ -253,7 +295,7 @@ def browser_times(url: str, run_id: str, repeats: int) -> dict[str, dict[str, di
         samples: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PAGES} for w in ways}
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            viewport = {"width": 1400, "height": 1000}
+            viewport: ViewportSize = {"width": 1400, "height": 1000}
             try:
                 shared = browser.new_context(viewport=viewport)  # keeps the HTTP cache
                 for _ in range(repeats + 1):
@@ -314,25 +356,88 @@ def _drawn(tab: Any, name: str) -> None:
         expect(tab.get_by_test_id("stDataFrame").first).to_be_visible(**wait)
 
 
+def query_times(url: str, run_id: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Each read behind the pages alone (db/queries/dashboard.py), first call and median."""
+    from db.engine import make_sessionmaker
+    from db.queries import dashboard as dq
+
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as s:
+        total = dq.count_clients(s, run_id)
+        some = dq.client_page(s, run_id, offset=total // 2, limit=1).rows[0]
+    calls: dict[str, Any] = {
+        "run_overview": lambda s: dq.run_overview(s, run_id),
+        "client_page first": lambda s: dq.client_page(s, run_id, limit=50),
+        "client_page last": lambda s: dq.client_page(s, run_id, offset=total - 50, limit=50),
+        "client_page offline": lambda s: dq.client_page(s, run_id, states=["offline"]),
+        "find_clients": lambda s: dq.find_clients(s, run_id),
+        "find_clients name": lambda s: dq.find_clients(s, run_id, some.display_name[:9]),
+        "client_names page": lambda s: dq.client_names(s, run_id, [some.id]),
+        "round_stats": lambda s: dq.round_stats(s, [run_id]),
+        "events newest": lambda s: dq.list_events_filtered(s, run_id, limit=100),
+        "events of a client": lambda s: dq.list_events_filtered(s, run_id, client_id=some.id),
+        "events of a round": lambda s: dq.list_events_filtered(s, run_id, round=3),
+        "event_kinds": lambda s: dq.event_kinds(s, run_id),
+        "count_events": lambda s: dq.count_events(s, run_id),
+        "list_refusals": lambda s: dq.list_refusals(s, run_id),
+    }
+    out = {}
+    for name, call in calls.items():
+        xs = []
+        for _ in range(repeats + 1):
+            with session_scope(sessions) as s:
+                t = time.perf_counter()
+                call(s)
+                xs.append(time.perf_counter() - t)
+        out[name] = {"first_s": xs[0], "median_s": statistics.median(xs[1:])}
+    engine.dispose()
+    return out
+
+
+# (clients, rounds, clients per round) of each scenario, and its section in the docs.
+SCENARIOS: dict[str, tuple[int, int, int | None]] = {
+    "quick": (200, 40, None),
+    "default": (1000, 200, None),
+    "fleet": (100_000, 50, 1000),
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="200 clients x 40 rounds; print only")
+    ap.add_argument(
+        "--fleet",
+        action="store_true",
+        help="a cross-device run: 100,000 clients, 50 rounds of 1,000 (own docs section)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the seeded database, print its name")
+    ap.add_argument("--reuse", metavar="DATABASE", help="a database kept by --keep (no seeding)")
+    ap.add_argument("--no-publish", action="store_true", help="print only (a comparison run)")
     args = ap.parse_args()
-    clients, rounds = (200, 40) if args.quick else (1000, 200)
+    scenario = "quick" if args.quick else ("fleet" if args.fleet else "default")
+    clients, rounds, per_round = SCENARIOS[scenario]
     browser_repeats = max(2, args.repeats // 2 + 1)
     admin_url = make_url(PG)
-    name = f"fedmq_bench_dash_{uuid.uuid4().hex[:8]}"
+    name = args.reuse or f"fedmq_bench_dash_{uuid.uuid4().hex[:8]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    if not args.reuse:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = admin_url.set(database=name).render_as_string(hide_password=False)
+    seed_s = 0.0
     try:
-        t = time.perf_counter()
-        run_id = seed(url, clients, rounds)
-        seed_s = time.perf_counter() - t
-        print(f"seeded {clients} clients x {rounds} rounds in {seed_s:.1f} s")
+        if args.reuse:
+            migrations.upgrade(url)  # a database kept before a new migration
+            with session_scope(make_engine(url)) as s:
+                run_id = str(s.execute(text("SELECT id FROM runs")).scalar_one())
+        else:
+            t = time.perf_counter()
+            run_id = seed(url, clients, rounds, per_round)
+            seed_s = time.perf_counter() - t
+            print(f"seeded {clients} clients x {rounds} rounds in {seed_s:.1f} s")
         engine = make_engine(url)
         with session_scope(engine) as s:
             counts = {
@@ -342,6 +447,9 @@ def main() -> int:
         engine.dispose()
         print(counts)
         loads = [os.getloadavg()[0]]
+        queries = query_times(url, run_id, args.repeats)
+        for what, r in queries.items():
+            print(f"query   {what:22s} first {r['first_s']:.3f} s  median {r['median_s']:.3f} s")
         app = apptest_times(url, run_id, args.repeats)
         for page, r in app.items():
             print(f"AppTest {page:9s} first {r['first_s']:.3f} s  median {r['median_s']:.3f} s")
@@ -356,22 +464,39 @@ def main() -> int:
                     )
         loads.append(os.getloadavg()[0])
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if args.keep:
+            print(f"kept database {name} (run {run_id}): --reuse {name}")
+        else:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-    if args.quick:
+    if args.quick or args.no_publish:
         print(machine_line(machine()))
         return 0
 
     def med(r: dict[str, float] | None) -> str:
         return "—" if r is None else f"{r['median_s']:.2f} s"
 
+    if scenario == "fleet":
+        title = f"## Dashboard page load at {clients:,} devices (cross-device run)"
+        what = (
+            f"`benchmarks/dashboard.py --fleet`: Postgres seeded in bulk with one run of "
+            f"{counts['clients']:,} registered clients and {counts['rounds']} done rounds of "
+            f"{per_round:,} sampled clients each ({counts['participations']:,} participations, "
+            f"{counts['events']:,} events: every client's join and ready, each selected "
+            "client's moves and accepted update)."
+        )
+    else:
+        title = f"## Dashboard page load ({clients:,} clients, {rounds} rounds)"
+        what = (
+            f"`benchmarks/dashboard.py`: Postgres seeded in bulk with {counts['clients']:,} "
+            f"clients, {counts['rounds']} done rounds, {counts['participations']:,} "
+            f"participations and {counts['events']:,} events."
+        )
     lines = [
-        "## Dashboard page load (1,000 clients, 200 rounds)",
+        title,
         "",
-        f"`benchmarks/dashboard.py`: Postgres seeded in bulk with {counts['clients']:,} clients, "
-        f"{counts['rounds']} done rounds, {counts['participations']:,} participations and "
-        f"{counts['events']:,} events. Medians of {args.repeats} (AppTest) and "
+        f"{what} Medians of {args.repeats} (AppTest) and "
         f"{browser_repeats} (browser) loads after a first one. **AppTest**: the "
         "page's script run (every query + rendering) under `streamlit.testing.v1.AppTest`. "
         "**Browser**: `fedmq dashboard` as a process and headless Chromium (Playwright), from "
@@ -391,6 +516,19 @@ def main() -> int:
             + " | ".join(med(web.get(way, {}).get(page)) for way in ("cold", "cached", "navigate"))
             + " |"
         )
+    if scenario == "fleet":
+        lines += [
+            "",
+            "The reads behind the pages, alone (`db/queries/dashboard.py`; median of "
+            f"{args.repeats} after a first call):",
+            "",
+            "| query | first | median |",
+            "|---|---:|---:|",
+            *(
+                f"| {q_} | {r['first_s'] * 1000:.1f} ms | {r['median_s'] * 1000:.1f} ms |"
+                for q_, r in queries.items()
+            ),
+        ]
     lines += [
         "",
         "The page's own work (AppTest) stays far under the target; a fresh tab's load is mostly "
@@ -399,10 +537,11 @@ def main() -> int:
         f"{min(loads):.1f} to {max(loads):.1f}.",
     ]
     publish(
-        "dashboard",
+        "dashboard-fleet" if scenario == "fleet" else "dashboard",
         "\n".join(lines),
-        {"clients": clients, "rounds": rounds, "counts": counts, "seed_s": seed_s,
-         "apptest": app, "browser": web, "target_s": TARGET_S, "load_average": loads},
+        {"clients": clients, "rounds": rounds, "per_round": per_round, "counts": counts,
+         "seed_s": seed_s, "queries": queries, "apptest": app, "browser": web,
+         "target_s": TARGET_S, "load_average": loads},
     )  # fmt: skip
     return 0
 

@@ -3,6 +3,8 @@ selector that every page reads."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import streamlit as st
 from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -11,9 +13,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from dashboard.config import DashboardConfig, from_env
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
+from db.queries import dashboard as dq
 from protocol.bus import Bus, connect
 
 RUN_KEY = "run_id"
+# Clients a picker lists at most: a select box of 100,000 options took seconds to send and
+# draw, so a larger fleet is searched instead.
+PICKER_LIMIT = 100
 
 
 def config() -> DashboardConfig:
@@ -84,3 +90,32 @@ def required_run() -> str:
     if run_id is None:
         st.stop()
     return run_id
+
+
+def client_picker(where: Any, key: str, *, everyone: bool = False) -> str | None:
+    """A select box of the current run's clients (``key``) in ``where`` (a column), small
+    however large the fleet: all of them up to ``PICKER_LIMIT``; beyond that a search box
+    above it (part of a name, or the start of an id) and the first matches, the client
+    already chosen always among them. ``everyone``: a first choice None, shown as "all"."""
+    run_id = current_run()
+    if run_id is None:
+        return None
+    chosen = st.session_state.get(key)
+    with session_scope(sessions()) as s:
+        total = dq.count_clients(s, run_id)
+        text = ""
+        if total > PICKER_LIMIT:
+            text = where.text_input("Find a client (name or id)", key=f"{key}_find")
+        names = dq.find_clients(s, run_id, text, PICKER_LIMIT)
+        if chosen is not None and chosen not in names:
+            names = {**dq.client_names(s, run_id, [chosen]), **names}
+    if total > PICKER_LIMIT:
+        where.caption(f"{len(names)} of {total} clients listed; type to find others")
+    options: list[str | None] = [None, *names] if everyone else list(names)
+    picked = where.selectbox(
+        "Client",
+        options,
+        format_func=lambda cid: "all" if cid is None else f"{names[cid]} ({cid[:8]})",
+        key=key,
+    )
+    return None if picked is None else str(picked)

@@ -149,7 +149,10 @@ def orchestrator(
 def run_create(
     name: str = typer.Option(..., help="Unique run name"),
     model: Path = typer.Option(..., help="Initial model: a full-values codec blob file"),
-    policy: str = typer.Option("{}", help="RoundPolicy fields as JSON"),
+    policy: str = typer.Option(
+        "{}",
+        help='RoundPolicy fields as JSON, e.g. {"max_clients": 1000, "selection": "availability"}',
+    ),
     strategy: str = typer.Option('{"name": "fedavg"}', help="Aggregation strategy as JSON"),
     train: str = typer.Option("{}", help="Train config sent to devices, as JSON"),
     run_id: str | None = typer.Option(None, help="Wire id (default: a fresh uuid)"),
@@ -165,6 +168,10 @@ def run_create(
 
     # The strategy's client settings (FedProx's mu) go into the train config the devices get.
     strategy_config, train_config = run_configs(json.loads(strategy), json.loads(train))
+    try:
+        round_policy = RoundPolicy.from_dict(json.loads(policy))
+    except (ValueError, TypeError) as e:  # bad JSON, an unknown field or a bad value
+        raise typer.BadParameter(str(e), param_hint="--policy") from e
     s = get_settings()
     _ensure_sqlite_dir(s.database_url)
     migrations.upgrade(s.database_url)
@@ -174,7 +181,7 @@ def run_create(
             session,
             name,
             model.read_bytes(),
-            policy=RoundPolicy(**json.loads(policy)),
+            policy=round_policy,
             strategy=strategy_config,
             train=train_config,
             run_id=run_id,

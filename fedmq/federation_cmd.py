@@ -50,6 +50,12 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     join_delay: float = JOIN_DELAY,
     quorum: float | None = QUORUM,
     deadline: float = DEADLINE,
+    max_clients: int | None = typer.Option(
+        None, min=1, help="At most this many devices per round (cross-device sampling)"
+    ),
+    selection: str = typer.Option(
+        "uniform", help="How a capped round draws its devices: uniform or availability"
+    ),
     split: bool = typer.Option(
         False, "--split", help="SplitFed: device heads/tails, the body on an edge session"
     ),
@@ -92,18 +98,23 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         return
     from fedmq.heterogeneity import Heterogeneity
     from fedmq.simulate import SimOptions, run
+    from orchestrator.state.policy import SELECTIONS
 
     if proximal_mu is not None and strategy.lower() != "fedprox":
         # The mu the devices train with is the strategy's: one source (fedmq/wiring.py).
         raise typer.BadParameter(
             "is FedProx's mu: use it with --strategy fedprox", param_hint="--proximal-mu"
         )
+    if selection not in SELECTIONS:
+        raise typer.BadParameter(f"one of {', '.join(SELECTIONS)}", param_hint="--selection")
     options = SimOptions(
         **common,
         proximal_mu=proximal_mu,
         strategy=strategy,
         encoding=encoding,
         quorum=quorum,
+        max_clients=max_clients,
+        selection=selection,
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
     )
     mode = (

@@ -61,6 +61,8 @@ class SimOptions:
     deadline_s: float = 120.0
     quorum: float | None = None  # default: 1.0, or 0.5 when devices may drop out
     min_clients: int | None = None  # default: the devices that are not late joiners
+    max_clients: int | None = None  # a cap on the devices of one round (None: no cap)
+    selection: str = "uniform"  # or "availability" (RoundPolicy.selection)
     heartbeat_timeout_s: float | None = None  # default: max(30, 6 heartbeats), 3 with dropouts
     heterogeneity: Heterogeneity = field(default_factory=Heterogeneity)
     out: Path = Path("fedmq-out")
@@ -140,18 +142,26 @@ def _start_fleet(s: Settings, run_id: str, o: SimOptions, stop: threading.Event)
 
 def policy_for(o: SimOptions, s: Settings) -> RoundPolicy:
     """The run's rules: all devices in every round unless some may drop out (then half of
-    them make a quorum, and a silent device is written off after 3 missed heartbeats)."""
+    them make a quorum, and a silent device is written off after 3 missed heartbeats), or
+    at most ``max_clients`` of them, drawn as ``selection`` says."""
     h = o.heterogeneity
     quorum = o.quorum if o.quorum is not None else (0.5 if h.dropout else 1.0)
     timeout = o.heartbeat_timeout_s
     if timeout is None:
         beats = 3 if h.dropout else 6
         timeout = max(3.0 if h.dropout else 30.0, beats * s.heartbeat_interval_s)
+    min_clients = o.min_clients or max(1, o.clients - h.late_joiners)
+    if o.max_clients is not None and o.min_clients is None:
+        # The default waits for the whole fleet; with a cap a round takes only so many, so
+        # it waits for that many (an explicit min_clients above the cap is refused).
+        min_clients = min(min_clients, o.max_clients)
     return RoundPolicy(
-        min_clients=o.min_clients or max(1, o.clients - h.late_joiners),
+        min_clients=min_clients,
         quorum_fraction=quorum,
         deadline_s=o.deadline_s,
         heartbeat_timeout_s=timeout,
+        max_clients=o.max_clients,
+        selection=o.selection,  # type: ignore[arg-type]  # RoundPolicy checks it
     )
 
 

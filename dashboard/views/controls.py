@@ -109,14 +109,7 @@ with right:
     if b.button("Resume", key="resume"):
         _send(CommandAction.RESUME)
     st.markdown("**Kick a client**")
-    with session_scope(data.sessions()) as s:
-        names = dq.client_names(s, run_id)
-    target = st.selectbox(
-        "Client",
-        list(names),
-        format_func=lambda cid: f"{names[cid]} ({cid[:8]})",
-        key="kick_client",
-    )
+    target = data.client_picker(st, "kick_client")
     if st.button("Kick", key="kick", disabled=target is None):
         _send(CommandAction.KICK, target_client=target)
 

@@ -19,25 +19,28 @@ st.title("Events")
 run_id = data.required_run()
 
 with session_scope(data.sessions()) as s:
-    names = dq.client_names(s, run_id)
     kinds = dq.event_kinds(s, run_id)
 c = st.columns([2, 1, 2, 1])
-client = c[0].selectbox(
-    "Client",
-    [None, *names],
-    format_func=lambda cid: "all" if cid is None else f"{names[cid]} ({cid[:8]})",
-    key="events_client",
-)
+client = data.client_picker(c[0], "events_client", everyone=True)
 number = int(c[1].number_input("Round (0: all)", 0, None, 0, key="events_round"))
 chosen = c[2].multiselect("Kinds", kinds, key="events_kinds")
 limit = int(c[3].selectbox("Show", [50, 100, 500], key="events_limit"))
 
 
-def _frame(events: list[Event], reason_only: bool = False) -> pd.DataFrame:
+def _short(value: Any) -> str:
+    """A detail value as a table cell: a round.opened of 1,000 devices lists them all, and
+    500 such rows made a page of megabytes."""
+    if isinstance(value, list) and len(value) > 5:
+        return f"[{len(value)} items]"
+    text = str(value)
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def _frame(events: list[Event], names: dict[str, str], reason_only: bool = False) -> pd.DataFrame:
     def detail(e: Event) -> str:
         if reason_only or "reason" in e.detail:
             return str(e.detail.get("reason", ""))
-        return ", ".join(f"{k}={v}" for k, v in list(e.detail.items())[:6])
+        return ", ".join(f"{k}={_short(v)}" for k, v in list(e.detail.items())[:6])
 
     rows: list[dict[str, Any]] = [
         {
@@ -61,16 +64,18 @@ def log() -> None:
             s, run_id, client_id=client, round=number or None, kinds=chosen, limit=limit
         )
         refused = dq.list_refusals(s, run_id, limit=limit)
+        # The names of the clients shown only, not of the whole fleet.
+        names = dq.client_names(s, run_id, {e.client_id for e in events + refused if e.client_id})
     st.subheader("Log")
     st.caption(f"{len(events)} newest of {total} events in this run")
-    st.dataframe(_frame(events), hide_index=True, width="stretch")
+    st.dataframe(_frame(events, names), hide_index=True, width="stretch")
     st.subheader("Refused and dead-lettered")
     st.caption(
         "Messages the orchestrator refused (dead-lettered on the bus with the reason) and "
         "refused commands."
     )
     if refused:
-        st.dataframe(_frame(refused, reason_only=True), hide_index=True, width="stretch")
+        st.dataframe(_frame(refused, names, reason_only=True), hide_index=True, width="stretch")
     else:
         st.success("Nothing refused.")
 

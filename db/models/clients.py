@@ -15,7 +15,8 @@ from db.models.types import json_default, utcnow
 
 class Client(Base):
     __tablename__ = "clients"
-    __table_args__ = (Index(None, "run_id", "state"),)
+    # (run_id, joined_at, id): the dashboard pages a run's clients in joining order.
+    __table_args__ = (Index(None, "run_id", "state"), Index(None, "run_id", "joined_at", "id"))
 
     # uuid4 hex minted at registration; a device's own name is only ever display_name.
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -205,7 +205,7 @@ def client_page(
             .where(Participation.client_id.in_(ids))
             .group_by(Participation.client_id)
         ):
-            sums[cid] = (samples, int(nbytes))
+            sums[cid] = (samples, int(nbytes or 0))
         newest = (
             select(
                 Participation.client_id,
@@ -238,13 +238,35 @@ def client_page(
     return ClientPage(total=total, rows=rows)
 
 
-def client_names(session: Session, run_id: str) -> dict[str, str]:
-    """Client id -> display name, for the filters (one narrow row per client)."""
-    stmt = (
-        select(Client.id, Client.display_name)
-        .where(Client.run_id == run_id)
-        .order_by(Client.joined_at, Client.id)
-    )
+def client_names(session: Session, run_id: str, ids: Iterable[str] | None = None) -> dict[str, str]:
+    """Client id -> display name, in joining order: of ``ids`` only (the clients a page
+    shows), or of every client of the run (one narrow row each: for small runs only; a
+    picker over a large fleet uses ``find_clients``)."""
+    stmt = select(Client.id, Client.display_name).where(Client.run_id == run_id)
+    if ids is not None:
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        stmt = stmt.where(Client.id.in_(wanted))
+    stmt = stmt.order_by(Client.joined_at, Client.id)
+    return {cid: name for cid, name in session.execute(stmt)}
+
+
+def find_clients(session: Session, run_id: str, text: str = "", limit: int = 100) -> dict[str, str]:
+    """Client id -> display name for a picker: at most ``limit`` clients in joining order
+    whose name contains ``text`` (any case) or whose id starts with it; the first ``limit``
+    clients without ``text``. A run of 100,000 devices cannot fill a select box: the
+    operator types part of a name or id instead."""
+    stmt = select(Client.id, Client.display_name).where(Client.run_id == run_id)
+    text = text.strip()
+    if text:
+        stmt = stmt.where(
+            or_(
+                Client.display_name.icontains(text, autoescape=True),
+                Client.id.startswith(text, autoescape=True),
+            )
+        )
+    stmt = stmt.order_by(Client.joined_at, Client.id).limit(limit)
     return {cid: name for cid, name in session.execute(stmt)}
 
 

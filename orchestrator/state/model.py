@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from orchestrator.state.policy import RoundPolicy
+from orchestrator.state.policy import AVAILABILITY_PRIOR, RoundPolicy
 from protocol.messages import ClientState, RoundState
 
 # Clients a new round may select: ready ones, and those whose part in the last round is over.
@@ -38,6 +38,9 @@ class ClientRecord:
     eligible_from: int
     # Why it is offline ("left", "kicked", "timeout"); None while it is not. Kicked is final.
     offline_reason: str | None = None
+    # Observed availability in [0, 1], the weight of ``selection="availability"``
+    # (policy.observe; updated by Tx.set_client). Kept across leaving and rejoining.
+    availability: float = AVAILABILITY_PRIOR
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,12 @@ def open_next(tx: Tx) -> str | None:
     if not eligible:
         return f"attempt {attempt} of round {number} needs a ready client that has not reported"
 
-    fresh = select_clients(tx.base.run_id, number, attempt, eligible, len(carried), tx.policy)
+    weights = None
+    if tx.policy.selection == "availability":
+        weights = {cid: tx.clients[cid].availability for cid in eligible}
+    fresh = select_clients(
+        tx.base.run_id, number, attempt, eligible, len(carried), tx.policy, weights
+    )
     selected = tuple(sorted(carried_ids.union(fresh)))
     offline = ClientState.OFFLINE
     tx.round = Round(

@@ -32,10 +32,12 @@ def client_to_dict(c: ClientRecord) -> dict[str, Any]:
         "last_seen": c.last_seen,
         "eligible_from": c.eligible_from,
         "offline_reason": c.offline_reason,
+        "availability": c.availability,
     }
 
 
 def client_from_dict(d: dict[str, Any]) -> ClientRecord:
+    # A record saved before availability was kept has none: it starts at the prior.
     return ClientRecord(**{**d, "state": ClientState(d["state"])})
 
 
@@ -89,7 +91,7 @@ def from_dict(d: dict[str, Any]) -> Federation:
     clients = [client_from_dict(c) for c in d["clients"]]
     return Federation(
         run_id=d["run_id"],
-        policy=RoundPolicy(**d["policy"]),
+        policy=RoundPolicy.from_dict(d["policy"]),
         clients={c.client_id: c for c in clients},
         round=None if d["round"] is None else round_from_dict(d["round"]),
         autorun_remaining=d["autorun_remaining"],
@@ -170,7 +172,7 @@ def join(head: Mapping[str, Any], parts: Iterable[tuple[str, Mapping[str, Any]]]
         raise ValueError(f"snapshot of run {head['run_id']}: updates without a round")
     return Federation(
         run_id=head["run_id"],
-        policy=RoundPolicy(**head["policy"]),
+        policy=RoundPolicy.from_dict(head["policy"]),
         clients=dict(sorted(clients.items())),
         round=rnd,
         autorun_remaining=head["autorun_remaining"],

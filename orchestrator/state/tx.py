@@ -12,7 +12,7 @@ from typing import Any
 from orchestrator.state.clientmap import Draft
 from orchestrator.state.effects import ClientStateChanged, ClientWentOffline, Effect
 from orchestrator.state.model import ClientRecord, Federation, Round
-from orchestrator.state.policy import RoundPolicy
+from orchestrator.state.policy import RoundPolicy, observe
 from protocol.messages import ClientState, RoundState
 
 
@@ -76,7 +76,13 @@ class Tx:
         return record
 
     def set_client(self, client_id: str, **changes: Any) -> None:
-        self.clients[client_id] = replace(self.clients[client_id], **changes)
+        old = self.clients[client_id]
+        new = replace(old, **changes)
+        if new.state is not old.state:
+            present = _was_there(old.state, new.state, new.offline_reason)
+            if present is not None:
+                new = replace(new, availability=observe(old.availability, present))
+        self.clients[client_id] = new
 
     def touch(self, client_id: str) -> None:
         self.set_client(client_id, last_seen=self.now)
@@ -106,3 +112,21 @@ class Tx:
     def set_round(self, **changes: Any) -> None:
         assert self.round is not None
         self.round = replace(self.round, **changes)
+
+
+def _was_there(old: ClientState, new: ClientState, offline_reason: str | None) -> bool | None:
+    """What a client's move says about its availability (None: nothing).
+
+    A selected client (training) that reports its update was there; one that leaves training
+    any other way (its attempt closed or failed without its update, it dropped out, left or
+    timed out) was not. A client that leaves or times out while not selected was not there
+    to be asked either. A kick is the operator's doing and says nothing. Every such move
+    rewrites the client's record anyway, so keeping availability costs no extra write.
+    """
+    if old is ClientState.TRAINING:
+        if new is ClientState.UPDATE:
+            return True
+        return None if offline_reason == "kicked" else False
+    if new is ClientState.OFFLINE and offline_reason in ("left", "timeout"):
+        return False
+    return None

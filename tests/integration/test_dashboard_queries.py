@@ -162,3 +162,22 @@ def test_a_plain_run_has_no_edge_body(engine: Engine, run: tuple[str, list[str]]
     with session_scope(engine) as s:
         ov = dq.run_overview(s, run[0])
     assert ov is not None and ov.edge_body is None
+
+
+def test_the_client_picker_finds_by_name_or_id_prefix_in_joining_order(
+    engine: Engine, run: tuple[str, list[str]]
+) -> None:
+    run_id, ids = run
+    with session_scope(engine) as s:
+        assert list(dq.find_clients(s, run_id)) == ids
+        assert dq.find_clients(s, run_id, " DEVICE-2 ") == {ids[2]: "device-2"}
+        assert ids[1] in dq.find_clients(s, run_id, ids[1][:8])
+        assert list(dq.find_clients(s, run_id, "device", limit=2)) == ids[:2]
+        # LIKE's wildcards are searched for as characters, not as patterns.
+        assert dq.find_clients(s, run_id, "%") == dq.find_clients(s, run_id, "_") == {}
+        assert dq.find_clients(s, "nope") == {}
+        # Names of the clients a page shows, not of the whole run.
+        shown = dq.client_names(s, run_id, [ids[3], ids[0], "someone-else"])
+        assert shown == {ids[0]: "device-0", ids[3]: "device-3"}
+        assert dq.client_names(s, run_id, []) == {}
+        assert list(dq.client_names(s, run_id)) == ids

@@ -52,17 +52,24 @@ client_events = st.one_of(
     *(st.builds(make, client_ids) for make in (ClientLeft, ClientKicked)),
     st.builds(ClientSignal, client_ids, st.sampled_from(list(ClientState))),
 )
-policies = st.builds(
-    RoundPolicy,
-    min_clients=st.integers(1, 3),
-    fraction=st.sampled_from([1.0, 0.5]),
-    quorum_fraction=st.sampled_from([0.5, 1.0]),
-    quorum_count=st.sampled_from([None, None, 2]),
-    deadline_s=st.just(100.0),
-    heartbeat_timeout_s=st.sampled_from([30.0, 1000.0]),
-    max_attempts=st.integers(1, 3),
-    max_aggregation_retries=st.integers(0, 2),
-)
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> RoundPolicy:
+    min_clients = draw(st.integers(1, 3))
+    return RoundPolicy(
+        min_clients=min_clients,
+        fraction=draw(st.sampled_from([1.0, 0.5])),
+        quorum_fraction=draw(st.sampled_from([0.5, 1.0])),
+        quorum_count=draw(st.sampled_from([None, None, 2])),
+        deadline_s=100.0,
+        heartbeat_timeout_s=draw(st.sampled_from([30.0, 1000.0])),
+        max_attempts=draw(st.integers(1, 3)),
+        max_aggregation_retries=draw(st.integers(0, 2)),
+        # A cap at min_clients or one above it: below the fleet, so that it bites.
+        max_clients=draw(st.sampled_from([None, min_clients, min_clients + 1])),
+        selection=draw(st.sampled_from(["uniform", "availability"])),
+    )
 
 
 class RoundMachine(RuleBasedStateMachine):
@@ -78,7 +85,7 @@ class RoundMachine(RuleBasedStateMachine):
         self.failed: set[int] = set()
 
     @initialize(
-        policy=policies,
+        policy=policies(),
         ready=st.lists(st.sampled_from(CLIENTS), unique=True, max_size=len(CLIENTS)),
         autorun=st.sampled_from([None, 1, 3]),
     )
@@ -233,6 +240,7 @@ class RoundMachine(RuleBasedStateMachine):
         assert fed.autorun_remaining is None or fed.autorun_remaining >= 0
         for cid, record in fed.clients.items():
             assert record.client_id == cid and record.state in ClientState
+            assert 0.0 <= record.availability <= 1.0
             assert (record.state is ClientState.OFFLINE) == (record.offline_reason is not None)
         rnd = fed.round
         if rnd is None:
@@ -242,6 +250,7 @@ class RoundMachine(RuleBasedStateMachine):
         selected, received = set(rnd.selected), rnd.received_clients
         assert selected and selected <= set(fed.clients)
         assert len(selected) >= fed.policy.min_clients
+        assert fed.policy.max_clients is None or len(selected) <= fed.policy.max_clients
         assert received <= selected and len(received) == len(rnd.received)
         assert set(rnd.dropped) <= selected and not set(rnd.dropped) & set(rnd.expected)
         assert 1 <= rnd.quorum <= len(selected)
@@ -280,8 +289,11 @@ class RoundMachine(RuleBasedStateMachine):
         """Accepted updates get aggregated, or wait in their round, or their round failed."""
         rnd = self.fed.round
         for number, got in self.accepted.items():
-            waiting = rnd is not None and rnd.number == number
-            waiting = waiting and (rnd.state is RoundState.OPEN or rnd.retry_pending)
+            waiting = (
+                rnd is not None
+                and rnd.number == number
+                and (rnd.state is RoundState.OPEN or rnd.retry_pending)
+            )
             assert not got or number in self.dispatched or number in self.failed or waiting
 
 
