@@ -110,7 +110,9 @@ def on_aggregation_failed(tx: Tx, ev: AggregationFailed) -> None:
         retry = rnd.aggregation_retries + 1
         tx.set_round(aggregation_retries=retry)
         tx.emit(
-            DispatchAggregate(rnd.number, rnd.attempt, rnd.received, rnd.base_model_version, retry)
+            DispatchAggregate(
+                rnd.number, rnd.attempt, tuple(rnd.received), rnd.base_model_version, retry
+            )
         )
         return
     reason = f"aggregation failed: {ev.error}"

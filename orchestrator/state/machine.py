@@ -125,7 +125,7 @@ def _signal(tx: Tx, client_id: str, state: ClientState) -> None:
 def _on_update(tx: Tx, ev: UpdateReceived) -> None:
     tx.client(ev.client_id)
     rnd = tx.round
-    if rnd is not None and rnd.number == ev.round and ev.client_id in rnd.received_clients:
+    if rnd is not None and rnd.number == ev.round and rnd.has_received(ev.client_id):
         raise Refused(
             f"duplicate update from {ev.client_id} for round {ev.round}; the first is kept",
             ignored=True,

@@ -7,9 +7,11 @@ equal and save to the same rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from itertools import islice
+from typing import NamedTuple, overload
 
 from orchestrator.state.policy import AVAILABILITY_PRIOR, RoundPolicy
 from protocol.messages import ClientState, RoundState
@@ -43,6 +45,94 @@ class ClientRecord:
     availability: float = AVAILABILITY_PRIOR
 
 
+class _Log:
+    """The storage several ``Received`` versions share: updates in order, and each client's
+    position."""
+
+    __slots__ = ("index", "items", "lock")
+
+    def __init__(self, items: Sequence[Update]) -> None:
+        self.items: list[Update] = list(items)
+        self.index: dict[str, int] = {}
+        for i, u in enumerate(self.items):
+            self.index.setdefault(u.client_id, i)
+        self.lock = threading.Lock()
+
+
+class Received(Sequence[Update]):
+    """A round's received updates: an immutable sequence (equal to the tuple of its items)
+    whose ``append`` is O(1) when it extends the newest version, as a round's history does.
+
+    It was a tuple, copied whole with every update, and the received ids a frozenset copied
+    likewise: O(received) per update, quadratic in a round (10,000 updates: 50 million
+    copies). Versions share one append-only list; a version knows its length, so appending
+    to an older one (a step whose result was thrown away) copies its prefix first.
+    """
+
+    __slots__ = ("_log", "_n")
+
+    def __init__(self, items: Sequence[Update] = (), *, _log: _Log | None = None) -> None:
+        self._log = _Log(items) if _log is None else _log
+        self._n = len(items) if _log is None else len(_log.items)
+
+    @classmethod
+    def of(cls, items: Sequence[Update]) -> Received:
+        return items if isinstance(items, Received) else cls(items)
+
+    def append(self, update: Update) -> Received:
+        log = self._log
+        with log.lock:
+            if len(log.items) != self._n:
+                log = _Log(log.items[: self._n])
+            log.index.setdefault(update.client_id, len(log.items))
+            log.items.append(update)
+            new = Received(_log=log)
+            new._n = self._n + 1
+            return new
+
+    def has_client(self, client_id: str) -> bool:
+        return self._log.index.get(client_id, self._n) < self._n
+
+    def shares_log(self, other: Sequence[Update]) -> bool:
+        """Whether ``other`` is a version of the same history (then the shorter one is a
+        prefix of the longer)."""
+        return isinstance(other, Received) and other._log is self._log
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> Update: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Update, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Update | tuple[Update, ...]:
+        if isinstance(i, slice):
+            return tuple(self._log.items[: self._n][i])
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._log.items[i]
+
+    def __iter__(self) -> Iterator[Update]:
+        return islice(self._log.items, self._n)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Received) and other._log is self._log:
+            return other._n == self._n
+        if isinstance(other, Received | tuple | list):
+            return len(other) == self._n and all(a == b for a, b in zip(self, other, strict=False))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
 @dataclass(frozen=True, slots=True)
 class Round:
     """One round attempt. A retry replaces it with ``attempt + 1`` and the same ``number``."""
@@ -55,7 +145,7 @@ class Round:
     opened_at: float
     deadline: float
     base_model_version: int
-    received: tuple[Update, ...] = ()
+    received: Sequence[Update] = ()
     dropped: tuple[str, ...] = ()
     aggregation_retries: int = 0
     model_version: int | None = None
@@ -64,32 +154,36 @@ class Round:
     retry_pending: bool = False
     failure: str | None = None
 
-    # (selected, received client ids) as sets, made on first use: every update asks whether
-    # its client is selected and whether anyone is left, and scanning the tuples made each
-    # update cost O(fleet). Not a field of the state: not compared, copied or stored.
-    _sets: tuple[frozenset[str], frozenset[str]] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    # The selected client ids as a set, made on first use: every update asks whether its
+    # client is selected, and scanning the tuple made each update cost O(fleet). Not a field
+    # of the state: not compared, copied or stored. Received ids: ``Received.has_client``.
+    _selected: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def _index(self) -> tuple[frozenset[str], frozenset[str]]:
-        sets = self._sets
-        if sets is None:
-            sets = (frozenset(self.selected), frozenset(u.client_id for u in self.received))
-            object.__setattr__(self, "_sets", sets)
-        return sets
+    def _selected_set(self) -> frozenset[str]:
+        sel = self._selected
+        if sel is None:
+            sel = frozenset(self.selected)
+            object.__setattr__(self, "_selected", sel)
+        return sel
 
     @property
     def received_clients(self) -> frozenset[str]:
-        return self._index()[1]
+        return frozenset(u.client_id for u in self.received)
+
+    def has_received(self, client_id: str) -> bool:
+        return Received.of(self.received).has_client(client_id)
 
     def is_selected(self, client_id: str) -> bool:
-        return client_id in self._index()[0]
+        return client_id in self._selected_set()
 
     def with_update(self, update: Update) -> Round:
-        """This round with ``update`` received (its index carried over, not rebuilt)."""
-        new = replace(self, received=(*self.received, update))
-        selected, received = self._index()
-        object.__setattr__(new, "_sets", (selected, received | {update.client_id}))
+        """This round with ``update`` received (O(1): see ``Received``; the selected set is
+        carried over, not rebuilt)."""
+        received = Received.of(self.received)
+        if received is not self.received:
+            object.__setattr__(self, "received", received)  # same items, now appendable
+        new = replace(self, received=received.append(update))
+        object.__setattr__(new, "_selected", self._selected_set())
         return new
 
     @property
@@ -101,10 +195,11 @@ class Round:
     @property
     def anyone_expected(self) -> bool:
         """Whether ``expected`` is not empty, without listing it."""
-        selected, received = self._index()
+        selected = self._selected_set()
+        received = Received.of(self.received)
         # Received clients are all selected (the machine refuses others); dropped ones are
         # few, and may have reported before they dropped.
-        gone = {c for c in self.dropped if c in selected and c not in received}
+        gone = {c for c in self.dropped if c in selected and not received.has_client(c)}
         return len(selected) - len(received) - len(gone) > 0
 
     @property

@@ -94,7 +94,7 @@ def close(tx: Tx, reason: str) -> None:
     tx.set_round(state=RoundState.AGGREGATING)
     tx.emit(
         RoundClosed(rnd.number, rnd.attempt, len(rnd.received), reason),
-        DispatchAggregate(rnd.number, rnd.attempt, rnd.received, rnd.base_model_version, 0),
+        DispatchAggregate(rnd.number, rnd.attempt, tuple(rnd.received), rnd.base_model_version, 0),
     )
     for cid in rnd.expected:
         tx.move(cid, ClientState.READY, f"round {rnd.number} closed without its update")

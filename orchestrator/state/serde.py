@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from orchestrator.state.clientmap import changed_since
-from orchestrator.state.model import ClientRecord, Federation, Round, Update
+from orchestrator.state.model import ClientRecord, Federation, Received, Round, Update
 from orchestrator.state.policy import RoundPolicy
 from protocol.messages import ClientState, RoundState
 
@@ -223,11 +223,14 @@ def changes(old: Federation | None, new: Federation) -> Changes:
     old_r = old.round.received if old.round is not None else ()
     new_r = new.round.received if new.round is not None else ()
     if new_r is not old_r:
-        same = 0
-        for a, b in zip(old_r, new_r, strict=False):
-            if a is not b and a != b:
-                break
-            same += 1
+        if isinstance(new_r, Received) and new_r.shares_log(old_r):
+            same = min(len(old_r), len(new_r))  # one history: the shorter is a prefix
+        else:
+            same = 0
+            for a, b in zip(old_r, new_r, strict=False):
+                if a is not b and a != b:
+                    break
+                same += 1
         for i in range(same, len(new_r)):
             out.upserts[update_key(i)] = new_r[i]._asdict()
         out.deletes.extend(update_key(i) for i in range(len(new_r), len(old_r)))

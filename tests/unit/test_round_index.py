@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.state import Round, Update
+from orchestrator.state.model import Received
 from protocol.messages import RoundState
 
 IDS = [f"c{i}" for i in range(12)]
@@ -50,3 +51,28 @@ def test_with_update_carries_the_index_and_replace_rebuilds_it(rnd: Round) -> No
         assert rnd.received_clients == fresh.received_clients
         assert rnd.anyone_expected == fresh.anyone_expected == bool(fresh.expected)
         assert rnd == fresh
+
+
+@given(st.lists(st.integers(0, 30), max_size=60), st.lists(st.integers(0, 60), max_size=10))
+def test_received_versions_share_a_log_and_a_fork_copies(ids: list[int], forks: list[int]) -> None:
+    """Each version of a round's received updates reads exactly as the tuple it stands for,
+    whatever was appended to older or newer versions of the same history since."""
+    versions = [Received()]
+    expected: list[tuple[Update, ...]] = [()]
+    for i in ids:
+        u = Update(f"c{i}", f"ref{i}", i + 1)
+        versions.append(versions[-1].append(u))
+        expected.append((*expected[-1], u))
+    # Appending to older versions (a step thrown away, then another from the same state).
+    for k in forks:
+        if k < len(versions):
+            u = Update(f"fork{k}", "x", 1)
+            versions.append(versions[k].append(u))
+            expected.append((*expected[k], u))
+    everyone = {u.client_id for e in expected for u in e} | {"nobody"}
+    for v, e in zip(versions, expected, strict=True):
+        assert v == e and tuple(v) == e and len(v) == len(e) and hash(v) == hash(e)
+        present = {u.client_id for u in e}
+        assert all(v.has_client(c) == (c in present) for c in everyone)
+        if e:
+            assert v[-1] == e[-1] and v[0:2] == e[0:2]
