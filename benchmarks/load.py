@@ -521,6 +521,11 @@ def main() -> int:
         "--big", type=int, default=100, help="devices sending ~1 MB updates (0: no)"
     )
     parser.add_argument("--no-sweep", action="store_true", help="skip the latency sweep")
+    parser.add_argument(
+        "--name",
+        default="load",
+        help="the docs section and JSON file it writes (e.g. load-10k for a second fleet size)",
+    )
     args = parser.parse_args()
     scratch = make_scratch("fedmq_floor")
     try:
@@ -547,7 +552,7 @@ def main() -> int:
     print(table)
     print(machine_line(machine()))
     if not args.quick:
-        publish("load", table, r)
+        publish(args.name, table, r)
     ok = [x for x in (r, r.get("old"), big) if x is not None]
     return 0 if all(x["lost"] == 0 and x["aggregated"] == x["devices"] for x in ok) else 1
 
