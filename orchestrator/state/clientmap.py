@@ -21,10 +21,36 @@ _FOLD_MIN = 64
 _FOLD_SHARE = 8
 
 
-class ClientMap(Mapping[str, ClientRecord]):
-    """An immutable mapping of client id to record (see the module's docstring)."""
+class _Overlay(Mapping[str, ClientRecord]):
+    """Reads of ``_upper`` over ``_lower``: the records changed over those they replace."""
 
-    __slots__ = ("_base", "_len", "_top")
+    __slots__ = ()
+    _lower: Mapping[str, ClientRecord]
+    _upper: dict[str, ClientRecord]
+
+    def __getitem__(self, key: str) -> ClientRecord:
+        try:
+            return self._upper[key]
+        except KeyError:
+            return self._lower[key]
+
+    def get(self, key: str, default: ClientRecord | None = None) -> ClientRecord | None:  # type: ignore[override]
+        rec = self._upper.get(key)
+        return rec if rec is not None else self._lower.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._upper or key in self._lower
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._lower
+        yield from (k for k in self._upper if k not in self._lower)
+
+
+class ClientMap(_Overlay):
+    """An immutable mapping of client id to record (see the module's docstring): ``_lower``
+    the base, ``_upper`` the records changed or added since."""
+
+    __slots__ = ("_len", "_lower", "_upper")
 
     def __init__(
         self,
@@ -33,10 +59,12 @@ class ClientMap(Mapping[str, ClientRecord]):
         *,
         size: int | None = None,
     ) -> None:
-        self._base = base
-        self._top: dict[str, ClientRecord] = top or {}
+        self._lower = base
+        self._upper: dict[str, ClientRecord] = top or {}
         # ``size`` from ``extend``, which knows it without walking ``top``.
-        self._len = len(base) + sum(1 for k in self._top if k not in base) if size is None else size
+        self._len = (
+            len(base) + sum(1 for k in self._upper if k not in base) if size is None else size
+        )
 
     @classmethod
     def extend(
@@ -45,29 +73,12 @@ class ClientMap(Mapping[str, ClientRecord]):
         """``parent`` with ``changes`` applied (``parent`` is left as it was)."""
         size = len(parent) + sum(1 for k in changes if k not in parent)
         if isinstance(parent, ClientMap):
-            base, top = parent._base, {**parent._top, **changes}
+            base, top = parent._lower, {**parent._upper, **changes}
         else:
             base, top = parent, dict(changes)
         if len(top) > max(_FOLD_MIN, len(base) // _FOLD_SHARE):
             return cls({**base, **top}, size=size)
         return cls(base, top, size=size)
-
-    def __getitem__(self, key: str) -> ClientRecord:
-        try:
-            return self._top[key]
-        except KeyError:
-            return self._base[key]
-
-    def get(self, key: str, default: ClientRecord | None = None) -> ClientRecord | None:  # type: ignore[override]
-        rec = self._top.get(key)
-        return rec if rec is not None else self._base.get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._top or key in self._base
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._base
-        yield from (k for k in self._top if k not in self._base)
 
     def __len__(self) -> int:
         return self._len
@@ -83,49 +94,33 @@ def changed_since(
     do; every id of ``new`` when the two share no base), and whether ``new`` may lack some
     of ``old``'s ids (never when it was made from ``old`` by drafts, which cannot delete)."""
     if isinstance(new, ClientMap):
-        if new._base is old:
-            return list(new._top), False
-        if isinstance(old, ClientMap) and old._base is new._base:
-            return [*new._top, *(k for k in old._top if k not in new._top)], False
+        if new._lower is old:
+            return list(new._upper), False
+        if isinstance(old, ClientMap) and old._lower is new._lower:
+            return [*new._upper, *(k for k in old._upper if k not in new._upper)], False
     return list(new), True
 
 
-class Draft(MutableMapping[str, ClientRecord]):
-    """A step's working copy: reads fall through to the federation's map, writes stay here."""
+class Draft(_Overlay, MutableMapping[str, ClientRecord]):
+    """A step's working copy: reads fall through to the federation's map (``_lower``),
+    writes stay here (``_upper``)."""
 
-    __slots__ = ("base", "changes")
+    __slots__ = ("_lower", "_upper")
 
     def __init__(self, base: Mapping[str, ClientRecord]) -> None:
-        self.base = base
-        self.changes: dict[str, ClientRecord] = {}
-
-    def __getitem__(self, key: str) -> ClientRecord:
-        try:
-            return self.changes[key]
-        except KeyError:
-            return self.base[key]
-
-    def get(self, key: str, default: ClientRecord | None = None) -> ClientRecord | None:  # type: ignore[override]
-        rec = self.changes.get(key)
-        return rec if rec is not None else self.base.get(key, default)
+        self._lower = base
+        self._upper: dict[str, ClientRecord] = {}
 
     def __setitem__(self, key: str, value: ClientRecord) -> None:
-        self.changes[key] = value
+        self._upper[key] = value
 
     def __delitem__(self, key: str) -> None:
         # The machine never forgets a client (an offline one stays, with its reason).
         raise TypeError("client records are never deleted")
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.changes or key in self.base
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.base
-        yield from (k for k in self.changes if k not in self.base)
-
     def __len__(self) -> int:
-        return len(self.base) + sum(1 for k in self.changes if k not in self.base)
+        return len(self._lower) + sum(1 for k in self._upper if k not in self._lower)
 
     def result(self) -> Mapping[str, ClientRecord]:
         """The new federation's map: the same object as before when nothing changed."""
-        return ClientMap.extend(self.base, self.changes) if self.changes else self.base
+        return ClientMap.extend(self._lower, self._upper) if self._upper else self._lower

@@ -65,5 +65,5 @@ def test_many_changes_fold_into_a_new_base_and_the_old_maps_are_untouched() -> N
     assert all(v.last_seen == 0.0 for v in base.values())  # the base was never written
     last = maps[-1]
     assert sum(1 for v in last.values() if v.last_seen == 1.0) == 400
-    assert len(last._top) <= max(64, len(base) // 8)  # folded on the way
+    assert len(last._upper) <= max(64, len(base) // 8)  # folded on the way
     assert maps[10]["c9"].last_seen == 1.0 and maps[10]["c10"].last_seen == 0.0
