@@ -26,6 +26,7 @@ from db.models import (
     utcnow,
 )
 from db.queries._sql import changed, dialect_insert, insert_ignore, insert_many_ignore
+from db.queries.leases import INBOX_CHANNEL, notify
 
 
 def lock_run(session: Session, run_id: str) -> Run | None:
@@ -345,9 +346,12 @@ def put_inbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
     """Queue stored updates for counting (one INSERT); each row holds run_id, round,
     client_id, message_id, update_sha, num_samples, bytes, metrics. Returns the message ids
     queued: a row whose (run, round, client) already waits is skipped (a second update from
-    that client for the round is a duplicate before it is even counted)."""
+    that client for the round is a duplicate before it is even counted).
+
+    On Postgres the commit also notifies ``INBOX_CHANNEL`` with each run that got a row, so
+    that the run's lease holder, in whatever process, counts it at once."""
     now = utcnow()
-    return cast(
+    queued = cast(
         set[str],
         insert_many_ignore(
             session,
@@ -357,6 +361,8 @@ def put_inbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
             InboxUpdate.message_id,
         ),
     )
+    notify(session, INBOX_CHANNEL, (r["run_id"] for r in rows if r["message_id"] in queued))
+    return queued
 
 
 def take_inbox(session: Session, run_id: str, limit: int) -> list[InboxUpdate]:
