@@ -30,21 +30,27 @@ from db.queries.leases import INBOX_CHANNEL, notify
 
 
 def lock_run(session: Session, run_id: str) -> Run | None:
-    """The run row, locked for the rest of the transaction (FOR UPDATE on Postgres; SQLite's
-    BEGIN IMMEDIATE already serialises writers). Every step of a run's machine holds it, so
-    two consumers (threads or processes) never step the same run at once."""
+    """The run row, locked for the rest of the transaction (FOR NO KEY UPDATE on Postgres;
+    SQLite's BEGIN IMMEDIATE already serialises writers). Every step of a run's machine
+    holds it, so two consumers (threads or processes) never step the same run at once.
+
+    Not FOR UPDATE: that also blocks the KEY SHARE lock every insert of a row referencing
+    the run takes (an ``update_inbox`` row stored by ingest, a lease claimed by a replica),
+    which would make those wait for the machine's steps they are meant to run beside."""
     return session.scalar(
         select(Run)
         .options(defer(Run.machine))  # the snapshot is read by read_machine, when needed
         .where(Run.id == run_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )
 
 
 def lock_machine_seq(session: Session, run_id: str) -> int | None:
     """``lock_run`` reading only the snapshot's sequence number; None: no such run."""
-    return session.scalar(select(Run.machine_seq).where(Run.id == run_id).with_for_update())
+    return session.scalar(
+        select(Run.machine_seq).where(Run.id == run_id).with_for_update(key_share=True)
+    )
 
 
 def machine_seq(session: Session, run_id: str) -> int | None:
