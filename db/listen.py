@@ -72,7 +72,10 @@ class Listener:
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self._url, autocommit=True, application_name=self._name)
         for sql, params in self._setup:
-            conn.execute(sql, params)  # type: ignore[arg-type]
+            row = conn.execute(sql, params).fetchone()  # type: ignore[arg-type]
+            if row is not None and row[0] is False:
+                # A try-lock another session holds: two processes given one replica id.
+                log.error("%s: %s returned false on connecting", self._name, sql)
         for channel in self._channels:
             conn.execute(f'LISTEN "{channel}"')  # type: ignore[arg-type]
         return conn

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table, delete, event, func, insert, select, update
+from sqlalchemy import Insert, Table, delete, event, func, insert, select, text, update
 from sqlalchemy.orm import Session, defer
 
 from db.models import (
@@ -287,6 +287,21 @@ def record_effects(
         table = cast(Table, Event.__table__)
         session.execute(insert(table), [{**e, "run_id": run_id, "ts": now} for e in events])
     _queue(session, [{"run_id": run_id, "kind": "event", "payload": p} for p in payloads])
+
+
+# Key of the advisory lock one outbox drainer at a time holds (ASCII "fedo", 0).
+_OUTBOX_LOCK = (0x6665646F, 0)
+
+
+def lock_outbox(session: Session) -> None:
+    """Postgres: wait until no other drainer (of any process) holds the outbox, then hold
+    it until this transaction ends; or two replicas read the same pending rows and send
+    each twice. SQLite is one process, whose drainers a thread lock already orders."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:k1, :k2)"),
+            {"k1": _OUTBOX_LOCK[0], "k2": _OUTBOX_LOCK[1]},
+        )
 
 
 def pending_outbox(session: Session, limit: int = 200) -> list[OutboxItem]:
