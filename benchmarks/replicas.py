@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import machine, machine_line, publish
+from _report import RESULTS, machine, machine_line, publish, write_section
 from _scratch import drop_scratch, make_scratch
 from floor import measure as measure_floor
 from load import PER_TX, THREADS, LoadAverage, model, pct, peak_rss_mb, publish_all, trained, wait
@@ -81,6 +82,20 @@ def queue_depth(vhost: str, queue: str) -> int:
         if name == queue:
             return int(depth)
     return 0
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, over all cores."""
+    values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / tick, sum(values) / tick
 
 
 def run(replicas: int, runs: int, devices: int) -> dict[str, Any]:
@@ -195,6 +210,9 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
         reader = bus.consume_batches(
             replies, on_replies, batching=Batching(max_messages=256, linger_s=0), prefetch=256
         )
+        cpu0 = sum(proc_cpu_s(p.pid) for p in orchs)
+        busy0, total0 = machine_cpu_s()
+        me0 = time.process_time()
         t0 = time.time()
         publish_all(
             bus,
@@ -272,6 +290,9 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
         t2 = time.time()
         update_sent = publish_all(bus, update, ids)
         t_updates = wait(lambda: count(counted) == n, 600, "every update counted")
+        orch_cpu = sum(proc_cpu_s(p.pid) for p in orchs) - cpu0
+        busy1, total1 = machine_cpu_s()
+        generator_cpu = time.process_time() - me0
 
         done = (
             select(func.count()).select_from(Round).where(Round.number == 1, Round.state == "done")
@@ -310,6 +331,8 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
         events_seen = queue_depth(vhost, EVENTS_PROBE)
         hits = sum(int(r.get("cache_hits", 0)) for r in per_replica)
         misses = sum(int(r.get("cache_misses", 0)) for r in per_replica)
+        window = (t_registered - t0) + (t_ready - t1) + (t_updates - t2)
+        cores = len(os.sched_getaffinity(0))
         return {
             "replicas": replicas,
             "runs": n_runs,
@@ -326,7 +349,15 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
             "updates_per_s": n / (t_updates - t2),
             "update_to_db_p50_ms": pct(update_lat, 50),
             "update_to_db_p99_ms": pct(update_lat, 99),
-            "messages_per_s": 3 * n / ((t_registered - t0) + (t_ready - t1) + (t_updates - t2)),
+            "messages_per_s": 3 * n / window,
+            # CPU over registration -> last update counted (gaps between phases included):
+            # the orchestrators' own, this generator's, and the machine's, which is shared.
+            "orchestrators_cpu_ms_per_message": 1000 * orch_cpu / (3 * n),
+            "generator_cpu_ms_per_message": 1000 * generator_cpu / (3 * n),
+            "machine_busy_cpu_ms_per_message": 1000 * (busy1 - busy0) / (3 * n),
+            "machine_busy_fraction": (busy1 - busy0) / (total1 - total0),
+            "orchestrators_cores_used": orch_cpu / (t_updates - t0),
+            "cores": cores,
             "last_update_to_rounds_done_s": t_done - t_updates,
             "aggregated": aggregated,
             "lost": len(lost),
@@ -358,7 +389,16 @@ def main() -> int:
         "--repeat", type=int, default=1, help="measure the replica counts this many times"
     )
     parser.add_argument("--quick", action="store_true", help="print only, write nothing")
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite the docs section from the saved JSON"
+    )
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "replicas.json").read_text())
+        write_section(
+            "replicas", f"{markdown(saved['results'])}\n\n{machine_line(saved['machine'])}\n"
+        )
+        return 0
     counts = [int(x) for x in args.replicas.split(",")]
     scratch = make_scratch("fedmq_floor")
     try:
@@ -390,6 +430,43 @@ def main() -> int:
 
 def _median(rs: list[dict[str, Any]], key: str) -> float:
     return float(np.median([r[key] for r in rs]))
+
+
+def reading(by: dict[int, list[dict[str, Any]]], floor: dict[str, float]) -> list[str]:
+    """What the figures say about scaling on the machine they were measured on."""
+    one = by.get(1)
+    if not one or len(by) < 2:
+        return []
+    more = [k for k in sorted(by) if k > 1]
+    rate = {k: _median(by[k], "messages_per_s") / _median(one, "messages_per_s") for k in by}
+    cpu = {k: _median(by[k], "orchestrators_cpu_ms_per_message") for k in by}
+    hit = {k: _median(by[k], "cache_hit_rate") for k in by}
+    cores = one[0]["cores"]
+    spread = [r["messages_per_s"] for r in one]
+    return [
+        f"**Reading.** With one replica the orchestrator process kept "
+        f"{_median(one, 'orchestrators_cores_used'):.2f} of the {cores} cores busy while the "
+        f"machine was {_median(one, 'machine_busy_fraction'):.0%} busy (Postgres, RabbitMQ, "
+        "the generator, the worker and whatever else runs on this shared machine): no core was "
+        "idle for another replica to use, so more replicas could only move the same work "
+        "between processes. Measured: "
+        + ", ".join(f"{k} replicas {rate[k]:.2f}x" for k in more)
+        + f" the rate of one (one replica's own passes spread {min(spread):,.0f} to "
+        f"{max(spread):,.0f} /s). What replicas cost: the orchestrators' CPU per message rose "
+        f"from {cpu[1]:.2f} ms to "
+        + " and ".join(f"{cpu[k]:.2f} ms" for k in more)
+        + ", and the snapshot cache's hit rate fell from "
+        f"{hit[1]:.1%} to "
+        + " and ".join(f"{hit[k]:.1%}" for k in more)
+        + ": a signal for a run that lands on a replica not holding it is a miss there and "
+        f"makes the holder's next step a miss (each re-reads the run's {one[0]['devices_per_run']}"
+        "-client snapshot), "
+        "and each process's group commits are smaller. Replicas pay where one orchestrator "
+        "process is the limit: cores to spare on its host, or replicas on several hosts, with "
+        "the database and the broker elsewhere. Sharding signals by run (so they land on the "
+        "holder) would give back most of the cache misses; docs/architecture.md, "
+        '"Replicas", says why it is not built.',
+    ]
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -469,17 +546,43 @@ def markdown(out: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Updates lost (not in exactly one participation row, or not aggregated): "
-        + ", ".join(
-            f"{r['replicas']} replica{'s' if r['replicas'] > 1 else ''}: "
-            f"{r['lost'] + r['devices'] - r['aggregated']}"
-            for r in results
+        "Where the CPU went, registration to the last update counted (medians): the "
+        "orchestrator processes' own CPU (all replicas together) as cores busy on average and "
+        "per message; the load generator's (this benchmark's process); the whole machine's "
+        "busy CPU per message (shared: other work on it shows here too) and how busy it was.",
+        "",
+        "| replicas | orchestrators: cores busy | orchestrators: CPU ms / message "
+        "| generator: CPU ms / message | machine: busy CPU ms / message | machine busy |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in counts:
+        rs = by[k]
+        lines.append(
+            f"| {k} | {_median(rs, 'orchestrators_cores_used'):.2f} "
+            f"| {_median(rs, 'orchestrators_cpu_ms_per_message'):.2f} "
+            f"| {_median(rs, 'generator_cpu_ms_per_message'):.2f} "
+            f"| {_median(rs, 'machine_busy_cpu_ms_per_message'):.2f} "
+            f"| {_median(rs, 'machine_busy_fraction'):.0%} of {rs[0]['cores']} cores |"
         )
-        + ".",
+    losses = [r["lost"] + r["devices"] - r["aggregated"] for r in results]
+    lines += [
+        "",
+        "Updates lost (not in exactly one participation row, or not aggregated): "
+        + (
+            f"**0** in every scenario ({len(results)})."
+            if not any(losses)
+            else ", ".join(
+                f"{r['replicas']} replicas, pass {r['pass']}: {x}"
+                for r, x in zip(results, losses, strict=True)
+            )
+            + "."
+        ),
+        "",
+        *reading(by, f),
         "",
         "What each replica did (the last pass of each count): messages it consumed from the "
-        "signals and updates queues, stored updates it counted (its runs' only), snapshot-cache "
-        "hits / misses, peak memory.",
+        "signals and updates queues, stored updates its counter thread counted (its runs' "
+        "only; the rest were counted by its ticks), snapshot-cache hits / misses, peak memory.",
         "",
         "| replicas | replica | runs held | signals consumed | updates stored | updates counted "
         "| cache hits / misses | peak MB |",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,12 @@ def autorun(h: Harness, run_id: str) -> None:
     h.bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
 
 
-def round_state(h: Harness, run_id: str, number: int) -> str | None:
-    return h.read(lambda s: (r := q.get_round(s, run_id, number)) and str(r.state))
+def round_is(h: Harness, run_id: str, number: int, state: str) -> Callable[[], bool]:
+    def check() -> bool:
+        rnd = h.read(lambda s: q.get_round(s, run_id, number))
+        return rnd is not None and str(rnd.state) == state
+
+    return check
 
 
 @pytest.mark.timeout(120 + 60 * runs(2))
@@ -96,7 +101,7 @@ def test_a_replica_sigkilled_mid_round_hands_its_runs_to_the_others(
             for run_id in run_ids:
                 autorun(h, run_id)
             target = run_ids[(k - 1) % RUNS]
-            h.wait(lambda k=k, t=target: round_state(h, t, k) == "open", 40, f"round {k} open")
+            h.wait(round_is(h, target, k, "open"), 40, f"round {k} open")
             time.sleep(r.uniform(0.0, 1.6))  # before, during or after the uploads
             victim = holders(h)[target]
             h.procs.kill(procs.pop(victim))  # SIGKILL: mid-ingest, its leases still valid
@@ -108,11 +113,7 @@ def test_a_replica_sigkilled_mid_round_hands_its_runs_to_the_others(
             )
             tally.recovery_s.append(round(time.monotonic() - killed, 2))
             for run_id in run_ids:
-                h.wait(
-                    lambda run_id=run_id, k=k: round_state(h, run_id, k) == "done",
-                    60,
-                    f"round {k} of {run_id} done",
-                )
+                h.wait(round_is(h, run_id, k, "done"), 60, f"round {k} of {run_id} done")
                 invariants[run_id].verify()
             tally.runs += 1
         wait_acked(h, everyone, RUNS * CLIENTS * n)
