@@ -148,6 +148,7 @@ class Leases:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: Any = None
+        self._started = False
         self.refreshes = 0
 
     # --- what the service asks ----------------------------------------------------------
@@ -177,6 +178,7 @@ class Leases:
     def start(self, *, renew: bool = True) -> None:
         """Listen (Postgres), take the first leases, then renew in the background (unless
         ``renew`` is False: tests call ``refresh`` themselves)."""
+        self._started = True
         engine = _engine(self.sessions)
         if engine.dialect.name == "postgresql":
             from db.listen import Listener
@@ -203,6 +205,9 @@ class Leases:
 
     def stop(self) -> None:
         """Hand every lease back and say so, so the others take the runs at once."""
+        if not self._started:
+            return
+        self._started = False
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

@@ -120,6 +120,7 @@ class OrchestratorService:
         self._task_seen: dict[str, float] = {}
         # What this replica did, for its row in ``replicas`` (people and benchmarks).
         self._handled: Counter[str] = Counter()
+        self._handled_lock = threading.Lock()  # consumers count from their own threads
         self.leases = Leases(
             sessions,
             replica_id=config.replica_id,
@@ -181,7 +182,7 @@ class OrchestratorService:
             return self.bus.consume(queue, patient, prefetch=prefetch)
 
         def run(ds: list[Delivery]) -> None:
-            self._handled[queue] += len(ds)
+            self._tally(queue, len(ds))
             # A batch of one too: the batch path is one transaction where the update path
             # one at a time takes two (staging check, then store).
             try:
@@ -296,23 +297,30 @@ class OrchestratorService:
                 if not c.full:
                     break
         if done:
-            self._handled["counted"] += done
+            self._tally("counted", done)
             self._drain_soon()
         return done
 
     # --- replicas -----------------------------------------------------------------------
 
     def _gained(self, run_ids: frozenset[str]) -> None:
-        """Runs taken over (at start, from a replica that left or died): count what waits
-        for them and tick them now, not at the next tick."""
+        """Runs taken over (at start, from a replica that left or died): what waits for them
+        is counted and their tasks followed now, not at the next poll; the next tick (within
+        ``tick_s``) ticks them."""
         self._count_soon()
 
+    def _tally(self, what: str, n: int) -> None:
+        with self._handled_lock:
+            self._handled[what] += n
+
     def _replica_info(self) -> dict[str, Any]:
+        with self._handled_lock:
+            handled = dict(self._handled)
         return {
             "runs": len(self.leases.owned()),
             "cache_hits": CACHE.hits,
             "cache_misses": CACHE.misses,
-            "handled": dict(self._handled),
+            "handled": handled,
         }
 
     # --- ticker -------------------------------------------------------------------------
