@@ -1,7 +1,8 @@
 """Orchestrator replicas: three ``fedmq orchestrator`` processes share three runs (one each),
-devices upload in chunks, and one replica is SIGKILLed mid-round, then another: the survivors
-take the killed one's runs (its Postgres session, and the advisory lock on it, die with the
-process, so at their next lease renewal), the rounds complete, and the invariant check finds
+devices upload in chunks, and in every round one replica is SIGKILLed mid-round: the
+survivors take the killed one's runs (its Postgres session, and the advisory lock on it, die
+with the process, so at their next lease renewal), a replacement joins and gets its share
+back from them while the round goes on, the rounds complete, and the invariant check finds
 nothing lost and nothing counted twice in any run. Real RabbitMQ, Postgres, Celery worker and
 orchestrator processes; devices are ``LightClient``s."""
 
@@ -55,8 +56,7 @@ def test_a_replica_sigkilled_mid_round_hands_its_runs_to_the_others(
     amqp_url: str, pg_url: str, tmp_path: Path
 ) -> None:
     r, tally = scenario("replica-kill", "orchestrator replica SIGKILL (3 replicas, 3 runs)")
-    # Each kill leaves one replica fewer; the last one is never killed.
-    n = min(runs(2), REPLICAS - 1)
+    n = runs(2)
     with harness(amqp_url, pg_url, tmp_path) as h:
         policy = RoundPolicy(min_clients=CLIENTS, quorum_fraction=1.0, deadline_s=60)
         run_ids = [h.create_run(policy, name=f"run{k}") for k in range(RUNS)]
@@ -112,6 +112,9 @@ def test_a_replica_sigkilled_mid_round_hands_its_runs_to_the_others(
                 f"{victim}'s runs taken by the survivors",
             )
             tally.recovery_s.append(round(time.monotonic() - killed, 2))
+            # A replacement joins mid-round: the survivors hand it its share under load.
+            new = f"replica-{REPLICAS + k - 1}"
+            procs[new] = h.procs.orchestrator(new, None, "--replica-id", new)
             for run_id in run_ids:
                 h.wait(round_is(h, run_id, k, "done"), 60, f"round {k} of {run_id} done")
                 invariants[run_id].verify()
@@ -123,7 +126,14 @@ def test_a_replica_sigkilled_mid_round_hands_its_runs_to_the_others(
             tally.acknowledged += len(set(ids))
             tally.aggregated += invariants[run_id].stored
         tally.sent = sum(len(c.sent) for c in everyone)
-        # Fair share again among the survivors: every run held, by them only.
-        assert set(holders(h)) == set(run_ids) and set(holders(h).values()) <= set(procs)
+        # Fair share again, replacements included: one run each, all held by live replicas.
+        h.wait(
+            lambda: (
+                sorted(Counter(holders(h).values()).values()) == [1] * REPLICAS
+                and set(holders(h).values()) <= set(procs)
+            ),
+            30,
+            "one run per live replica",
+        )
     tally.write()
     assert tally.stored == tally.sent == RUNS * CLIENTS * n
