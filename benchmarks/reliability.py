@@ -27,6 +27,7 @@ DOC = ROOT / "docs" / "reliability.md"
 
 RECOVERY = {
     "orchestrator SIGKILL mid-round": "kill -> round done (a new process resumes it)",
+    "orchestrator replica SIGKILL (3 replicas, 3 runs)": "kill -> its runs held by the others",
     "worker SIGKILL during aggregation": "kill -> round done (task redelivered)",
     "device dies mid-upload": "half upload -> round done (device sends again)",
     "Postgres connections terminated during ingest": "last outage -> round done",

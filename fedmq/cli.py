@@ -129,14 +129,35 @@ app.add_typer(command_app, name="command")
 def orchestrator(
     upgrade: bool = typer.Option(True, help="Migrate the database to head first"),
     loglevel: str = typer.Option("INFO"),
+    replica_id: str | None = typer.Option(
+        None, help="This replica's id (default: FEDMQ_REPLICA_ID, else host-pid-random)"
+    ),
+    lease_ttl_s: float | None = typer.Option(
+        None, help="Run lease time (default: FEDMQ_LEASE_TTL_S)", min=0.1
+    ),
+    lease_renew_s: float | None = typer.Option(
+        None, help="Lease renewal period (default: FEDMQ_LEASE_RENEW_S)", min=0.05
+    ),
 ) -> None:
-    """Run the orchestrator service (signals, updates, commands, rounds) until SIGTERM."""
+    """Run the orchestrator service (signals, updates, commands, rounds) until SIGTERM.
+
+    Start several on one database and broker to share the work: each is a replica that
+    holds its fair share of the runs (docs/architecture.md, "Replicas")."""
     import logging
 
     from fedmq.wiring import orchestrator_service
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    s = get_settings()
+    overrides = {
+        k: v
+        for k, v in (
+            ("replica_id", replica_id),
+            ("lease_ttl_s", lease_ttl_s),
+            ("lease_renew_s", lease_renew_s),
+        )
+        if v is not None
+    }
+    s = get_settings().model_copy(update=overrides)
     if upgrade:
         from db import migrations
 

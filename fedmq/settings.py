@@ -93,6 +93,19 @@ class Settings(BaseSettings):
         "or auto (the GPU if there is one, else cpu)",
     )
 
+    # Orchestrator replicas (several `fedmq orchestrator` on one database share the runs)
+    replica_id: str | None = Field(
+        None,
+        max_length=64,
+        description="This orchestrator's replica id; unset: host-pid-random",
+    )
+    lease_ttl_s: float = Field(
+        5.0, gt=0, description="A run lease not renewed this long is free to take"
+    )
+    lease_renew_s: float = Field(
+        1.0, gt=0, description="How often a replica renews its run leases and rebalances"
+    )
+
     # Dashboard
     dashboard_host: str = Field("127.0.0.1", description="Address `fedmq dashboard` listens on")
     dashboard_port: int = Field(8501, gt=0, lt=65536, description="Port of `fedmq dashboard`")

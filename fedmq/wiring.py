@@ -133,6 +133,9 @@ def orchestrator_config(s: Settings) -> ServiceConfig:
         task_timeout_s=s.task_timeout_s,
         reassembly_timeout_s=s.reassembly_timeout_s,
         prefetch=s.prefetch,
+        replica_id=s.replica_id,
+        lease_ttl_s=s.lease_ttl_s,
+        lease_renew_s=s.lease_renew_s,
     )
 
 

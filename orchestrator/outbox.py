@@ -102,7 +102,7 @@ class Outbox:
         self.tasks = tasks
         self.chunk_size = chunk_size
         self.accounts = accounts
-        # One drainer per process at a time; other processes skip locked rows (Postgres).
+        # One drainer per process at a time (and one in all processes: ``drain``).
         self._lock = threading.Lock()
 
     def drain(self, limit: int = 200) -> int:
@@ -110,10 +110,15 @@ class Outbox:
 
         Items are read in one transaction and sent outside any: an eager (embedded) task
         writes to the same SQLite database, which an open write transaction would lock it
-        out of. Two drainers may therefore send an item twice; every receiver tolerates that.
+        out of. Drainers take turns (``lock_outbox``), so an item goes out twice only when a
+        drainer died between sending it and marking it sent; every receiver tolerates that.
         """
         sent = 0
-        with self._lock:
+        # One drainer at a time in this process, and (Postgres) in all: the cross-process
+        # lock is held in a transaction of its own for the whole drain, and goes with its
+        # connection if this process dies.
+        with self._lock, session_scope(self.sessions) as held:
+            oq.lock_outbox(held)
             while True:
                 with session_scope(self.sessions) as s:
                     items = [

@@ -5,8 +5,12 @@ Signals and updates are consumed in batches, each batch one database transaction
 commit); commands and ticks are one each. Signals step the run's machine under its lock
 (``store.step_many``); updates are stored without it and counted after, in batches, by the
 counter thread (``orchestrator.counter``). A bus message is settled only after its
-transaction committed, and side effects leave through the outbox after that. Any number of
-these services may run against one database and broker: the run row lock orders them.
+transaction committed, and side effects leave through the outbox after that.
+
+Any number of these services may run against one database and broker, each a replica
+(``orchestrator.replicas``): the queues are shared (any replica stores updates and applies
+signals and commands, the run row lock orders them), while a run's ticks, task following,
+counting and housekeeping run only on the replica that holds its lease.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,6 +37,7 @@ from orchestrator.control import Control
 from orchestrator.counter import count
 from orchestrator.ingest import Ingest
 from orchestrator.outbox import Outbox
+from orchestrator.replicas import Leases
 from orchestrator.signals import Signals
 from orchestrator.state import (
     AggregationFailed,
@@ -41,7 +47,7 @@ from orchestrator.state import (
     Tick,
 )
 from orchestrator.state import Event as MachineEvent
-from orchestrator.store import StepInput, aggregate_task_id, evaluate_task_id, load
+from orchestrator.store import CACHE, StepInput, aggregate_task_id, evaluate_task_id, load
 from orchestrator.tasks import TaskRunner
 from protocol import topology
 from protocol.bus import Batching, Bus, Consumer, Delivery
@@ -75,6 +81,12 @@ class ServiceConfig:
     # How long a consumer retries a message while the database is away before the bus's
     # requeue-once-then-dead-letter policy takes over.
     db_patience_s: float = 30.0
+    # Replicas (orchestrator/replicas.py): this process's id (None: host-pid-random), how
+    # long a run lease lasts unrenewed (a hung replica's runs move after this), how often
+    # leases are renewed and the fair share looked at again.
+    replica_id: str | None = None
+    lease_ttl_s: float = 5.0
+    lease_renew_s: float = 1.0
 
 
 class OrchestratorService:
@@ -106,12 +118,25 @@ class OrchestratorService:
         self._counter: threading.Thread | None = None
         # When this process first saw each followed task: its timeout counts from there.
         self._task_seen: dict[str, float] = {}
+        # What this replica did, for its row in ``replicas`` (people and benchmarks).
+        self._handled: Counter[str] = Counter()
+        self._handled_lock = threading.Lock()  # consumers count from their own threads
+        self.leases = Leases(
+            sessions,
+            replica_id=config.replica_id,
+            ttl_s=config.lease_ttl_s,
+            renew_s=config.lease_renew_s,
+            on_gain=self._gained,
+            on_inbox=lambda _: self._count_soon(),
+            info=self._replica_info,
+        )
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         topology.declare(self.bus)
         self._drain()  # what a previous process decided and did not send
+        self.leases.start()  # the runs it works on, before the first tick
         self._consumers.append(
             self._consume(
                 topology.SIGNALS_QUEUE,
@@ -157,6 +182,7 @@ class OrchestratorService:
             return self.bus.consume(queue, patient, prefetch=prefetch)
 
         def run(ds: list[Delivery]) -> None:
+            self._tally(queue, len(ds))
             # A batch of one too: the batch path is one transaction where the update path
             # one at a time takes two (staging check, then store).
             try:
@@ -218,6 +244,7 @@ class OrchestratorService:
         for t in (self._ticker, self._counter):
             if t is not None:
                 t.join(timeout=10)
+        self.leases.stop()  # handed back: the other replicas take the runs at once
         log.info("orchestrator stopped")
 
     def run_forever(self) -> None:
@@ -255,9 +282,12 @@ class OrchestratorService:
                 log.exception("counting stored updates failed; retrying")
 
     def count_waiting(self) -> int:
-        """Count every run's stored updates; returns how many were counted or refused."""
+        """Count the stored updates of the runs this replica holds; returns how many were
+        counted or refused."""
         with session_scope(self.sessions) as s:
             run_ids = oq.inbox_run_ids(s)
+        owned = self.leases.owned()
+        run_ids = [r for r in run_ids if r in owned]
         done = 0
         for run_id in run_ids:
             while True:
@@ -267,8 +297,31 @@ class OrchestratorService:
                 if not c.full:
                     break
         if done:
+            self._tally("counted", done)
             self._drain_soon()
         return done
+
+    # --- replicas -----------------------------------------------------------------------
+
+    def _gained(self, run_ids: frozenset[str]) -> None:
+        """Runs taken over (at start, from a replica that left or died): what waits for them
+        is counted and their tasks followed now, not at the next poll; the next tick (within
+        ``tick_s``) ticks them."""
+        self._count_soon()
+
+    def _tally(self, what: str, n: int) -> None:
+        with self._handled_lock:
+            self._handled[what] += n
+
+    def _replica_info(self) -> dict[str, Any]:
+        with self._handled_lock:
+            handled = dict(self._handled)
+        return {
+            "runs": len(self.leases.owned()),
+            "cache_hits": CACHE.hits,
+            "cache_misses": CACHE.misses,
+            "handled": handled,
+        }
 
     # --- ticker -------------------------------------------------------------------------
 
@@ -297,7 +350,8 @@ class OrchestratorService:
                     self._drain()
                     with session_scope(self.sessions) as s:
                         waiting = oq.runs_awaiting_tasks(s)
-                    self.follow(waiting)
+                    owned = self.leases.owned()
+                    self.follow([r for r in waiting if r in owned])
                     continue
                 last_tick = time.monotonic()
                 self.tick()
@@ -308,7 +362,8 @@ class OrchestratorService:
                 log.exception("tick failed")
 
     def tick(self) -> None:
-        """One pass: time passes for every run, followed tasks report, the outbox drains."""
+        """One pass: time passes for every run this replica holds, followed tasks report,
+        the outbox drains."""
         self._drain()
         for run_id in self._active_runs():
             self.step(run_id, Tick())
@@ -325,8 +380,12 @@ class OrchestratorService:
             self._drain()
 
     def _active_runs(self) -> list[str]:
+        """The runs this replica holds (a run it has not heard of yet: leases look again)."""
         with session_scope(self.sessions) as s:
-            return list(oq.active_run_ids(s))
+            runs = oq.active_run_ids(s)
+        self.leases.notice(runs)
+        owned = self.leases.owned()
+        return [r for r in runs if r in owned]
 
     def step(self, run_id: str, event: MachineEvent) -> None:
         """Step ``event`` after counting the run's stored updates (a deadline must not close
@@ -335,13 +394,16 @@ class OrchestratorService:
             count(s, run_id, self.clock(), extra=[StepInput(event)])
 
     def housekeeping(self) -> None:
-        """Staged uploads whose chunks stopped coming are dropped; old update blobs too."""
+        """Staged uploads whose chunks stopped coming are dropped (any replica: they belong
+        to no run's machine); old update blobs of the runs this replica holds too."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.config.reassembly_timeout_s)
+        owned = self.leases.owned()
         with session_scope(self.sessions) as s:
             for blob_id in oq.expire_staged(s, cutoff):
                 log.warning("staged upload %s expired", blob_id)
             for run_id in oq.active_run_ids(s):
-                blobstore.apply_retention(s, run_id, self.config.keep_update_rounds)
+                if run_id in owned:
+                    blobstore.apply_retention(s, run_id, self.config.keep_update_rounds)
 
     # --- task follower ------------------------------------------------------------------
 

@@ -162,7 +162,9 @@ class Signals:
                 ]
                 runs[run_id] = joins + runs.get(run_id, [])
             now = self.clock()
-            for run_id, items in runs.items():
+            # Runs locked in one order (their ids) in every process: two replicas' batches
+            # that share two runs would otherwise deadlock, each holding one.
+            for run_id, items in sorted(runs.items()):
                 results = step_many(s, run_id, [inp for _, inp in items], now)
                 outcomes: list[StepResult | None] = (
                     list(results) if results is not None else [None] * len(items)

@@ -12,6 +12,7 @@ from db.models.enums import (
 )
 from db.models.events import Event, ProcessedMessage
 from db.models.orchestrator import InboxUpdate, MachinePart, OutboxItem, UploadChunk
+from db.models.replicas import Replica, RunLease
 from db.models.rounds import Participation, Round
 from db.models.runs import Run
 from db.models.types import UTCDateTime, utcnow
@@ -33,9 +34,11 @@ __all__ = [
     "Participation",
     "ParticipationState",
     "ProcessedMessage",
+    "Replica",
     "Round",
     "RoundState",
     "Run",
+    "RunLease",
     "RunStatus",
     "UTCDateTime",
     "UploadChunk",

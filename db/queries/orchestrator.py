@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Insert, Table, delete, event, func, insert, select, update
+from sqlalchemy import Insert, Table, delete, event, func, insert, select, text, update
 from sqlalchemy.orm import Session, defer
 
 from db.models import (
@@ -26,24 +26,31 @@ from db.models import (
     utcnow,
 )
 from db.queries._sql import changed, dialect_insert, insert_ignore, insert_many_ignore
+from db.queries.leases import INBOX_CHANNEL, notify
 
 
 def lock_run(session: Session, run_id: str) -> Run | None:
-    """The run row, locked for the rest of the transaction (FOR UPDATE on Postgres; SQLite's
-    BEGIN IMMEDIATE already serialises writers). Every step of a run's machine holds it, so
-    two consumers (threads or processes) never step the same run at once."""
+    """The run row, locked for the rest of the transaction (FOR NO KEY UPDATE on Postgres;
+    SQLite's BEGIN IMMEDIATE already serialises writers). Every step of a run's machine
+    holds it, so two consumers (threads or processes) never step the same run at once.
+
+    Not FOR UPDATE: that also blocks the KEY SHARE lock every insert of a row referencing
+    the run takes (an ``update_inbox`` row stored by ingest, a lease claimed by a replica),
+    which would make those wait for the machine's steps they are meant to run beside."""
     return session.scalar(
         select(Run)
         .options(defer(Run.machine))  # the snapshot is read by read_machine, when needed
         .where(Run.id == run_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )
 
 
 def lock_machine_seq(session: Session, run_id: str) -> int | None:
     """``lock_run`` reading only the snapshot's sequence number; None: no such run."""
-    return session.scalar(select(Run.machine_seq).where(Run.id == run_id).with_for_update())
+    return session.scalar(
+        select(Run.machine_seq).where(Run.id == run_id).with_for_update(key_share=True)
+    )
 
 
 def machine_seq(session: Session, run_id: str) -> int | None:
@@ -282,6 +289,21 @@ def record_effects(
     _queue(session, [{"run_id": run_id, "kind": "event", "payload": p} for p in payloads])
 
 
+# Key of the advisory lock one outbox drainer at a time holds (ASCII "fedo", 0).
+_OUTBOX_LOCK = (0x6665646F, 0)
+
+
+def lock_outbox(session: Session) -> None:
+    """Postgres: wait until no other drainer (of any process) holds the outbox, then hold
+    it until this transaction ends; or two replicas read the same pending rows and send
+    each twice. SQLite is one process, whose drainers a thread lock already orders."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:k1, :k2)"),
+            {"k1": _OUTBOX_LOCK[0], "k2": _OUTBOX_LOCK[1]},
+        )
+
+
 def pending_outbox(session: Session, limit: int = 200) -> list[OutboxItem]:
     """Unsent items, oldest first."""
     stmt = (
@@ -345,9 +367,12 @@ def put_inbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
     """Queue stored updates for counting (one INSERT); each row holds run_id, round,
     client_id, message_id, update_sha, num_samples, bytes, metrics. Returns the message ids
     queued: a row whose (run, round, client) already waits is skipped (a second update from
-    that client for the round is a duplicate before it is even counted)."""
+    that client for the round is a duplicate before it is even counted).
+
+    On Postgres the commit also notifies ``INBOX_CHANNEL`` with each run that got a row, so
+    that the run's lease holder, in whatever process, counts it at once."""
     now = utcnow()
-    return cast(
+    queued = cast(
         set[str],
         insert_many_ignore(
             session,
@@ -357,6 +382,8 @@ def put_inbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
             InboxUpdate.message_id,
         ),
     )
+    notify(session, INBOX_CHANNEL, (r["run_id"] for r in rows if r["message_id"] in queued))
+    return queued
 
 
 def take_inbox(session: Session, run_id: str, limit: int) -> list[InboxUpdate]:

@@ -71,9 +71,10 @@ class Procs:
         )
 
     def orchestrator(
-        self, name: str = "orchestrator", env: dict[str, str] | None = None
+        self, name: str = "orchestrator", env: dict[str, str] | None = None, *args: str
     ) -> subprocess.Popen[bytes]:
-        return self.start(name, "-m", "fedmq.cli", "orchestrator", env=env)
+        """``fedmq orchestrator *args`` (a replica among others, with ``--replica-id``)."""
+        return self.start(name, "-m", "fedmq.cli", "orchestrator", *args, env=env)
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
