@@ -234,12 +234,7 @@ def get_page(session: Session, shas: Sequence[str], max_bytes: int) -> dict[str,
         total += size
     pieces: dict[str, list[tuple[int, bytes]]] = {sha: [] for sha in taken if sha in rows}
     if pieces:
-        chunks = session.execute(
-            select(BlobChunk.sha256, BlobChunk.idx, BlobChunk.data)
-            .where(BlobChunk.sha256.in_(list(pieces)))
-            .order_by(BlobChunk.sha256, BlobChunk.idx)
-        )
-        for sha, idx, data in chunks:
+        for sha, idx, data in _chunk_rows(session, list(pieces)):
             pieces[sha].append((idx, data))
     out: dict[str, bytes | BlobError] = {}
     for sha in taken:
@@ -252,6 +247,27 @@ def get_page(session: Session, shas: Sequence[str], max_bytes: int) -> dict[str,
         except BlobCorrupt as e:
             out[sha] = e
     return out
+
+
+def _chunk_rows(session: Session, shas: list[str]) -> Sequence[tuple[str, int, bytes]]:
+    stmt = (
+        select(BlobChunk.sha256, BlobChunk.idx, BlobChunk.data)
+        .where(BlobChunk.sha256.in_(shas))
+        .order_by(BlobChunk.sha256, BlobChunk.idx)
+    )
+    conn = session.connection()
+    if conn.dialect.driver != "psycopg":
+        return [(r[0], r[1], r[2]) for r in session.execute(stmt)]
+    # psycopg returns results in text format by default, where bytea is hex: twice the
+    # bytes on the wire, then parsed (80 MiB/s here, against 190-240 MiB/s in binary
+    # format). SQLAlchemy has no per-statement switch for it, so this one query goes to
+    # the driver's cursor, inside the session's transaction, compiled from the same select.
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cur:
+        cur.execute(str(compiled), compiled.params, binary=True)
+        return [(r[0], r[1], r[2]) for r in cur.fetchall()]
 
 
 def _assemble(sha: str, size: int, count: int, pieces: list[tuple[int, bytes]]) -> bytes:

@@ -196,7 +196,9 @@ def test_get_page_reads_many_blobs_in_two_statements(engine: Engine) -> None:
     seen = _statements(engine)
     with session_scope(engine) as s:
         page = blobstore.get_page(s, [*shas, shas[1]], max_bytes=1 << 20)  # a repeat: once
-    assert len([q for q in seen if q.lstrip().upper().startswith("SELECT")]) == 2
+    selects = [q for q in seen if q.lstrip().upper().startswith("SELECT")]
+    # On psycopg the chunk query runs on the driver's cursor (binary results), unseen here.
+    assert len(selects) == (1 if engine.dialect.driver == "psycopg" else 2)
     assert list(page) == shas
     assert [page[sha] for sha in shas] == blobs
 
