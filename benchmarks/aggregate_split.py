@@ -143,7 +143,9 @@ def make_run(url: str, name: str, shas: list[str], aggregation: dict[str, int]) 
 
 
 @contextlib.contextmanager
-def celery_workers(scratch: Scratch, count: int, logs: Path) -> Iterator[None]:
+def celery_workers(
+    scratch: Scratch, count: int, logs: Path
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``count`` worker processes on the aggregate queue, concurrency 1 each; waits until
     each says it is ready, and kills them (process group) afterwards."""
     env = {
@@ -176,7 +178,7 @@ def celery_workers(scratch: Scratch, count: int, logs: Path) -> Iterator[None]:
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not start:\n" + _tails(files))
             time.sleep(0.2)
-        yield
+        yield procs
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -184,6 +186,23 @@ def celery_workers(scratch: Scratch, count: int, logs: Path) -> Iterator[None]:
             p.wait(timeout=30)
         for _, out in files:
             out.close()
+
+
+def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """User + system CPU seconds of the worker processes and their pool processes so far:
+    the work done, which other people's load on a shared machine does not inflate the
+    way it inflates wall time."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def tree(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick + sum(tree(int(k)) for k in kids)
+
+    return sum(tree(p.pid) for p in procs)
 
 
 def _tails(files: list[tuple[Path, Any]]) -> str:
@@ -291,25 +310,30 @@ def main() -> None:
         for p in args.parts:
             configs += [(f"{p} parts", 1, p), (f"{p} parts", 2, p)]
         best: dict[tuple[str, int], float] = {}
+        cpu: dict[tuple[str, int], float] = {}
         runs: dict[tuple[str, int], str] = {}
         for rep in range(args.repeats):
             for label, nworkers, parts in configs:
                 agg = {"split_threshold": 10 * k} if not parts else {"split_threshold": 0,
                                                                       "parts": parts}  # fmt: skip
                 run_id = make_run(scratch.db_url, f"{label}-{nworkers}-{rep}", shas, agg)
-                with celery_workers(scratch, nworkers, logs):
+                with celery_workers(scratch, nworkers, logs) as procs:
+                    idle = cpu_seconds(procs)  # starting up: not the round's
                     wall = aggregate(scratch, run_id)
+                    used = cpu_seconds(procs) - idle
                 key = (label, nworkers)
-                print(f"{label}, {nworkers} worker(s): {wall:.1f} s", flush=True)
+                print(f"{label}, {nworkers} worker(s): {wall:.1f} s, {used:.0f} CPU s", flush=True)
                 if wall < best.get(key, float("inf")):
                     best[key], runs[key] = wall, run_id
-        results = _results(scratch, configs, best, runs)
+                cpu[key] = min(used, cpu.get(key, float("inf")))
+        results = _results(scratch, configs, best, cpu, runs)
         reads = paged_reads(scratch.db_url)
     finally:
         drop_scratch(scratch)
     load = os.getloadavg()
-    report = {"k": k, "distinct": distinct, "blob_mib": blob_mib, "configs": results,
-              "paged_reads": reads, "loadavg": load, "machine": info}  # fmt: skip
+    report = {"k": k, "distinct": distinct, "repeats": args.repeats, "blob_mib": blob_mib,
+              "configs": results, "paged_reads": reads, "loadavg": load,
+              "machine": info}  # fmt: skip
     md = _markdown(report)
     print(md)
     if not args.quick:
@@ -328,6 +352,7 @@ def _results(
     scratch: Scratch,
     configs: list[tuple[str, int, int]],
     best: dict[tuple[str, int], float],
+    cpu: dict[tuple[str, int], float],
     runs: dict[tuple[str, int], str],
 ) -> list[dict[str, Any]]:
     _, flat_model = version(scratch.db_url, runs[("flat", 1)])
@@ -338,7 +363,7 @@ def _results(
         worst, same = ulps(model, flat_model)
         out.append({
             "config": label, "workers": nworkers, "parts": parts,
-            "wall_s": best[(label, nworkers)],
+            "wall_s": best[(label, nworkers)], "worker_cpu_s": cpu[(label, nworkers)],
             "speedup_vs_flat": best[("flat", 1)] / best[(label, nworkers)],
             "speedup_vs_1_worker": one[label] / best[(label, nworkers)],
             "aggregate_s": metrics.get("aggregate_s"), "part_s": metrics.get("part_s"),
@@ -356,19 +381,24 @@ def _markdown(r: dict[str, Any]) -> str:
         f"bf16 deltas + zstd, {r['blob_mib']:.1f} MiB each, {r['distinct']:,} distinct blobs: "
         f"{r['distinct'] * r['blob_mib'] / 1024:.1f} GiB in PostgreSQL), FedAvg, folded by "
         "`celery worker` processes (concurrency 1 each) through RabbitMQ, the database as "
-        "result backend. Wall time: `send_task` to the result (what the orchestrator waits); "
-        "*in the task*: the version's `aggregate_s`; *parts*: each part task's own seconds.",
+        "result backend. *Wall*: `send_task` to the result (what the orchestrator waits), "
+        f"best of {r['repeats']} (the configurations take turns); *vs 1 worker*: the same "
+        "fold on one worker process; *in the task*: the version's `aggregate_s`; *parts*: "
+        "each part task's own seconds; *worker CPU*: user + system seconds of the worker "
+        "processes during the round (the work done, which other people's load does not "
+        "inflate as it does wall time; PostgreSQL's side not included).",
         "",
         "| fold | worker processes | wall s | vs flat | vs 1 worker | in the task s | "
-        "parts s | max ulps vs flat | bit-identical |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "parts s | worker CPU s | max ulps vs flat | bit-identical |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for c in r["configs"]:
         parts = ", ".join(f"{x:.0f}" for x in c["part_s"]) if c["part_s"] else "—"
         lines.append(
             f"| {c['config']} | {c['workers']} | **{c['wall_s']:.1f}** | "
             f"{c['speedup_vs_flat']:.2f}x | {c['speedup_vs_1_worker']:.2f}x | "
-            f"{c['aggregate_s']:.1f} | {parts} | {c['max_ulps_vs_flat']} | "
+            f"{c['aggregate_s']:.1f} | {parts} | {c['worker_cpu_s']:.0f} | "
+            f"{c['max_ulps_vs_flat']} | "
             f"{100 * c['identical_vs_flat']:.2f}% |"
         )
     lines += [
