@@ -6,9 +6,10 @@ them under the same names. Arguments are JSON only.
 - ``fedmq.aggregate(run_id: str, round_number: int, attempt: int) -> dict`` on ``aggregate``:
   folds the round's stored updates into a new model version (idempotent per round); returns
   ``{"model_version", "blob_sha256", "num_updates", "num_samples", "created"}``.
-  A round of many updates whose strategy is a weighted mean may be folded in parts: the
-  task then replaces itself with the two tasks below (a Celery chord), and the task id the
-  orchestrator follows ends with the combine's result, the same dict.
+  A round of many updates whose strategy is a weighted mean may be folded in parts: in a
+  worker the task then replaces itself with the two tasks below (a Celery chord), and the
+  task id the orchestrator follows ends with the combine's result, the same dict (eagerly
+  the parts run in the task itself).
 - ``fedmq.aggregate.partial(run_id, round_number, attempt, part: int, parts: int,
   digest: str) -> dict`` on ``aggregate``: folds part ``part`` of ``parts`` of the round's
   updates into a stored float64 partial-sum blob; ``digest`` names the round's base model

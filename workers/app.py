@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, Task, chord, group
-from celery.canvas import Signature
+from celery import Celery, Signature, Task, chord, group
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from protocol.tasks import (
@@ -42,7 +41,7 @@ from protocol.tasks import (
 from workers.config import WorkerConfig
 from workers.tasks.aggregate import SplitJob, aggregate_round
 from workers.tasks.evaluate import evaluate_version
-from workers.tasks.split import combine_round, partial_round
+from workers.tasks.split import combine_round, fold_parts_here, partial_round
 
 # ``workers.edge.task`` (and with it the split models) is imported by the edge task itself,
 # so that aggregate/evaluate workers do not load it.
@@ -130,10 +129,16 @@ def aggregate(self: Task, run_id: str, round_number: int, attempt: int) -> dict[
     combine) that inherits this task's id, so whoever follows the id gets the combine's
     result; the task ends there instead of holding a worker process while the parts run
     (with one prefetched task per process, a waiting task could starve its own parts).
-    Eagerly (embedded mode) Celery runs the chord in place and returns its result.
+
+    Eagerly (embedded mode) the parts run here, one after the other, and the task returns
+    the combine's result: one process gains nothing from a chord, and Celery refuses the
+    join an eager chord needs inside a task sent with ``apply_async`` (the embedded
+    orchestrator's way), raising "Never call result.get() within a task".
     """
 
     def fan_out(job: SplitJob) -> dict[str, Any]:
+        if self.request.is_eager:
+            return fold_parts_here(_config, job)
         result: dict[str, Any] = self.replace(split_signature(job))
         return result
 

@@ -28,6 +28,7 @@ from tests.integration.test_aggregate_task import (
     model_of,
 )
 from workers import app as worker_app
+from workers.app import AGGREGATE_TASK
 from workers.config import WorkerConfig
 from workers.tasks import AggregationError, aggregate_round
 from workers.tasks.common import dispose_all, sessions
@@ -258,3 +259,20 @@ def test_a_plain_call_folds_the_parts_in_place(configured: WorkerConfig) -> None
 def _digest(config: WorkerConfig, run: SplitRun) -> str:
     with session_scope(sessions(config.database_url)) as s:
         return plan_round(s, config, run.run_id, 1, 1).digest
+
+
+def test_embedded_mode_sends_a_split_round_by_name_and_runs_it_in_place(sqlite_url: str) -> None:
+    """As the embedded orchestrator's EagerTaskRunner does: a signature by name, with a
+    task id, ``apply_async`` under ``task_always_eager``."""
+    worker_app.configure(WorkerConfig(database_url=sqlite_url))
+    try:
+        run = seed(sqlite_url, "embedded", 7, aggregation={"split_threshold": 5, "parts": 2})
+        signature = worker_app.app.signature(AGGREGATE_TASK, args=(run.run_id, 1, 1))
+        out = signature.apply_async(task_id="agg-embedded-1").get()
+        assert (out["created"], out["model_version"], out["num_updates"]) == (True, 1, 7)
+        assert signature.apply_async(task_id="agg-embedded-2").get() == {**out, "created": False}
+        mv, _ = model_of(sqlite_url, run.run_id, 1)
+        assert (mv.metrics["fold"], mv.metrics["part_updates"]) == ("hierarchical", [3, 4])
+    finally:
+        worker_app.configure(WorkerConfig.from_env())
+        dispose_all()

@@ -16,9 +16,10 @@ run's ``config["aggregation"]``) whose strategy is a weighted mean is cut into `
 contiguous runs that ``fedmq.aggregate.partial`` tasks fold in parallel, each storing its
 float64 partial sum as a blob; ``fedmq.aggregate.combine`` adds them in part order and
 stores the version (``workers.tasks.split``). This task hands over to them with
-``fan_out`` (the Celery task replaces itself with a chord, so it never waits on them); a
-plain call runs the parts one after the other here. FedMedian and FedTrimmedAvg cannot be
-split and fold flat; the version's metrics say so (``fold_note``).
+``fan_out`` (in a worker the Celery task replaces itself with a chord, so it never waits
+on them); eagerly, or in a plain call, the parts run one after the other here. FedMedian
+and FedTrimmedAvg cannot be split and fold flat; the version's metrics say so
+(``fold_note``).
 
 Idempotent: a round that already has a model version returns it (``created=False``)
 without aggregating again, and two runs racing for one round meet the unique constraint
