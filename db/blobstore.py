@@ -203,6 +203,85 @@ def get(session: Session, sha: str) -> bytes:
     return b"".join(list(open_stream(session, sha)))
 
 
+def get_page(session: Session, shas: Sequence[str], max_bytes: int) -> dict[str, bytes | BlobError]:
+    """Several blobs in two statements (their rows, then their chunks), verified each.
+
+    Reads the longest run of ``shas`` from the start (repeats read once) whose stored sizes
+    add up to at most ``max_bytes``, and always the first, so a caller pages through a
+    long list in pieces bounded by bytes. Returns {sha: its bytes, or the BlobNotFound /
+    BlobCorrupt for it}, in the order of ``shas``: one bad blob does not fail the others.
+    Whatever is left out of the result is for the caller's next page. Keep ``shas`` to a
+    few hundred (one IN list).
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    unique = list(dict.fromkeys(_check_sha(sha) for sha in shas))
+    if not unique:
+        return {}
+    rows = {
+        r.sha256: (r.size, r.chunk_count)
+        for r in session.execute(
+            select(Blob.sha256, Blob.size, Blob.chunk_count).where(Blob.sha256.in_(unique))
+        )
+    }
+    taken: list[str] = []
+    total = 0
+    for sha in unique:
+        size = rows[sha][0] if sha in rows else 0
+        if taken and total + size > max_bytes:
+            break
+        taken.append(sha)
+        total += size
+    pieces: dict[str, list[tuple[int, bytes]]] = {sha: [] for sha in taken if sha in rows}
+    if pieces:
+        for sha, idx, data in _chunk_rows(session, list(pieces)):
+            pieces[sha].append((idx, data))
+    out: dict[str, bytes | BlobError] = {}
+    for sha in taken:
+        if sha not in rows:
+            out[sha] = BlobNotFound(f"blob {sha} not found")
+            continue
+        size, count = rows[sha]
+        try:
+            out[sha] = _assemble(sha, size, count, pieces.pop(sha))
+        except BlobCorrupt as e:
+            out[sha] = e
+    return out
+
+
+def _chunk_rows(session: Session, shas: list[str]) -> Sequence[tuple[str, int, bytes]]:
+    stmt = (
+        select(BlobChunk.sha256, BlobChunk.idx, BlobChunk.data)
+        .where(BlobChunk.sha256.in_(shas))
+        .order_by(BlobChunk.sha256, BlobChunk.idx)
+    )
+    conn = session.connection()
+    if conn.dialect.driver != "psycopg":
+        return [(r[0], r[1], r[2]) for r in session.execute(stmt)]
+    # psycopg returns results in text format by default, where bytea is hex: twice the
+    # bytes on the wire, then parsed (80 MiB/s here, against 190-240 MiB/s in binary
+    # format). SQLAlchemy has no per-statement switch for it, so this one query goes to
+    # the driver's cursor, inside the session's transaction, compiled from the same select.
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cur:
+        cur.execute(str(compiled), compiled.params, binary=True)
+        return [(r[0], r[1], r[2]) for r in cur.fetchall()]
+
+
+def _assemble(sha: str, size: int, count: int, pieces: list[tuple[int, bytes]]) -> bytes:
+    # As ``open_stream``: chunks 0..count-1 make the blob, rows past them are not read.
+    present = {idx for idx, _ in pieces}
+    for idx in range(count):
+        if idx not in present:
+            raise BlobCorrupt(f"blob {sha}: chunk {idx} of {count} is missing")
+    data = b"".join(piece for idx, piece in pieces if idx < count)
+    pieces.clear()  # the chunks go before the next blob is joined
+    _verify(sha, size, len(data), hashlib.sha256(data).hexdigest())
+    return data
+
+
 def open_stream(session: Session, sha: str) -> Iterator[bytes]:
     """The blob's chunks in order, one chunk in memory at a time.
 

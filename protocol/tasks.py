@@ -6,6 +6,17 @@ them under the same names. Arguments are JSON only.
 - ``fedmq.aggregate(run_id: str, round_number: int, attempt: int) -> dict`` on ``aggregate``:
   folds the round's stored updates into a new model version (idempotent per round); returns
   ``{"model_version", "blob_sha256", "num_updates", "num_samples", "created"}``.
+  A round of many updates whose strategy is a weighted mean may be folded in parts: in a
+  worker the task then replaces itself with the two tasks below (a Celery chord), and the
+  task id the orchestrator follows ends with the combine's result, the same dict (eagerly
+  the parts run in the task itself).
+- ``fedmq.aggregate.partial(run_id, round_number, attempt, part: int, parts: int,
+  digest: str) -> dict`` on ``aggregate``: folds part ``part`` of ``parts`` of the round's
+  updates into a stored float64 partial-sum blob; ``digest`` names the round's base model
+  and updates. Sent by the workers only, never by the orchestrator.
+- ``fedmq.aggregate.combine(partials: list[dict], run_id, round_number, attempt,
+  parts: int, digest: str, began: float) -> dict`` on ``aggregate``: adds the partial sums
+  and stores the round's model version; returns what ``fedmq.aggregate`` returns.
 - ``fedmq.evaluate(run_id: str, round_number: int, model_version: int) -> dict`` on
   ``evaluate``: ``{"model_version", "loss", "accuracy", "num_samples"}`` or ``{"skipped"}``.
 """
@@ -13,6 +24,8 @@ them under the same names. Arguments are JSON only.
 from __future__ import annotations
 
 AGGREGATE_TASK = "fedmq.aggregate"
+AGGREGATE_PARTIAL_TASK = "fedmq.aggregate.partial"
+AGGREGATE_COMBINE_TASK = "fedmq.aggregate.combine"
 EVALUATE_TASK = "fedmq.evaluate"
 AGGREGATE_QUEUE = "aggregate"
 EVALUATE_QUEUE = "evaluate"

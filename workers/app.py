@@ -1,4 +1,5 @@
-"""The Celery app and its tasks, ``fedmq.aggregate`` and ``fedmq.evaluate``.
+"""The Celery app and its tasks, ``fedmq.aggregate`` (with its parts,
+``fedmq.aggregate.partial`` and ``fedmq.aggregate.combine``) and ``fedmq.evaluate``.
 
 ``celery -A workers.app worker -Q aggregate`` runs a worker configured from ``FEDMQ_*``
 variables (``WorkerConfig.from_env``); the composition root calls ``configure(config)``
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Signature, Task, chord, group
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from protocol.tasks import (
+    AGGREGATE_COMBINE_TASK,
+    AGGREGATE_PARTIAL_TASK,
     AGGREGATE_QUEUE,
     AGGREGATE_TASK,
     EDGE_QUEUE,
@@ -36,14 +39,17 @@ from protocol.tasks import (
     EVALUATE_TASK,
 )
 from workers.config import WorkerConfig
-from workers.tasks.aggregate import aggregate_round
+from workers.tasks.aggregate import SplitJob, aggregate_round
 from workers.tasks.evaluate import evaluate_version
+from workers.tasks.split import combine_round, fold_parts_here, partial_round
 
 # ``workers.edge.task`` (and with it the split models) is imported by the edge task itself,
 # so that aggregate/evaluate workers do not load it.
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
     AGGREGATE_TASK: {"queue": AGGREGATE_QUEUE},
+    AGGREGATE_PARTIAL_TASK: {"queue": AGGREGATE_QUEUE},
+    AGGREGATE_COMBINE_TASK: {"queue": AGGREGATE_QUEUE},
     EVALUATE_TASK: {"queue": EVALUATE_QUEUE},
     EDGE_TASK_PATTERN: {"queue": EDGE_QUEUE},
 }
@@ -97,7 +103,7 @@ def configure(config: WorkerConfig) -> Celery:
     global _config
     _config = config
     app.conf.update(celery_config(config))
-    for task in (aggregate, evaluate):
+    for task in (aggregate, aggregate_partial, aggregate_combine, evaluate):
         task.max_retries = config.max_retries
     return app
 
@@ -117,8 +123,82 @@ _RETRY: dict[str, Any] = {
 
 @app.task(name=AGGREGATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, **_RETRY)
 def aggregate(self: Task, run_id: str, round_number: int, attempt: int) -> dict[str, Any]:
-    """Aggregate a round into a new model version; see workers.tasks.aggregate."""
-    return aggregate_round(_config, run_id, round_number, attempt, task_id=self.request.id)
+    """Aggregate a round into a new model version; see workers.tasks.aggregate.
+
+    A round split into parts replaces this task with a chord (its partial tasks, then the
+    combine) that inherits this task's id, so whoever follows the id gets the combine's
+    result; the task ends there instead of holding a worker process while the parts run
+    (with one prefetched task per process, a waiting task could starve its own parts).
+
+    Eagerly (embedded mode) the parts run here, one after the other, and the task returns
+    the combine's result: one process gains nothing from a chord, and Celery refuses the
+    join an eager chord needs inside a task sent with ``apply_async`` (the embedded
+    orchestrator's way), raising "Never call result.get() within a task".
+    """
+
+    def fan_out(job: SplitJob) -> dict[str, Any]:
+        if self.request.is_eager:
+            return fold_parts_here(_config, job)
+        result: dict[str, Any] = self.replace(split_signature(job))
+        return result
+
+    return aggregate_round(
+        _config, run_id, round_number, attempt, task_id=self.request.id, fan_out=fan_out
+    )
+
+
+def split_signature(job: SplitJob) -> Signature:
+    """The chord that folds ``job``'s parts in parallel, then combines them.
+
+    Chord bookkeeping with the database result backend is Celery's ``chord_unlock``
+    task, polling the parts' states once a second; it goes to the body's queue, so the
+    aggregate workers run it. ``si``: the parts take no result from anything before them.
+    """
+    header = group(
+        aggregate_partial.si(*job.partial_args(p)).set(queue=AGGREGATE_QUEUE)
+        for p in range(job.parts)
+    )
+    body = aggregate_combine.s(*job.combine_args()).set(queue=AGGREGATE_QUEUE)
+    return chord(header, body)
+
+
+@app.task(
+    name=AGGREGATE_PARTIAL_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, **_RETRY
+)
+def aggregate_partial(
+    self: Task, run_id: str, round_number: int, attempt: int, part: int, parts: int, digest: str
+) -> dict[str, Any]:
+    """Fold one part of a split round into a stored partial sum; see workers.tasks.split."""
+    return partial_round(
+        _config, run_id, round_number, attempt, part, parts, digest, task_id=self.request.id
+    )
+
+
+@app.task(
+    name=AGGREGATE_COMBINE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, **_RETRY
+)
+def aggregate_combine(
+    self: Task,
+    partials: list[dict[str, Any]],
+    run_id: str,
+    round_number: int,
+    attempt: int,
+    parts: int,
+    digest: str,
+    began: float,
+) -> dict[str, Any]:
+    """Add a split round's partial sums into its model version; see workers.tasks.split."""
+    return combine_round(
+        _config,
+        partials,
+        run_id,
+        round_number,
+        attempt,
+        parts,
+        digest,
+        began,
+        task_id=self.request.id,
+    )
 
 
 @app.task(name=EVALUATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, **_RETRY)

@@ -36,6 +36,12 @@ class WorkerConfig:
     - ``device``: where the weighted-mean strategies fold: ``cpu``; ``cuda`` or ``cuda:N``
       (a GPU must be present, or aggregation fails with a clear error); ``auto`` (the GPU
       when there is one, else the CPU). The robust strategies always combine on the CPU.
+    - ``split_threshold`` / ``split_parts``: a round of more than ``split_threshold``
+      updates whose strategy is a weighted mean (FedAvg family) is folded in
+      ``split_parts`` parts by parallel tasks, then combined (hierarchical aggregation,
+      ``workers.tasks.split``); a run may set its own in ``config["aggregation"]``.
+      Parts pay off with as many aggregate worker processes as parts; with one they cost
+      a float64 blob write and read per part.
     - ``test_aggregate_delay_s``: test-only; sleeps this long after each folded update so
       that a test can kill the worker mid-task. Always 0 in production.
     """
@@ -49,6 +55,8 @@ class WorkerConfig:
     max_retries: int = 3
     max_task_starts: int = 5
     device: str = "cpu"
+    split_threshold: int = 256
+    split_parts: int = 2
     test_aggregate_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -58,6 +66,10 @@ class WorkerConfig:
             raise ValueError("task_time_limit_s must be > 0")
         if self.max_task_starts < 1:
             raise ValueError("max_task_starts must be >= 1")
+        if self.split_threshold < 0:
+            raise ValueError("split_threshold must be >= 0")
+        if self.split_parts < 1:
+            raise ValueError("split_parts must be >= 1")
         if self.test_aggregate_delay_s < 0:
             raise ValueError("test_aggregate_delay_s must be >= 0")
         object.__setattr__(self, "device", check_device_name(self.device))
@@ -80,8 +92,9 @@ class WorkerConfig:
 
         ``FEDMQ_MAX_BLOB_BYTES`` / ``FEDMQ_MAX_DECOMPRESSED_BYTES`` bound decoding,
         ``FEDMQ_TASK_TIMEOUT_S`` is the hard time limit, ``FEDMQ_MAX_AGGREGATION_BYTES`` the
-        robust strategies' cap, ``FEDMQ_WORKER_DEVICE`` cpu, cuda, cuda:N or auto, and
-        ``FEDMQ_TEST_AGGREGATE_DELAY_S`` the test-only delay.
+        robust strategies' cap, ``FEDMQ_WORKER_DEVICE`` cpu, cuda, cuda:N or auto,
+        ``FEDMQ_AGGREGATE_SPLIT_THRESHOLD`` / ``FEDMQ_AGGREGATE_PARTS`` hierarchical
+        aggregation, and ``FEDMQ_TEST_AGGREGATE_DELAY_S`` the test-only delay.
         """
         e = os.environ if env is None else env
         default = cls()
@@ -99,6 +112,8 @@ class WorkerConfig:
             ),
             task_time_limit_s=_float(e, "FEDMQ_TASK_TIMEOUT_S", default.task_time_limit_s),
             device=e.get("FEDMQ_WORKER_DEVICE", default.device),
+            split_threshold=_int(e, "FEDMQ_AGGREGATE_SPLIT_THRESHOLD", default.split_threshold),
+            split_parts=_int(e, "FEDMQ_AGGREGATE_PARTS", default.split_parts),
             test_aggregate_delay_s=_float(e, "FEDMQ_TEST_AGGREGATE_DELAY_S", 0.0),
         )
 

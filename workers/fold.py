@@ -11,6 +11,8 @@ returns the strategy's CPU accumulator, or for the weighted-mean strategies on a
 ``TorchFolder`` (pinned double-buffered staging, copies on a side CUDA stream) taking the
 same ``add`` calls; ``fold_updates(..., decode_ahead=2)`` runs ``iter_deltas`` in a thread
 two updates ahead of the fold, so decoding update k+1 overlaps folding update k.
+``fold_partial`` folds one part of a round into an undivided float64 sum (hierarchical
+aggregation, ``workers.tasks.split``).
 
 Non-float tensors (counters such as BatchNorm's ``num_batches_tracked``) are not
 averaged: they travel as values, not differences, and the new model takes their
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from db.blobstore import BlobError
-from learning.strategies import Accumulator, Strategy, StrategyError
+from learning.strategies import Accumulator, PartialSum, Strategy, StrategyError, WeightedMean
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, spec_of
 from workers.pipeline.device import resolve_device
 from workers.pipeline.folder import TorchFolder
@@ -102,6 +104,22 @@ def folds_linearly(strategy: Strategy) -> bool:
     """True for the weighted-mean strategies (streaming, with the base accumulator): the
     ones a ``TorchFolder`` can fold."""
     return strategy.streaming and type(strategy).accumulator is Strategy.accumulator
+
+
+def split_refusal(strategy: Strategy) -> str | None:
+    """Why ``strategy`` cannot be folded in parts (hierarchical aggregation), or None.
+
+    Only a weighted mean is a sum that splits: the robust strategies take a per-coordinate
+    median or trimmed mean over every update at once, which no partial result of a subset
+    determines."""
+    if folds_linearly(strategy):
+        return None
+    if not strategy.streaming:
+        return (
+            f"{strategy.name} takes a coordinate-wise statistic over every update at once; "
+            "partial results of subsets do not determine it"
+        )
+    return f"{strategy.name} has its own accumulator, not a weighted mean"
 
 
 def make_folder(strategy: Strategy, num_updates: int, device: str = "cpu") -> Accumulator:
@@ -186,21 +204,61 @@ def fold_updates(
     """
     refs = list(updates)
     folder = folder if folder is not None else make_folder(strategy, len(refs))
+    result = _fold(refs, load, base, strategy, limits, folder, after_each, decode_ahead)
+    if not result.folded:
+        raise StrategyError(no_usable_update(result.skipped))
+    result.delta = folder.result()
+    for name, value in base.others.items():
+        result.counters.setdefault(name, value)
+    return result
+
+
+def fold_partial(
+    updates: Iterable[UpdateRef],
+    load: Callable[[str], bytes],
+    base: GlobalModel,
+    strategy: Strategy,
+    *,
+    limits: DecodeLimits = DecodeLimits(),
+    folder: WeightedMean | TorchFolder | None = None,
+    after_each: Callable[[PreparedUpdate], None] | None = None,
+    decode_ahead: int = 0,
+) -> tuple[FoldResult, PartialSum | None]:
+    """``fold_updates`` for one part of a round (hierarchical aggregation): the float64
+    sums and total weight, not divided (None when no update of the part is usable, which
+    is not an error here: other parts may have some), and the fold's bookkeeping.
+    ``result.counters`` holds only what the folded updates carried. Only the weighted-mean
+    strategies can be folded in parts (``folds_linearly``)."""
+    if not folds_linearly(strategy):
+        raise StrategyError(f"{strategy.name} cannot fold in parts: {split_refusal(strategy)}")
+    folder = folder if folder is not None else WeightedMean()
+    result = _fold(list(updates), load, base, strategy, limits, folder, after_each, decode_ahead)
+    return result, folder.partial() if result.folded else None
+
+
+def no_usable_update(skipped: Mapping[str, str]) -> str:
+    reasons = "; ".join(f"{c}: {r}" for c, r in skipped.items()) or "no updates received"
+    return f"no usable update to aggregate ({reasons})"
+
+
+def _fold(
+    refs: list[UpdateRef],
+    load: Callable[[str], bytes],
+    base: GlobalModel,
+    strategy: Strategy,
+    limits: DecodeLimits,
+    folder: Accumulator,
+    after_each: Callable[[PreparedUpdate], None] | None,
+    decode_ahead: int,
+) -> FoldResult:
     skipped: dict[str, str] = {}
-    counters: Weights = {}
-    result = FoldResult(delta={}, counters=counters, skipped=skipped)
+    result = FoldResult(delta={}, counters={}, skipped=skipped)
     deltas = iter_deltas(refs, load, base, strategy, limits, skipped)
     if decode_ahead > 0:
         deltas = read_ahead(deltas, decode_ahead)
     with closing(deltas):
         _fold_all(deltas, folder, strategy, result, after_each)
     # ``skipped`` is complete here: the producer has stopped (read_ahead joins it).
-    if not result.folded:
-        reasons = "; ".join(f"{c}: {r}" for c, r in skipped.items()) or "no updates received"
-        raise StrategyError(f"no usable update to aggregate ({reasons})")
-    result.delta = folder.result()
-    for name, value in base.others.items():
-        counters.setdefault(name, value)
     return result
 
 

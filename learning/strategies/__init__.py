@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from learning.strategies.aggregate import (
+    PartialSum,
     StackedUpdates,
     WeightedMean,
     coordinate_median,
@@ -86,6 +87,7 @@ __all__ = [
     "FedTrimmedAvg",
     "FedYogi",
     "MemoryCapExceeded",
+    "PartialSum",
     "StackedUpdates",
     "State",
     "Strategy",

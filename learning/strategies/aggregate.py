@@ -2,7 +2,10 @@
 
 ``weighted_average`` is the papers' FedAvg formula ``w = Σ n_k/n · w_k`` on whole lists;
 ``WeightedMean`` computes the same thing one update at a time in float64, which is what a
-worker uses so that memory does not grow with the number of clients. ``coordinate_median``
+worker uses so that memory does not grow with the number of clients. Its unnormalised
+sums (``PartialSum``: ``Σ n_k Δ_k`` and ``Σ n_k`` over some of the updates) can be taken
+out and added into another ``WeightedMean``: hierarchical aggregation folds disjoint
+subsets in parallel and adds their sums. ``coordinate_median``
 and ``trimmed_mean`` are the robust combiners of Yin et al. 2018; ``StackedUpdates`` holds
 the k updates they need in one preallocated (k, ...) array per tensor.
 """
@@ -10,6 +13,7 @@ the k updates they need in one preallocated (k, ...) array per tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,6 +64,15 @@ def trimmed_mean(stack: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
+@dataclass
+class PartialSum:
+    """``Σ n_k Δ_k`` (float64, per tensor) and ``Σ n_k`` over ``count`` of a round's updates."""
+
+    sums: Weights
+    total_weight: float
+    count: int
+
+
 class WeightedMean:
     """Streaming ``Σ n_k Δ_k / Σ n_k``: one float64 sum per tensor, whatever k is.
 
@@ -67,6 +80,15 @@ class WeightedMean:
     float32 precision. Products go through a small float64 scratch buffer, a slice at a
     time, so adding allocates nothing per update; ``result()`` divides the sums in place
     (the accumulator is then finished), so memory stays at 2x the fp32 model.
+
+    Exactness of splitting (``partial`` / ``add_partial``): a float32 value times an
+    integer sample count below 2**29 is exact in float64, so the only rounding is in the
+    additions. Folding the updates in P contiguous runs and adding the P sums in order
+    is the same sum with other brackets: per coordinate the two results differ by at most
+    about ``2 (K-1) u Σ n_k |Δ_k| / Σ n_k`` (u = 2**-53; the recursive-summation bound for
+    each bracketing, plus one rounding of the division), far below the float32 rounding
+    of the new model. With one run (P = 1) nothing is rebracketed (``0 + S = S``) and the
+    result is the same bit for bit. ``Σ n_k`` of integer counts is exact either way.
     """
 
     SCRATCH_ELEMENTS = 1 << 16  # 512 KiB of float64
@@ -77,6 +99,7 @@ class WeightedMean:
         self._total = 0.0
         self._count = 0
         self._done = False
+        self._handed_over = False  # partial() took the sums
 
     @property
     def count(self) -> int:
@@ -94,10 +117,11 @@ class WeightedMean:
             raise ValueError(f"update weight must be positive, got {weight!r}")
         if not self._sums:
             self._sums = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in tensors.items()}
-            biggest = max((s.size for s in self._sums.values()), default=0)
-            self._scratch = np.empty(max(1, min(biggest, self.SCRATCH_ELEMENTS)), np.float64)
         elif tensors.keys() != self._sums.keys():
             raise ValueError("update has different tensors than the first one")
+        if not self._scratch.size:  # the first add (add_partial needs none)
+            biggest = max((s.size for s in self._sums.values()), default=0)
+            self._scratch = np.empty(max(1, min(biggest, self.SCRATCH_ELEMENTS)), np.float64)
         for name, t in tensors.items():
             acc = self._sums[name]
             if np.shape(t) != acc.shape:
@@ -112,10 +136,47 @@ class WeightedMean:
         self._total += w
         self._count += 1
 
+    def add_partial(self, part: PartialSum) -> None:
+        """Add another accumulator's sums (``partial()``), as if its updates were added
+        here: ``sum += part.sums`` in float64, weights and counts added."""
+        if self._done:
+            raise ValueError("result() was already taken; start a new accumulator")
+        w = float(part.total_weight)
+        if not (w > 0 and np.isfinite(w)) or part.count < 1:
+            raise ValueError(f"a partial sum needs a positive weight and count, got {w!r}")
+        if not self._sums:
+            self._sums = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in part.sums.items()}
+        elif part.sums.keys() != self._sums.keys():
+            raise ValueError("partial sum has different tensors than the first one")
+        for name, t in part.sums.items():
+            acc = self._sums[name]
+            if np.shape(t) != acc.shape or np.asarray(t).dtype != np.float64:
+                raise ValueError(
+                    f"partial {name!r} is {np.asarray(t).dtype}{list(np.shape(t))}, expected "
+                    f"float64{list(acc.shape)}"
+                )
+            acc += t
+        self._total += w
+        self._count += part.count
+
+    def partial(self) -> PartialSum:
+        """The float64 sums and total weight, not divided; finishes the accumulator (the
+        arrays are handed over, not copied)."""
+        if not self._count:
+            raise ValueError("no updates were added")
+        if self._done:
+            raise ValueError("result() was already taken; start a new accumulator")
+        self._done = self._handed_over = True
+        self._scratch = np.empty(0, dtype=np.float64)
+        sums, self._sums = self._sums, {}
+        return PartialSum(sums, self._total, self._count)
+
     def result(self) -> Weights:
         """The weighted mean (float64 arrays); finishes the accumulator."""
         if not self._count:
             raise ValueError("no updates were added")
+        if self._handed_over:
+            raise ValueError("partial() took the sums; start a new accumulator")
         if not self._done:
             for acc in self._sums.values():
                 acc /= self._total

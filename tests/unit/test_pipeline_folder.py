@@ -101,6 +101,23 @@ def test_the_torch_folder_on_cpu_equals_the_numpy_accumulator() -> None:
     assert t.updates == 9 and t.copy_s == 0.0 and t.total_s >= t.stage_s + t.compute_s > 0
 
 
+def test_the_torch_folder_on_cpu_gives_the_numpy_partial_sums_bit_for_bit() -> None:
+    ups = _updates(5, seed=4)
+    ref, dev = WeightedMean(), TorchFolder("cpu")
+    for i, u in enumerate(ups):
+        ref.add(u, 10 + 3 * i)
+        dev.add(u, 10 + 3 * i)
+    want, got = ref.partial(), dev.partial()
+    assert (got.count, got.total_weight) == (want.count, want.total_weight) == (5, 80.0)
+    for name in SHAPES:
+        assert got.sums[name].dtype == np.float64
+        assert got.sums[name].tobytes() == want.sums[name].tobytes()  # not divided, either
+    with pytest.raises(ValueError, match="partial\\(\\) took the sums"):
+        dev.result()
+    with pytest.raises(ValueError, match="already taken"):
+        dev.add(ups[0], 1.0)
+
+
 def test_the_torch_folder_folds_in_slices_past_the_slice_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

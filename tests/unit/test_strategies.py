@@ -10,6 +10,7 @@ import pytest
 from learning.strategies import (
     STRATEGIES,
     MemoryCapExceeded,
+    PartialSum,
     Strategy,
     StrategyError,
     WeightedMean,
@@ -325,3 +326,86 @@ def test_accumulators_refuse_mismatched_updates() -> None:
     stacked.add({"x": np.zeros(3, np.float32)}, 1)
     with pytest.raises(ValueError, match="more than the 1 updates"):
         stacked.add({"x": np.zeros(3, np.float32)}, 1)
+
+
+# --- partial sums (hierarchical aggregation) ------------------------------------------------
+
+
+def _fold_in_parts(deltas: list[Weights], counts: list[int], parts: int) -> Weights:
+    """Contiguous runs into their own accumulators, their sums added in order."""
+    total = WeightedMean()
+    for p in range(parts):
+        lo, hi = p * len(deltas) // parts, (p + 1) * len(deltas) // parts
+        acc = WeightedMean()
+        for d, n in zip(deltas[lo:hi], counts[lo:hi], strict=True):
+            acc.add(d, n)
+        total.add_partial(acc.partial())
+    return total.result()
+
+
+def test_partial_sums_added_in_order_equal_the_flat_fold_within_the_stated_bound() -> None:
+    k = 200
+    rng = np.random.default_rng(8)
+    deltas = [_model(rng, 0.1) for _ in range(k)]
+    counts = [int(c) for c in rng.integers(1, 5000, k)]
+    flat = WeightedMean()
+    for d, n in zip(deltas, counts, strict=True):
+        flat.add(d, n)
+    want = flat.result()
+    u = 2.0**-53
+    total = float(sum(counts))
+    for parts in (2, 3, 7, k):
+        got = _fold_in_parts(deltas, counts, parts)
+        for name in SHAPES:
+            # WeightedMean's docstring: 2 (K-1) u sum n_k |d_k| / sum n_k, plus the
+            # rounding of the two divisions.
+            mass = sum(
+                n * np.abs(d[name].astype(np.float64)) for d, n in zip(deltas, counts, strict=True)
+            )
+            bound = 2 * (k - 1) * u * mass / total + 2 * u * np.abs(want[name])
+            assert np.all(np.abs(got[name] - want[name]) <= bound), (parts, name)
+    # Rebracketing does change some last bits: the bound is not vacuous.
+    some = _fold_in_parts(deltas, counts, 7)
+    assert any(not np.array_equal(some[n], want[n]) for n in SHAPES)
+
+
+def test_one_partial_sum_is_the_flat_fold_bit_for_bit() -> None:
+    deltas = _round(9, k=len(COUNTS))
+    flat = WeightedMean()
+    for d, n in zip(deltas, COUNTS, strict=True):
+        flat.add(d, n)
+    want, got = flat.result(), _fold_in_parts(deltas, COUNTS, 1)
+    for name in SHAPES:
+        assert got[name].tobytes() == want[name].tobytes()
+
+
+def test_a_partial_sum_is_undivided_and_finishes_its_accumulator() -> None:
+    acc = WeightedMean()
+    acc.add({"x": np.full(2, 1.0, np.float32)}, 3)
+    acc.add({"x": np.full(2, 2.0, np.float32)}, 5)
+    part = acc.partial()
+    assert (part.count, part.total_weight) == (2, 8.0)
+    np.testing.assert_array_equal(part.sums["x"], [13.0, 13.0])
+    with pytest.raises(ValueError, match="already taken"):
+        acc.add({"x": np.zeros(2, np.float32)}, 1)
+    with pytest.raises(ValueError, match="partial\\(\\) took the sums"):
+        acc.result()
+    into = WeightedMean()
+    into.add_partial(part)
+    into.add({"x": np.full(2, 4.0, np.float32)}, 2)  # parts and single updates mix
+    np.testing.assert_array_equal(into.result()["x"], [2.1, 2.1])
+    with pytest.raises(ValueError, match="no updates"):
+        WeightedMean().partial()
+
+
+def test_add_partial_refuses_what_it_cannot_add() -> None:
+    acc = WeightedMean()
+    acc.add_partial(PartialSum({"x": np.zeros(3)}, 2.0, 1))
+    with pytest.raises(ValueError, match="expected float64\\[3\\]"):
+        acc.add_partial(PartialSum({"x": np.zeros(4)}, 2.0, 1))
+    with pytest.raises(ValueError, match="expected float64"):
+        acc.add_partial(PartialSum({"x": np.zeros(3, np.float32)}, 2.0, 1))
+    with pytest.raises(ValueError, match="different tensors"):
+        acc.add_partial(PartialSum({"y": np.zeros(3)}, 2.0, 1))
+    with pytest.raises(ValueError, match="positive weight"):
+        acc.add_partial(PartialSum({"x": np.zeros(3)}, 0.0, 1))

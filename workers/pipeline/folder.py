@@ -1,8 +1,9 @@
 """``TorchFolder``: the weighted-mean accumulator (FedAvg family) on a torch device.
 
 It takes the same calls as learning's ``WeightedMean`` (``add(tensors, weight)``,
-``count``, ``result()``) and returns the same thing: ``Σ w_k Δ_k / Σ w_k`` per tensor, as
-float64 numpy arrays of the update's shapes, so a strategy's server step is unchanged.
+``count``, ``result()``, ``partial()``) and returns the same thing: ``Σ w_k Δ_k / Σ w_k``
+per tensor, as float64 numpy arrays of the update's shapes, so a strategy's server step is
+unchanged.
 
 On CUDA, one ``add`` is:
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from learning.strategies import PartialSum
 from workers.pipeline.device import DeviceUnavailable
 from workers.pipeline.staging import FlatLayout, staging_slot
 
@@ -87,6 +89,7 @@ class TorchFolder:
         self._count = 0
         self._began: float | None = None
         self._result: Weights | None = None
+        self._partial_taken = False
 
     @property
     def count(self) -> int:
@@ -99,7 +102,7 @@ class TorchFolder:
     # --- adding ------------------------------------------------------------------------
 
     def add(self, tensors: Mapping[str, np.ndarray], weight: float) -> None:
-        if self._result is not None:
+        if self._result is not None or self._partial_taken:
             raise ValueError("result() was already taken; start a new accumulator")
         w = float(weight)
         if not (w > 0 and np.isfinite(w)):
@@ -203,29 +206,46 @@ class TorchFolder:
 
     def result(self) -> Weights:
         """The weighted mean (float64 numpy arrays); finishes the accumulator."""
+        if self._partial_taken:
+            raise ValueError("partial() took the sums; start a new accumulator")
+        if self._result is None:
+            self._result = self._finish(divide=True)
+        return dict(self._result)
+
+    def partial(self) -> PartialSum:
+        """The float64 sums and total weight, not divided (hierarchical aggregation adds
+        them to other parts' sums); finishes the accumulator."""
+        if self._result is not None or self._partial_taken:
+            raise ValueError("result() was already taken; start a new accumulator")
+        sums = self._finish(divide=False)
+        self._partial_taken = True
+        return PartialSum(sums, self._total, self._count)
+
+    def _finish(self, *, divide: bool) -> Weights:
         if not self._count:
             raise ValueError("no updates were added")
-        if self._result is None:
-            acc, layout = self._acc, self._layout
-            assert acc is not None and layout is not None
-            if self._cuda:
-                stream = self._compute_stream
-                assert stream is not None
+        acc, layout = self._acc, self._layout
+        assert acc is not None and layout is not None
+        if self._cuda:
+            stream = self._compute_stream
+            assert stream is not None
+            if divide:
                 with torch.cuda.stream(stream):
                     acc.div_(self._total)
-                stream.synchronize()  # every copy and fold has finished too
-                sums = acc.cpu().numpy()
-                for copy_start, copied, fold_start, folded in self._events:
-                    self.timings.copy_s += copy_start.elapsed_time(copied) / 1e3
-                    self.timings.compute_s += fold_start.elapsed_time(folded) / 1e3
-            else:
-                sums = acc.numpy()
+            stream.synchronize()  # every copy and fold has finished too
+            sums = acc.cpu().numpy()
+            for copy_start, copied, fold_start, folded in self._events:
+                self.timings.copy_s += copy_start.elapsed_time(copied) / 1e3
+                self.timings.compute_s += fold_start.elapsed_time(folded) / 1e3
+        else:
+            sums = acc.numpy()
+            if divide:
                 sums /= self._total  # numpy, as WeightedMean: the CPU result is its, bit for bit
-            self._result = layout.unpack(sums)
-            self._release()
-            assert self._began is not None
-            self.timings.total_s = time.perf_counter() - self._began
-        return dict(self._result)
+        out = layout.unpack(sums)
+        self._release()
+        assert self._began is not None
+        self.timings.total_s = time.perf_counter() - self._began
+        return out
 
     def _release(self) -> None:
         """Drop the staging buffers, device buffers and events (the result is kept)."""
