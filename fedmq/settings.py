@@ -92,6 +92,15 @@ class Settings(BaseSettings):
         description="Where workers fold updates: cpu, cuda, cuda:N (error without a GPU), "
         "or auto (the GPU if there is one, else cpu)",
     )
+    aggregate_split_threshold: int = Field(
+        256,
+        ge=0,
+        description="Rounds with more updates than this (FedAvg family) are folded in "
+        "parallel parts by several workers, then combined",
+    )
+    aggregate_parts: int = Field(
+        2, ge=1, description="How many parts such a round is folded in (one task each)"
+    )
 
     # Orchestrator replicas (several `fedmq orchestrator` on one database share the runs)
     replica_id: str | None = Field(

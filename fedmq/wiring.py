@@ -57,6 +57,8 @@ def worker_config(s: Settings) -> WorkerConfig:
         max_aggregation_bytes=s.max_aggregation_bytes,
         task_time_limit_s=s.task_timeout_s,
         device=s.worker_device,
+        split_threshold=s.aggregate_split_threshold,
+        split_parts=s.aggregate_parts,
     )
 
 
