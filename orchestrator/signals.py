@@ -107,6 +107,7 @@ class Signals:
                 for run_id in {m.run_id for m in msgs.values() if isinstance(m, Register)}
             }
             joining: dict[str, list[int]] = {}
+            unauthenticated: set[int] = set()  # indices
             for i, msg in msgs.items():
                 if not isinstance(msg, HeartbeatMsg) and msg.message_id not in fresh:
                     continue  # processed before: acknowledged again, nothing done
@@ -139,10 +140,24 @@ class Signals:
                         message_id=msg.message_id,
                         detail={"reason": reasons[i], "type": msg.type},
                     )
+                    unauthenticated.add(i)
                     continue
                 runs.setdefault(msg.run_id, []).append(
                     (i, StepInput(_machine_event(msg), msg.message_id))
                 )
+            # An unauthenticated message keeps no claim on its id, as one at a time (``_signal``
+            # checks the token before claiming): a copy of it is refused again, with its
+            # reason, not taken for a message already processed. Unless a copy in this batch
+            # was authenticated (then the claim is that copy's).
+            q.unmark_messages_processed(
+                s,
+                {
+                    msgs[i].message_id
+                    for i in unauthenticated
+                    if not isinstance(msgs[i], HeartbeatMsg)
+                }
+                - {m.message_id for i, m in msgs.items() if i not in unauthenticated},
+            )
             # New clients in one INSERT a run; they join before the run's other messages
             # (none of which can be theirs: a device learns its id from the reply).
             for run_id, idx in joining.items():

@@ -381,3 +381,27 @@ def test_consumers_store_in_parallel_while_the_counter_counts_each_once(st: Stac
         assert oq.inbox_run_ids(s) == []
     assert counted == sorted(m.message_id for m in metas)
     assert sorted(str(e.message_id) for e in accepted) == counted
+
+
+def test_a_signal_refused_for_its_token_is_refused_again_when_it_comes_again(st: Stack) -> None:
+    """An unauthenticated signal keeps no claim on its message id: delivered again (in a
+    later batch, as a resend or a forgery would be), it is dead-lettered again with its
+    reason instead of being acknowledged as a message already processed."""
+    tokens = _register(st, 1, "againreplies")
+    (cid,) = tokens
+    bad = _signal(st, cid, "not-the-token-of-this-client")
+    st.signals.handle_many(st.take(topology.SIGNALS_QUEUE, 1))
+    st.bus.publish(
+        topology.SIGNALS_EXCHANGE,
+        topology.signal_routing_key(cid),
+        bad.to_json(),
+        message_id=bad.message_id,
+    )
+    good = _signal(st, cid, tokens[cid])  # in the same batch as the copy: still applied
+    st.signals.handle_many(st.take(topology.SIGNALS_QUEUE, 2))
+    reasons = [str(d.headers[REASON_HEADER]) for d in st.dead()]
+    assert reasons == [f"unknown client or bad token for {cid}"] * 2
+    with session_scope(st.sessions) as s:
+        assert not q.is_message_processed(s, bad.message_id)
+        assert q.is_message_processed(s, good.message_id)
+        assert str(q.get_client(s, cid).state) == "ready"  # type: ignore[union-attr]
