@@ -132,6 +132,8 @@ def _poisoning() -> str:
     """Final test accuracy (%) per strategy and attack, from tests/unit/test_poisoning.py."""
     import torch
 
+    if str(ROOT) not in sys.path:  # ``tests`` is not installed; run as a script, it is not
+        sys.path.insert(0, str(ROOT))  # on the path either (only benchmarks/ is)
     from tests.unit import test_poisoning as t
 
     torch.set_num_threads(1)
