@@ -274,6 +274,31 @@ def warm_up(bus: Bus, run_id: str, timeout: float = 120.0) -> None:
     d.ack()
 
 
+# One Celery worker serving aggregation and evaluation, quietly.
+WORKER = (
+    *("-m", "celery", "-A", "workers.app", "worker", "-Q", "aggregate,evaluate"),
+    *("--concurrency", "1", "--pool", "solo", "--loglevel", "WARNING"),
+    *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+)
+
+
+def spawn(
+    procs: list[subprocess.Popen[bytes]], env: dict[str, str], *args: str, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """``python *args`` in its own session (so that its whole group can be killed), added
+    to ``procs``."""
+    p = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    procs.append(p)
+    return p
+
+
 def cpu_s(pid: int) -> float:
     """A process's CPU time so far (user + system), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -318,22 +343,9 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
             )
 
         def start(*args: str, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
-            p = subprocess.Popen(
-                [sys.executable, *args],
-                cwd=cwd,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            procs.append(p)
-            return p
+            return spawn(procs, env, *args, cwd=cwd)
 
-        start(
-            *("-m", "celery", "-A", "workers.app", "worker", "-Q", "aggregate,evaluate"),
-            *("--concurrency", "1", "--pool", "solo", "--loglevel", "WARNING"),
-            *("--without-gossip", "--without-mingle", "--without-heartbeat"),
-        )
+        start(*WORKER)
         orch = start("-m", "fedmq.cli", "orchestrator", "--no-upgrade", cwd=tree)
         engine = make_engine(db_url)
         sessions = make_sessionmaker(engine)

@@ -40,7 +40,20 @@ import numpy as np
 from _report import RESULTS, machine, machine_line, publish, write_section
 from _scratch import drop_scratch, make_scratch
 from floor import measure as measure_floor
-from load import PER_TX, THREADS, LoadAverage, model, pct, peak_rss_mb, publish_all, trained, wait
+from load import (
+    PER_TX,
+    THREADS,
+    WORKER,
+    LoadAverage,
+    cpu_s,
+    model,
+    pct,
+    peak_rss_mb,
+    publish_all,
+    spawn,
+    trained,
+    wait,
+)
 from sqlalchemy import func, select
 
 from db import migrations
@@ -84,12 +97,6 @@ def queue_depth(vhost: str, queue: str) -> int:
     return 0
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine_cpu_s() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far, over all cores."""
     values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -122,22 +129,9 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
         env.pop("FEDMQ_RESULT_BACKEND", None)
 
         def start(*args: str) -> subprocess.Popen[bytes]:
-            p = subprocess.Popen(
-                [sys.executable, *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            procs.append(p)
-            return p
+            return spawn(procs, env, *args)
 
-        start(
-            *("-m", "celery", "-A", "workers.app", "worker", "-Q", "aggregate,evaluate"),
-            *("--concurrency", "1", "--pool", "solo", "--loglevel", "WARNING"),
-            *("--without-gossip", "--without-mingle", "--without-heartbeat"),
-        )
+        start(*WORKER)
         engine = make_engine(db_url)
         sessions = make_sessionmaker(engine)
         bus = connect(amqp)
@@ -210,7 +204,7 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
         reader = bus.consume_batches(
             replies, on_replies, batching=Batching(max_messages=256, linger_s=0), prefetch=256
         )
-        cpu0 = sum(proc_cpu_s(p.pid) for p in orchs)
+        cpu0 = sum(cpu_s(p.pid) for p in orchs)
         busy0, total0 = machine_cpu_s()
         me0 = time.process_time()
         t0 = time.time()
@@ -290,7 +284,7 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
         t2 = time.time()
         update_sent = publish_all(bus, update, ids)
         t_updates = wait(lambda: count(counted) == n, 600, "every update counted")
-        orch_cpu = sum(proc_cpu_s(p.pid) for p in orchs) - cpu0
+        orch_cpu = sum(cpu_s(p.pid) for p in orchs) - cpu0
         busy1, total1 = machine_cpu_s()
         generator_cpu = time.process_time() - me0
 
