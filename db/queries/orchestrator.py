@@ -409,19 +409,3 @@ def take_inbox(session: Session, run_id: str, limit: int) -> list[InboxUpdate]:
 def inbox_run_ids(session: Session) -> list[str]:
     """Runs with updates waiting to be counted."""
     return list(session.scalars(select(InboxUpdate.run_id).distinct().order_by(InboxUpdate.run_id)))
-
-
-def inbox_waiting(session: Session, run_id: str, round: int, client_ids: Iterable[str]) -> set[str]:
-    """Which of ``client_ids`` have an update for that round waiting to be counted."""
-    ids = list(client_ids)
-    if not ids:
-        return set()
-    return set(
-        session.scalars(
-            select(InboxUpdate.client_id).where(
-                InboxUpdate.run_id == run_id,
-                InboxUpdate.round == round,
-                InboxUpdate.client_id.in_(ids),
-            )
-        )
-    )
