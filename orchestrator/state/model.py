@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
-from typing import NamedTuple, overload
+from typing import NamedTuple, cast, overload
 
 from orchestrator.state.policy import AVAILABILITY_PRIOR, RoundPolicy
 from protocol.messages import ClientState, RoundState
@@ -74,10 +74,6 @@ class Received(Sequence[Update]):
     def __init__(self, items: Sequence[Update] = (), *, _log: _Log | None = None) -> None:
         self._log = _Log(items) if _log is None else _log
         self._n = len(items) if _log is None else len(_log.items)
-
-    @classmethod
-    def of(cls, items: Sequence[Update]) -> Received:
-        return items if isinstance(items, Received) else cls(items)
 
     def append(self, update: Update) -> Received:
         log = self._log
@@ -159,6 +155,16 @@ class Round:
     # of the state: not compared, copied or stored. Received ids: ``Received.has_client``.
     _selected: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Every round holds a ``Received``, made once from a tuple (a loaded snapshot, a
+        # test), so that membership and appends never rebuild it.
+        if not isinstance(self.received, Received):
+            object.__setattr__(self, "received", Received(self.received))
+
+    @property
+    def _received(self) -> Received:
+        return cast(Received, self.received)
+
     def _selected_set(self) -> frozenset[str]:
         sel = self._selected
         if sel is None:
@@ -171,7 +177,7 @@ class Round:
         return frozenset(u.client_id for u in self.received)
 
     def has_received(self, client_id: str) -> bool:
-        return Received.of(self.received).has_client(client_id)
+        return self._received.has_client(client_id)
 
     def is_selected(self, client_id: str) -> bool:
         return client_id in self._selected_set()
@@ -179,10 +185,7 @@ class Round:
     def with_update(self, update: Update) -> Round:
         """This round with ``update`` received (O(1): see ``Received``; the selected set is
         carried over, not rebuilt)."""
-        received = Received.of(self.received)
-        if received is not self.received:
-            object.__setattr__(self, "received", received)  # same items, now appendable
-        new = replace(self, received=received.append(update))
+        new = replace(self, received=self._received.append(update))
         object.__setattr__(new, "_selected", self._selected_set())
         return new
 
@@ -196,7 +199,7 @@ class Round:
     def anyone_expected(self) -> bool:
         """Whether ``expected`` is not empty, without listing it."""
         selected = self._selected_set()
-        received = Received.of(self.received)
+        received = self._received
         # Received clients are all selected (the machine refuses others); dropped ones are
         # few, and may have reported before they dropped.
         gone = {c for c in self.dropped if c in selected and not received.has_client(c)}
