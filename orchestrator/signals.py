@@ -93,12 +93,18 @@ class Signals:
                         client_id=msg.client_id,
                         detail={"reason": reasons[i]},
                     )
+            # Tokens are checked before ids are claimed, as one at a time (``_signal``): a
+            # refused message keeps no claim, so a copy of it is refused again with its
+            # reason rather than taken for a message already processed.
+            _authenticate(s, msgs, reasons)
             # Re-deliveries change nothing (heartbeats are not de-duplicated: see _signal).
             fresh = q.mark_messages_processed(
-                s, (m.message_id for m in msgs.values() if not isinstance(m, HeartbeatMsg))
-            )
-            clients = q.get_clients(
-                s, (m.client_id for m in msgs.values() if not isinstance(m, Register))
+                s,
+                (
+                    m.message_id
+                    for i, m in msgs.items()
+                    if reasons[i] is None and not isinstance(m, HeartbeatMsg)
+                ),
             )
             runs: dict[str, list[tuple[int, StepInput]]] = {}
             tokens: dict[int, str] = {}
@@ -107,8 +113,9 @@ class Signals:
                 for run_id in {m.run_id for m in msgs.values() if isinstance(m, Register)}
             }
             joining: dict[str, list[int]] = {}
-            unauthenticated: set[int] = set()  # indices
             for i, msg in msgs.items():
+                if reasons[i] is not None:
+                    continue  # refused above
                 if not isinstance(msg, HeartbeatMsg) and msg.message_id not in fresh:
                     continue  # processed before: acknowledged again, nothing done
                 if isinstance(msg, Register):
@@ -125,39 +132,9 @@ class Signals:
                         tokens[i] = secrets.token_urlsafe(32)
                         joining.setdefault(msg.run_id, []).append(i)
                     continue
-                client = clients.get(msg.client_id)
-                if (
-                    client is None
-                    or client.run_id != msg.run_id
-                    or client.token_hash != q.hash_token(msg.token)
-                ):
-                    reasons[i] = f"unknown client or bad token for {msg.client_id}"
-                    record_and_publish(
-                        s,
-                        msg.run_id,
-                        "auth.rejected",
-                        client_id=msg.client_id,
-                        message_id=msg.message_id,
-                        detail={"reason": reasons[i], "type": msg.type},
-                    )
-                    unauthenticated.add(i)
-                    continue
                 runs.setdefault(msg.run_id, []).append(
                     (i, StepInput(_machine_event(msg), msg.message_id))
                 )
-            # An unauthenticated message keeps no claim on its id, as one at a time (``_signal``
-            # checks the token before claiming): a copy of it is refused again, with its
-            # reason, not taken for a message already processed. Unless a copy in this batch
-            # was authenticated (then the claim is that copy's).
-            q.unmark_messages_processed(
-                s,
-                {
-                    msgs[i].message_id
-                    for i in unauthenticated
-                    if not isinstance(msgs[i], HeartbeatMsg)
-                }
-                - {m.message_id for i, m in msgs.items() if i not in unauthenticated},
-            )
             # New clients in one INSERT a run; they join before the run's other messages
             # (none of which can be theirs: a device learns its id from the reply).
             for run_id, idx in joining.items():
@@ -266,22 +243,10 @@ class Signals:
     def _signal(self, msg: SignalMsg | HeartbeatMsg) -> str | None:
         event = _machine_event(msg)
         with session_scope(self.sessions) as s:
-            client = q.get_client(s, msg.client_id)
-            if (
-                client is None
-                or client.run_id != msg.run_id
-                or client.token_hash != q.hash_token(msg.token)
-            ):
-                reason = f"unknown client or bad token for {msg.client_id}"
-                record_and_publish(
-                    s,
-                    msg.run_id,
-                    "auth.rejected",
-                    client_id=msg.client_id,
-                    message_id=msg.message_id,
-                    detail={"reason": reason, "type": msg.type},
-                )
-                return reason
+            refused: list[str | None] = [None]
+            _authenticate(s, {0: msg}, refused)
+            if refused[0] is not None:
+                return refused[0]
             # Heartbeats are not de-duplicated: repeating one is harmless and they are many.
             if not isinstance(msg, HeartbeatMsg) and not q.mark_message_processed(
                 s, msg.message_id
@@ -300,6 +265,33 @@ class Signals:
         finally:
             d.reject(reason)
         self.after_commit()
+
+
+def _authenticate(
+    s: Session, msgs: dict[int, Register | SignalMsg | HeartbeatMsg], reasons: list[str | None]
+) -> None:
+    """Refuse (``reasons``, an ``auth.rejected`` record) every message of ``msgs`` but a
+    registration whose client is unknown, of another run, or whose token is wrong."""
+    clients = q.get_clients(s, (m.client_id for m in msgs.values() if not isinstance(m, Register)))
+    for i, msg in msgs.items():
+        if isinstance(msg, Register):
+            continue
+        client = clients.get(msg.client_id)
+        if (
+            client is not None
+            and client.run_id == msg.run_id
+            and client.token_hash == q.hash_token(msg.token)
+        ):
+            continue
+        reasons[i] = f"unknown client or bad token for {msg.client_id}"
+        record_and_publish(
+            s,
+            msg.run_id,
+            "auth.rejected",
+            client_id=msg.client_id,
+            message_id=msg.message_id,
+            detail={"reason": reasons[i], "type": msg.type},
+        )
 
 
 REJOIN = "client.rejoin"
