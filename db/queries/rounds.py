@@ -9,9 +9,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -24,7 +24,7 @@ from db.models import (
     utcnow,
 )
 from db.models.enums import PENDING_PARTICIPATION
-from db.queries._sql import changed, in_states, insert_ignore, insert_many_ignore
+from db.queries._sql import bulk_update, changed, in_states, insert_ignore, insert_many_ignore
 
 
 class UpdateOutcome(enum.StrEnum):
@@ -219,18 +219,6 @@ _UPDATE_COLUMNS = (
     "message_id",
     "received_at",
 )
-_participations_table = cast(Table, Participation.__table__)
-_participations = _participations_table.c
-# One Core statement, built once (so compiled once): the ORM's bulk UPDATE by primary key
-# built a fresh statement and bind parameters per call, a quarter of a group commit.
-_RECORD_UPDATE = (
-    update(_participations_table)
-    .where(
-        _participations.round_id == bindparam("k_round_id"),
-        _participations.client_id == bindparam("k_client_id"),
-    )
-    .values({c: bindparam(f"v_{c}") for c in _UPDATE_COLUMNS})
-)
 
 
 def record_updates(
@@ -268,14 +256,13 @@ def record_updates(
         accepted = round_state == RoundState.OPEN and state in PENDING_PARTICIPATION
         new = ParticipationState.UPDATE if accepted else ParticipationState.LATE
         states[cid] = new
-        row = {f"v_{c}": u.get(c) for c in _UPDATE_COLUMNS}
-        row.update(k_round_id=round_id, k_client_id=cid, v_state=new)
+        row = {c: u.get(c) for c in _UPDATE_COLUMNS}
+        row.update(round_id=round_id, client_id=cid, state=new)
         rows.append(row)
         outcomes[cid] = UpdateOutcome.ACCEPTED if accepted else UpdateOutcome.LATE
         if accepted:
             counted.append(cid)
-    if rows:
-        session.execute(_RECORD_UPDATE, rows)
+    bulk_update(session, Participation, rows, ("round_id", "client_id"))
     if counted:
         session.execute(
             update(Round).where(Round.id == round_id).values(received=Round.received + len(counted))

@@ -29,10 +29,9 @@ class _Overlay(Mapping[str, ClientRecord]):
     _upper: dict[str, ClientRecord]
 
     def __getitem__(self, key: str) -> ClientRecord:
-        try:
-            return self._upper[key]
-        except KeyError:
-            return self._lower[key]
+        # Most reads miss the small upper dict: a probe, not a raised KeyError, for those.
+        rec = self._upper.get(key)
+        return rec if rec is not None else self._lower[key]
 
     def get(self, key: str, default: ClientRecord | None = None) -> ClientRecord | None:  # type: ignore[override]
         rec = self._upper.get(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from functools import cache
 from typing import Any, ClassVar
 
 from orchestrator.state.events import Event
@@ -46,10 +47,18 @@ def _flatten(out: dict[str, Scalar | list[Scalar]], key: str, value: Any) -> Non
     elif is_dataclass(value):
         if key:
             out[key] = type(value).__name__
-        for f in fields(value):
-            _flatten(out, f"{key}.{f.name}" if key else f.name, getattr(value, f.name))
+        cls: type = type(value)
+        for name in _field_names(cls):
+            _flatten(out, f"{key}.{name}" if key else name, getattr(value, name))
     else:
         out[key] = repr(value)
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    # dataclasses.fields() rebuilds its tuple on every call: a tenth of the counter's time
+    # went there, one call per counted update.
+    return tuple(f.name for f in fields(cls))
 
 
 # --- clients --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import zlib
 from typing import Any
 
@@ -44,6 +45,12 @@ def pack(header: dict[str, Any], payload: Any, cctx: zstandard.ZstdCompressor) -
 
 def unpack(blob: memoryview, limits: DecodeLimits) -> tuple[Any, memoryview]:
     """The parsed (not yet validated) JSON header and the zstd frame that follows it."""
+    head, frame = split(blob, limits)
+    return parse_json(head), frame
+
+
+def split(blob: memoryview, limits: DecodeLimits) -> tuple[bytes, memoryview]:
+    """The header's bytes (prefix and CRC checked, not parsed) and the zstd frame."""
     if len(blob) > limits.max_compressed_bytes:
         raise CodecError(
             f"blob is {len(blob)} bytes, over the {limits.max_compressed_bytes}-byte limit"
@@ -62,14 +69,17 @@ def unpack(blob: memoryview, limits: DecodeLimits) -> tuple[Any, memoryview]:
     end = PREFIX_SIZE + head_len
     if len(blob) < end:
         raise CodecError(f"blob is truncated inside the header ({len(blob)} < {end} bytes)")
-    head = blob[PREFIX_SIZE:end]
+    head = bytes(blob[PREFIX_SIZE:end])
     if zlib.crc32(head) != crc:
         raise CodecError("header checksum mismatch (corrupted blob)")
+    return head, blob[end:]
+
+
+def parse_json(head: bytes) -> Any:
     try:
-        obj = json.loads(bytes(head).decode("utf-8"))
+        return json.loads(head.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise CodecError(f"header is not valid JSON: {e}") from None
-    return obj, blob[end:]
 
 
 def decompress(frame: memoryview, payload_size: int, limits: DecodeLimits) -> bytes:
@@ -99,7 +109,7 @@ def decompress(frame: memoryview, payload_size: int, limits: DecodeLimits) -> by
             raise CodecError(f"payload frame holds {size} bytes, header says {payload_size}")
     if params.window_size > _MAX_WINDOW:
         raise CodecError(f"payload zstd window of {params.window_size} bytes is too large")
-    dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+    dctx = _decompressor()
     try:
         # max_output_size only matters without a content size: it is then the one buffer
         # zstd writes into, and overflowing it is an error (0 would mean "unbounded").
@@ -109,3 +119,15 @@ def decompress(frame: memoryview, payload_size: int, limits: DecodeLimits) -> by
     if len(data) != payload_size:
         raise CodecError(f"payload decompressed to {len(data)} bytes, header says {payload_size}")
     return data
+
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    # One per thread, reused: making one costs more than decompressing a 1 KB update, and a
+    # decompressor may not be shared between threads.
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+    return dctx

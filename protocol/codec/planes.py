@@ -31,6 +31,9 @@ def write_part(dest: np.ndarray, arr: np.ndarray, shuffle: bool) -> None:
         dest[...] = src
 
 
+_ONE_PASS_BYTES = 64 << 10
+
+
 def read_part(src: np.ndarray, dtype: np.dtype, n: int, shuffle: bool) -> np.ndarray:
     """The ``n`` elements of ``dtype`` stored in the uint8 slice ``src``.
 
@@ -38,10 +41,13 @@ def read_part(src: np.ndarray, dtype: np.dtype, n: int, shuffle: bool) -> np.nda
     """
     k = dtype.itemsize
     if shuffle and k > 1:
+        if n * k <= _ONE_PASS_BYTES:
+            # Small: one transposing copy, not k calls (a 1 KB update's tensors are tiny).
+            return src.reshape(k, n).T.copy().view(dtype).reshape(n)
         out = np.empty(n, dtype=dtype)
         rows = out.view(np.uint8).reshape(n, k)
         planes = src.reshape(k, n)
-        for j in range(k):
+        for j in range(k):  # large: plane by plane streams memory better than the transpose
             rows[:, j] = planes[j]
         return out
     return src.view(dtype)
