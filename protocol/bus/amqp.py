@@ -93,6 +93,19 @@ def _declare_on(channel: BlockingChannel, topology: Topology) -> None:
         channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
 
 
+def _connect(params: pika.URLParameters) -> pika.BlockingConnection:
+    """A new connection; whatever making it raises is a connection error. pika raises a
+    bare ValueError ("Expected connected socket, but getpeername() failed") when the socket
+    is reset between connecting and its first use: it killed a consumer's thread in the
+    broker-outage test."""
+    try:
+        return pika.BlockingConnection(params)
+    except (px.AMQPError, OSError):
+        raise
+    except Exception as e:
+        raise px.AMQPConnectionError(e) from e
+
+
 def _close_quietly(connection: pika.BlockingConnection) -> None:
     try:
         if connection.is_open:
@@ -106,7 +119,7 @@ class _Link:
     one for batches."""
 
     def __init__(self, params: pika.URLParameters) -> None:
-        self.connection = pika.BlockingConnection(params)
+        self.connection = _connect(params)
         self.channel = self._open_channel()
         self._tx: BlockingChannel | None = None
 
@@ -288,6 +301,9 @@ class _AmqpConsumer(Consumer):
                 err: Exception = e
             except _TRANSIENT as e:
                 err = e
+            except Exception as e:  # pika's own bugs included: a consumer must not die of one
+                log.error("consumer of %s: unexpected %s", self._queue, describe(e))
+                err = e
             if self._stopping.is_set():
                 return
             if self._fresh:  # it was subscribed again: count failures in a row only
@@ -332,7 +348,7 @@ class _AmqpConsumer(Consumer):
         self._subscribed.set()
 
     def _session(self) -> None:
-        connection = pika.BlockingConnection(self._bus._params)
+        connection = _connect(self._bus._params)
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self._prefetch)
