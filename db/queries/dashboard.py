@@ -438,14 +438,18 @@ class ServiceRow:
 
 
 def service_health(
-    session: Session, now: datetime, stale_after_s: float = 30.0
+    session: Session, now: datetime, stale_after_s: float = 30.0, hide_after_s: float = 600.0
 ) -> list[ServiceRow]:
-    """Every service's last word, newest writers first within a kind; a row older than
-    ``stale_after_s`` (a heartbeat is every 5 s) reads ``silent``: its process is gone."""
+    """Every service's last word, by kind and name; a row older than ``stale_after_s`` (a
+    heartbeat is every 5 s) reads ``silent``: its process is gone. Rows not written for
+    ``hide_after_s`` are left out (a replaced process's), except a crash loop's."""
     rows = session.scalars(select(ServiceHealth).order_by(ServiceHealth.kind, ServiceHealth.name))
     out = []
     for r in rows:
-        silent = (now - r.seen_at).total_seconds() > stale_after_s and r.state not in AT_REST
+        age = (now - r.seen_at).total_seconds()
+        if age > hide_after_s and r.state != "crash-loop":
+            continue
+        silent = age > stale_after_s and r.state not in AT_REST
         out.append(
             ServiceRow(
                 name=r.name,
