@@ -11,6 +11,17 @@ BADGES = {
     "update": "🟣 update",
     "finish": "✅ finish",
     "offline": "⚫ offline",
+    # Services (service_health)
+    "connected": "🟢 connected",
+    "running": "🟢 running",
+    "connecting": "🟠 connecting",
+    "reconnecting": "🟠 reconnecting",
+    "restarting": "🟠 restarting",
+    "failed": "🔴 failed",
+    "crash-loop": "🔴 crash loop",
+    "silent": "🔴 silent",
+    "stopped": "⚫ stopped",
+    "exited": "⚫ exited",
 }
 
 

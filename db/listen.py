@@ -1,5 +1,7 @@
 """A Postgres connection of its own that LISTENs on channels and hands each notification to a
-callback, from a thread of its own; reconnects with backoff when the connection drops.
+callback, from a thread of its own; reconnects for as long as it runs, with capped and
+jittered backoff, when the connection drops (one WARNING line per attempt; its state is in
+``health``).
 
 Notifications are a hint, never the only path: one sent while the connection was down is
 lost, so ``on_connect`` runs after every (re)connection for the caller to look at what it
@@ -10,12 +12,15 @@ connection, such as a session advisory lock).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 from sqlalchemy import Engine
+
+from protocol.bus.health import LinkHealth, describe
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self.connected = threading.Event()
+        self.health = LinkHealth(f"postgres {name}")
 
     def start(self, timeout: float = 10.0) -> None:
         """Start listening; waits (up to ``timeout``) for the first connection, so that what
@@ -59,6 +65,7 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._close()
+        self.health.stopped()
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -92,6 +99,9 @@ class Listener:
             try:
                 self._conn = self._connect()
                 self.connected.set()
+                if self.health.attempts_in_a_row:
+                    log.warning("%s: listening again", self._name)
+                self.health.up()
                 delay = 0.2
                 if self._on_connect is not None:
                     self._on_connect()
@@ -102,8 +112,15 @@ class Listener:
             except Exception as e:
                 if self._stop.is_set():
                     break
-                log.warning("listening connection lost (%r); reconnecting in %.1f s", e, delay)
+                attempt = self.health.down(e)
+                # Jittered: every replica lost Postgres at the same instant.
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning(
+                    "%s: listening connection lost (%s); reconnect attempt %d in %.1f s",
+                    *(self._name, describe(e), attempt, wait),
+                )
+                log.debug("%s: listening connection lost", self._name, exc_info=e)
                 self._close()
-                self._stop.wait(delay)
+                self._stop.wait(wait)
                 delay = min(2 * delay, 5.0)
         self._close()

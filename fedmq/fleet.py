@@ -35,6 +35,9 @@ from fedmq.simulate import (
 from fedmq.wiring import open_bus
 from protocol.messages import RoundState
 
+# How long devices get to leave (signal offline, delete their queue) once the fleet stops.
+STOP_DEVICES_S = 8.0
+
 
 def run(
     s: Settings,
@@ -83,19 +86,25 @@ def run(
     console.print(f"device logs: {logs}/device-<k>.log")
     try:
         if o.rounds > 0:
-            wait_ready(sessions, run_id, o.clients - h.late_joiners, timeout=120)
-            bus = open_bus(s)
-            try:
-                start_autorun(bus, s, run_id, o.rounds)
-            finally:
-                bus.close()
-            follow(sessions, run_id, o.rounds, console)
+            wait_ready(sessions, run_id, o.clients - h.late_joiners, timeout=120, stop=stop)
+            if not stop.is_set():
+                bus = open_bus(s)
+                try:
+                    start_autorun(bus, s, run_id, o.rounds)
+                finally:
+                    bus.close()
+            follow(sessions, run_id, o.rounds, console, stop=stop)
         else:
             _watch(sessions, run_id, devices, stop, console)
     finally:
+        interrupted = stop.is_set()
         stop.set()
-        for d in devices:
-            d.join(timeout=15)
+        # Bounded in total: SIGTERM must stop the fleet within seconds (issue 17: it went
+        # on training for 7 minutes, since nothing above looked at ``stop``).
+        fleet_local.stop_processes(devices, timeout=STOP_DEVICES_S)
+    if interrupted:
+        console.print("fleet stopped")
+        return 0
     if o.rounds > 0:
         result = report(sessions, run_id, o, time.perf_counter() - started, console)
         final = result.rows[-1].accuracy if result.rows else None

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +36,22 @@ class ProcessHandle:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def stop_processes(handles: list[ProcessHandle], timeout: float) -> None:
+    """SIGTERM to every device at once, then wait for them all within ``timeout`` in
+    total (not each: one after the other, 100 devices took up to 100 timeouts), then
+    SIGKILL what is left."""
+    for h in handles:
+        if h.proc.poll() is None:
+            h.proc.terminate()
+    deadline = time.monotonic() + timeout
+    for h in handles:
+        try:
+            h.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            h.proc.kill()
+            h.proc.wait()
 
 
 def _env(s: Settings) -> dict[str, str]:

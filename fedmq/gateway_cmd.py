@@ -12,6 +12,9 @@ from fedmq.settings import Settings, get_settings
 if TYPE_CHECKING:
     from orchestrator.gateway import GatewayConfig
 
+# Seconds open requests (device long polls) get once SIGTERM or Ctrl-C arrived.
+SHUTDOWN_S = 5
+
 
 def gateway_config(s: Settings) -> GatewayConfig:
     from fedmq.wiring import decode_limits
@@ -45,9 +48,24 @@ def gateway(
         s = s.model_copy(update={"gateway_run": run})
     engine = make_engine(s.database_url)
     bus = open_bus(s)
+    sessions = make_sessionmaker(engine)
+    health = None
+    if not s.embedded:
+        import os
+
+        from db.health import HealthReporter
+        from db.health import host as hostname
+        from protocol.bus.health import summary
+
+        health = HealthReporter(
+            sessions,
+            f"gateway {hostname()}-{os.getpid()}",
+            "gateway",
+            lambda: summary(bus.health()),
+        ).start()
     try:
         config = gateway_config(s)
-        app = create_app(config, bus, make_sessionmaker(engine))
+        app = create_app(config, bus, sessions)
         # The browser device page (issue 8): served beside the API, talks to it like a device.
         from devices.browser import browser_router
 
@@ -58,7 +76,11 @@ def gateway(
             port=port or s.gateway_port,
             log_level=loglevel.lower(),
             access_log=False,
+            # SIGTERM must stop it in bounded time; long-polling devices would hold it open.
+            timeout_graceful_shutdown=SHUTDOWN_S,
         )
     finally:
+        if health is not None:
+            health.stop(remove=True)
         bus.close()
         engine.dispose()

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Seconds to wait for a publisher confirm"
     )
     reconnect_attempts: int = Field(
-        20, ge=0, description="Reconnect attempts after a broker connection is lost"
+        20,
+        ge=0,
+        description="Reconnect attempts of one bus call (publish, get); consumers never give up",
     )
     reconnect_backoff_s: float = Field(
         0.5, gt=0, description="First reconnect delay; doubles up to reconnect_backoff_max_s"

@@ -278,18 +278,36 @@ def report(
     return SimResult(run_id, rows, seconds, outputs)
 
 
-def wait_ready(sessions: Any, run_id: str, clients: int, timeout: float) -> None:
+def wait_ready(
+    sessions: Any,
+    run_id: str,
+    clients: int,
+    timeout: float,
+    stop: threading.Event | None = None,
+) -> None:
+    """Until ``clients`` devices registered (or ``stop`` is set: a signal arrived)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    stop = stop or threading.Event()
+    while time.monotonic() < deadline and not stop.is_set():
         with session_scope(sessions) as s:
             if len(q.list_clients(s, run_id)) >= clients:
                 return
-        time.sleep(0.1)
+        stop.wait(0.1)
+    if stop.is_set():
+        return
     raise TimeoutError(f"only some of {clients} devices registered within {timeout:.0f} s")
 
 
-def follow(sessions: Any, run_id: str, rounds_wanted: int, console: Console) -> None:
-    """A progress bar of the run's rounds until ``rounds_wanted`` are done."""
+def follow(
+    sessions: Any,
+    run_id: str,
+    rounds_wanted: int,
+    console: Console,
+    stop: threading.Event | None = None,
+) -> None:
+    """A progress bar of the run's rounds until ``rounds_wanted`` are done (or ``stop``
+    is set: SIGTERM or Ctrl-C must not wait for the rest of an autorun)."""
+    stop = stop or threading.Event()
     columns = (
         TextColumn("rounds"),
         BarColumn(),
@@ -299,7 +317,7 @@ def follow(sessions: Any, run_id: str, rounds_wanted: int, console: Console) -> 
     )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("rounds", total=rounds_wanted, acc="")
-        while True:
+        while not stop.is_set():
             with session_scope(sessions) as s:
                 rounds = q.list_rounds(s, run_id)
                 done = [r for r in rounds if r.state == RoundState.DONE]
@@ -317,4 +335,4 @@ def follow(sessions: Any, run_id: str, rounds_wanted: int, console: Console) -> 
                 and all(r.state in (RoundState.DONE, RoundState.FAILED) for r in rounds)
             ):
                 raise RuntimeError("autorun stopped before all rounds were done (see events)")
-            time.sleep(0.1)
+            stop.wait(0.1)

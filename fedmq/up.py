@@ -3,24 +3,37 @@
 Migrates the database, then starts the orchestrator, a worker, the REST gateway and the
 dashboard (the same services as docker-compose.yml) against the configured RabbitMQ and
 database, each logging to ``<logs>/<name>.log``; optionally a fleet of simulated devices.
-Ctrl-C or SIGTERM stops them all, and a service that dies takes the others down with it.
-The fleet is a job, not a service: when it has run its rounds it exits and the stack stays.
+
+It supervises them: a service that exits is started again after a capped, growing delay
+(``RestartPolicy``), and only a crash loop (``crash_loop_exits`` exits within
+``crash_loop_window_s``) makes it give up, loudly, and stop the stack. Each child's state
+(running, restarting, crash-loop, stopped) is written to ``service_health`` for the
+dashboard, since a dead process cannot write its own. Ctrl-C or SIGTERM stops them all
+within a bounded time (SIGTERM, then SIGKILL to the child's process group after
+``grace_s``). The fleet is a job, not a service: when it has run its rounds it exits and
+the stack stays; a fleet that fails is reported, not restarted (it would start a new run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from db import migrations
+from db.engine import make_engine, make_sessionmaker, session_scope
+from db.health import host
+from db.queries.health import HealthRow, record_health
 from fedmq.settings import Settings
 
 
@@ -30,6 +43,32 @@ class Service:
     argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
     job: bool = False  # may exit when done without taking the stack down
+    restarts: int = 0
+    exits: list[float] = field(default_factory=list)  # time.monotonic() of each exit
+    restart_at: float | None = None  # set while it waits to be started again
+    last_rc: int | None = None
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``fedmq up`` restarts a service that exited: after ``backoff_s``, doubling per
+    recent exit up to ``backoff_max_s``; a service that exits ``crash_loop_exits`` times
+    within ``crash_loop_window_s`` is in a crash loop, and restarting it again only hides
+    the fault: the stack stops, saying why."""
+
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    crash_loop_exits: int = 5
+    crash_loop_window_s: float = 300.0
+
+    def recent(self, exits: list[float], now: float) -> int:
+        return sum(1 for t in exits if now - t <= self.crash_loop_window_s)
+
+    def delay(self, recent_exits: int) -> float:
+        return float(min(self.backoff_max_s, self.backoff_s * 2 ** max(0, recent_exits - 1)))
+
+    def crash_loop(self, exits: list[float], now: float) -> bool:
+        return self.recent(exits, now) >= self.crash_loop_exits
 
 
 @dataclass(frozen=True)
@@ -63,6 +102,7 @@ def run(
     console: Console,
     options: StackOptions | None = None,
     stop: threading.Event | None = None,
+    policy: RestartPolicy | None = None,
 ) -> int:
     if s.embedded:
         console.print(
@@ -79,15 +119,13 @@ def run(
     env = {**os.environ, "FEDMQ_BROKER_URL": s.broker_url, "FEDMQ_DATABASE_URL": s.database_url}
     opts = options or StackOptions()
     started = services(opts)
+    board = _HealthBoard(s.database_url)
     for svc in started:
         if svc.job:
             svc.argv = [*svc.argv, "--out", str(logs / svc.name)]
-        log = (logs / f"{svc.name}.log").open("ab")
-        # Own process group: the terminal's Ctrl-C reaches us, and we stop children in order.
-        svc.proc = subprocess.Popen(
-            svc.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        console.print(f"started {svc.name} (pid {svc.proc.pid}), log {logs / svc.name}.log")
+        _spawn(svc, env, logs)
+        console.print(f"started {svc.name} (pid {_pid(svc)}), log {logs / svc.name}.log")
+        board.write(svc, "running")
     console.print(
         f"broker {s.broker_url.split('@')[-1]}, database "
         f"{s.database_url.split('@')[-1]}; Ctrl-C stops everything"
@@ -96,22 +134,120 @@ def run(
         console.print(f"gateway on http://{s.gateway_host}:{s.gateway_port} (OpenAPI at /docs)")
     if opts.dashboard:
         console.print(f"dashboard on http://{s.dashboard_host}:{s.dashboard_port}")
-    code = 0
-    while not stop.is_set():
-        for svc in [x for x in started if x.job and x.proc and x.proc.poll() is not None]:
-            rc = svc.proc.returncode if svc.proc else None
-            console.print(f"{svc.name} finished with {rc}; see {logs / svc.name}.log")
-            started.remove(svc)
-        dead = [svc for svc in started if svc.proc and svc.proc.poll() is not None]
-        if dead:
-            for svc in dead:
-                rc = svc.proc.returncode if svc.proc else None
-                console.print(f"[red]{svc.name} exited with {rc}; see {logs / svc.name}.log[/red]")
-            code = 1
-            break
-        stop.wait(0.5)
-    _stop_all(started, console)
+    try:
+        code = _supervise(started, env, logs, console, stop, policy or RestartPolicy(), board)
+    finally:
+        _stop_all(started, console)
+        for svc in started:
+            board.write(svc, "stopped")
+        board.close()
     return code
+
+
+def _supervise(
+    started: list[Service],
+    env: dict[str, str],
+    logs: Path,
+    console: Console,
+    stop: threading.Event,
+    policy: RestartPolicy,
+    board: _HealthBoard,
+) -> int:
+    """Restart what exits until ``stop``; returns the exit code of ``fedmq up``."""
+    last_board = time.monotonic()
+    while not stop.is_set():
+        now = time.monotonic()
+        for svc in list(started):
+            if svc.proc is None or (svc.proc.poll() is None and svc.restart_at is None):
+                continue
+            log = logs / f"{svc.name}.log"
+            if svc.restart_at is None:  # it just exited
+                rc = svc.last_rc = svc.proc.returncode
+                if svc.job:
+                    console.print(f"{svc.name} finished with {rc}; see {log}")
+                    board.write(svc, "exited")
+                    started.remove(svc)
+                    continue
+                svc.exits.append(now)
+                if policy.crash_loop(svc.exits, now):
+                    n = policy.recent(svc.exits, now)
+                    console.print(
+                        f"[bold red]GIVING UP: {svc.name} exited {n} times within "
+                        f"{policy.crash_loop_window_s:.0f} s (last exit code {rc}): a crash loop, "
+                        f"not an accident. Stopping the stack; see {log}[/bold red]"
+                    )
+                    board.write(svc, "crash-loop")
+                    return 1
+                delay = policy.delay(policy.recent(svc.exits, now))
+                svc.restart_at = now + delay
+                console.print(
+                    f"[yellow]{svc.name} exited with {rc}; restarting in {delay:.0f} s "
+                    f"(restart {svc.restarts + 1}); see {log}[/yellow]"
+                )
+                board.write(svc, "restarting")
+            elif now >= svc.restart_at:
+                svc.restart_at = None
+                svc.restarts += 1
+                _spawn(svc, env, logs)
+                console.print(f"restarted {svc.name} (pid {_pid(svc)})")
+                board.write(svc, "running")
+        if now - last_board >= _HealthBoard.PERIOD_S:
+            last_board = now
+            for svc in started:
+                board.write(svc, "restarting" if svc.restart_at is not None else "running")
+        stop.wait(0.2)
+    return 0
+
+
+def _pid(svc: Service) -> int:
+    return svc.proc.pid if svc.proc else -1
+
+
+def _spawn(svc: Service, env: dict[str, str], logs: Path) -> None:
+    with (logs / f"{svc.name}.log").open("ab") as log:
+        # Own process group: the terminal's Ctrl-C reaches us, and we stop children in order.
+        svc.proc = subprocess.Popen(
+            svc.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+class _HealthBoard:
+    """The children's rows in ``service_health`` (``up <name>``). Best effort: the stack
+    runs without them when the database is away."""
+
+    PERIOD_S = 5.0
+
+    def __init__(self, database_url: str) -> None:
+        self._sessions: Any = None
+        try:
+            self._engine = make_engine(database_url)
+            self._sessions = make_sessionmaker(self._engine)
+        except Exception:  # a URL the stack refuses later anyway
+            self._sessions = None
+
+    def write(self, svc: Service, state: str) -> None:
+        if self._sessions is None:
+            return
+        since = None
+        if state in ("restarting", "crash-loop") and svc.exits:
+            since = datetime.now(UTC) - timedelta(seconds=time.monotonic() - svc.exits[-1])
+        row = HealthRow(
+            name=f"up {svc.name}",
+            kind="supervised",
+            host=host(),
+            pid=os.getpid(),
+            state=state,
+            since=since,
+            attempts=len(svc.exits),
+            reconnects=svc.restarts,
+            detail={"child_pid": _pid(svc), "last_exit_code": svc.last_rc, "job": svc.job},
+        )
+        with contextlib.suppress(Exception), session_scope(self._sessions) as s:
+            record_health(s, row)
+
+    def close(self) -> None:
+        if self._sessions is not None:
+            self._engine.dispose()
 
 
 def _stop_all(started: list[Service], console: Console, grace_s: float = 15.0) -> None:
@@ -125,6 +261,9 @@ def _stop_all(started: list[Service], console: Console, grace_s: float = 15.0) -
         try:
             svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            svc.proc.kill()
+            console.print(f"[yellow]{svc.name} did not stop within {grace_s:.0f} s; killed[/]")
+            # The whole group: a fleet's devices are its children.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(svc.proc.pid, signal.SIGKILL)
             svc.proc.wait()
         console.print(f"stopped {svc.name}")

@@ -138,6 +138,9 @@ def orchestrator_config(s: Settings) -> ServiceConfig:
         replica_id=s.replica_id,
         lease_ttl_s=s.lease_ttl_s,
         lease_renew_s=s.lease_renew_s,
+        # Devices come back within their own largest reconnect delay, then heartbeat.
+        outage_grace_s=s.reconnect_backoff_max_s + 5.0,
+        health_period_s=None if s.embedded else 5.0,
     )
 
 

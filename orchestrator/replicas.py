@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import session_scope
 from db.queries import leases as lq
 from db.queries import orchestrator as oq
+from protocol.bus.health import HealthSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,10 @@ class Leases:
 
     def owns(self, run_id: str) -> bool:
         return run_id in self.owned()
+
+    def health(self) -> list[HealthSnapshot]:
+        """The Postgres listener's connection (none on SQLite)."""
+        return [] if self._listener is None else [self._listener.health.snapshot()]
 
     def notice(self, run_ids: Collection[str]) -> None:
         """The service saw these runs: one the last renewal did not see (a new run) gets

@@ -11,6 +11,12 @@ Any number of these services may run against one database and broker, each a rep
 (``orchestrator.replicas``): the queues are shared (any replica stores updates and applies
 signals and commands, the run row lock orders them), while a run's ticks, task following,
 counting and housekeeping run only on the replica that holds its lease.
+
+While the broker is away (a consumer reconnecting) nothing of the devices can be heard, so
+time stops for the machine: no ``Tick`` (no deadline, no heartbeat timeout) until the
+consumers are back and ``outage_grace_s`` has passed for the devices to reconnect, say they
+live and send what they held. Then a round whose deadline passed meanwhile closes (or fails
+and is retried) at the first tick. Consumers never give up on the broker (``protocol.bus``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import blobstore
 from db import queries as q
 from db.engine import session_scope
+from db.health import HealthReporter
 from db.queries import orchestrator as oq
 from orchestrator.accounts import BrokerAccounts
 from orchestrator.control import Control
@@ -50,8 +57,9 @@ from orchestrator.state import Event as MachineEvent
 from orchestrator.store import CACHE, StepInput, aggregate_task_id, evaluate_task_id, load
 from orchestrator.tasks import TaskRunner
 from protocol import topology
-from protocol.bus import Batching, Bus, Consumer, Delivery
+from protocol.bus import Batching, Bus, BusError, Consumer, Delivery
 from protocol.bus.base import run_handler
+from protocol.bus.health import LinkState, describe, summary
 from protocol.codec import DecodeLimits
 from protocol.messages import RoundState
 
@@ -87,6 +95,12 @@ class ServiceConfig:
     replica_id: str | None = None
     lease_ttl_s: float = 5.0
     lease_renew_s: float = 1.0
+    # After the broker was away: how long ticks stay held once the consumers are back, so
+    # that devices (whose own reconnect backoff may be up to reconnect_backoff_max_s) come
+    # back and heartbeat before a heartbeat timeout or a deadline is judged.
+    outage_grace_s: float = 15.0
+    # How often this process writes its row in ``service_health``; None: never (tests).
+    health_period_s: float | None = None
 
 
 class OrchestratorService:
@@ -121,6 +135,11 @@ class OrchestratorService:
         # What this replica did, for its row in ``replicas`` (people and benchmarks).
         self._handled: Counter[str] = Counter()
         self._handled_lock = threading.Lock()  # consumers count from their own threads
+        # The broker's last outage as this process saw it (time.monotonic()).
+        self._away_since: float | None = None
+        self._back_at: float | None = None
+        self._outages = 0
+        self._health: HealthReporter | None = None
         self.leases = Leases(
             sessions,
             replica_id=config.replica_id,
@@ -166,7 +185,24 @@ class OrchestratorService:
             target=self._count_loop, name="orchestrator-counter", daemon=True
         )
         self._counter.start()
+        if self.config.health_period_s is not None:
+            self._health = HealthReporter(
+                self.sessions,
+                f"orchestrator {self.leases.id}",
+                "orchestrator",
+                self.health,
+                period_s=self.config.health_period_s,
+            ).start()
         log.info("orchestrator started")
+
+    def health(self) -> dict[str, Any]:
+        """How this replica is doing: its connections (bus consumers and calls, the
+        Postgres listener), whether ticks are held, the broker outages it rode out."""
+        out = summary([*self.bus.health(), *self.leases.health()])
+        out["ticks_held"] = self._away_since is not None
+        out["broker_outages"] = self._outages
+        out["runs"] = len(self.leases.owned())
+        return out
 
     def _consume(
         self,
@@ -235,6 +271,8 @@ class OrchestratorService:
         self._stop.set()
         self._kick.set()
         self._counting.set()
+        if self._health is not None:
+            self._health.stop()
         for c in self._consumers:
             try:
                 c.stop()
@@ -331,8 +369,44 @@ class OrchestratorService:
     def _drain(self) -> None:
         try:
             self.outbox.drain()
+        except BusError as e:  # the broker is away: one line, the items wait in the table
+            log.warning("draining the outbox failed (%s); retrying on the next tick", describe(e))
         except Exception:
             log.exception("draining the outbox failed; retrying on the next tick")
+
+    def broker_away(self) -> bool:
+        """True while ticks are held: a consumer is reconnecting to the broker, or they all
+        came back less than ``outage_grace_s`` ago (see the module's docstring)."""
+        down = [
+            h
+            for h in self.bus.health()
+            if h.name.startswith("consumer") and h.state is LinkState.RECONNECTING
+        ]
+        now = time.monotonic()
+        if down:
+            if self._away_since is None:
+                self._away_since = now
+                self._outages += 1
+                log.warning(
+                    "the broker is away (%s); deadlines and heartbeat timeouts are held",
+                    down[0].last_error,
+                )
+            self._back_at = None
+            return True
+        if self._away_since is None:
+            return False
+        if self._back_at is None:
+            self._back_at = now
+            log.warning(
+                "the broker is back after %.0f s; ticks resume in %.0f s",
+                now - self._away_since,
+                self.config.outage_grace_s,
+            )
+        if now - self._back_at < self.config.outage_grace_s:
+            return True
+        log.warning("ticks resumed")
+        self._away_since = self._back_at = None
+        return False
 
     def _tick_loop(self) -> None:
         last_housekeeping = 0.0
@@ -346,7 +420,12 @@ class OrchestratorService:
             if self._stop.is_set():
                 return
             try:
-                if time.monotonic() - last_tick < self.config.tick_s:
+                away = self.broker_away()
+                if away and self._back_at is None:
+                    # Nothing can go out, and a drain would wait out the bus's reconnect
+                    # attempts on this thread; the consumers say when the broker is back.
+                    continue
+                if away or time.monotonic() - last_tick < self.config.tick_s:
                     self._drain()
                     with session_scope(self.sessions) as s:
                         waiting = oq.runs_awaiting_tasks(s)

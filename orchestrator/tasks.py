@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from db.engine import normalize_url
+from protocol.bus import ConnectionLost
+from protocol.bus.health import describe
 
 # Raised by the workers for what a retry cannot fix (workers.tasks.common); matched by name.
 FINAL_ERRORS = frozenset({"AggregationError", "EvaluationError"})
@@ -32,6 +35,11 @@ class TaskRunner(Protocol):
     def send(self, name: str, args: list[Any], task_id: str, queue: str) -> None: ...
 
     def poll(self, task_id: str) -> TaskStatus: ...
+
+
+class BrokerUnavailable(ConnectionLost):
+    """A task could not be sent: the broker is away. A ``BusError``, so the outbox keeps
+    the item and sends it again on the next tick (any other error drops an item)."""
 
 
 def result_backend_url(database_url: str) -> str:
@@ -56,7 +64,12 @@ class CeleryTaskRunner:
         )
 
     def send(self, name: str, args: list[Any], task_id: str, queue: str) -> None:
-        self.app.send_task(name, args=args, task_id=task_id, queue=queue)
+        try:
+            self.app.send_task(name, args=args, task_id=task_id, queue=queue)
+        except (KombuOperationalError, OSError) as e:
+            # Before: dropped as a bad item, so a round closed while the broker was away
+            # waited out task_timeout_s (10 min) before its aggregation was sent again.
+            raise BrokerUnavailable(f"sending {name} ({task_id}): {describe(e)}") from None
 
     def poll(self, task_id: str) -> TaskStatus:
         res = self.app.AsyncResult(task_id)

@@ -39,6 +39,7 @@ from protocol.tasks import (
     EVALUATE_TASK,
 )
 from workers.config import WorkerConfig
+from workers.health import BrokerHealth
 from workers.tasks.aggregate import SplitJob, aggregate_round
 from workers.tasks.evaluate import evaluate_version
 from workers.tasks.split import combine_round, fold_parts_here, partial_round
@@ -80,7 +81,12 @@ def celery_config(config: WorkerConfig) -> dict[str, Any]:
         "task_always_eager": config.eager,
         "task_eager_propagates": True,
         "task_publish_retry": True,
+        # A worker outlives any broker outage (issue 17: one died in a few minutes): it
+        # reconnects for ever, at start too, and channel errors count as connection errors.
+        "broker_connection_retry": True,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_channel_error_retry": True,
         "broker_transport_options": {"confirm_publish": True},
         "database_short_lived_sessions": True,
         "result_expires": 24 * 3600,
@@ -95,6 +101,7 @@ def create_app(config: WorkerConfig, name: str = "fedmq") -> Celery:
 
 
 app = Celery("fedmq", set_as_current=False)
+app.steps["consumer"].add(BrokerHealth)  # the worker's row in service_health
 _config: WorkerConfig = WorkerConfig()
 
 

@@ -1,8 +1,10 @@
-"""Overview: the global model status (paper 2's dashboard) and the client table."""
+"""Overview: the services' health, the global model status (paper 2's dashboard) and the
+client table."""
 
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import pandas as pd
 import streamlit as st
@@ -15,6 +17,41 @@ from db.queries import dashboard as dq
 
 cfg = data.config()
 st.title("Overview")
+
+
+@st.fragment(run_every=cfg.refresh_s)
+def services() -> None:
+    """Each long-running process's heartbeat row: a service that reconnects, restarts, gave
+    up or went silent says so here (issue 17: nothing did)."""
+    now = datetime.now(UTC)
+    with session_scope(data.sessions()) as s:
+        rows = dq.service_health(s, now)
+    if not rows:
+        return
+    st.subheader("Services")
+    for r in (r for r in rows if not r.healthy):
+        since = "" if r.since is None else f" since {fmt.ago(r.since, now)}"
+        tries = f", attempt {r.attempts}" if r.attempts and r.state != "silent" else ""
+        why = f" ({r.last_error})" if r.last_error else ""
+        st.warning(f"{r.name}: {fmt.badge(r.state)}{since}{tries}{why}")
+    frame = pd.DataFrame(
+        [
+            {
+                "service": r.name,
+                "state": fmt.badge(r.state),
+                "since": "—" if r.since is None else fmt.ago(r.since, now),
+                "attempts": r.attempts,
+                "reconnects / restarts": r.reconnects,
+                "host": f"{r.host}:{r.pid}",
+                "last heard": fmt.ago(r.seen_at, now),
+            }
+            for r in rows
+        ]
+    )
+    st.dataframe(frame, hide_index=True, width="stretch")
+
+
+services()
 run_id = data.required_run()
 
 

@@ -27,6 +27,7 @@ from db.models import (
     Round,
     RoundState,
     Run,
+    ServiceHealth,
 )
 
 # Event kinds that record a refused (and, on the bus, dead-lettered) message, with the reason
@@ -409,3 +410,58 @@ def command_result(session: Session, message_id: str) -> Event | None:
 
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+# --- services (``service_health``) ---------------------------------------------------------
+
+# States a service's own row may be left in on purpose: an old row in one of them is not a
+# service gone silent.
+AT_REST = ("stopped", "exited", "crash-loop")
+
+
+@dataclass(frozen=True)
+class ServiceRow:
+    name: str
+    kind: str
+    host: str
+    pid: int
+    state: str  # as written, or "silent" for a row not written within ``stale_after_s``
+    since: datetime | None
+    attempts: int
+    reconnects: int
+    seen_at: datetime
+    last_error: str | None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state in ("connected", "running", "stopped", "exited")
+
+
+def service_health(
+    session: Session, now: datetime, stale_after_s: float = 30.0, hide_after_s: float = 600.0
+) -> list[ServiceRow]:
+    """Every service's last word, by kind and name; a row older than ``stale_after_s`` (a
+    heartbeat is every 5 s) reads ``silent``: its process is gone. Rows not written for
+    ``hide_after_s`` are left out (a replaced process's), except a crash loop's."""
+    rows = session.scalars(select(ServiceHealth).order_by(ServiceHealth.kind, ServiceHealth.name))
+    out = []
+    for r in rows:
+        age = (now - r.seen_at).total_seconds()
+        if age > hide_after_s and r.state != "crash-loop":
+            continue
+        silent = age > stale_after_s and r.state not in AT_REST
+        out.append(
+            ServiceRow(
+                name=r.name,
+                kind=r.kind,
+                host=r.host,
+                pid=r.pid,
+                state="silent" if silent else r.state,
+                since=r.seen_at if silent else r.since,
+                attempts=r.attempts,
+                reconnects=r.reconnects,
+                seen_at=r.seen_at,
+                last_error=(r.detail or {}).get("last_error"),
+            )
+        )
+    return out

@@ -6,11 +6,14 @@ in a thread-local, and each consumer has its own connection and thread. Settling
 from another thread goes through ``add_callback_threadsafe`` of the connection that owns it.
 
 Publishes are persistent, mandatory and confirmed. A lost connection is re-established with
-the one backoff policy of ``BusConfig.backoff`` for a bounded number of attempts, then
-``ConnectionLost``; a publish cut off before its confirm is sent again, so delivery is
-at-least-once. An idle publishing connection misses heartbeats (pika only answers them inside
-a call) and the broker may drop it; the next call then simply reconnects. A handler that runs
-longer than about two heartbeats loses its consumer's connection, and its message comes back.
+the one backoff policy of ``BusConfig.backoff`` (capped, jittered): a call (publish, get,
+declare) for a bounded number of attempts, then ``ConnectionLost``; a consumer for as long
+as it is not stopped. A publish cut off before its confirm is sent again, so delivery is
+at-least-once. Each failed attempt is one WARNING line (the traceback only at DEBUG), and
+every connection's state is in ``AmqpBus.health()``. An idle publishing connection misses
+heartbeats (pika only answers them inside a call) and the broker may drop it; the next call
+then simply reconnects. A handler that runs longer than about two heartbeats loses its
+consumer's connection, and its message comes back.
 A thread's connection lives until ``close()``: publish from long-lived threads (pools), not
 from a new thread per message.
 """
@@ -42,22 +45,30 @@ from protocol.bus.base import (
     run_handler,
 )
 from protocol.bus.errors import BusError, ConnectionLost, Unroutable
+from protocol.bus.health import HealthSnapshot, LinkHealth, describe
 from protocol.topology import Topology
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# pika logs every failed connection attempt as several ERROR lines and a traceback (819
+# lines in one outage, issue 17), though the bus handles the failure and says so in one
+# line itself. Quiet unless someone set pika's level on purpose (DEBUG shows it all again).
+if logging.getLogger("pika").level == logging.NOTSET:
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 class _Cancelled(Exception):
     """The broker cancelled a consumer; subscribing again tells whether the queue is gone."""
 
 
-# Not worth retrying: wrong credentials, a vhost we may not use, a broker we cannot speak to.
+# Not worth retrying: wrong credentials, a vhost we may not use. (Not pika's
+# IncompatibleProtocolError: it is also what a connection reset during the handshake raises,
+# as by a broker that is starting or stopping, or a proxy in front of one that is away.)
 _FATAL = (
     px.ProbableAuthenticationError,
     px.ProbableAccessDeniedError,
     px.AuthenticationError,
-    px.IncompatibleProtocolError,
 )
 _TRANSIENT = (px.AMQPConnectionError, px.ChannelWrongStateError, OSError, _Cancelled)
 _POLL_S = 0.1
@@ -82,6 +93,19 @@ def _declare_on(channel: BlockingChannel, topology: Topology) -> None:
         channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
 
 
+def _connect(params: pika.URLParameters) -> pika.BlockingConnection:
+    """A new connection; whatever making it raises is a connection error. pika raises a
+    bare ValueError ("Expected connected socket, but getpeername() failed") when the socket
+    is reset between connecting and its first use: it killed a consumer's thread in the
+    broker-outage test."""
+    try:
+        return pika.BlockingConnection(params)
+    except (px.AMQPError, OSError):
+        raise
+    except Exception as e:
+        raise px.AMQPConnectionError(e) from e
+
+
 def _close_quietly(connection: pika.BlockingConnection) -> None:
     try:
         if connection.is_open:
@@ -95,7 +119,7 @@ class _Link:
     one for batches."""
 
     def __init__(self, params: pika.URLParameters) -> None:
-        self.connection = pika.BlockingConnection(params)
+        self.connection = _connect(params)
         self.channel = self._open_channel()
         self._tx: BlockingChannel | None = None
 
@@ -232,6 +256,7 @@ class _AmqpConsumer(Consumer):
         self._prefetch, self._declare = prefetch, declare
         self._stopping, self._subscribed = threading.Event(), threading.Event()
         self.error: BusError | None = None
+        self.health = LinkHealth(f"consumer {queue}")
         self._fresh = False  # subscribed since the last failure
         self._thread = threading.Thread(
             target=self._run, name=f"fedmq-consumer-{queue}", daemon=True
@@ -245,10 +270,13 @@ class _AmqpConsumer(Consumer):
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop consuming. Bounded: a consumer in the middle of connecting to a broker that
+        does not answer is left to its socket timeout (a daemon thread, gone at exit)."""
         self._stopping.set()
         if threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout)
+        self.health.stopped()
 
     def _run(self) -> None:
         try:
@@ -273,17 +301,31 @@ class _AmqpConsumer(Consumer):
                 err: Exception = e
             except _TRANSIENT as e:
                 err = e
+            except Exception as e:  # pika's own bugs included: a consumer must not die of one
+                log.error("consumer of %s: unexpected %s", self._queue, describe(e))
+                err = e
+            if self._stopping.is_set():
+                return
             if self._fresh:  # it was subscribed again: count failures in a row only
                 failures, self._fresh = 0, False
             failures += 1
-            if failures > self._bus.config.reconnect_attempts:
+            self.health.down(err)
+            # Never subscribed: a wrong URL looks like a broker that is down, and the caller
+            # waits in ``consume``; give it an answer. Once subscribed, never give up.
+            if not self._subscribed.is_set() and failures > self._bus.config.reconnect_attempts:
                 return self._give_up(
                     ConnectionLost(f"consumer of {self._queue!r} gave up after {err!r}")
                 )
+            delay = self._bus.config.backoff(failures)
             log.warning(
-                "consumer of %s lost its connection (%r); retry %d", self._queue, err, failures
+                "consumer of %s: connection lost (%s); reconnect attempt %d in %.1f s",
+                self._queue,
+                describe(err),
+                failures,
+                delay,
             )
-            self._stopping.wait(self._bus.config.backoff(failures))
+            log.debug("consumer of %s: connection lost", self._queue, exc_info=err)
+            self._stopping.wait(delay)
 
     @staticmethod
     def _fill(
@@ -301,11 +343,12 @@ class _AmqpConsumer(Consumer):
 
     def _give_up(self, error: BusError) -> None:
         log.error("%s", error)
+        self.health.failed(error)
         self.error = error
         self._subscribed.set()
 
     def _session(self) -> None:
-        connection = pika.BlockingConnection(self._bus._params)
+        connection = _connect(self._bus._params)
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self._prefetch)
@@ -326,6 +369,9 @@ class _AmqpConsumer(Consumer):
 
             channel.basic_consume(self._queue, on_message, auto_ack=False)
             self._fresh = True
+            self.health.up()
+            if self._subscribed.is_set():
+                log.warning("consumer of %s: subscribed again", self._queue)
             self._subscribed.set()
             while not self._stopping.is_set():
                 connection.process_data_events(time_limit=_POLL_S)
@@ -359,6 +405,9 @@ class AmqpBus(Bus):
         self._links: set[_Link] = set()
         self._consumers: set[_AmqpConsumer] = set()
         self._closed = False
+        self._closing = threading.Event()  # wakes calls waiting to reconnect
+        # The calls' connections, all threads together: they come and go with the threads.
+        self._calls_health = LinkHealth("calls")
 
     def _link(self) -> _Link:
         link: _Link | None = getattr(self._local, "link", None)
@@ -394,7 +443,9 @@ class AmqpBus(Bus):
             try:
                 link = self._link()
                 link.ready_channel()
-                return fn(link)
+                result = fn(link)
+                self._calls_health.up()
+                return result
             except px.UnroutableError:
                 raise Unroutable(f"{what}: no queue bound for it") from None
             except px.NackError:
@@ -412,12 +463,18 @@ class AmqpBus(Bus):
                 if link is not None:
                     self._drop(link)
                 attempt += 1
+                self._calls_health.down(e)
                 if attempt > self.config.reconnect_attempts:
                     raise ConnectionLost(
-                        f"{what}: gave up after {attempt} attempts: {e!r}"
+                        f"{what}: gave up after {attempt} attempts: {describe(e)}"
                     ) from None
-                log.warning("%s: connection lost (%r); retry %d", what, e, attempt)
-                time.sleep(self.config.backoff(attempt))
+                delay = self.config.backoff(attempt)
+                log.warning(
+                    "%s: connection lost (%s); retry %d in %.1f s",
+                    *(what, describe(e), attempt, delay),
+                )
+                log.debug("%s: connection lost", what, exc_info=e)
+                self._closing.wait(delay)
             except px.AMQPError as e:  # e.g. a header value AMQP cannot encode
                 raise BusError(f"{what}: {e!r}") from None
 
@@ -539,8 +596,14 @@ class AmqpBus(Bus):
     def delete_queue(self, queue: str) -> None:
         self._call(f"delete {queue!r}", lambda link: link.channel.queue_delete(queue))
 
+    def health(self) -> list[HealthSnapshot]:
+        with self._lock:
+            consumers = list(self._consumers)
+        return [self._calls_health.snapshot(), *(c.health.snapshot() for c in consumers)]
+
     def close(self) -> None:
         self._closed = True
+        self._closing.set()
         with self._lock:
             consumers, self._consumers = list(self._consumers), set()
             links, self._links = list(self._links), set()

@@ -9,6 +9,7 @@ message id for de-duplication).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.bus.errors import BusError
+from protocol.bus.health import HealthSnapshot
 from protocol.topology import DEAD_LETTER_EXCHANGE, Topology
 
 log = logging.getLogger(__name__)
@@ -31,21 +33,33 @@ MAX_REASON_CHARS = 1000
 @dataclass(frozen=True)
 class BusConfig:
     """Explicit transport settings, passed down from ``fedmq``'s settings (protocol may not
-    import them)."""
+    import them).
+
+    ``reconnect_attempts`` bounds one call (publish, get, declare): after that many failed
+    attempts it raises ``ConnectionLost`` and its caller decides (the outbox tries again on
+    the next tick, a device backs off and rejoins). A consumer never gives up on a broker
+    that went away: it reconnects for as long as it is not stopped (issue 17: an outage of
+    a few minutes outlasted 20 attempts and took the orchestrator down). Only a broker that
+    refuses it for good (credentials, a vhost, a deleted queue), or one never reached
+    before the first subscription, ends a consumer.
+    """
 
     prefetch: int = 32
     publish_timeout_s: float = 30.0
     reconnect_attempts: int = 20
     reconnect_backoff_s: float = 0.5
     reconnect_backoff_max_s: float = 10.0
+    # Each delay is drawn from [(1 - jitter) * d, d]: processes cut off together must not
+    # all come back in the same instant and knock the returning broker over again.
+    reconnect_jitter: float = 0.5
     heartbeat_s: int = 30
 
     def backoff(self, attempt: int) -> float:
-        """Seconds to wait before reconnect ``attempt`` (1-based): exponential, capped. The one
-        retry policy of the bus; nothing else loops on transport errors."""
-        return float(
-            min(self.reconnect_backoff_max_s, self.reconnect_backoff_s * 2 ** max(0, attempt - 1))
-        )
+        """Seconds to wait before reconnect ``attempt`` (1-based): exponential, capped,
+        jittered. The one retry policy of the bus; nothing else loops on transport errors."""
+        d = min(self.reconnect_backoff_max_s, self.reconnect_backoff_s * 2 ** max(0, attempt - 1))
+        jitter = min(1.0, max(0.0, self.reconnect_jitter))
+        return float(d * (1.0 - jitter * random.random()))
 
 
 # What an AMQP table can carry (pika cannot encode floats); checked on both buses alike.
@@ -357,6 +371,11 @@ class Bus(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop every consumer and close every connection."""
+
+    def health(self) -> list[HealthSnapshot]:
+        """How each of the bus's connections is doing (``protocol.bus.health``); an
+        in-process bus has none that can fail."""
+        return []
 
     def __enter__(self) -> Bus:
         return self

@@ -90,3 +90,36 @@ def test_a_round_whose_quorum_is_never_reached_fails_on_time(
             tally.acknowledged += len(set(ids))
     tally.write()
     assert tally.stored == tally.acknowledged == 2 * n
+
+
+@pytest.mark.timeout(150)
+def test_a_round_whose_deadline_passed_while_the_orchestrator_was_away_ends_once_it_is_back(
+    amqp_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """Issue 17: a round stayed open 46 minutes past its deadline while the orchestrator was
+    down. Back, its first ticks close the round (or fail the attempt and retry it)."""
+    _, tally = scenario("deadline-away", "deadline passed while the orchestrator was away")
+    with harness(amqp_url, pg_url, tmp_path) as h:
+        policy = RoundPolicy(min_clients=2, quorum_fraction=0.5, deadline_s=3.0)
+        h.create_run(policy)
+        orch = h.procs.orchestrator("orchestrator-0")
+        clients = [h.client("c0", train_s=0.1), h.client("mute", hold_updates=True)]
+        wait_ready(h, clients)
+        h.command(CommandAction.AUTORUN, rounds=1)
+        h.wait_round_state(1, {"open"}, 30)
+        h.procs.kill(orch)
+        time.sleep(3.0 + 3.0)  # the deadline passes with nobody to see it
+        assert str(h.round(1).state) == "open"  # type: ignore[union-attr]
+        h.procs.orchestrator("orchestrator-1")
+        back = time.monotonic()
+
+        def ended() -> bool:
+            r = h.round(1)
+            return r is not None and (str(r.state) != "open" or r.attempt > 1)
+
+        # Within a few ticks of the process being up (it imports, migrates, connects first).
+        h.wait(ended, 20, "round 1 to close or be retried")
+        tally.recovery_s.append(round(time.monotonic() - back, 2))
+        h.wait_round_state(1, {"done"}, 60)
+        tally.runs = 1
+    tally.write()

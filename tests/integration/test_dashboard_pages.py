@@ -264,3 +264,42 @@ def test_controls_confirm_what_the_orchestrator_did(app: AppTest, recorded: Reco
     # Every device is gone: the orchestrator refuses a round, and the page says why.
     app.button(key="open_round").click().run()
     assert "open_round: refused by the orchestrator" in app.error[0].value
+
+
+def test_overview_says_which_service_reconnects_restarts_or_went_silent(
+    app: AppTest, recorded: Recorded
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from db.queries.health import HealthRow, record_health, remove_health
+
+    now = datetime.now(UTC)
+    rows = [
+        HealthRow("orchestrator r1", "orchestrator", "h", 11, "reconnecting", now, attempts=7),
+        HealthRow("up worker", "supervised", "h", 12, "restarting", now, reconnects=2),
+        HealthRow("worker celery@h", "worker", "h", 13, "connected"),
+        HealthRow("gateway h-14", "gateway", "h", 14, "connected"),
+    ]
+    with session_scope(recorded.sessions) as s:
+        for r in rows:
+            record_health(s, r)
+        record_health(s, rows[3], now=now - timedelta(minutes=5))  # its writer is gone
+    try:
+        at = app.run()
+        assert not at.exception
+        table = at.dataframe[0].value.to_dict("records")
+        shown = {r["service"]: r for r in table}
+        assert shown["orchestrator r1"]["state"] == "🟠 reconnecting"
+        assert shown["orchestrator r1"]["attempts"] == 7
+        assert shown["up worker"]["state"] == "🟠 restarting"
+        assert shown["up worker"]["reconnects / restarts"] == 2
+        assert shown["worker celery@h"]["state"] == "🟢 connected"
+        assert shown["gateway h-14"]["state"] == "🔴 silent"
+        warned = " ".join(w.value for w in at.warning)
+        assert "orchestrator r1" in warned and "attempt 7" in warned
+        assert "up worker" in warned and "gateway h-14" in warned
+        assert "worker celery@h" not in warned
+    finally:
+        with session_scope(recorded.sessions) as s:
+            for r in rows:
+                remove_health(s, r.name)

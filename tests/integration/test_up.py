@@ -120,3 +120,55 @@ def test_up_refuses_the_embedded_defaults(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "needs real services" in done.stdout
+
+
+def test_up_restarts_a_killed_service_and_the_federation_goes_on(
+    tmp_path: Path, amqp_url: str, pg_url: str
+) -> None:
+    """Issue 17: a service that died stayed dead. SIGKILL the orchestrator mid-autorun:
+    `fedmq up` starts it again, says so (console and service_health), and the fleet's
+    rounds all complete."""
+    from db.queries.health import list_health
+
+    env = {
+        **os.environ,
+        "FEDMQ_BROKER_URL": amqp_url,
+        "FEDMQ_DATABASE_URL": pg_url,
+        "FEDMQ_HEARTBEAT_INTERVAL_S": "1",
+        "COLUMNS": "200",
+    }
+    logs = tmp_path / "logs"
+    argv = ["up", "--logs", str(logs), "--no-gateway", "--no-dashboard"]
+    argv += ["--fleet", "2", "--fleet-rounds", "3"]
+    console = tmp_path / "up.out"
+    with console.open("wb") as out_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedmq.cli", *argv],
+            env=env,
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert _wait_for(console, "started fleet", 60), console.read_text()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not any(_done_rounds(pg_url)):
+            time.sleep(1)
+        assert any(_done_rounds(pg_url)), console.read_text()
+        text = console.read_text()
+        pid = int(text.split("started orchestrator (pid ")[1].split(")")[0])
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_for(console, "restarted orchestrator", 30), console.read_text()
+        assert "orchestrator exited with -9; restarting in" in console.read_text()
+        assert _wait_for(console, "fleet finished with 0", 180), console.read_text()
+        assert _done_rounds(pg_url) == [3]
+        engine = make_engine(pg_url)
+        with session_scope(make_sessionmaker(engine)) as s:
+            rows = {r.name: (r.state, r.reconnects) for r in list_health(s)}
+        engine.dispose()
+        assert rows["up orchestrator"] == ("running", 1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, console.read_text()
