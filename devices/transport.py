@@ -26,6 +26,11 @@ class LinkError(BusError):
     """The device's link to the federation failed (a transport error, translated)."""
 
 
+class TrustError(Exception):
+    """The federation answered with an orchestrator key the device does not trust (not the
+    one it pinned): retrying cannot help, the device stops."""
+
+
 class Inbound(Protocol):
     """One message for the device: a ``protocol.bus.Delivery`` or its HTTP look-alike."""
 
@@ -48,8 +53,10 @@ class Transport(ABC):
         timeout_s: float,
         poll_s: float,
         stopping: Callable[[], bool],
+        expected_key: str | None = None,
     ) -> Identity | None:
-        """Join ``run_id``; None if ``stopping()`` turned true first."""
+        """Join ``run_id``; None if ``stopping()`` turned true first. The identity carries
+        the orchestrator's signing key, which must be ``expected_key`` if that is given."""
 
     @abstractmethod
     def attach(self, ident: Identity) -> None:
@@ -110,6 +117,7 @@ class BusTransport(Transport):
         timeout_s: float,
         poll_s: float,
         stopping: Callable[[], bool],
+        expected_key: str | None = None,
     ) -> Identity | None:
         ident = wire.register(
             self.bus,
@@ -120,6 +128,7 @@ class BusTransport(Transport):
             timeout_s=timeout_s,
             poll_s=poll_s,
             stopping=stopping,
+            expected_key=expected_key,
         )
         if ident is None:
             return None

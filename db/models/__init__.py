@@ -11,6 +11,7 @@ from db.models.enums import (
     RunStatus,
 )
 from db.models.events import Event, ProcessedMessage
+from db.models.keys import SigningKey
 from db.models.orchestrator import InboxUpdate, MachinePart, OutboxItem, UploadChunk
 from db.models.replicas import Replica, RunLease
 from db.models.rounds import Participation, Round
@@ -40,6 +41,7 @@ __all__ = [
     "Run",
     "RunLease",
     "RunStatus",
+    "SigningKey",
     "UTCDateTime",
     "UploadChunk",
     "utcnow",
