@@ -16,7 +16,6 @@ from devices.store import ModelStore
 from devices.transport import LinkError, TrustError
 from devices.wire import Identity
 from protocol import chunking
-from protocol.signing import BROADCAST, SIGNATURE_HEADER, Signer, Verifier, generate_key
 from protocol.codec import Encoding, encode, spec_of
 from protocol.messages import (
     ClientState,
@@ -26,6 +25,7 @@ from protocol.messages import (
     parse_message,
     utcnow,
 )
+from protocol.signing import BROADCAST, SIGNATURE_HEADER, Signer, Verifier, generate_key
 
 SIGNER = Signer(generate_key()[0])
 FORGER = Signer(generate_key()[0])
