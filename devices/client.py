@@ -28,6 +28,12 @@ goes silent (no heartbeats, no reads) for ``outage_s`` (at most until the round'
 then rejoins like a device whose network came back. The dice are seeded by (seed, device,
 round, attempt).
 
+Everything read from the device queue is verified first (protocol/signing.py): signed by
+the orchestrator key pinned at registration (``Identity.signing_key``, kept in the identity
+file), for this run and this device (or the whole run, for chunks and announcements).
+What is not is dropped with its reason before it can count: a forged announcement never
+marks its round as seen.
+
 Every bus call of one client happens on its loop's thread. A ``BusError`` escaping the bus's
 own reconnects (or a bus call stalled past ``rejoin_after_stall_s``) makes the loop back off,
 re-declare its queue, signal ``join`` (a rejoin if it was marked offline meanwhile; a

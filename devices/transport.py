@@ -32,7 +32,9 @@ class TrustError(Exception):
 
 
 class Inbound(Protocol):
-    """One message for the device: a ``protocol.bus.Delivery`` or its HTTP look-alike."""
+    """One message for the device: a ``protocol.bus.Delivery`` or its HTTP look-alike. An
+    optional ``local`` attribute, True, marks what a transport made itself from a trusted
+    answer (devices/http.py): the client then looks for no orchestrator signature on it."""
 
     body: bytes
     headers: dict[str, Any]
