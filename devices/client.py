@@ -28,6 +28,12 @@ goes silent (no heartbeats, no reads) for ``outage_s`` (at most until the round'
 then rejoins like a device whose network came back. The dice are seeded by (seed, device,
 round, attempt).
 
+Everything read from the device queue is verified first (protocol/signing.py): signed by
+the orchestrator key pinned at registration (``Identity.signing_key``, kept in the identity
+file), for this run and this device (or the whole run, for chunks and announcements).
+What is not is dropped with its reason before it can count: a forged announcement never
+marks its round as seen.
+
 Every bus call of one client happens on its loop's thread. A ``BusError`` escaping the bus's
 own reconnects (or a bus call stalled past ``rejoin_after_stall_s``) makes the loop back off,
 re-declare its queue, signal ``join`` (a rejoin if it was marked offline meanwhile; a
@@ -48,9 +54,9 @@ from devices.local import LocalTrainer
 from devices.rounds import RoundSkipped, RoundTracker
 from devices.store import ModelError, ModelStore
 from devices.training import TrainingSlot
-from devices.transport import BusTransport, Inbound, Transport
+from devices.transport import BusTransport, Inbound, Transport, TrustError
 from devices.wire import Identity, SentUpdate
-from protocol import chunking
+from protocol import chunking, signing
 from protocol.bus import Bus, BusError
 from protocol.messages import (
     ClientState,
@@ -60,6 +66,7 @@ from protocol.messages import (
     parse_message,
     utcnow,
 )
+from protocol.signing import SignatureError, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,11 @@ class FederatedClient:
             expected=self.trainer.spec, limits=config.decode_limits, keep=config.keep_models
         )
         self.ident: Identity | None = None  # run id, client id and token once registered
+        # The orchestrator's key: given beforehand, or pinned at registration and kept in
+        # the identity file. Never replaced by a later registration's (``wire.register``).
+        self.pinned_key: str | None = config.orchestrator_key
+        self._verifier: Verifier | None = None
+        self.dropped: list[str] = []  # why messages were dropped unverified (tests, people)
         self.resumed = False  # went on as a kept identity (config.identity_file)
         self.rounds = RoundTracker(config.model_wait_s)
         self.notices: list[Event] = []
@@ -221,14 +233,19 @@ class FederatedClient:
                     timeout_s=self.config.register_timeout_s,
                     poll_s=self.config.poll_s,
                     stopping=self._stopping,
+                    expected_key=self.pinned_key,
                 )
+            except TrustError as e:
+                self._error(f"register: {e}; stopping")
+                return False
             except (BusError, TimeoutError) as e:
                 self._error(f"register: {e}")
             else:
                 if ident is not None:
-                    self._registered_as(ident)
+                    # Kept before ``start`` returns: the pinned key is on disk from then on.
                     if self.config.identity_file is not None:
                         save_identity(self.config.identity_file, ident)
+                    self._registered_as(ident)
                 return ident is not None
             attempt += 1
             self._wait(self.transport.backoff(attempt))
@@ -240,6 +257,17 @@ class FederatedClient:
         path = self.config.identity_file
         kept = None if path is None else load_identity(path, self.config.run_id)
         if path is None or kept is None:
+            return False
+        if self.pinned_key is not None and kept.signing_key not in (None, self.pinned_key):
+            self._error(
+                f"the identity file {path} pins orchestrator key {kept.signing_key}, not the "
+                f"configured {self.pinned_key}; not resuming"
+            )
+            return False
+        if kept.signing_key is None and self.pinned_key is None:
+            # Written before messages were signed: nothing to check them against.
+            self._error(f"the identity file {path} pins no orchestrator key; registering anew")
+            forget_identity(path)
             return False
         try:
             self.transport.resume(kept)
@@ -254,6 +282,9 @@ class FederatedClient:
         return True
 
     def _registered_as(self, ident: Identity) -> None:
+        key = ident.signing_key or self.pinned_key
+        assert key is not None, "a registration always pins a key (wire.registered_key)"
+        self.pinned_key, self._verifier = key, Verifier(key)
         self.ident = ident
         self.trainer.bind_identity(ident.client_id, ident.token)
         self._registered.set()
@@ -317,24 +348,47 @@ class FederatedClient:
             self._handle(d)
 
     def _handle(self, d: Inbound) -> None:
+        # Verified before anything acts on it: a forged announcement must not even mark
+        # its round as seen (that would make the device skip the real one).
         try:
             if chunking.is_chunk(d.headers):
+                self._verify(signing.MODEL_KIND, d)
                 self.models.add_chunk(d.headers, d.body)
                 d.ack()
                 return
             msg = parse_message(d.body)
+            self._verify(msg.type, d)
+        except SignatureError as e:
+            self.dropped.append(str(e))
+            self._drop(d, f"dropped: {e}")
+            return
         except (ModelError, MessageError) as e:
-            self._error(str(e))
-            try:
-                d.reject(str(e))
-            except BusError:
-                d.ack()
+            self._drop(d, str(e))
             return
         d.ack()
         if isinstance(msg, Event):
             self._on_notice(msg)
         elif isinstance(msg, RoundAnnouncement):
             self._on_announcement(msg)
+
+    def _verify(self, kind: str, d: Inbound) -> None:
+        """Raises ``SignatureError`` unless ``d`` is signed by the pinned orchestrator key
+        for this run and this device (or the whole run, for what is broadcast). What a
+        transport made itself from a trusted answer (``local``) needs no signature."""
+        if getattr(d, "local", False):
+            return
+        assert self.ident is not None
+        if self._verifier is None:
+            raise SignatureError("no orchestrator key pinned")
+        recipient = signing.recipient_for(kind, self.ident.client_id)
+        self._verifier.verify(kind, self.ident.run_id, recipient, d.body, d.headers)
+
+    def _drop(self, d: Inbound, reason: str) -> None:
+        self._error(reason)
+        try:
+            d.reject(reason)
+        except BusError:
+            d.ack()
 
     def _on_notice(self, ev: Event) -> None:
         self.notices.append(ev)

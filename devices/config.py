@@ -15,6 +15,7 @@ from typing import Any, Literal
 from protocol.bus import BusConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.codec import DecodeLimits, Encoding
+from protocol.signing import SignatureError, decode_public_key
 
 LOSSY_ENCODINGS = frozenset({Encoding.INT8.value, Encoding.TOPK.value})
 
@@ -102,6 +103,10 @@ class DeviceConfig:
     # Where the device keeps its client id and token (devices/identity.py): a restart
     # resumes as the same client instead of registering anew. None: nothing is kept.
     identity_file: Path | None = None
+    # The orchestrator's Ed25519 public key (base64), when known beforehand (``fedmq
+    # orchestrator`` logs it): the registration reply must carry this key. None: the device
+    # trusts the key of the first good reply and pins it (trust on first use).
+    orchestrator_key: str | None = None
     # Simulated heterogeneity (fleets and tests; all off for a real device):
     slowdown_s: float = 0.0  # extra seconds each local training takes (a slow device)
     dropout: float = 0.0  # chance per selected round that the device vanishes for it ...
@@ -126,6 +131,11 @@ class DeviceConfig:
             raise ValueError(f"runtime {self.runtime!r} must be torch or wasm")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
+        if self.orchestrator_key is not None:
+            try:
+                decode_public_key(self.orchestrator_key)
+            except SignatureError as e:
+                raise ValueError(f"orchestrator_key: {e}") from None
 
     @property
     def name(self) -> str:

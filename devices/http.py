@@ -7,6 +7,12 @@ as they are, and the round's global model (fetched whole, by version, when an
 announcement names one not fetched yet) as the one-chunk blob with its ``ModelMeta``.
 A gateway's refusal of an update (closed round, bad blob) becomes the ``update.rejected``
 notice the orchestrator would have sent.
+
+Messages from the queue come as the exact bytes the orchestrator signed with their
+signature (the answer's ``signed`` list), so the client verifies them as an AMQP device
+does. What this transport makes itself from the gateway's own answers (the fetched model,
+a refusal notice) is marked ``local``: it is as trustworthy as the HTTPS link to the
+gateway, and the model must still match the SHA-256 of a signed announcement.
 """
 
 from __future__ import annotations
@@ -21,21 +27,25 @@ from typing import Any
 import httpx
 
 from devices.store import ENVELOPE_HEADER
-from devices.transport import Inbound, LinkError, Transport
+from devices.transport import Inbound, LinkError, Transport, TrustError
 from devices.wire import Identity
 from protocol import chunking
 from protocol.bus import BusConfig, BusError
 from protocol.codec import CodecError, Encoding, peek_header
 from protocol.messages import ClientState, Event, ModelMeta, UpdateMeta
+from protocol.signing import BROADCAST, SIGNATURE_HEADER, SignatureError, Verifier
 
 log = logging.getLogger(__name__)
 
 
 class HttpInbound:
-    """A message the gateway already took off the queue: settling it is a no-op."""
+    """A message the gateway already took off the queue: settling it is a no-op.
+    ``local``: made by the transport from a gateway answer, not relayed from the queue."""
 
-    def __init__(self, body: bytes, headers: dict[str, Any] | None = None) -> None:
-        self.body, self.headers = body, dict(headers or {})
+    def __init__(
+        self, body: bytes, headers: dict[str, Any] | None = None, *, local: bool = False
+    ) -> None:
+        self.body, self.headers, self.local = body, dict(headers or {}), local
 
     def ack(self) -> None:
         pass
@@ -91,6 +101,7 @@ class HttpTransport(Transport):
         timeout_s: float,
         poll_s: float,
         stopping: Callable[[], bool],
+        expected_key: str | None = None,
     ) -> Identity | None:
         if stopping():
             return None
@@ -103,7 +114,20 @@ class HttpTransport(Transport):
         if res.status_code != 201:
             raise LinkError(f"registration refused ({res.status_code}): {_reason(res)}")
         body = res.json()
-        return Identity(run_id, body["client_id"], body["token"])
+        key = body.get("signing_key")
+        if not isinstance(key, str):
+            raise LinkError("the gateway's registration answer names no orchestrator key")
+        if expected_key is not None and key != expected_key:
+            # This answer came over our own connection to the gateway: the orchestrator
+            # behind it has another key. Not a forgery to wait out; not to be trusted.
+            raise TrustError(
+                f"the gateway names orchestrator key {key}, not the pinned {expected_key}"
+            )
+        try:
+            Verifier(key)
+        except (SignatureError, ValueError) as e:
+            raise LinkError(f"the gateway's orchestrator key is unusable: {e}") from None
+        return Identity(run_id, body["client_id"], body["token"], signing_key=key)
 
     def attach(self, ident: Identity) -> None:
         """Nothing to do: the gateway re-declares the queue on ``join`` and ``ready``."""
@@ -141,7 +165,7 @@ class HttpTransport(Transport):
                 correlation_id=meta.message_id,
                 detail={"reason": _reason(res)},
             )
-            self._inbox.append(HttpInbound(notice.to_json()))
+            self._inbox.append(HttpInbound(notice.to_json(), local=True))
 
     def receive(self, ident: Identity, timeout: float) -> Inbound | None:
         if not self._inbox:
@@ -175,10 +199,41 @@ class HttpTransport(Transport):
             self._expect(res, "messages")
             time.sleep(max(0.0, self.wait_s - (time.monotonic() - began)))
             return
-        for msg in res.json().get("messages", []):
-            if msg.get("type") == "round" and isinstance(msg.get("model_version"), int):
-                self._fetch_model(ident, msg["model_version"])
-            self._inbox.append(HttpInbound(json.dumps(msg).encode()))
+        answer = res.json()
+        signed = answer.get("signed")
+        if not isinstance(signed, list):  # a gateway of an older release: nothing signed
+            signed = [{"body": json.dumps(m)} for m in answer.get("messages", [])]
+        for item in signed:
+            if not isinstance(item, dict) or not isinstance(item.get("body"), str):
+                continue
+            body = item["body"].encode()
+            sig = item.get("signature")
+            inbound = HttpInbound(body, {SIGNATURE_HEADER: sig} if isinstance(sig, str) else {})
+            version = self._announced_version(ident, inbound)
+            if version is not None:
+                self._fetch_model(ident, version)
+            self._inbox.append(inbound)  # the client verifies it (again) before acting
+
+    @staticmethod
+    def _announced_version(ident: Identity, inbound: HttpInbound) -> int | None:
+        """The model version a signed round announcement names; None for anything else,
+        so a forged announcement costs no download."""
+        try:
+            msg = json.loads(inbound.body)
+        except ValueError:
+            return None
+        if not isinstance(msg, dict) or msg.get("type") != "round":
+            return None
+        version = msg.get("model_version")
+        if not isinstance(version, int) or ident.signing_key is None:
+            return None
+        try:
+            Verifier(ident.signing_key).verify(
+                "round", ident.run_id, BROADCAST, inbound.body, inbound.headers
+            )
+        except SignatureError:
+            return None
+        return version
 
     def _fetch_model(self, ident: Identity, version: int) -> None:
         if (ident.run_id, version) in self._fetched:
@@ -199,7 +254,7 @@ class HttpTransport(Transport):
             chunking.iter_chunks(blob, max(1, len(blob)), f"model-{ident.run_id}-{version}")
         )
         headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: meta.model_dump_json()}
-        self._inbox.append(HttpInbound(blob, headers))
+        self._inbox.append(HttpInbound(blob, headers, local=True))
         self._fetched.add((ident.run_id, version))
 
     @staticmethod

@@ -26,8 +26,15 @@ class LinkError(BusError):
     """The device's link to the federation failed (a transport error, translated)."""
 
 
+class TrustError(Exception):
+    """The federation answered with an orchestrator key the device does not trust (not the
+    one it pinned): retrying cannot help, the device stops."""
+
+
 class Inbound(Protocol):
-    """One message for the device: a ``protocol.bus.Delivery`` or its HTTP look-alike."""
+    """One message for the device: a ``protocol.bus.Delivery`` or its HTTP look-alike. An
+    optional ``local`` attribute, True, marks what a transport made itself from a trusted
+    answer (devices/http.py): the client then looks for no orchestrator signature on it."""
 
     body: bytes
     headers: dict[str, Any]
@@ -48,8 +55,10 @@ class Transport(ABC):
         timeout_s: float,
         poll_s: float,
         stopping: Callable[[], bool],
+        expected_key: str | None = None,
     ) -> Identity | None:
-        """Join ``run_id``; None if ``stopping()`` turned true first."""
+        """Join ``run_id``; None if ``stopping()`` turned true first. The identity carries
+        the orchestrator's signing key, which must be ``expected_key`` if that is given."""
 
     @abstractmethod
     def attach(self, ident: Identity) -> None:
@@ -110,6 +119,7 @@ class BusTransport(Transport):
         timeout_s: float,
         poll_s: float,
         stopping: Callable[[], bool],
+        expected_key: str | None = None,
     ) -> Identity | None:
         ident = wire.register(
             self.bus,
@@ -120,6 +130,7 @@ class BusTransport(Transport):
             timeout_s=timeout_s,
             poll_s=poll_s,
             stopping=stopping,
+            expected_key=expected_key,
         )
         if ident is None:
             return None

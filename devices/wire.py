@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +33,9 @@ from protocol.messages import (
     UpdateMeta,
     parse_as,
 )
+from protocol.signing import SignatureError, Verifier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class Identity:
     client_id: str
     token: str
     broker_user: str | None = None  # the device's own broker user (password: the token)
+    # The orchestrator's Ed25519 public key, pinned at registration (protocol/signing.py):
+    # what arrives on the device's queue without its signature is dropped.
+    signing_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,17 @@ def register(
     timeout_s: float = 30.0,
     poll_s: float = 0.1,
     stopping: Callable[[], bool] = lambda: False,
+    expected_key: str | None = None,
 ) -> Identity | None:
     """Register once: a reply queue ``device.<reply_key>``, ``Register`` to ``fedmq.signals``
     (asking for a broker user of its own with ``broker_account``), ``Registered`` back, and
     the reply queue deleted. The caller then declares ``device.<client_id>``, as its own
     broker user if it got one (``BusTransport``). None if ``stopping()`` turned true first;
-    ``TimeoutError`` after ``timeout_s`` without an answer."""
+    ``TimeoutError`` after ``timeout_s`` without an answer.
+
+    The reply must be signed by the key it names, and that key must be ``expected_key``
+    when the device already pinned one (``registered_key``); a reply that is not is
+    logged and ignored, and the wait goes on for the real one."""
     reply_key = f"r{uuid.uuid4().hex[:16]}"
     reply_queue = topology.declare_device(bus, reply_key)
     try:
@@ -95,13 +107,44 @@ def register(
                 msg = parse_as(d.body, Registered)
             except MessageError:
                 continue  # not for us to act on; the next message may be the answer
-            if msg.reply_key == reply_key:
-                return Identity(run_id, msg.client_id, msg.token, msg.broker_user)
+            if msg.reply_key != reply_key:
+                continue
+            try:
+                key = registered_key(msg, run_id, d.body, d.headers, expected_key)
+            except SignatureError as e:
+                log.warning("dropped a registration reply: %s", e)
+                continue
+            return Identity(run_id, msg.client_id, msg.token, msg.broker_user, key)
         return None
     finally:
         # A leftover reply queue is harmless; the next attempt uses a new key.
         with contextlib.suppress(BusError):
             bus.delete_queue(reply_queue)
+
+
+def registered_key(
+    msg: Registered,
+    run_id: str,
+    body: bytes,
+    headers: dict[str, Any] | None,
+    expected_key: str | None,
+) -> str:
+    """The orchestrator key a ``Registered`` reply (``body`` as received) gives the device:
+    its ``signing_key``, if the reply is signed by it for ``run_id`` and its reply key and is
+    ``expected_key`` (when one is pinned). ``SignatureError`` otherwise.
+
+    Without a pinned key this is trust on first use: a reply forged by someone who saw the
+    ``Register`` and answered first would be believed. ``DeviceConfig.orchestrator_key``
+    pins the key beforehand and closes that (docs/architecture.md, "Signed control plane")."""
+    if msg.signing_key is None:
+        raise SignatureError("the registration reply names no orchestrator signing key")
+    if expected_key is not None and msg.signing_key != expected_key:
+        raise SignatureError(
+            f"the registration reply names orchestrator key {msg.signing_key}, not the pinned "
+            f"{expected_key}; not accepting a new key"
+        )
+    Verifier(msg.signing_key).verify(msg.type, run_id, msg.reply_key, body, headers)
+    return msg.signing_key
 
 
 def send_signal(bus: Bus, ident: Identity, state: ClientState) -> None:

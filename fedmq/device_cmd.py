@@ -41,6 +41,11 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
     identity: Path | None = typer.Option(
         None, help="Keep the client id and token here: a restart resumes as the same client"
     ),
+    orchestrator_key: str | None = typer.Option(
+        None,
+        help="The orchestrator's public signing key to pin (default: FEDMQ_ORCHESTRATOR_KEY; "
+        "unset: the key of the first registration reply)",
+    ),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     # Imported here: the device stack loads torch, which every other command can do without.
@@ -79,6 +84,7 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         outage_s=outage,
         runtime="wasm" if runtime == "wasm" else "torch",
         identity_file=identity,
+        orchestrator_key=orchestrator_key or s.orchestrator_key,
     )
     client = run_device(config)
     dropped = f", dropped out of {client.dropped_rounds}" if client.dropped_rounds else ""

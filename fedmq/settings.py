@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     gateway_url: str = Field(
         "http://127.0.0.1:8080", description="Where HTTP devices reach the REST gateway"
     )
+    orchestrator_key: str | None = Field(
+        None,
+        description="The orchestrator's public signing key (base64, logged by fedmq "
+        "orchestrator) for devices to pin before registering; unset: trust the first reply's",
+    )
     gateway_run: str | None = Field(
         None, description="Run of the paper's routes that name none (POST /client, autorun)"
     )

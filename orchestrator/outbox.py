@@ -9,6 +9,7 @@ unsent in the table until it went out.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
 from orchestrator.accounts import AccountError, BrokerAccounts
+from orchestrator.keys import SigningKeys
 from orchestrator.tasks import TaskRunner
-from protocol import chunking, topology
+from protocol import chunking, signing, topology
 from protocol.bus import Bus, BusError, Outgoing
 from protocol.codec import peek_header
 from protocol.messages import Event, ModelMeta, RoundAnnouncement
@@ -96,12 +98,16 @@ class Outbox:
         *,
         chunk_size: int = chunking.DEFAULT_CHUNK_SIZE,
         accounts: BrokerAccounts | None = None,
+        keys: SigningKeys | None = None,
     ) -> None:
         self.bus = bus
         self.sessions = sessions
         self.tasks = tasks
         self.chunk_size = chunk_size
         self.accounts = accounts
+        # Everything sent to devices is signed when it is sent, not when it is queued: rows
+        # queued by an older release go out signed too, and no signature is stored.
+        self.keys = keys or SigningKeys(sessions)
         # One drainer per process at a time (and one in all processes: ``drain``).
         self._lock = threading.Lock()
 
@@ -182,14 +188,24 @@ class Outbox:
             )
             return Outgoing(topology.EVENTS_EXCHANGE, "", msg.to_json(), None, msg.message_id)
         if item.kind == "publish":
-            return Outgoing(
-                p["exchange"],
-                p["routing_key"],
-                base64.b64decode(p["body"]),
-                p.get("headers") or None,
-                p.get("message_id"),
-            )
+            body = base64.b64decode(p["body"])
+            headers = p.get("headers") or None
+            if p["exchange"] == topology.DEVICES_EXCHANGE:
+                headers = self._sign_json(item.run_id, p["routing_key"], body, headers)
+            return Outgoing(p["exchange"], p["routing_key"], body, headers, p.get("message_id"))
         return None
+
+    def _sign_json(
+        self, run_id: str | None, routing_key: str, body: bytes, headers: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """``headers`` with the signature of a JSON message to ``routing_key`` on
+        ``fedmq.devices`` (``device.<key>``: for that key; ``broadcast.<run>``: the run)."""
+        if run_id is None:
+            raise ValueError("a message to a device without a run id cannot be signed")
+        kind = str(json.loads(body)["type"])
+        word, _, key = routing_key.partition(".")
+        recipient = signing.BROADCAST if word == "broadcast" else key
+        return self.keys.signer().signed_headers(kind, run_id, recipient, body, headers)
 
     def _send(self, item: Item) -> None:
         """An item that is not a plain publish (those go in ``_send_page``'s batches)."""
@@ -229,8 +245,12 @@ class Outbox:
         envelope = meta.model_dump_json()
         # A fixed blob id per version: a device that already holds it may drop the chunks.
         blob_id = f"model-{run_id}-{mv.version}"[:128]
+        signer = self.keys.signer()
         for chunk in chunking.iter_chunks(blob, self.chunk_size, blob_id):
             headers: dict[str, Any] = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
+            headers = signer.signed_headers(
+                signing.MODEL_KIND, run_id, signing.BROADCAST, chunk.data, headers
+            )
             self.bus.publish(
                 topology.DEVICES_EXCHANGE,
                 key,
@@ -253,10 +273,12 @@ class Outbox:
             train_config=_scalars(train_config),
             message_id=f"round-{run_id}-{p['round']}-{p['attempt']}"[:64],
         )
+        body = ann.to_json()
         self.bus.publish(
             topology.DEVICES_EXCHANGE,
             key,
-            ann.to_json(),
+            body,
+            headers=signer.signed_headers(ann.type, run_id, signing.BROADCAST, body),
             message_id=ann.message_id,
             mandatory=False,
         )

@@ -43,6 +43,7 @@ from orchestrator.accounts import BrokerAccounts
 from orchestrator.control import Control
 from orchestrator.counter import count
 from orchestrator.ingest import Ingest
+from orchestrator.keys import SigningKeys
 from orchestrator.outbox import Outbox
 from orchestrator.replicas import Leases
 from orchestrator.signals import Signals
@@ -119,9 +120,15 @@ class OrchestratorService:
         self.tasks = tasks
         self.config = config
         self.clock = clock
-        self.outbox = Outbox(bus, sessions, tasks, chunk_size=config.chunk_size, accounts=accounts)
+        # One signing key for the outbox (which signs) and registration (which hands it out).
+        self.keys = SigningKeys(sessions)
+        self.outbox = Outbox(
+            bus, sessions, tasks, chunk_size=config.chunk_size, accounts=accounts, keys=self.keys
+        )
         drain = self._drain_soon
-        self.signals = Signals(sessions, drain, config.max_message_bytes, clock, accounts)
+        self.signals = Signals(
+            sessions, drain, config.max_message_bytes, clock, accounts, keys=self.keys
+        )
         self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock)
         self.control = Control(sessions, config.operator_token, drain, clock)
         self._consumers: list[Consumer] = []
@@ -154,6 +161,9 @@ class OrchestratorService:
 
     def start(self) -> None:
         topology.declare(self.bus)
+        # Made (first start) or read before anything is sent: the outbox drops an item whose
+        # send fails for a reason other than the bus, and a database hiccup here is one.
+        self.keys.signer()
         self._drain()  # what a previous process decided and did not send
         self.leases.start()  # the runs it works on, before the first tick
         self._consumers.append(

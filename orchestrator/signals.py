@@ -14,6 +14,7 @@ from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
 from orchestrator.accounts import AccountError, BrokerAccounts
+from orchestrator.keys import SigningKeys
 from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
@@ -41,6 +42,18 @@ class Signals:
     clock: Callable[[], float] = time.time
     # Per-device broker users (orchestrator/accounts.py); None: devices share one user.
     accounts: BrokerAccounts | None = None
+    # The orchestrator's signing key, whose public half each registration reply carries.
+    keys: SigningKeys | None = None
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = SigningKeys(self.sessions)
+
+    def _public_key(self) -> str:
+        """Read before a transaction opens (the first read may write the key: see
+        ``SigningKeys``); cached after that."""
+        assert self.keys is not None
+        return self.keys.public_key
 
     def handle(self, d: Delivery) -> None:
         try:
@@ -74,6 +87,7 @@ class Signals:
         """Each message's refusal reason (None: acknowledge it), committed together."""
         reasons: list[str | None] = [None] * len(ds)
         msgs: dict[int, Register | SignalMsg | HeartbeatMsg] = {}
+        self._public_key()
         with session_scope(self.sessions) as s:
             for i, d in enumerate(ds):
                 try:
@@ -198,6 +212,7 @@ class Signals:
             reply_key=msg.reply_key,
             token=token,
             broker_user=broker_user,
+            signing_key=self._public_key(),
         )
         send_to_device(s, msg.run_id, msg.reply_key, reply.to_json(), reply.message_id)
 
@@ -221,6 +236,7 @@ class Signals:
 
     def _enroll(self, msg: Register) -> str | None:
         token = secrets.token_urlsafe(32)
+        self._public_key()
         with session_scope(self.sessions) as s:
             if not q.mark_message_processed(s, msg.message_id):
                 return None

@@ -12,6 +12,7 @@ from db.models.enums import (
 )
 from db.models.events import Event, ProcessedMessage
 from db.models.health import ServiceHealth
+from db.models.keys import SigningKey
 from db.models.orchestrator import InboxUpdate, MachinePart, OutboxItem, UploadChunk
 from db.models.replicas import Replica, RunLease
 from db.models.rounds import Participation, Round
@@ -42,6 +43,7 @@ __all__ = [
     "RunLease",
     "RunStatus",
     "ServiceHealth",
+    "SigningKey",
     "UTCDateTime",
     "UploadChunk",
     "utcnow",

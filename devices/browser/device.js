@@ -2,6 +2,8 @@
 // the page. Protocol as devices/http.py: register, signal join + ready, heartbeat, long-poll
 // /messages; when selected: fetch the announced model, train, upload the delta.
 // The gateway's /device/codec routes convert blobs, since a browser has no zstd.
+// Every message from /messages is verified against the orchestrator's Ed25519 key (pinned at
+// registration, WebCrypto) before it is acted on; the signed bytes are protocol/signing.py's.
 
 const params = new URLSearchParams(location.search);
 const cfg = {
@@ -30,7 +32,63 @@ function bump(key) {
   document.body.dataset[key] = String(Number(document.body.dataset[key]) + 1);
 }
 
-let ident = null; // {client_id, token}
+let ident = null; // {client_id, token, signing_key}
+let orchestratorKey = null; // the CryptoKey of ident.signing_key, for the page's lifetime
+
+// protocol/signing.py: DOMAIN NUL kind NUL run NUL recipient NUL headers NUL body, where
+// round announcements are signed for the whole run ("*") and the rest for this client, and
+// JSON messages cover no headers.
+const SIGNATURE_DOMAIN = "fedmq-orchestrator-signature/1";
+const BROADCAST_KINDS = new Set(["model", "round"]);
+
+function base64Bytes(text) {
+  return Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+}
+
+async function pinKey(signingKey) {
+  if (typeof signingKey !== "string") throw new Error("the registration names no signing key");
+  try {
+    orchestratorKey = await crypto.subtle.importKey(
+      "raw", base64Bytes(signingKey), { name: "Ed25519" }, false, ["verify"]);
+  } catch (e) {
+    // Without it nothing from the orchestrator can be told from a forgery: stop.
+    throw new Error(`this browser cannot verify Ed25519 signatures (${e.message})`);
+  }
+}
+
+function drop(reason) {
+  bump("dropped");
+  log(`dropped: ${reason}`);
+  return null;
+}
+
+// The message of one {body, signature} of /messages, or null when it does not verify.
+async function verified(item) {
+  let msg;
+  try {
+    msg = JSON.parse(item.body);
+  } catch (e) {
+    return drop(`unreadable message: ${e.message}`);
+  }
+  const kind = String(msg.type);
+  if (!item.signature) return drop(`unsigned ${kind} message`);
+  const to = BROADCAST_KINDS.has(kind) ? "*" : ident.client_id;
+  const enc = new TextEncoder();
+  const head = enc.encode([SIGNATURE_DOMAIN, kind, cfg.run, to, "", ""].join("\0"));
+  const body = enc.encode(item.body);
+  const signed = new Uint8Array(head.length + body.length);
+  signed.set(head);
+  signed.set(body, head.length);
+  let ok = false;
+  try {
+    ok = await crypto.subtle.verify(
+      { name: "Ed25519" }, orchestratorKey, base64Bytes(item.signature), signed);
+  } catch (e) {
+    ok = false;
+  }
+  if (!ok) return drop(`${kind} message not signed by the pinned orchestrator key`);
+  return msg;
+}
 
 async function api(method, path, { body, headers = {}, raw = false } = {}) {
   const h = { ...headers };
@@ -248,7 +306,8 @@ async function main() {
     body: { display_name: cfg.name, device_info: { runtime: "wasm-browser",
       user_agent: navigator.userAgent } },
   });
-  log(`registered as ${ident.client_id}`);
+  await pinKey(ident.signing_key);
+  log(`registered as ${ident.client_id}; orchestrator key ${ident.signing_key}`);
   await signal("join");
   await signal("ready");
   status("waiting for a round");
@@ -259,9 +318,12 @@ async function main() {
       lastBeat = performance.now();
     }
     try {
-      const { messages } = await api("GET",
+      const { signed } = await api("GET",
         `/api/v1/clients/${ident.client_id}/messages?wait=1`);
-      for (const msg of messages) await handle(msg);
+      for (const item of signed) {
+        const msg = await verified(item); // before anything is recorded, "trained" included
+        if (msg !== null) await handle(msg);
+      }
     } catch (e) {
       log(`poll: ${e.message}`);
       await new Promise((r) => setTimeout(r, 1000));

@@ -34,6 +34,7 @@ from protocol.messages import (
     parse_as,
     parse_message,
 )
+from protocol.signing import SIGNATURE_HEADER, SignatureError, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,16 @@ class Bridge:
         self.bus, self.chunk_size, self.register_timeout_s = bus, chunk_size, register_timeout_s
 
     def register(
-        self, run_id: str, display_name: str, device_info: dict[str, Any]
-    ) -> tuple[str, str]:
-        """The reply-key dance of an AMQP device; returns (client id, token)."""
+        self,
+        run_id: str,
+        display_name: str,
+        device_info: dict[str, Any],
+        signing_key: str | None = None,
+    ) -> tuple[str, str, str]:
+        """The reply-key dance of an AMQP device; returns (client id, token, the
+        orchestrator's signing key). A reply not signed by ``signing_key`` (the one in the
+        database, when known) is ignored, as an AMQP device ignores one not signed by the
+        key it pinned: something else on the bus may have answered first."""
         reply_key = f"gw-{uuid.uuid4().hex}"
         reply_queue = _bus_call("register", lambda: topology.declare_device(self.bus, reply_key))
         try:
@@ -83,9 +91,18 @@ class Bridge:
                     msg = parse_as(d.body, Registered)
                 except MessageError:
                     continue
-                if msg.reply_key == reply_key:
-                    self.attach(run_id, msg.client_id)
-                    return msg.client_id, msg.token
+                if msg.reply_key != reply_key:
+                    continue
+                pinned = signing_key or msg.signing_key
+                try:
+                    if pinned is None or msg.signing_key != pinned:
+                        raise SignatureError("the reply names another orchestrator key")
+                    Verifier(pinned).verify(msg.type, run_id, reply_key, d.body, d.headers)
+                except SignatureError as e:
+                    log.warning("dropped a registration reply for %s: %s", run_id, e)
+                    continue
+                self.attach(run_id, msg.client_id)
+                return msg.client_id, msg.token, pinned
             raise GatewayError(
                 504,
                 f"the orchestrator did not answer the registration within "
@@ -138,11 +155,17 @@ class Bridge:
 
         _bus_call("update", send)
 
-    def messages(self, run_id: str, client_id: str, wait_s: float) -> list[dict[str, Any]]:
+    def messages(
+        self, run_id: str, client_id: str, wait_s: float
+    ) -> tuple[list[dict[str, Any]], list[dict[str, str | None]]]:
         """Up to ``MAX_MESSAGES`` JSON envelopes from the client's queue, waiting up to
-        ``wait_s`` for the first. Model chunks are dropped: HTTP clients fetch models whole."""
+        ``wait_s`` for the first, parsed and as signed: ``{"body": the exact JSON text,
+        "signature": x-fedmq-signature or None}``, for the device to verify end to end (the
+        gateway relays, it does not vouch). Model chunks are dropped: HTTP clients fetch
+        models whole."""
         queue = topology.device_queue(client_id)
         out: list[dict[str, Any]] = []
+        signed: list[dict[str, str | None]] = []
         deadline = time.monotonic() + wait_s
         while len(out) < MAX_MESSAGES:
             left = max(0.0, deadline - time.monotonic()) if not out else 0.0
@@ -159,6 +182,10 @@ class Bridge:
             try:
                 parse_message(d.body)
                 out.append(json.loads(d.body))
+                text = d.body.decode()  # JSON of our own is UTF-8: exact bytes come back
             except (MessageError, ValueError) as e:
                 log.warning("dropping an unreadable message for %s: %s", client_id, e)
-        return out
+                continue
+            sig = d.headers.get(SIGNATURE_HEADER)
+            signed.append({"body": text, "signature": sig if isinstance(sig, str) else None})
+        return out, signed

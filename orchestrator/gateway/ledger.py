@@ -21,10 +21,13 @@ from db import blobstore
 from db import queries as q
 from db.engine import session_scope
 from db.models import ParticipationState, RoundState
+from db.queries.keys import get_public_key
 from orchestrator.gateway.config import GatewayConfig
 from orchestrator.gateway.errors import GatewayError
 from orchestrator.gateway.schemas import RoundInfo
+from orchestrator.keys import KEY_NAME
 from protocol.codec import CodecError, TensorSpec, peek_header
+from protocol.signing import encode_key
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -101,7 +104,19 @@ class Ledger:
         self._tokens: TtlCache[str, ClientRef] = TtlCache(config.cache_ttl_s)
         self._latest: TtlCache[str, int] = TtlCache(config.cache_ttl_s)
         self._runs: set[str] = set()  # runs known to exist (a run is never renamed)
+        self._signing_key: str | None = None
         self._lock = threading.Lock()
+
+    def signing_key(self) -> str | None:
+        """The orchestrator's public signing key, read once it exists (an orchestrator
+        makes it on its first start). The gateway checks registration replies against it,
+        so a reply forged on the bus cannot hand an HTTP device another key."""
+        if self._signing_key is None:
+            with session_scope(self.sessions) as s:
+                raw = get_public_key(s, KEY_NAME)
+            if raw is not None:
+                self._signing_key = encode_key(raw)
+        return self._signing_key
 
     # --- who is calling -----------------------------------------------------------------------
 

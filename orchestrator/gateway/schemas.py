@@ -24,6 +24,10 @@ class Registration(BaseModel):
     run_id: str
     client_id: str
     token: str = Field(description="Bearer token for every later call of this client")
+    signing_key: str = Field(
+        description="The orchestrator's Ed25519 public key (base64): pin it, and verify "
+        "every message of /messages against it"
+    )
 
 
 class SignalRequest(BaseModel):
@@ -62,8 +66,19 @@ class RoundInfo(BaseModel):
     autorun_remaining: int | None = None
 
 
+class SignedMessage(BaseModel):
+    body: str = Field(description="The message's exact JSON text, as the orchestrator signed it")
+    signature: str | None = Field(
+        description="Its x-fedmq-signature (base64 Ed25519; docs/architecture.md), "
+        "None when it came unsigned"
+    )
+
+
 class Messages(BaseModel):
     """JSON envelopes from the client's device queue (round announcements, notices);
-    model chunks are left out: the model is fetched from ``/models/{version}``."""
+    model chunks are left out: the model is fetched from ``/models/{version}``.
+    ``signed`` holds the same messages as signed, in the same order: act only on those
+    whose signature verifies."""
 
     messages: list[dict[str, Any]]
+    signed: list[SignedMessage] = Field(default_factory=list)

@@ -37,8 +37,10 @@ class Gateway:
 
     def register(self, body: RegisterRequest, run_id: str | None = None) -> Registration:
         run = self.ledger.run_id(run_id or body.run_id)
-        cid, token = self.bridge.register(run, body.display_name, dict(body.device_info))
-        return Registration(run_id=run, client_id=cid, token=token)
+        cid, token, key = self.bridge.register(
+            run, body.display_name, dict(body.device_info), self.ledger.signing_key()
+        )
+        return Registration(run_id=run, client_id=cid, token=token, signing_key=key)
 
     def client(self, caller: Caller, client_id: str | None = None) -> ClientRef:
         """The calling client (or ``client_id``, which must be the caller)."""
@@ -115,7 +117,8 @@ class Gateway:
     def messages(self, caller: Caller, client_id: str, wait_s: float) -> dict[str, Any]:
         ref = self.client(caller, client_id)
         wait = min(wait_s, self.config.max_wait_s)
-        return {"messages": self.bridge.messages(ref.run_id, ref.id, wait)}
+        messages, signed = self.bridge.messages(ref.run_id, ref.id, wait)
+        return {"messages": messages, "signed": signed}
 
     # --- updates ------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from protocol.messages.envelope import (
 # A blob's encoding is the codec's own ``Encoding`` (one type from the codec to the wire): on
 # the wire it is the value ("bf16"), and a message takes either the member or the value.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# An Ed25519 public key, 32 bytes in base64.
+PublicKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$")]
 
 
 class Register(Envelope):
@@ -41,13 +43,16 @@ class Registered(Envelope):
     """The orchestrator's answer: the de-identified client id and its secret token.
 
     ``broker_user`` is set when the orchestrator created the device's own broker user (its
-    password is the token): the device reconnects as that user before anything else."""
+    password is the token): the device reconnects as that user before anything else.
+    ``signing_key`` is the orchestrator's Ed25519 public key (protocol/signing.py): the
+    device pins it and drops whatever arrives on its queue without its signature."""
 
     type: Literal["registered"] = "registered"
     client_id: Ident
     reply_key: Ident
     token: Token
     broker_user: Ident | None = None
+    signing_key: PublicKey | None = None
 
 
 class Signal(Envelope):

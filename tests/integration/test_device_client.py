@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ from devices.local import LocalTrainer
 from devices.run import run_device
 from devices.wire import SentUpdate
 from learning.params import Arrays, to_numpy
-from protocol import chunking, topology
+from protocol import chunking, signing, topology
 from protocol.bus import Bus, BusConfig, BusError, ConnectionLost, InProcessBus, connect
 from protocol.codec import Encoding, apply_delta, decode, encode, spec_of
 from protocol.messages import (
@@ -42,6 +44,7 @@ from protocol.messages import (
     parse_message,
     utcnow,
 )
+from protocol.signing import Signer, generate_key
 
 RUN = "run-dev"
 CID = "c-0001"
@@ -50,11 +53,35 @@ ENVELOPE = "x-fedmq-envelope"
 
 
 class FakeOrchestrator:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, signer: Signer | None = None) -> None:
         self.bus = bus
         topology.declare(bus)
         self.signals: list[ClientState] = []
         self.heartbeats = 0
+        # Signs as the real outbox does (protocol/signing.py); tests swap in other signers.
+        self.signer = signer or Signer(generate_key()[0])
+
+    def send(
+        self,
+        key: str,
+        body: bytes,
+        kind: str,
+        *,
+        signer: Signer | None = None,
+        recipient: str | None = None,
+        run: str = RUN,
+        headers: dict[str, object] | None = None,
+    ) -> None:
+        """Publish ``body`` with routing key ``key``, signed by ``signer`` (default: the
+        fake's own key; ``UNSIGNED``: no signature) for ``recipient`` (default: what the
+        routing key says: the client, or the whole run for ``broadcast.<run>``)."""
+        word, _, who = key.partition(".")
+        to = recipient or (signing.BROADCAST if word == "broadcast" else who)
+        sign = self.signer if signer is None else signer
+        hdrs = dict(headers or {})
+        if sign is not UNSIGNED:
+            hdrs = sign.signed_headers(kind, run, to, body, hdrs)
+        self.bus.publish(topology.DEVICES_EXCHANGE, key, body, headers=hdrs or None)
 
     def _pull(self, timeout: float) -> Message | None:
         d = self.bus.get(topology.SIGNALS_QUEUE, timeout=timeout)
@@ -84,13 +111,19 @@ class FakeOrchestrator:
             msg = self._pull(0.1)
             if isinstance(msg, Register):
                 assert msg.run_id == RUN and msg.display_name == "device-1"
-                reply = Registered(run_id=RUN, client_id=CID, reply_key=msg.reply_key, token=TOKEN)
+                reply = Registered(
+                    run_id=RUN,
+                    client_id=CID,
+                    reply_key=msg.reply_key,
+                    token=TOKEN,
+                    signing_key=self.signer.public_key,
+                )
                 key = topology.device_routing_key(msg.reply_key)
-                self.bus.publish(topology.DEVICES_EXCHANGE, key, reply.to_json())
+                self.send(key, reply.to_json(), "registered")
                 return
         raise AssertionError("no Register")
 
-    def broadcast(self, version: int, weights: Arrays) -> str:
+    def broadcast(self, version: int, weights: Arrays, signer: Signer | None = None) -> str:
         blob = encode(weights, Encoding.FP32)
         sha = hashlib.sha256(blob).hexdigest()
         meta = ModelMeta(
@@ -103,24 +136,33 @@ class FakeOrchestrator:
         key = topology.broadcast_routing_key(RUN)
         for chunk in chunking.iter_chunks(blob, 8192, f"model-{RUN}-{version}"):
             headers = {**chunking.to_headers(chunk), ENVELOPE: meta}
-            self.bus.publish(topology.DEVICES_EXCHANGE, key, chunk.data, headers=headers)
+            self.send(key, chunk.data, signing.MODEL_KIND, signer=signer, headers=headers)
         return sha
 
     def announce(
-        self, round: int, version: int, sha: str, attempt: int = 1, carried: tuple[str, ...] = ()
+        self,
+        round: int,
+        version: int,
+        sha: str,
+        attempt: int = 1,
+        carried: tuple[str, ...] = (),
+        *,
+        signer: Signer | None = None,
+        deadline_s: float = 60.0,
+        run: str = RUN,
     ) -> None:
         ann = RoundAnnouncement(
-            run_id=RUN,
+            run_id=run,
             round=round,
             model_version=version,
             model_sha256=sha,
             model_bytes=1,
-            deadline=utcnow() + timedelta(seconds=60),
+            deadline=utcnow() + timedelta(seconds=deadline_s),
             selected=[CID, "c-other"],
             train_config={"attempt": attempt, "carried": list(carried), "epochs": 1},
         )
         key = topology.broadcast_routing_key(RUN)
-        self.bus.publish(topology.DEVICES_EXCHANGE, key, ann.to_json())
+        self.send(key, ann.to_json(), "round", signer=signer, run=run)
 
     def receive_update(self, timeout: float = 30.0) -> tuple[UpdateMeta, bytes]:
         reassembler = chunking.Reassembler()
@@ -137,10 +179,21 @@ class FakeOrchestrator:
                 return meta, blob
         raise AssertionError("no update")
 
-    def notify(self, kind: str, correlation_id: str) -> None:
+    def notify(
+        self,
+        kind: str,
+        correlation_id: str,
+        *,
+        signer: Signer | None = None,
+        recipient: str | None = None,
+    ) -> None:
         ev = Event(run_id=RUN, client_id=CID, kind=kind, correlation_id=correlation_id)
         key = topology.device_routing_key(CID)
-        self.bus.publish(topology.DEVICES_EXCHANGE, key, ev.to_json())
+        self.send(key, ev.to_json(), "event", signer=signer, recipient=recipient)
+
+
+# ``signer=UNSIGNED``: publish with no signature at all.
+UNSIGNED = Signer(generate_key()[0])
 
 
 class FlakyBus(InProcessBus):
@@ -305,3 +358,110 @@ def test_run_device_trains_its_rounds_then_leaves() -> None:
         assert result[0].left and result[0].sent[0].message_id == meta.message_id
     finally:
         bus.close()
+
+
+# --- the signed control plane (issue 17) -----------------------------------------------------
+
+
+def _wait_dropped(client: FederatedClient, n: int, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(client.dropped) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return list(client.dropped)
+
+
+def test_forged_unsigned_and_replayed_messages_are_dropped_before_they_count(
+    make_bus: Callable[[], Bus],
+) -> None:
+    bus = make_bus()
+    client, fake = _start(bus)
+    forger = Signer(generate_key()[0])
+    w0 = to_numpy(client.trainer.model)
+    bogus = {k: v + 1 for k, v in w0.items()}
+    # The attack: round 1, attempt 1, deadline already past, forged and unsigned. Either, if
+    # believed, would mark (1, 1) as seen and the real announcement below would be skipped.
+    fake.announce(1, 0, "0" * 64, signer=forger, deadline_s=-5)
+    fake.announce(1, 0, "0" * 64, signer=UNSIGNED, deadline_s=-5)
+    # Genuine signatures in the wrong place: signed for another run, and a notice signed
+    # for another device replayed onto this one's queue.
+    fake.announce(1, 0, "0" * 64, deadline_s=-5, run="run-other")
+    fake.notify("client.rejoin", "m" * 16, recipient="c-0002")
+    # A forged model under the real version's blob id would poison the real chunks.
+    fake.broadcast(0, bogus, signer=forger)
+    chunks = len(chunking.split(encode(bogus, Encoding.FP32), 8192))
+    reasons = _wait_dropped(client, 4 + chunks)
+    assert len(reasons) == 4 + chunks, reasons
+    assert sum(r == "unsigned round message" for r in reasons) == 1
+    assert sum(r.startswith("round message not signed by the pinned") for r in reasons) == 2
+    assert sum(r.startswith("event message not signed by the pinned") for r in reasons) == 1
+    assert sum(r.startswith("model message not signed by the pinned") for r in reasons) == chunks
+    assert client.announcements == [] and client.notices == [] and client.models.latest() is None
+    # The real round still trains.
+    sha0 = fake.broadcast(0, w0)
+    fake.announce(1, 0, sha0)
+    meta, _ = fake.receive_update()
+    assert meta.round == 1 and client.wait_rounds(1, timeout=10)
+    client.stop()
+    assert all(e.startswith("dropped: ") for e in client.errors), client.errors
+
+
+def test_the_pinned_key_survives_a_restart_and_a_new_one_is_not_taken(
+    tmp_path: Path,
+) -> None:
+    bus = InProcessBus(BusConfig(reconnect_backoff_s=0.05))
+    identity = tmp_path / "identity.json"
+    config = DeviceConfig(
+        run_id=RUN,
+        client_index=1,
+        num_clients=3,
+        heartbeat_s=0.2,
+        poll_s=0.05,
+        identity_file=identity,
+        warm_up=False,
+    )
+    fake = FakeOrchestrator(bus)
+    first = FederatedClient(config, bus)
+    registrar = threading.Thread(target=fake.register)
+    registrar.start()
+    first.start(timeout=20)
+    registrar.join()
+    assert first.pinned_key == fake.signer.public_key
+    assert json.loads(identity.read_text())["signing_key"] == fake.signer.public_key
+    first.stop(leave=False)
+
+    # Restarted: resumes from the file and trusts that key, and only that key.
+    again = FederatedClient(config, bus).start(timeout=20)
+    try:
+        assert again.resumed and again.pinned_key == fake.signer.public_key
+        fake.wait_signal(ClientState.READY)
+        other = Signer(generate_key()[0])
+        fake.announce(1, 0, "0" * 64, signer=other)
+        assert _wait_dropped(again, 1) and again.announcements == []
+        w0 = to_numpy(again.trainer.model)
+        fake.announce(1, 0, fake.broadcast(0, w0))
+        meta, _ = fake.receive_update()
+        assert meta.round == 1
+    finally:
+        again.stop(leave=False)
+
+    # An orchestrator answering a registration with another key is not believed: a device
+    # configured with the first key waits for a reply signed by it, and never gets one.
+    impostor = FakeOrchestrator(bus, Signer(generate_key()[0]))
+    pinned = DeviceConfig(
+        run_id=RUN,
+        client_index=1,
+        num_clients=3,
+        poll_s=0.05,
+        register_timeout_s=1.0,
+        orchestrator_key=fake.signer.public_key,
+        warm_up=False,
+    )
+    stranger = FederatedClient(pinned, bus)
+    answering = threading.Thread(target=impostor.register)
+    answering.start()
+    with pytest.raises(TimeoutError):
+        stranger.start(timeout=3)
+    answering.join()
+    stranger.stop(leave=False)
+    assert stranger.client_id is None and stranger.pinned_key == fake.signer.public_key
+    bus.close()

@@ -9,6 +9,7 @@ import pytest
 
 from devices.identity import forget_identity, load_identity, save_identity
 from devices.wire import Identity
+from protocol.signing import Signer, generate_key
 
 IDENT = Identity("run-1", "0123456789abcdef0123456789abcdef", "a-token-of-twenty-chars", None)
 
@@ -48,3 +49,17 @@ def test_another_runs_identity_is_not_used(tmp_path: Path) -> None:
     path = tmp_path / "id.json"
     save_identity(path, IDENT)
     assert load_identity(path, "run-2") is None
+
+
+def test_the_pinned_orchestrator_key_is_kept_and_a_bad_one_makes_the_file_unusable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "id.json"
+    key = Signer(generate_key()[0]).public_key
+    pinned = Identity(IDENT.run_id, IDENT.client_id, IDENT.token, None, key)
+    save_identity(path, pinned)
+    assert json.loads(path.read_text())["signing_key"] == key
+    assert load_identity(path, "run-1") == pinned
+    for bad in ("short", 7, "A" * 44):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "signing_key": bad}))
+        assert load_identity(path, "run-1") is None

@@ -13,7 +13,7 @@ import pytest
 
 from devices.http import HttpTransport
 from devices.store import ModelStore
-from devices.transport import LinkError
+from devices.transport import LinkError, TrustError
 from devices.wire import Identity
 from protocol import chunking
 from protocol.codec import Encoding, encode, spec_of
@@ -25,8 +25,11 @@ from protocol.messages import (
     parse_message,
     utcnow,
 )
+from protocol.signing import BROADCAST, SIGNATURE_HEADER, Signer, Verifier, generate_key
 
-IDENT = Identity("run-1", "c-1", "t" * 32)
+SIGNER = Signer(generate_key()[0])
+FORGER = Signer(generate_key()[0])
+IDENT = Identity("run-1", "c-1", "t" * 32, signing_key=SIGNER.public_key)
 WEIGHTS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
 BLOB = encode(WEIGHTS, Encoding.FP32)
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -44,18 +47,29 @@ def _announcement() -> RoundAnnouncement:
     )
 
 
+def _signed(ann: RoundAnnouncement, signer: Signer = SIGNER) -> dict[str, str | None]:
+    body = ann.to_json()
+    return {"body": body.decode(), "signature": signer.sign("round", "run-1", BROADCAST, body)}
+
+
 class Gateway:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
-        self.queue: list[dict[str, object]] = []
+        self.queue: list[dict[str, str | None]] = []
         self.upload_status = 202
+        self.signing_key = SIGNER.public_key
 
     def __call__(self, req: httpx.Request) -> httpx.Response:
         self.calls.append((req.method, req.url.path))
+        if req.url.path.endswith("/clients"):
+            return httpx.Response(
+                201, json={"client_id": "c-1", "token": "t" * 32, "signing_key": self.signing_key}
+            )
         assert req.headers.get("authorization") == f"Bearer {IDENT.token}"
         if req.url.path.endswith("/messages"):
-            msgs, self.queue = self.queue, []
-            return httpx.Response(200, json={"messages": msgs})
+            signed, self.queue = self.queue, []
+            msgs = [json.loads(m["body"] or "") for m in signed]
+            return httpx.Response(200, json={"messages": msgs, "signed": signed})
         if req.url.path == "/api/v1/runs/run-1/models/0":
             return httpx.Response(200, content=BLOB, headers={"X-Fedmq-Model-Sha256": SHA})
         if req.url.path.endswith("/updates"):
@@ -74,15 +88,40 @@ def _transport(gw: Gateway) -> HttpTransport:
 def test_an_announcement_brings_its_model_first_as_a_one_chunk_blob_fetched_once() -> None:
     gw = Gateway()
     t = _transport(gw)
-    gw.queue = [json.loads(_announcement().to_json()), json.loads(_announcement().to_json())]
+    gw.queue = [_signed(_announcement()), _signed(_announcement())]
     model = t.receive(IDENT, 0.1)
     assert model is not None and chunking.is_chunk(model.headers)
+    assert getattr(model, "local", False)  # made from the gateway's answer, not relayed
     store = ModelStore(expected=spec_of(WEIGHTS))
     assert store.add_chunk(model.headers, model.body) == 0 and store.sha256[0] == SHA
     first, second = t.receive(IDENT, 0.1), t.receive(IDENT, 0.1)
     assert first is not None and second is not None
     assert isinstance(parse_message(first.body), RoundAnnouncement)
+    assert not getattr(first, "local", False)
+    # Handed on as the exact bytes with their signature: the client verifies end to end.
+    Verifier(SIGNER.public_key).verify("round", "run-1", BROADCAST, first.body, first.headers)
     assert [c for c in gw.calls if "models" in c[1]] == [("GET", "/api/v1/runs/run-1/models/0")]
+
+
+def test_a_forged_announcement_is_handed_on_unverified_and_fetches_no_model() -> None:
+    gw = Gateway()
+    t = _transport(gw)
+    unsigned = {"body": _announcement().to_json().decode(), "signature": None}
+    gw.queue = [_signed(_announcement(), FORGER), unsigned]
+    forged, bare = t.receive(IDENT, 0.1), t.receive(IDENT, 0.1)
+    assert forged is not None and bare is not None
+    assert SIGNATURE_HEADER not in bare.headers
+    assert not [c for c in gw.calls if "models" in c[1]]
+
+
+def test_registration_pins_the_key_and_refuses_another_than_the_pinned_one() -> None:
+    gw = Gateway()
+    t = _transport(gw)
+    kw = {"device_info": {}, "timeout_s": 1.0, "poll_s": 0.1, "stopping": lambda: False}
+    ident = t.register("run-1", "d", **kw)  # type: ignore[arg-type]
+    assert ident is not None and ident.signing_key == SIGNER.public_key
+    with pytest.raises(TrustError, match="not the pinned"):
+        t.register("run-1", "d", expected_key=FORGER.public_key, **kw)  # type: ignore[arg-type]
 
 
 def test_an_upload_the_gateway_refuses_becomes_an_update_rejected_notice() -> None:
