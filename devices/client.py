@@ -224,6 +224,8 @@ class FederatedClient:
                 )
             except (BusError, TimeoutError) as e:
                 self._error(f"register: {e}")
+                # A refusal says how long to wait (a rate, the run's cap): no sooner.
+                retry_after = getattr(e, "retry_after_s", None) or 0.0
             else:
                 if ident is not None:
                     self._registered_as(ident)
@@ -231,7 +233,7 @@ class FederatedClient:
                         save_identity(self.config.identity_file, ident)
                 return ident is not None
             attempt += 1
-            self._wait(self.transport.backoff(attempt))
+            self._wait(max(self.transport.backoff(attempt), retry_after))
         return False
 
     def _resume(self) -> bool:

@@ -23,6 +23,7 @@ from protocol.bus import Bus, BusError
 from protocol.codec import Encoding
 from protocol.messages import (
     ClientState,
+    Event,
     Heartbeat,
     MessageError,
     Register,
@@ -30,8 +31,20 @@ from protocol.messages import (
     RoundAnnouncement,
     Signal,
     UpdateMeta,
-    parse_as,
+    parse_message,
 )
+
+REGISTER_REJECTED = "register.rejected"
+
+
+class RegistrationRefused(BusError):
+    """The orchestrator refused the registration (a rate, the run's cap, an oversized
+    ``device_info``); ``retry_after_s`` says how long to wait first, None: do not retry
+    as is."""
+
+    def __init__(self, reason: str, retry_after_s: float | None) -> None:
+        super().__init__(f"registration refused: {reason}")
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ def register(
     broker user if it got one (``BusTransport``). None if ``stopping()`` turned true first;
     ``TimeoutError`` after ``timeout_s`` without an answer."""
     reply_key = f"r{uuid.uuid4().hex[:16]}"
-    reply_queue = topology.declare_device(bus, reply_key)
+    reply_queue = topology.declare_reply(bus, reply_key)
     try:
         reg = Register(
             run_id=run_id,
@@ -92,10 +105,20 @@ def register(
                 continue
             d.ack()
             try:
-                msg = parse_as(d.body, Registered)
+                msg = parse_message(d.body)
             except MessageError:
                 continue  # not for us to act on; the next message may be the answer
-            if msg.reply_key == reply_key:
+            if (
+                isinstance(msg, Event)
+                and msg.kind == REGISTER_REJECTED
+                and msg.correlation_id == reg.message_id
+            ):
+                retry = msg.detail.get("retry_after_s")
+                raise RegistrationRefused(
+                    str(msg.detail.get("reason")),
+                    float(retry) if isinstance(retry, int | float) else None,
+                )
+            if isinstance(msg, Registered) and msg.reply_key == reply_key:
                 return Identity(run_id, msg.client_id, msg.token, msg.broker_user)
         return None
     finally:

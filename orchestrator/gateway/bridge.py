@@ -19,19 +19,20 @@ from functools import partial
 from typing import Any
 
 from orchestrator.gateway.errors import GatewayError
+from orchestrator.limits import retry_after_header
 from protocol import chunking, topology
 from protocol.bus import Bus, BusError
 from protocol.messages import (
     ClientState,
     Command,
     CommandAction,
+    Event,
     Heartbeat,
     MessageError,
     Register,
     Registered,
     Signal,
     UpdateMeta,
-    parse_as,
     parse_message,
 )
 
@@ -39,6 +40,16 @@ log = logging.getLogger(__name__)
 
 ENVELOPE_HEADER = "x-fedmq-envelope"
 MAX_MESSAGES = 32  # per answer of ``messages``
+
+
+def _refusal(ev: Event) -> GatewayError:
+    """The orchestrator's ``register.rejected`` answer as the HTTP answer: 429 with
+    Retry-After when waiting helps (a rate, the run's cap), else 422."""
+    reason = str(ev.detail.get("reason") or "registration refused")
+    retry = ev.detail.get("retry_after_s")
+    if isinstance(retry, int | float) and not isinstance(retry, bool):
+        return GatewayError(429, reason, {"Retry-After": retry_after_header(float(retry))})
+    return GatewayError(422, reason)
 
 
 def _bus_call(what: str, fn: Callable[[], Any]) -> Any:
@@ -49,19 +60,28 @@ def _bus_call(what: str, fn: Callable[[], Any]) -> Any:
 
 
 class Bridge:
-    def __init__(self, bus: Bus, chunk_size: int, register_timeout_s: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        chunk_size: int,
+        register_timeout_s: float,
+        *,
+        queue_expires_s: float | None = topology.DEVICE_QUEUE_EXPIRES_S,
+    ) -> None:
         # Nothing of the orchestrator's side is declared here: its queues are its own (and the
         # broker definitions'), and a user allowed to declare them may delete them too.
         # Publishes are mandatory, so one sent before any orchestrator declared its queues
         # is refused (503), never dropped.
         self.bus, self.chunk_size, self.register_timeout_s = bus, chunk_size, register_timeout_s
+        self.queue_expires_s = queue_expires_s
 
     def register(
         self, run_id: str, display_name: str, device_info: dict[str, Any]
     ) -> tuple[str, str]:
-        """The reply-key dance of an AMQP device; returns (client id, token)."""
+        """The reply-key dance of an AMQP device; returns (client id, token). The
+        orchestrator's refusal (its rate or the run's cap) is a 429 with Retry-After."""
         reply_key = f"gw-{uuid.uuid4().hex}"
-        reply_queue = _bus_call("register", lambda: topology.declare_device(self.bus, reply_key))
+        reply_queue = _bus_call("register", lambda: topology.declare_reply(self.bus, reply_key))
         try:
             reg = Register(
                 run_id=run_id,
@@ -80,10 +100,12 @@ class Bridge:
                     continue
                 d.ack()
                 try:
-                    msg = parse_as(d.body, Registered)
+                    msg = parse_message(d.body)
                 except MessageError:
                     continue
-                if msg.reply_key == reply_key:
+                if isinstance(msg, Event) and msg.correlation_id == reg.message_id:
+                    raise _refusal(msg)
+                if isinstance(msg, Registered) and msg.reply_key == reply_key:
                     self.attach(run_id, msg.client_id)
                     return msg.client_id, msg.token
             raise GatewayError(
@@ -97,7 +119,12 @@ class Bridge:
 
     def attach(self, run_id: str, client_id: str) -> None:
         """Declare the client's device queue (idempotent), as an AMQP device does."""
-        _bus_call("attach", lambda: topology.declare_device(self.bus, client_id, run_id))
+        _bus_call(
+            "attach",
+            lambda: topology.declare_device(
+                self.bus, client_id, run_id, expires_s=self.queue_expires_s
+            ),
+        )
 
     def signal(self, run_id: str, client_id: str, token: str, state: str) -> str:
         msg: Signal | Heartbeat
@@ -139,6 +166,7 @@ class Bridge:
         _bus_call("update", send)
 
     def messages(self, run_id: str, client_id: str, wait_s: float) -> list[dict[str, Any]]:
+        # Reading the queue is what keeps it from expiring (x-expires counts basic.get).
         """Up to ``MAX_MESSAGES`` JSON envelopes from the client's queue, waiting up to
         ``wait_s`` for the first. Model chunks are dropped: HTTP clients fetch models whole."""
         queue = topology.device_queue(client_id)
