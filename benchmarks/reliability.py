@@ -157,7 +157,7 @@ def main() -> None:
         poisoning=_poisoning(),
         secure_defaults=_secure_defaults(),
     )
-    DOC.write_text(text)
+    DOC.write_text(text + kept_sections())
     print(text)
     sys.exit(rc)
 
@@ -186,6 +186,17 @@ def _bad_input(rows: list[dict]) -> str:
     if not rows:
         return "(the bad-input tests wrote no figures in this run)\n"
     return "\n".join(f"- {r['scenario']}: {r['detail']}" for r in rows) + "\n"
+
+
+# Sections of docs/reliability.md written by hand (their figures come from tests that the
+# fault suite does not run): kept, from their heading to the end, when the file is rewritten.
+KEPT_HEADINGS = ("## Secure defaults",)
+
+
+def kept_sections() -> str:
+    old = DOC.read_text() if DOC.exists() else ""
+    starts = [old.find(h) for h in KEPT_HEADINGS if h in old]
+    return "\n" + old[min(starts) :] if starts else ""
 
 
 RELIABILITY_DOC = """# Reliability

@@ -240,6 +240,8 @@ class FederatedClient:
                 return False
             except (BusError, TimeoutError) as e:
                 self._error(f"register: {e}")
+                # A refusal says how long to wait (a rate, the run's cap): no sooner.
+                retry_after = getattr(e, "retry_after_s", None) or 0.0
             else:
                 if ident is not None:
                     # Kept before ``start`` returns: the pinned key is on disk from then on.
@@ -248,7 +250,7 @@ class FederatedClient:
                     self._registered_as(ident)
                 return ident is not None
             attempt += 1
-            self._wait(self.transport.backoff(attempt))
+            self._wait(max(self.transport.backoff(attempt), retry_after))
         return False
 
     def _resume(self) -> bool:

@@ -24,6 +24,7 @@ from protocol.bus import Bus, BusError
 from protocol.codec import Encoding
 from protocol.messages import (
     ClientState,
+    Event,
     Heartbeat,
     MessageError,
     Register,
@@ -31,11 +32,23 @@ from protocol.messages import (
     RoundAnnouncement,
     Signal,
     UpdateMeta,
-    parse_as,
+    parse_message,
 )
 from protocol.signing import SignatureError, Verifier
 
 log = logging.getLogger(__name__)
+
+REGISTER_REJECTED = "register.rejected"
+
+
+class RegistrationRefused(BusError):
+    """The orchestrator refused the registration (a rate, the run's cap, an oversized
+    ``device_info``); ``retry_after_s`` says how long to wait first, None: do not retry
+    as is."""
+
+    def __init__(self, reason: str, retry_after_s: float | None) -> None:
+        super().__init__(f"registration refused: {reason}")
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ def register(
     when the device already pinned one (``registered_key``); a reply that is not is
     logged and ignored, and the wait goes on for the real one."""
     reply_key = f"r{uuid.uuid4().hex[:16]}"
-    reply_queue = topology.declare_device(bus, reply_key)
+    reply_queue = topology.declare_reply(bus, reply_key)
     try:
         reg = Register(
             run_id=run_id,
@@ -104,10 +117,30 @@ def register(
                 continue
             d.ack()
             try:
-                msg = parse_as(d.body, Registered)
+                msg = parse_message(d.body)
             except MessageError:
                 continue  # not for us to act on; the next message may be the answer
-            if msg.reply_key != reply_key:
+            if (
+                isinstance(msg, Event)
+                and msg.kind == REGISTER_REJECTED
+                and msg.correlation_id == reg.message_id
+            ):
+                if expected_key is not None:
+                    # A forged refusal would only make the device wait; with a pinned key
+                    # it is not even that.
+                    try:
+                        Verifier(expected_key).verify(
+                            msg.type, run_id, reply_key, d.body, d.headers
+                        )
+                    except SignatureError as e:
+                        log.warning("dropped a registration refusal: %s", e)
+                        continue
+                retry = msg.detail.get("retry_after_s")
+                raise RegistrationRefused(
+                    str(msg.detail.get("reason")),
+                    float(retry) if isinstance(retry, int | float) else None,
+                )
+            if not isinstance(msg, Registered) or msg.reply_key != reply_key:
                 continue
             try:
                 key = registered_key(msg, run_id, d.body, d.headers, expected_key)

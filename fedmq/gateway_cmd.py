@@ -26,6 +26,10 @@ def gateway_config(s: Settings) -> GatewayConfig:
         max_upload_bytes=s.gateway_max_upload_bytes,
         chunk_size=s.chunk_size,
         decode_limits=decode_limits(s),
+        register_rate_per_s=s.gateway_register_rate_per_s,
+        register_burst=s.gateway_register_burst,
+        max_device_info_bytes=s.max_device_info_bytes,
+        device_queue_expires_s=s.device_queue_expires_s,
     )
 
 

@@ -117,6 +117,55 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often a replica renews its run leases and rebalances"
     )
 
+    # Bounds (issue 17): registration limits, queue expiry, dead letters, retention
+    register_rate_per_s: float = Field(
+        1000.0,
+        gt=0,
+        description="Registrations per second the orchestrator takes from one broker user "
+        "(devices sharing the enrollment user share it), after register_burst",
+    )
+    register_burst: int = Field(
+        10_000, ge=1, description="Registrations at once from one broker user (a fleet restart)"
+    )
+    max_clients_per_run: int = Field(
+        100_000, ge=1, description="Registered clients a run takes; more are refused (429)"
+    )
+    max_device_info_bytes: int = Field(
+        4096, ge=0, description="Largest device_info (registration metadata, as JSON) accepted"
+    )
+    device_queue_expires_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A device queue nobody reads for this long is deleted by the broker "
+        "(the device declares it again when it comes back)",
+    )
+    dead_letters_max_length: int = Field(
+        10_000, ge=1, description="Messages dead-letters keeps (the oldest are dropped)"
+    )
+    dead_letters_max_bytes: int = Field(
+        256 * MiB, ge=1, description="Bytes dead-letters keeps (the oldest are dropped)"
+    )
+    dead_letters_ttl_s: float = Field(
+        86_400.0, gt=0, description="A dead letter nobody consumed is dropped after this long"
+    )
+    outbox_retention_s: float = Field(
+        3600.0, ge=0, description="Sent outbox rows are deleted after this long"
+    )
+    events_retention_s: float = Field(
+        7 * 86_400.0, ge=0, description="Events older than this are deleted"
+    )
+    events_max_per_run: int = Field(
+        100_000,
+        ge=1,
+        description="Events kept per run (and of no run), the newest; older ones are deleted",
+    )
+    processed_retention_s: float = Field(
+        86_400.0, gt=0, description="Message ids kept for de-duplicating re-deliveries"
+    )
+    retention_interval_s: float = Field(
+        60.0, gt=0, description="How often the orchestrator prunes what retention drops"
+    )
+
     # Dashboard
     dashboard_host: str = Field("127.0.0.1", description="Address `fedmq dashboard` listens on")
     dashboard_port: int = Field(8501, gt=0, lt=65536, description="Port of `fedmq dashboard`")
@@ -154,6 +203,12 @@ class Settings(BaseSettings):
     )
     gateway_max_upload_bytes: int = Field(
         256 * MiB, gt=0, description="Largest update a device may upload through the gateway"
+    )
+    gateway_register_rate_per_s: float = Field(
+        1.0, gt=0, description="Registrations per second the gateway takes from one address"
+    )
+    gateway_register_burst: int = Field(
+        50, ge=1, description="Registrations at once the gateway takes from one address"
     )
 
     @field_validator("worker_device", mode="before")

@@ -9,6 +9,8 @@ from devices.config import TRAIN_CONFIG_KEYS
 from fedmq.settings import Settings
 from learning.strategies import strategy_from_config
 from orchestrator.accounts import BrokerAccounts
+from orchestrator.limits import RegistrationLimits
+from orchestrator.retention import Retention
 from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.tasks import (
     CeleryTaskRunner,
@@ -20,6 +22,7 @@ from orchestrator.tasks import (
 from protocol.bus import Bus, BusConfig, connect
 from protocol.chunking import Reassembler
 from protocol.codec import DecodeLimits
+from protocol.topology import DeadLetterBounds
 from workers.config import WorkerConfig
 
 
@@ -141,6 +144,24 @@ def orchestrator_config(s: Settings) -> ServiceConfig:
         # Devices come back within their own largest reconnect delay, then heartbeat.
         outage_grace_s=s.reconnect_backoff_max_s + 5.0,
         health_period_s=None if s.embedded else 5.0,
+        registration=RegistrationLimits(
+            rate_per_s=s.register_rate_per_s,
+            burst=s.register_burst,
+            max_clients_per_run=s.max_clients_per_run,
+            max_device_info_bytes=s.max_device_info_bytes,
+        ),
+        dead_letters=DeadLetterBounds(
+            max_length=s.dead_letters_max_length,
+            max_bytes=s.dead_letters_max_bytes,
+            ttl_s=s.dead_letters_ttl_s,
+        ),
+        retention=Retention(
+            outbox_s=s.outbox_retention_s,
+            events_s=s.events_retention_s,
+            events_per_run=s.events_max_per_run,
+            processed_s=s.processed_retention_s,
+            interval_s=s.retention_interval_s,
+        ),
     )
 
 

@@ -42,10 +42,13 @@ from db.queries import orchestrator as oq
 from orchestrator.accounts import BrokerAccounts
 from orchestrator.control import Control
 from orchestrator.counter import count
+from orchestrator.deadletters import DeadLetters
 from orchestrator.ingest import Ingest
 from orchestrator.keys import SigningKeys
+from orchestrator.limits import RegistrationLimits
 from orchestrator.outbox import Outbox
 from orchestrator.replicas import Leases
+from orchestrator.retention import Pruner, Retention
 from orchestrator.signals import Signals
 from orchestrator.state import (
     AggregationFailed,
@@ -102,6 +105,12 @@ class ServiceConfig:
     outage_grace_s: float = 15.0
     # How often this process writes its row in ``service_health``; None: never (tests).
     health_period_s: float | None = None
+    # Bounds (issue 17): registration limits, dead-letters' own limits (declared with the
+    # topology) and whether this replica drains it, retention of outbox, events and ids.
+    registration: RegistrationLimits = field(default_factory=RegistrationLimits)
+    dead_letters: topology.DeadLetterBounds = field(default_factory=topology.DeadLetterBounds)
+    consume_dead_letters: bool = True
+    retention: Retention = field(default_factory=Retention)
 
 
 class OrchestratorService:
@@ -127,8 +136,16 @@ class OrchestratorService:
         )
         drain = self._drain_soon
         self.signals = Signals(
-            sessions, drain, config.max_message_bytes, clock, accounts, keys=self.keys
+            sessions,
+            drain,
+            config.max_message_bytes,
+            clock,
+            accounts,
+            config.registration,
+            keys=self.keys,
         )
+        self.dead_letters = DeadLetters(sessions)
+        self.pruner = Pruner(sessions, config.retention)
         self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock)
         self.control = Control(sessions, config.operator_token, drain, clock)
         self._consumers: list[Consumer] = []
@@ -160,7 +177,7 @@ class OrchestratorService:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        topology.declare(self.bus)
+        topology.declare(self.bus, topology.default_topology(self.config.dead_letters))
         # Made (first start) or read before anything is sent: the outbox drops an item whose
         # send fails for a reason other than the bus, and a database hiccup here is one.
         self.keys.signer()
@@ -177,6 +194,17 @@ class OrchestratorService:
         self._consumers.append(
             self.bus.consume(topology.CONTROL_QUEUE, self._patient(self.control.handle), prefetch=8)
         )
+        if self.config.consume_dead_letters:
+            self._consumers.append(
+                self.bus.consume_batches(
+                    topology.DEAD_LETTER_QUEUE,
+                    self.dead_letters.handle_many,
+                    # Dead letters may be 4 MiB update chunks: a small window keeps the
+                    # bodies held in memory at 64 MiB.
+                    batching=Batching(max_messages=16),
+                    prefetch=16,
+                )
+            )
         for _ in range(self.config.ingest_consumers):
             self._consumers.append(
                 self._consume(
@@ -420,6 +448,7 @@ class OrchestratorService:
 
     def _tick_loop(self) -> None:
         last_housekeeping = 0.0
+        last_prune = 0.0
         last_tick = 0.0
         while not self._stop.is_set():
             # Tasks are followed more often than time ticks: a finished aggregation should
@@ -447,6 +476,9 @@ class OrchestratorService:
                 if self.clock() - last_housekeeping > 30:
                     last_housekeeping = self.clock()
                     self.housekeeping()
+                if time.monotonic() - last_prune > self.config.retention.interval_s:
+                    last_prune = time.monotonic()
+                    self.prune()
             except Exception:
                 log.exception("tick failed")
 
@@ -493,6 +525,12 @@ class OrchestratorService:
             for run_id in oq.active_run_ids(s):
                 if run_id in owned:
                     blobstore.apply_retention(s, run_id, self.config.keep_update_rounds)
+
+    def prune(self) -> None:
+        """Retention (orchestrator/retention.py): the events of the runs this replica
+        holds; the tables no run owns, unless another replica is pruning them now."""
+        self.pruner.prune_runs(sorted(self.leases.owned()))
+        self.pruner.prune_shared()
 
     # --- task follower ------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,6 +16,13 @@ from db.engine import session_scope
 from db.queries import orchestrator as oq
 from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.keys import SigningKeys
+from orchestrator.limits import (
+    REGISTER_REJECTED,
+    RegistrationLimits,
+    TokenBuckets,
+    cap_refusal,
+    device_info_refusal,
+)
 from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
@@ -42,12 +50,16 @@ class Signals:
     clock: Callable[[], float] = time.time
     # Per-device broker users (orchestrator/accounts.py); None: devices share one user.
     accounts: BrokerAccounts | None = None
+    limits: RegistrationLimits = field(default_factory=RegistrationLimits)
     # The orchestrator's signing key, whose public half each registration reply carries.
     keys: SigningKeys | None = None
 
     def __post_init__(self) -> None:
         if self.keys is None:
             self.keys = SigningKeys(self.sessions)
+        # Per broker user that published the Register (orchestrator/limits.py).
+        self._buckets = TokenBuckets(self.limits.rate_per_s, self.limits.burst)
+        self._throttle_logged: dict[str, float] = {}
 
     def _public_key(self) -> str:
         """Read before a transaction opens (the first read may write the key: see
@@ -62,7 +74,7 @@ class Signals:
             self._refuse(d, None, None, f"malformed message: {e}")
             return
         if isinstance(msg, Register):
-            reason = self._register(msg)
+            reason = self._register(msg, d.user_id)
         elif isinstance(msg, SignalMsg | HeartbeatMsg):
             reason = self._signal(msg)
         else:
@@ -127,22 +139,17 @@ class Signals:
                 for run_id in {m.run_id for m in msgs.values() if isinstance(m, Register)}
             }
             joining: dict[str, list[int]] = {}
+            registered: dict[str, int] = {}  # per run: committed clients + admitted above
             for i, msg in msgs.items():
                 if reasons[i] is not None:
                     continue  # refused above
                 if not isinstance(msg, HeartbeatMsg) and msg.message_id not in fresh:
                     continue  # processed before: acknowledged again, nothing done
                 if isinstance(msg, Register):
-                    if not known[msg.run_id]:
-                        reasons[i] = f"unknown run {msg.run_id}"
-                        record_and_publish(
-                            s,
-                            None,
-                            "register.rejected",
-                            message_id=msg.message_id,
-                            detail={"reason": reasons[i], "run_id": msg.run_id},
-                        )
-                    else:
+                    admitted, reasons[i] = self._screen(
+                        s, msg, known[msg.run_id], ds[i].user_id, registered
+                    )
+                    if admitted:
                         tokens[i] = secrets.token_urlsafe(32)
                         joining.setdefault(msg.run_id, []).append(i)
                     continue
@@ -216,9 +223,88 @@ class Signals:
         )
         send_to_device(s, msg.run_id, msg.reply_key, reply.to_json(), reply.message_id)
 
-    def _register(self, msg: Register) -> str | None:
+    def _screen(
+        self,
+        s: Session,
+        msg: Register,
+        known: bool,
+        source: str | None,
+        registered: dict[str, int],
+    ) -> tuple[bool, str | None]:
+        """``_admit`` for a registration of a run that may not exist."""
+        if known:
+            return self._admit(s, msg, source, registered)
+        reason = f"unknown run {msg.run_id}"
+        record_and_publish(
+            s,
+            None,
+            "register.rejected",
+            message_id=msg.message_id,
+            detail={"reason": reason, "run_id": msg.run_id},
+        )
+        return False, reason
+
+    def _admit(
+        self, s: Session, msg: Register, source: str | None, registered: dict[str, int]
+    ) -> tuple[bool, str | None]:
+        """Whether registration ``msg`` (of a known run) may go on: its source's rate, the
+        size of its ``device_info``, the run's cap (orchestrator/limits.py). If not, the
+        device is answered (``register.rejected`` on its reply queue) and the second value
+        is the message's dead-letter reason: None (acknowledged) for a rate or the cap,
+        which well-formed messages meet, and whose floods must not fill ``dead-letters``.
+        ``registered``: the run's clients counted so far in this transaction."""
+        lim = self.limits
+        who = source or "the shared broker user"
+        wait = self._buckets.take(source or "")
+        if wait > 0:
+            self._log_throttled(who)
+            reason = f"too many registrations from {who}; retry in {wait:.1f} s"
+            self._answer_refusal(s, msg, reason, wait)
+            return False, None
+        too_big = device_info_refusal(msg.device_info, lim.max_device_info_bytes)
+        if too_big is not None:
+            self._answer_refusal(s, msg, too_big, None)
+            return False, too_big
+        count = registered.get(msg.run_id)
+        if count is None:
+            count = q.count_run_clients(s, msg.run_id)
+        full = cap_refusal(msg.run_id, count, lim.max_clients_per_run)
+        if full is not None:
+            self._answer_refusal(s, msg, full, lim.cap_retry_after_s)
+            return False, None
+        registered[msg.run_id] = count + 1
+        return True, None
+
+    def _answer_refusal(
+        self, s: Session, msg: Register, reason: str, retry_after_s: float | None
+    ) -> None:
+        detail: dict[str, Any] = {"reason": reason, "run_id": msg.run_id}
+        if retry_after_s is not None:
+            detail["retry_after_s"] = round(retry_after_s, 3)
+        record_and_publish(
+            s, msg.run_id, REGISTER_REJECTED, message_id=msg.message_id, detail=dict(detail)
+        )
+        answer = Event(
+            run_id=msg.run_id,
+            kind=REGISTER_REJECTED,
+            correlation_id=msg.message_id,
+            detail=detail,
+        )
+        send_to_device(s, msg.run_id, msg.reply_key, answer.to_json(), answer.message_id)
+
+    def _log_throttled(self, who: str) -> None:
+        """One warning a minute per source: a flood of refusals must not flood the log."""
+        now = time.monotonic()
+        if now - self._throttle_logged.get(who, -1e9) < 60:
+            return
+        if len(self._throttle_logged) > 1000:
+            self._throttle_logged.clear()
+        self._throttle_logged[who] = now
+        log.warning("registrations from %s over the rate limit; refusing them", who)
+
+    def _register(self, msg: Register, source: str | None = None) -> str | None:
         try:
-            return self._enroll(msg)
+            return self._enroll(msg, source)
         except AccountError as e:
             # Nothing of the registration committed; the device times out and registers
             # again (with a new reply key) once the broker's management API answers.
@@ -234,7 +320,7 @@ class Signals:
                 )
             return reason
 
-    def _enroll(self, msg: Register) -> str | None:
+    def _enroll(self, msg: Register, source: str | None) -> str | None:
         token = secrets.token_urlsafe(32)
         self._public_key()
         with session_scope(self.sessions) as s:
@@ -249,6 +335,9 @@ class Signals:
                     detail={"reason": f"unknown run {msg.run_id}", "run_id": msg.run_id},
                 )
                 return f"unknown run {msg.run_id}"
+            admitted, refusal = self._admit(s, msg, source, {})
+            if not admitted:
+                return refusal
             cid = q.register_client(
                 s, msg.run_id, msg.display_name, q.hash_token(token), dict(msg.device_info)
             )

@@ -10,12 +10,22 @@ publish can carry the reason in the headers.
 Celery's queues (``aggregate``, ``evaluate``, ``edge``) are not declared here: Celery declares
 its own queues from its configuration, with the arguments it needs, and a second declaration
 with different arguments would make the broker refuse one of them.
+
+Bounds (issue 17): queues anyone can make exist, or that nobody may be reading, carry limits
+in their arguments. A device queue and a registration's reply queue expire (``x-expires``)
+once nobody has consumed, read (``basic.get``) or declared them for a while, so abandoned
+registrations vanish; a live device keeps its queue by reading it. ``dead-letters`` holds at
+most ``DEAD_LETTER_MAX_LENGTH`` messages and ``DEAD_LETTER_MAX_BYTES`` (oldest dropped
+first) for at most ``DEAD_LETTER_TTL_S``. A queue declared before these bounds existed makes
+the broker refuse the new arguments (PRECONDITION_FAILED); the buses then use the queue as
+it is (``Queue.bounded``) and the broker's operator policies of deploy/rabbitmq bound it
+(docs/reliability.md, "Secure defaults").
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,6 +49,17 @@ CONTROL_QUEUE = "orchestrator.control"
 DEAD_LETTER_QUEUE = "dead-letters"
 
 CONTROL_ROUTING_KEY = "command"
+
+# A device's queue outlives a broker or network outage of this long with nobody reading it;
+# after that it is gone and the device declares it again when it comes back.
+DEVICE_QUEUE_EXPIRES_S = 3600.0
+# A registration's reply queue is read within the registration's timeout (seconds) or never.
+REPLY_QUEUE_EXPIRES_S = 300.0
+# dead-letters keeps the newest this many messages / bytes, each at most this long: enough
+# to read what went wrong while its consumer (the orchestrator) is away, never the disk.
+DEAD_LETTER_MAX_LENGTH = 10_000
+DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
+DEAD_LETTER_TTL_S = 86_400.0
 
 # A routing-key word may not contain the separators of AMQP topic keys or its wildcards,
 # otherwise a client id like "a.b" or "#" would let one device read another's queue.
@@ -129,6 +150,10 @@ class Exchange:
     durable: bool = True
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 @dataclass(frozen=True)
 class Queue:
     name: str
@@ -136,12 +161,40 @@ class Queue:
     exclusive: bool = False
     auto_delete: bool = False
     dead_letter_exchange: str | None = DEAD_LETTER_EXCHANGE
+    # Bounds (RabbitMQ's x-expires, x-max-length, x-max-length-bytes, x-message-ttl; the
+    # overflow is the default, drop-head). None: unbounded.
+    expires_s: float | None = None
+    max_length: int | None = None
+    max_bytes: int | None = None
+    message_ttl_s: float | None = None
+
+    @property
+    def bounded(self) -> bool:
+        """Declared with bounds: a queue of the same name declared without them (an older
+        deployment) is used as it is rather than refused."""
+        return any(
+            v is not None
+            for v in (self.expires_s, self.max_length, self.max_bytes, self.message_ttl_s)
+        )
 
     @property
     def arguments(self) -> dict[str, Any]:
-        if self.dead_letter_exchange is None:
-            return {}
-        return {"x-dead-letter-exchange": self.dead_letter_exchange}
+        args: dict[str, Any] = {}
+        if self.dead_letter_exchange is not None:
+            args["x-dead-letter-exchange"] = self.dead_letter_exchange
+        if self.expires_s is not None:
+            args["x-expires"] = _ms(self.expires_s)
+        if self.max_length is not None:
+            args["x-max-length"] = self.max_length
+        if self.max_bytes is not None:
+            args["x-max-length-bytes"] = self.max_bytes
+        if self.message_ttl_s is not None:
+            args["x-message-ttl"] = _ms(self.message_ttl_s)
+        return args
+
+    def unbounded(self) -> Queue:
+        """The same queue without its bounds (what an older deployment declared)."""
+        return replace(self, expires_s=None, max_length=None, max_bytes=None, message_ttl_s=None)
 
 
 @dataclass(frozen=True)
@@ -182,15 +235,34 @@ def exchanges() -> Topology:
     )
 
 
-def default_topology() -> Topology:
+@dataclass(frozen=True)
+class DeadLetterBounds:
+    max_length: int = DEAD_LETTER_MAX_LENGTH
+    max_bytes: int = DEAD_LETTER_MAX_BYTES
+    ttl_s: float = DEAD_LETTER_TTL_S
+
+
+def dead_letter_queue(bounds: DeadLetterBounds | None = None) -> Queue:
+    b = bounds or DeadLetterBounds()
+    # No dead-letter exchange on the dead-letter queue itself: a loop would hide losses (and
+    # what its bounds drop is dropped, not dead-lettered again).
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        dead_letter_exchange=None,
+        max_length=b.max_length,
+        max_bytes=b.max_bytes,
+        message_ttl_s=b.ttl_s,
+    )
+
+
+def default_topology(dead_letters: DeadLetterBounds | None = None) -> Topology:
     """The orchestrator's side: all exchanges, its three work queues and ``dead-letters``."""
     return exchanges() + Topology(
         queues=(
             Queue(SIGNALS_QUEUE),
             Queue(UPDATES_QUEUE),
             Queue(CONTROL_QUEUE),
-            # No dead-letter exchange on the dead-letter queue itself: a loop would hide losses.
-            Queue(DEAD_LETTER_QUEUE, dead_letter_exchange=None),
+            dead_letter_queue(dead_letters),
         ),
         bindings=(
             Binding(SIGNALS_EXCHANGE, SIGNALS_QUEUE, "signal.*"),
@@ -201,8 +273,36 @@ def default_topology() -> Topology:
     )
 
 
-def device_topology(client_id: str, run_id: str | None = None) -> Topology:
+def operator_policies(
+    dead_letters: DeadLetterBounds | None = None,
+    device_expires_s: float = DEVICE_QUEUE_EXPIRES_S,
+) -> dict[str, tuple[str, dict[str, int]]]:
+    """The bounds again as RabbitMQ operator policies: name -> (queue name pattern,
+    definition). They bound the queues that were declared without arguments (by an older
+    release, or by a device that was not upgraded), which the arguments cannot reach. An
+    operator policy, unlike a policy, does not displace an operator's own policy on the same
+    queues (HA, quorum, ...): the broker merges the two, the lower limit winning."""
+    b = dead_letters or DeadLetterBounds()
+    return {
+        "fedmq-device-queues": (r"^device\.", {"expires": _ms(device_expires_s)}),
+        "fedmq-dead-letters": (
+            f"^{DEAD_LETTER_QUEUE}$",
+            {
+                "max-length": b.max_length,
+                "max-length-bytes": b.max_bytes,
+                "message-ttl": _ms(b.ttl_s),
+            },
+        ),
+    }
+
+
+def device_topology(
+    client_id: str, run_id: str | None = None, *, expires_s: float | None = DEVICE_QUEUE_EXPIRES_S
+) -> Topology:
     """One device's durable queue, bound to its own key and (when known) its run's broadcast.
+
+    The queue expires ``expires_s`` after its last reader left (None: never): a device that
+    registered and went away leaves nothing behind, while one that reads it keeps it.
 
     No exchanges: they are the orchestrator's (or the broker definitions'), and a device user
     has no right to declare them (protocol/permissions.py). A device that comes up before the
@@ -211,7 +311,7 @@ def device_topology(client_id: str, run_id: str | None = None) -> Topology:
     bindings = [Binding(DEVICES_EXCHANGE, queue, device_routing_key(client_id))]
     if run_id is not None:
         bindings.append(Binding(DEVICES_EXCHANGE, queue, broadcast_routing_key(run_id)))
-    return Topology(queues=(Queue(queue),), bindings=tuple(bindings))
+    return Topology(queues=(Queue(queue, expires_s=expires_s),), bindings=tuple(bindings))
 
 
 def observer_topology(observer_id: str) -> Topology:
@@ -233,10 +333,22 @@ def declare(bus: Bus, topology: Topology | None = None) -> None:
     bus.declare(default_topology() if topology is None else topology)
 
 
-def declare_device(bus: Bus, client_id: str, run_id: str | None = None) -> str:
+def declare_device(
+    bus: Bus,
+    client_id: str,
+    run_id: str | None = None,
+    *,
+    expires_s: float | None = DEVICE_QUEUE_EXPIRES_S,
+) -> str:
     """Declare one device's queue and bindings; returns the queue's name."""
-    bus.declare(device_topology(client_id, run_id))
+    bus.declare(device_topology(client_id, run_id, expires_s=expires_s))
     return device_queue(client_id)
+
+
+def declare_reply(bus: Bus, reply_key: str, *, expires_s: float = REPLY_QUEUE_EXPIRES_S) -> str:
+    """Declare a registration's reply queue ``device.<reply_key>`` (it expires soon after
+    the registration: a caller that gave up does not leave it behind)."""
+    return declare_device(bus, reply_key, expires_s=expires_s)
 
 
 def observe_events(

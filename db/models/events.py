@@ -16,7 +16,8 @@ class Event(Base):
     __tablename__ = "events"
     # The feed pages newest-first by id within a run; a B-tree scans (run_id, id) backwards
     # as well as forwards, so no DESC index is needed (and SQLite reflects DESC poorly).
-    __table_args__ = (Index(None, "run_id", "id"), Index(None, "kind", "id"))
+    # (ts): retention deletes the oldest events in batches (db/queries/retention.py).
+    __table_args__ = (Index(None, "run_id", "id"), Index(None, "kind", "id"), Index(None, "ts"))
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))

@@ -6,6 +6,7 @@ db.engine.session_scope) and owns the transaction; nothing here commits.
 
 from db.queries.clients import (
     count_clients_by_state,
+    count_run_clients,
     get_client,
     get_client_by_token_hash,
     get_clients,
@@ -64,6 +65,7 @@ from db.queries.versions import (
 __all__ = [
     "UpdateOutcome",
     "count_clients_by_state",
+    "count_run_clients",
     "create_model_version",
     "create_round",
     "create_run",

@@ -85,6 +85,13 @@ def get_clients(session: Session, client_ids: Iterable[str]) -> dict[str, Client
     return {c.id: c for c in session.scalars(select(Client).where(Client.id.in_(ids)))}
 
 
+def count_run_clients(session: Session, run_id: str) -> int:
+    """Every client row of the run, whatever its state (a run's registration cap counts
+    them all: each is a row and a part of the run's snapshot)."""
+    stmt = select(func.count()).select_from(Client).where(Client.run_id == run_id)
+    return int(session.scalar(stmt) or 0)
+
+
 def get_client_by_token_hash(session: Session, token_hash: str) -> Client | None:
     return session.scalar(select(Client).where(Client.token_hash == token_hash))
 

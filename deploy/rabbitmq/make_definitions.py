@@ -157,7 +157,22 @@ def render(env: dict[str, str]) -> dict[str, Any]:
             for u, rows in TOPIC_PERMISSIONS.items()
             for ex, w, r in rows
         ],
-        "parameters": [],
+        # Operator policies are runtime parameters (``rabbitmqctl set_operator_policy``): the
+        # bounds of protocol/topology.py also for queues declared without them.
+        "parameters": [
+            {
+                "vhost": VHOST,
+                "component": "operator_policy",
+                "name": name,
+                "value": {
+                    "pattern": pattern,
+                    "definition": definition,
+                    "priority": 0,
+                    "apply-to": "queues",
+                },
+            }
+            for name, (pattern, definition) in topology.operator_policies().items()
+        ],
         "policies": [],
         "exchanges": [
             {

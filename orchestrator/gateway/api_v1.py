@@ -8,7 +8,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from orchestrator.gateway.deps import BLOB_BODY, BLOB_RESPONSE, CallerDep, GatewayDep
+from orchestrator.gateway.deps import (
+    BLOB_BODY,
+    BLOB_RESPONSE,
+    CallerDep,
+    GatewayDep,
+    caller_address,
+)
 from orchestrator.gateway.errors import ERROR_RESPONSES
 from orchestrator.gateway.schemas import (
     AutorunRequest,
@@ -35,9 +41,12 @@ ROUND_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @router.post("/runs/{run_id}/clients", status_code=201, response_model=Registration)
-def register(gw: GatewayDep, run_id: RunPath, body: RegisterRequest) -> Registration:
-    """Register a client in the run (the body's run_id is ignored)."""
-    return gw.register(body, run_id)
+def register(
+    request: Request, gw: GatewayDep, run_id: RunPath, body: RegisterRequest
+) -> Registration:
+    """Register a client in the run (the body's run_id is ignored); 429 with Retry-After
+    past the caller's rate or the run's cap."""
+    return gw.register(body, run_id, source=caller_address(request))
 
 
 @router.delete("/clients/{client_id}", status_code=202, response_model=Sent)

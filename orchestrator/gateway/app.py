@@ -25,7 +25,12 @@ def create_app(config: GatewayConfig, bus: Bus, sessions: sessionmaker[Session])
     app.state.gateway = Gateway(
         config,
         Ledger(sessions, config),
-        Bridge(bus, config.chunk_size, config.register_timeout_s),
+        Bridge(
+            bus,
+            config.chunk_size,
+            config.register_timeout_s,
+            queue_expires_s=config.device_queue_expires_s,
+        ),
     )
     errors.install(app)
     app.include_router(paper.router)

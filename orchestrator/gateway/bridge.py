@@ -19,19 +19,20 @@ from functools import partial
 from typing import Any
 
 from orchestrator.gateway.errors import GatewayError
+from orchestrator.limits import retry_after_header
 from protocol import chunking, topology
 from protocol.bus import Bus, BusError
 from protocol.messages import (
     ClientState,
     Command,
     CommandAction,
+    Event,
     Heartbeat,
     MessageError,
     Register,
     Registered,
     Signal,
     UpdateMeta,
-    parse_as,
     parse_message,
 )
 from protocol.signing import SIGNATURE_HEADER, SignatureError, Verifier
@@ -42,6 +43,16 @@ ENVELOPE_HEADER = "x-fedmq-envelope"
 MAX_MESSAGES = 32  # per answer of ``messages``
 
 
+def _refusal(ev: Event) -> GatewayError:
+    """The orchestrator's ``register.rejected`` answer as the HTTP answer: 429 with
+    Retry-After when waiting helps (a rate, the run's cap), else 422."""
+    reason = str(ev.detail.get("reason") or "registration refused")
+    retry = ev.detail.get("retry_after_s")
+    if isinstance(retry, int | float) and not isinstance(retry, bool):
+        return GatewayError(429, reason, {"Retry-After": retry_after_header(float(retry))})
+    return GatewayError(422, reason)
+
+
 def _bus_call(what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
@@ -50,12 +61,20 @@ def _bus_call(what: str, fn: Callable[[], Any]) -> Any:
 
 
 class Bridge:
-    def __init__(self, bus: Bus, chunk_size: int, register_timeout_s: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        chunk_size: int,
+        register_timeout_s: float,
+        *,
+        queue_expires_s: float | None = topology.DEVICE_QUEUE_EXPIRES_S,
+    ) -> None:
         # Nothing of the orchestrator's side is declared here: its queues are its own (and the
         # broker definitions'), and a user allowed to declare them may delete them too.
         # Publishes are mandatory, so one sent before any orchestrator declared its queues
         # is refused (503), never dropped.
         self.bus, self.chunk_size, self.register_timeout_s = bus, chunk_size, register_timeout_s
+        self.queue_expires_s = queue_expires_s
 
     def register(
         self,
@@ -67,9 +86,10 @@ class Bridge:
         """The reply-key dance of an AMQP device; returns (client id, token, the
         orchestrator's signing key). A reply not signed by ``signing_key`` (the one in the
         database, when known) is ignored, as an AMQP device ignores one not signed by the
-        key it pinned: something else on the bus may have answered first."""
+        key it pinned: something else on the bus may have answered first. The
+        orchestrator's refusal (its rate or the run's cap) is a 429 with Retry-After."""
         reply_key = f"gw-{uuid.uuid4().hex}"
-        reply_queue = _bus_call("register", lambda: topology.declare_device(self.bus, reply_key))
+        reply_queue = _bus_call("register", lambda: topology.declare_reply(self.bus, reply_key))
         try:
             reg = Register(
                 run_id=run_id,
@@ -88,10 +108,20 @@ class Bridge:
                     continue
                 d.ack()
                 try:
-                    msg = parse_as(d.body, Registered)
+                    msg = parse_message(d.body)
                 except MessageError:
                     continue
-                if msg.reply_key != reply_key:
+                if isinstance(msg, Event) and msg.correlation_id == reg.message_id:
+                    if signing_key is not None:
+                        try:
+                            Verifier(signing_key).verify(
+                                msg.type, run_id, reply_key, d.body, d.headers
+                            )
+                        except SignatureError as e:
+                            log.warning("dropped a registration refusal for %s: %s", run_id, e)
+                            continue
+                    raise _refusal(msg)
+                if not isinstance(msg, Registered) or msg.reply_key != reply_key:
                     continue
                 pinned = signing_key or msg.signing_key
                 try:
@@ -114,7 +144,12 @@ class Bridge:
 
     def attach(self, run_id: str, client_id: str) -> None:
         """Declare the client's device queue (idempotent), as an AMQP device does."""
-        _bus_call("attach", lambda: topology.declare_device(self.bus, client_id, run_id))
+        _bus_call(
+            "attach",
+            lambda: topology.declare_device(
+                self.bus, client_id, run_id, expires_s=self.queue_expires_s
+            ),
+        )
 
     def signal(self, run_id: str, client_id: str, token: str, state: str) -> str:
         msg: Signal | Heartbeat
@@ -158,6 +193,7 @@ class Bridge:
     def messages(
         self, run_id: str, client_id: str, wait_s: float
     ) -> tuple[list[dict[str, Any]], list[dict[str, str | None]]]:
+        # Reading the queue is what keeps it from expiring (x-expires counts basic.get).
         """Up to ``MAX_MESSAGES`` JSON envelopes from the client's queue, waiting up to
         ``wait_s`` for the first, parsed and as signed: ``{"body": the exact JSON text,
         "signature": x-fedmq-signature or None}``, for the device to verify end to end (the

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.codec import DecodeLimits
+from protocol.topology import DEVICE_QUEUE_EXPIRES_S
 
 MiB = 1024 * 1024
 
@@ -25,3 +26,12 @@ class GatewayConfig:
     # Hot reads answered from memory for this long: a bearer token's client, and which model
     # version is the newest (a new version is served at most this much later).
     cache_ttl_s: float = 0.5
+    # Registration limits (orchestrator/limits.py): per caller address, a burst then a rate
+    # (a lab or NAT of devices registering at once fits the burst; an address cycling
+    # through registrations does not); device_info at most this many bytes of JSON.
+    register_rate_per_s: float = 1.0
+    register_burst: int = 50
+    max_device_info_bytes: int = 4096
+    # The device queues the gateway declares for its clients expire this long after their
+    # client last read them (None: never).
+    device_queue_expires_s: float | None = DEVICE_QUEUE_EXPIRES_S

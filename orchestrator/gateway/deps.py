@@ -27,6 +27,13 @@ def get_caller(
     return get_gateway(request).ledger.authenticate(creds.credentials if creds else None)
 
 
+def caller_address(request: Request) -> str:
+    """Who registration limits count a request against: the peer's address. Behind a
+    reverse proxy run uvicorn with ``--forwarded-allow-ips`` set to the proxy, so that this
+    is the address the proxy saw (its X-Forwarded-For), never a header anyone can send."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
 

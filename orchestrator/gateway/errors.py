@@ -19,15 +19,18 @@ class ErrorBody(BaseModel):
 
 
 class GatewayError(Exception):
-    """An answer other than success: an HTTP status and a reason a person can act on."""
+    """An answer other than success: an HTTP status and a reason a person can act on (and
+    headers, e.g. ``Retry-After`` on a 429)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.headers = status, reason, headers
 
 
-def error_response(status: int, reason: str) -> JSONResponse:
-    return JSONResponse(ErrorBody(status=status, reason=reason).model_dump(), status_code=status)
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        ErrorBody(status=status, reason=reason).model_dump(), status_code=status, headers=headers
+    )
 
 
 # Documented on every route, so the OpenAPI schema says what an error looks like.
@@ -41,6 +44,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         409: "Conflicts with the round's state (closed round, not selected, ...)",
         413: "Upload larger than the gateway accepts",
         422: "Invalid parameters or blob",
+        429: "Too many registrations from this address, or the run is full (see Retry-After)",
         503: "The message bus is unavailable",
         504: "The orchestrator did not answer in time",
     }.items()
@@ -50,7 +54,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc.status, exc.reason)
+        return error_response(exc.status, exc.reason, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

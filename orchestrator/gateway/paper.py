@@ -10,7 +10,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from orchestrator.gateway.deps import BLOB_BODY, BLOB_RESPONSE, CallerDep, GatewayDep
+from orchestrator.gateway.deps import (
+    BLOB_BODY,
+    BLOB_RESPONSE,
+    CallerDep,
+    GatewayDep,
+    caller_address,
+)
 from orchestrator.gateway.errors import ERROR_RESPONSES
 from orchestrator.gateway.schemas import RegisterRequest, Registration, Sent, SignalRequest
 from protocol.messages import CommandAction
@@ -24,9 +30,10 @@ ClientPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 @router.post("/client", status_code=201, response_model=Registration)
-def register(gw: GatewayDep, body: RegisterRequest) -> Registration:
-    """Register a client: returns its de-identified id and bearer token."""
-    return gw.register(body)
+def register(request: Request, gw: GatewayDep, body: RegisterRequest) -> Registration:
+    """Register a client: returns its de-identified id and bearer token (429 with
+    Retry-After past the caller's rate or the run's cap)."""
+    return gw.register(body, source=caller_address(request))
 
 
 @router.get("/client", response_class=Response, responses=BLOB_RESPONSE)

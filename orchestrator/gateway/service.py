@@ -17,6 +17,7 @@ from orchestrator.gateway.errors import GatewayError
 from orchestrator.gateway.ledger import Caller, ClientRef, Ledger, Model
 from orchestrator.gateway.schemas import RegisterRequest, Registration, RoundInfo, Sent
 from orchestrator.gateway.uploads import check_update, read_upload
+from orchestrator.limits import TokenBuckets, device_info_refusal, retry_after_header
 from protocol.messages import CommandAction
 
 BLOB_MEDIA_TYPE = "application/octet-stream"
@@ -32,13 +33,30 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 class Gateway:
     def __init__(self, config: GatewayConfig, ledger: Ledger, bridge: Bridge) -> None:
         self.config, self.ledger, self.bridge = config, ledger, bridge
+        self.buckets = TokenBuckets(config.register_rate_per_s, config.register_burst)
 
     # --- membership ---------------------------------------------------------------------------
 
-    def register(self, body: RegisterRequest, run_id: str | None = None) -> Registration:
+    def register(
+        self, body: RegisterRequest, run_id: str | None = None, *, source: str = "unknown"
+    ) -> Registration:
+        """Limits first (orchestrator/limits.py): the caller's rate and the size of its
+        ``device_info`` are checked here, before anything reaches the bus; the run's cap
+        (and the broker user's rate) by the orchestrator, whose refusal comes back as 429."""
+        wait = self.buckets.take(source)
+        if wait > 0:
+            raise GatewayError(
+                429,
+                f"too many registrations from {source}; retry in {wait:.1f} s",
+                {"Retry-After": retry_after_header(wait)},
+            )
+        info = dict(body.device_info)
+        too_big = device_info_refusal(info, self.config.max_device_info_bytes)
+        if too_big is not None:
+            raise GatewayError(422, too_big)
         run = self.ledger.run_id(run_id or body.run_id)
         cid, token, key = self.bridge.register(
-            run, body.display_name, dict(body.device_info), self.ledger.signing_key()
+            run, body.display_name, info, self.ledger.signing_key()
         )
         return Registration(run_id=run, client_id=cid, token=token, signing_key=key)
 

@@ -78,19 +78,49 @@ def _broker_said(e: px.ChannelClosedByBroker) -> str:
     return f"({e.reply_code}) {e.reply_text}"
 
 
-def _declare_on(channel: BlockingChannel, topology: Topology) -> None:
+_PRECONDITION_FAILED = 406
+_warned_unbounded: set[str] = set()
+
+
+def _declare_on(
+    channel: BlockingChannel, topology: Topology, reopen: Callable[[], BlockingChannel]
+) -> BlockingChannel:
+    """Declare ``topology``; returns the channel to go on with (``reopen``'s, when the broker
+    closed the first one).
+
+    A bounded queue (``Queue.bounded``) that exists with other arguments, one declared
+    before its bounds existed, is refused by the broker (PRECONDITION_FAILED, which closes
+    the channel): it is then used as it is, with a warning once per queue, instead of
+    failing every device and the orchestrator of an upgraded deployment. Its bounds come
+    from the broker's operator policies then (deploy/rabbitmq, docs/reliability.md)."""
     for ex in topology.exchanges:
         channel.exchange_declare(ex.name, ex.type, durable=ex.durable)
     for q in topology.queues:
-        channel.queue_declare(
-            q.name,
-            durable=q.durable,
-            exclusive=q.exclusive,
-            auto_delete=q.auto_delete,
-            arguments=q.arguments or None,
-        )
+        try:
+            channel.queue_declare(
+                q.name,
+                durable=q.durable,
+                exclusive=q.exclusive,
+                auto_delete=q.auto_delete,
+                arguments=q.arguments or None,
+            )
+        except px.ChannelClosedByBroker as e:
+            if e.reply_code != _PRECONDITION_FAILED or not q.bounded:
+                raise
+            channel = reopen()
+            channel.queue_declare(q.name, passive=True)
+            if q.name not in _warned_unbounded:
+                _warned_unbounded.add(q.name)
+                log.warning(
+                    "queue %r exists with other arguments than %s (%s): using it as it is; "
+                    "bound it with the broker's operator policy (docs/reliability.md)",
+                    q.name,
+                    q.arguments,
+                    e.reply_text,
+                )
     for b in topology.bindings:
         channel.queue_bind(b.queue, b.exchange, routing_key=b.routing_key)
+    return channel
 
 
 def _connect(params: pika.URLParameters) -> pika.BlockingConnection:
@@ -164,6 +194,7 @@ class _AmqpDelivery(Delivery):
             redelivered=method.redelivered,
             message_id=props.message_id,
             timestamp=props.timestamp,
+            user_id=props.user_id,
         )
         self._connection, self._channel = connection, channel
         self._tag, self._owner = method.delivery_tag, threading.get_ident()
@@ -351,9 +382,9 @@ class _AmqpConsumer(Consumer):
         connection = _connect(self._bus._params)
         try:
             channel = connection.channel()
-            channel.basic_qos(prefetch_count=self._prefetch)
             if self._declare is not None:
-                _declare_on(channel, self._declare)
+                channel = _declare_on(channel, self._declare, connection.channel)
+            channel.basic_qos(prefetch_count=self._prefetch)
 
             pending: list[_AmqpDelivery] = []
             left_unsettled: list[_AmqpDelivery] = []
@@ -400,6 +431,10 @@ class AmqpBus(Bus):
         # A broker under a resource alarm blocks publishers; give up instead of hanging.
         self._params.blocked_connection_timeout = self.config.publish_timeout_s
         self._params.connection_attempts = 1  # retries are ours (BusConfig.backoff)
+        # Stamped on every publish: the broker refuses a user_id other than the connection's
+        # own, so a consumer can tell which broker user sent a message (registration limits
+        # per source, orchestrator/limits.py). None under EXTERNAL (certificate) login.
+        self._user_id: str | None = getattr(self._params.credentials, "username", None) or None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
@@ -479,7 +514,7 @@ class AmqpBus(Bus):
                 raise BusError(f"{what}: {e!r}") from None
 
     def declare(self, topology: Topology) -> None:
-        self._call("declare", lambda link: _declare_on(link.channel, topology))
+        self._call("declare", lambda link: _declare_on(link.channel, topology, link.ready_channel))
 
     def publish(
         self,
@@ -497,6 +532,7 @@ class AmqpBus(Bus):
             message_id=message_id or uuid.uuid4().hex,
             timestamp=int(time.time()),
             headers=check_headers(headers) or None,
+            user_id=self._user_id,
         )
         self._call(
             f"publish to {exchange!r} with key {routing_key!r}",
@@ -522,6 +558,7 @@ class AmqpBus(Bus):
                     message_id=m.message_id or uuid.uuid4().hex,
                     timestamp=now,
                     headers=check_headers(m.headers) or None,
+                    user_id=self._user_id,
                 )
                 channel.basic_publish(m.exchange, m.routing_key, m.body, props)
             channel.tx_commit()

@@ -101,6 +101,7 @@ class Delivery(ABC):
         redelivered: bool,
         message_id: str | None,
         timestamp: int | None = None,
+        user_id: str | None = None,
     ) -> None:
         self.body = body
         self.headers: dict[str, Any] = dict(headers or {})
@@ -110,6 +111,9 @@ class Delivery(ABC):
         self.redelivered = redelivered
         self.message_id = message_id
         self.timestamp = timestamp
+        # The broker user that published it, where the broker vouches for it (AMQP's
+        # validated user_id); None in process or when the publisher did not say.
+        self.user_id = user_id
         self._bus = bus
         self._settled: str | None = None
         self._lock = threading.Lock()

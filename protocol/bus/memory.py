@@ -217,7 +217,10 @@ class InProcessBus(Bus):
                     raise BusError(f"exchange {ex.name!r} exists as {known}, not {ex}")
             for spec in topology.queues:
                 q = self._queues.setdefault(spec.name, _Queue(spec))
-                if q.spec != spec:
+                # A bounded queue that exists without (or with other) bounds is used as it
+                # is, as AmqpBus does with an older deployment's queue.
+                same = q.spec.unbounded() == spec.unbounded() if spec.bounded else q.spec == spec
+                if not same:
                     raise BusError(f"queue {spec.name!r} exists as {q.spec}, not {spec}")
             for b in topology.bindings:
                 if b.exchange not in self._exchanges:
@@ -251,7 +254,13 @@ class InProcessBus(Bus):
             if not targets and mandatory:
                 raise Unroutable(f"no queue bound to {exchange!r} for {routing_key!r}")
             for name in targets:
-                self._queues[name].ready.append(replace(m))
+                q = self._queues[name]
+                q.ready.append(replace(m))
+                # x-max-length's drop-head (dead-letters); expiry and TTL are not kept in
+                # memory: this bus lives no longer than its process.
+                limit = q.spec.max_length
+                while limit is not None and len(q.ready) > limit:
+                    q.ready.popleft()
                 self._wake(name)
 
     def _route(self, exchange: str, routing_key: str) -> list[str]:

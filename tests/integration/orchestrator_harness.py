@@ -116,7 +116,13 @@ class Harness:
 
     def start_service(self, accounts: BrokerAccounts | None = None) -> OrchestratorService:
         tasks = CeleryTaskRunner(self.amqp_url, result_backend_url(self.db_url))
-        config = ServiceConfig(operator_token=OPERATOR_TOKEN, tick_s=0.3, task_timeout_s=60)
+        # dead-letters left unread: tests read what was dead-lettered from it.
+        config = ServiceConfig(
+            operator_token=OPERATOR_TOKEN,
+            tick_s=0.3,
+            task_timeout_s=60,
+            consume_dead_letters=False,
+        )
         self.service = OrchestratorService(
             self.bus, self.sessions, tasks, config, accounts=accounts
         )

@@ -118,6 +118,8 @@ def test_two_devices_two_rounds_match_the_replica(settings: Settings) -> None:
             d.ack()
             dead.append(d.headers.get(REASON_HEADER))
         assert dead == []  # the devices sent nothing the orchestrator refused
+        with session_scope(sessions) as s:  # ... nor did its dead-letters consumer drop any
+            assert not q.list_events(s, kinds=["dead_letter.dropped"])
         expected = _replica(2)
         for name, w in expected.items():
             np.testing.assert_allclose(final[name], w, atol=2e-3, err_msg=name)

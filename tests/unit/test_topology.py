@@ -58,7 +58,29 @@ def test_the_default_topology_is_durable_and_dead_letters_every_work_queue() -> 
         for name in ("orchestrator.signals", "orchestrator.updates", "orchestrator.control")
     }
     dead = next(q for q in topo.queues if q.name == t.DEAD_LETTER_QUEUE)
-    assert dead.arguments == {}  # no loop back into itself
+    assert "x-dead-letter-exchange" not in dead.arguments  # no loop back into itself
+    # ... and bounded: nothing consumes it while the orchestrator is away.
+    assert dead.arguments == {
+        "x-max-length": t.DEAD_LETTER_MAX_LENGTH,
+        "x-max-length-bytes": t.DEAD_LETTER_MAX_BYTES,
+        "x-message-ttl": int(t.DEAD_LETTER_TTL_S * 1000),
+    }
+
+
+def test_device_and_reply_queues_expire_and_the_bounds_come_again_as_operator_policies() -> None:
+    device = t.device_topology("c1", "run1").queues[0]
+    assert device.arguments["x-expires"] == int(t.DEVICE_QUEUE_EXPIRES_S * 1000)
+    assert t.device_topology("c1", expires_s=None).queues[0].arguments == {
+        "x-dead-letter-exchange": "fedmq.dead"
+    }
+    assert t.device_topology("c1", expires_s=0.25).queues[0].arguments["x-expires"] == 250
+    assert device.bounded and not device.unbounded().bounded
+    policies = t.operator_policies()
+    assert policies["fedmq-device-queues"] == (
+        r"^device\.",
+        {"expires": int(t.DEVICE_QUEUE_EXPIRES_S * 1000)},
+    )
+    assert policies["fedmq-dead-letters"][1]["max-length"] == t.DEAD_LETTER_MAX_LENGTH
 
 
 def test_celery_queues_are_left_to_celery() -> None:
@@ -93,7 +115,10 @@ def test_a_device_without_a_run_hears_only_its_own_key() -> None:
     topo = t.device_topology("c1")
     assert topo.exchanges == ()  # the orchestrator's: a device user may not declare them
     assert [(b.queue, b.routing_key) for b in topo.bindings] == [("device.c1", "device.c1")]
-    assert topo.queues[0].arguments == {"x-dead-letter-exchange": "fedmq.dead"}
+    assert topo.queues[0].arguments == {
+        "x-dead-letter-exchange": "fedmq.dead",
+        "x-expires": int(t.DEVICE_QUEUE_EXPIRES_S * 1000),
+    }
 
 
 def test_an_observer_queue_is_private_and_temporary() -> None:
