@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, delete, event, func, select, text, update
+from sqlalchemy import Row, Table, bindparam, delete, event, func, select, text, update
 from sqlalchemy.orm import Session, defer
 
 from db.models import (
@@ -281,24 +281,37 @@ def lock_outbox(session: Session) -> None:
         )
 
 
+_outbox = cast(Table, OutboxItem.__table__)
+# Core statements on the table, built once: the ORM's bulk UPDATE re-evaluated its WHERE
+# against the session per call (a seventh of a drain).
+_PENDING = (
+    select(_outbox.c.id, _outbox.c.run_id, _outbox.c.kind, _outbox.c.payload)
+    .where(_outbox.c.sent_at.is_(None))
+    .order_by(_outbox.c.id)
+    .limit(bindparam("limit"))
+)
+_MARK_SENT = (
+    update(_outbox)
+    .where(_outbox.c.id.in_(bindparam("ids", expanding=True)))
+    .values(sent_at=bindparam("now"))
+)
+# Postgres: the ids as one array, so the statement's text does not grow with the page.
+_MARK_SENT_PG = text("UPDATE outbox SET sent_at = :now WHERE id = ANY(CAST(:ids AS bigint[]))")
+
+
 def pending_outbox(
     session: Session, limit: int = 200
 ) -> Sequence[Row[tuple[int, str | None, str, dict[str, Any]]]]:
     """Unsent items (id, run_id, kind, payload), oldest first. Rows, not entities: the
     drainer only reads them, and loading each as an ORM instance cost a sixth of a drain."""
-    stmt = (
-        select(OutboxItem.id, OutboxItem.run_id, OutboxItem.kind, OutboxItem.payload)
-        .where(OutboxItem.sent_at.is_(None))
-        .order_by(OutboxItem.id)
-        .limit(limit)
-    )
-    return session.execute(stmt).all()
+    return session.execute(_PENDING, {"limit": limit}).all()  # type: ignore[return-value]
 
 
 def mark_sent(session: Session, item_ids: Iterable[int]) -> None:
     ids = list(item_ids)
     if ids:
-        session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids)).values(sent_at=utcnow()))
+        pg = session.get_bind().dialect.name == "postgresql"
+        session.execute(_MARK_SENT_PG if pg else _MARK_SENT, {"ids": ids, "now": utcnow()})
 
 
 def outbox_sent(session: Session, run_id: str, kind: str) -> list[OutboxItem]:

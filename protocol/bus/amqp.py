@@ -552,6 +552,10 @@ class AmqpBus(Bus):
 
         def send(link: _Link) -> None:
             channel = link.tx_channel()
+            # The blocking channel's basic_publish flushes the socket after every message
+            # (a write and a poll each, three quarters of a publish's CPU); its underlying
+            # channel only queues the frames, and tx_commit flushes them all at once.
+            queue_frames = channel._impl.basic_publish
             for m in messages:
                 props = pika.BasicProperties(
                     delivery_mode=2,
@@ -560,7 +564,7 @@ class AmqpBus(Bus):
                     headers=check_headers(m.headers) or None,
                     user_id=self._user_id,
                 )
-                channel.basic_publish(m.exchange, m.routing_key, m.body, props)
+                queue_frames(m.exchange, m.routing_key, m.body, props)
             channel.tx_commit()
 
         self._call(f"publish {len(messages)} messages", send)
