@@ -18,7 +18,7 @@ from typing import Any
 
 from devices.local import LocalUpdate, finite_metrics
 from devices.store import ENVELOPE_HEADER
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.codec import Encoding
 from protocol.messages import (
@@ -31,6 +31,7 @@ from protocol.messages import (
     Signal,
     UpdateMeta,
     parse_as,
+    registered_context,
 )
 
 
@@ -71,6 +72,9 @@ def register(
     broker user if it got one (``BusTransport``). None if ``stopping()`` turned true first;
     ``TimeoutError`` after ``timeout_s`` without an answer."""
     reply_key = f"r{uuid.uuid4().hex[:16]}"
+    # The token comes back sealed to this key pair's public half: the answer crosses a bus
+    # that others may read (protocol/sealing.py).
+    private, public = sealing.new_keypair()
     reply_queue = topology.declare_device(bus, reply_key)
     try:
         reg = Register(
@@ -79,6 +83,7 @@ def register(
             reply_key=reply_key,
             device_info=dict(device_info or {}),
             broker_account=broker_account,
+            reply_pub=public,
         )
         bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(reply_key), reg.to_json()
@@ -96,7 +101,12 @@ def register(
             except MessageError:
                 continue  # not for us to act on; the next message may be the answer
             if msg.reply_key == reply_key:
-                return Identity(run_id, msg.client_id, msg.token, msg.broker_user)
+                context = registered_context(run_id, reply_key, msg.client_id)
+                try:
+                    token = sealing.unseal(msg.sealed_token, private, context)
+                except sealing.SealError:
+                    continue  # not sealed to us: someone else's, or forged
+                return Identity(run_id, msg.client_id, token, msg.broker_user)
         return None
     finally:
         # A leftover reply queue is harmless; the next attempt uses a new key.
@@ -105,13 +115,16 @@ def register(
 
 
 def send_signal(bus: Bus, ident: Identity, state: ClientState) -> None:
-    sig = Signal(run_id=ident.run_id, client_id=ident.client_id, token=ident.token, state=state)
+    # Signed, not carrying the token: the signals exchange may have other readers.
+    sig = auth.sign(
+        Signal(run_id=ident.run_id, client_id=ident.client_id, state=state), ident.token
+    )
     key = topology.signal_routing_key(ident.client_id)
     bus.publish(topology.SIGNALS_EXCHANGE, key, sig.to_json())
 
 
 def send_heartbeat(bus: Bus, ident: Identity) -> None:
-    hb = Heartbeat(run_id=ident.run_id, client_id=ident.client_id, token=ident.token)
+    hb = auth.sign(Heartbeat(run_id=ident.run_id, client_id=ident.client_id), ident.token)
     bus.publish(
         topology.SIGNALS_EXCHANGE, topology.signal_routing_key(ident.client_id), hb.to_json()
     )
@@ -128,11 +141,12 @@ def attempt_for(ann: RoundAnnouncement, client_id: str) -> int | None:
 
 
 def update_meta(ident: Identity, upd: LocalUpdate) -> UpdateMeta:
-    return UpdateMeta(
+    """The update's envelope, signed under the device's token (it names the blob's SHA-256,
+    so the MAC covers the blob too)."""
+    meta = UpdateMeta(
         run_id=ident.run_id,
         client_id=ident.client_id,
         round=upd.round,
-        token=ident.token,
         base_model_version=upd.base_version,
         num_samples=upd.num_samples,
         encoding=Encoding(upd.encoding),
@@ -141,6 +155,7 @@ def update_meta(ident: Identity, upd: LocalUpdate) -> UpdateMeta:
         blob_bytes=len(upd.blob),
         metrics={**finite_metrics(upd.metrics)},
     )
+    return auth.sign(meta, ident.token)
 
 
 def publish_update(bus: Bus, meta: UpdateMeta, blob: bytes, chunk_size: int) -> None:

@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    operator_token: str
+    # None: no operator configured; every command is refused (orchestrator/control.py).
+    operator_token: str | None
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
     chunk_size: int = 4 << 20
     max_message_bytes: int = 1 << 20
@@ -87,6 +88,9 @@ class ServiceConfig:
     replica_id: str | None = None
     lease_ttl_s: float = 5.0
     lease_renew_s: float = 1.0
+    # How far a device's or operator's message may be dated from this clock
+    # (protocol/auth.py); above ``reassembly_timeout_s``, so a slow upload's last chunk counts.
+    auth_window_s: float = 900.0
 
 
 class OrchestratorService:
@@ -107,9 +111,10 @@ class OrchestratorService:
         self.clock = clock
         self.outbox = Outbox(bus, sessions, tasks, chunk_size=config.chunk_size, accounts=accounts)
         drain = self._drain_soon
-        self.signals = Signals(sessions, drain, config.max_message_bytes, clock, accounts)
-        self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock)
-        self.control = Control(sessions, config.operator_token, drain, clock)
+        window = config.auth_window_s
+        self.signals = Signals(sessions, drain, config.max_message_bytes, clock, accounts, window)
+        self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock, window)
+        self.control = Control(sessions, config.operator_token, drain, clock, window)
         self._consumers: list[Consumer] = []
         self._stop = threading.Event()
         self._kick = threading.Event()

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from orchestrator.gateway.errors import GatewayError
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.messages import (
     ClientState,
@@ -33,6 +33,7 @@ from protocol.messages import (
     UpdateMeta,
     parse_as,
     parse_message,
+    registered_context,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Bridge:
     ) -> tuple[str, str]:
         """The reply-key dance of an AMQP device; returns (client id, token)."""
         reply_key = f"gw-{uuid.uuid4().hex}"
+        private, public = sealing.new_keypair()
         reply_queue = _bus_call("register", lambda: topology.declare_device(self.bus, reply_key))
         try:
             reg = Register(
@@ -68,6 +70,7 @@ class Bridge:
                 display_name=display_name,
                 reply_key=reply_key,
                 device_info=device_info,
+                reply_pub=public,
             )
             key = topology.signal_routing_key(reply_key)
             _bus_call(
@@ -84,8 +87,14 @@ class Bridge:
                 except MessageError:
                     continue
                 if msg.reply_key == reply_key:
+                    context = registered_context(run_id, reply_key, msg.client_id)
+                    try:
+                        token = sealing.unseal(msg.sealed_token, private, context)
+                    except sealing.SealError as e:
+                        log.warning("a registration answer that does not open: %s", e)
+                        continue
                     self.attach(run_id, msg.client_id)
-                    return msg.client_id, msg.token
+                    return msg.client_id, token
             raise GatewayError(
                 504,
                 f"the orchestrator did not answer the registration within "
@@ -100,13 +109,17 @@ class Bridge:
         _bus_call("attach", lambda: topology.declare_device(self.bus, client_id, run_id))
 
     def signal(self, run_id: str, client_id: str, token: str, state: str) -> str:
+        """``token`` came over the device's own HTTP link; what goes on the bus carries only
+        a MAC under it (protocol/auth.py)."""
         msg: Signal | Heartbeat
         if state == "heartbeat":
-            msg = Heartbeat(run_id=run_id, client_id=client_id, token=token)
+            msg = auth.sign(Heartbeat(run_id=run_id, client_id=client_id), token)
         else:
             if state in (ClientState.JOIN, ClientState.READY):
                 self.attach(run_id, client_id)  # a rejoin after leaving needs its queue back
-            msg = Signal(run_id=run_id, client_id=client_id, token=token, state=ClientState(state))
+            msg = auth.sign(
+                Signal(run_id=run_id, client_id=client_id, state=ClientState(state)), token
+            )
         key = topology.signal_routing_key(client_id)
         _bus_call("signal", lambda: self.bus.publish(topology.SIGNALS_EXCHANGE, key, msg.to_json()))
         return msg.message_id
@@ -117,7 +130,7 @@ class Bridge:
         return message_id
 
     def command(self, run_id: str, operator_token: str, action: CommandAction, **kw: Any) -> str:
-        cmd = Command(run_id=run_id, action=action, operator_token=operator_token, **kw)
+        cmd = auth.sign(Command(run_id=run_id, action=action, **kw), operator_token)
         _bus_call(
             "command",
             lambda: self.bus.publish(

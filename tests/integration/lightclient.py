@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Bus
 from protocol.codec import Encoding, decode, encode
 from protocol.messages import (
@@ -42,6 +42,7 @@ from protocol.messages import (
     UpdateMeta,
     parse_as,
     parse_message,
+    registered_context,
 )
 from protocol.messages import Event as EventMsg
 
@@ -126,7 +127,10 @@ class LightClient:
     def _register(self) -> None:
         reply_key = f"r{uuid.uuid4().hex[:16]}"
         reply_queue = topology.declare_device(self.bus, reply_key)
-        reg = Register(run_id=self.run_id, display_name=self.name, reply_key=reply_key)
+        private, public = sealing.new_keypair()
+        reg = Register(
+            run_id=self.run_id, display_name=self.name, reply_key=reply_key, reply_pub=public
+        )
         self.bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(reply_key), reg.to_json()
         )
@@ -137,7 +141,9 @@ class LightClient:
                 continue
             d.ack()
             msg = parse_as(d.body, Registered)
-            self.client_id, self.token = msg.client_id, msg.token
+            context = registered_context(self.run_id, reply_key, msg.client_id)
+            self.client_id = msg.client_id
+            self.token = sealing.unseal(msg.sealed_token, private, context)
             topology.declare_device(self.bus, msg.client_id, self.run_id)
             self.bus.delete_queue(reply_queue)
             self._registered.set()
@@ -146,14 +152,16 @@ class LightClient:
 
     def _signal(self, state: ClientState) -> None:
         assert self.client_id and self.token
-        sig = Signal(run_id=self.run_id, client_id=self.client_id, token=self.token, state=state)
+        sig = auth.sign(
+            Signal(run_id=self.run_id, client_id=self.client_id, state=state), self.token
+        )
         self.bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(self.client_id), sig.to_json()
         )
 
     def _heartbeat(self) -> None:
         assert self.client_id and self.token
-        hb = Heartbeat(run_id=self.run_id, client_id=self.client_id, token=self.token)
+        hb = auth.sign(Heartbeat(run_id=self.run_id, client_id=self.client_id), self.token)
         self.bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(self.client_id), hb.to_json()
         )
@@ -235,7 +243,6 @@ class LightClient:
             run_id=self.run_id,
             client_id=self.client_id,
             round=round,
-            token=meta_kw.pop("token", self.token),
             base_model_version=base_version,
             num_samples=self.num_samples,
             encoding="fp32",
@@ -244,6 +251,8 @@ class LightClient:
             blob_bytes=len(blob),
             metrics={"loss": 0.5},
         )
+        # Signed under the token (or another one a test passes, to be refused).
+        meta = auth.sign(meta, meta_kw.pop("token", self.token))
         envelope = meta.model_dump_json()
         key = topology.update_routing_key(self.run_id, round, self.client_id)
         for chunk in chunking.iter_chunks(blob, self.chunk_size):
