@@ -123,8 +123,8 @@ class Settings(BaseSettings):
     operator_token: SecretStr | None = Field(
         None,
         description=(
-            "Secret of operator commands and routes; unset: `fedmq up` makes one in "
-            "<data_dir>/operator-token, and a service listening beyond loopback refuses to start"
+            "Secret of operator commands and routes; unset: `fedmq up` makes one (0600) in "
+            "FEDMQ_DATA_DIR/operator-token, and services listening beyond loopback refuse to start"
         ),
     )
     auth_window_s: float = Field(
