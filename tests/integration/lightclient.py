@@ -3,11 +3,13 @@
 It speaks only the wire (Bus, messages, chunking, codec), exactly as
 docs/architecture.md "Wire conventions (devices)" describes:
 
-1. register: declare a reply queue ``device.<reply_key>``, publish ``Register`` to
-   ``fedmq.signals`` / ``signal.<reply_key>``, wait for ``Registered`` on the reply queue;
+1. register: declare a reply queue ``device.<reply_key>``, publish ``Register`` (with the
+   public half of a fresh X25519 key pair) to ``fedmq.signals`` / ``signal.<reply_key>``,
+   wait for ``Registered`` on the reply queue and open its sealed token;
    then declare ``device.<client_id>`` bound to ``device.<client_id>`` and ``broadcast.<run>``
    and delete the reply queue;
-2. signal ``ready``; heartbeat every ``heartbeat_s``;
+2. signal ``ready``; heartbeat every ``heartbeat_s`` (every message signed with
+   ``protocol.auth.sign`` under the token, never carrying it);
 3. on the device queue: model chunks (headers ``x-fedmq-blob-*`` + ``x-fedmq-envelope`` =
    ``ModelMeta``) are reassembled; a ``RoundAnnouncement`` that selects this client (and
    does not list it in ``train_config["carried"]``) makes it "train" and send its update
