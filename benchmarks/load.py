@@ -48,7 +48,7 @@ from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models import Client, Participation, ParticipationState, ProcessedMessage
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Batching, Bus, Delivery, Outgoing, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import (
@@ -61,6 +61,7 @@ from protocol.messages import (
     Signal,
     UpdateMeta,
     parse_as,
+    registered_context,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +267,9 @@ def warm_up(bus: Bus, run_id: str, timeout: float = 120.0) -> None:
     working, not starting. The extra client never signals ready, so it is never selected."""
     key = "loadwarmup"
     queue = topology.declare_device(bus, key)
-    msg = Register(run_id=run_id, display_name="warm-up", reply_key=key)
+    msg = Register(
+        run_id=run_id, display_name="warm-up", reply_key=key, reply_pub=sealing.new_keypair()[1]
+    )
     bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(key), msg.to_json())
     d = bus.get(queue, timeout=timeout)
     if d is None:
@@ -372,8 +375,11 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
 
         # 1. Registration: n Register messages, n Registered answers on one queue (read by
         # a consumer: one basic.get per answer would be the generator's own limit).
+        # One key pair for the whole generated fleet: its answers share one queue anyway.
+        private, public = sealing.new_keypair()
         regs = [
-            Register(run_id=run_id, display_name=f"d{i}", reply_key=REPLY_KEY) for i in range(n)
+            Register(run_id=run_id, display_name=f"d{i}", reply_key=REPLY_KEY, reply_pub=public)
+            for i in range(n)
         ]
         key = topology.signal_routing_key(REPLY_KEY)
         tokens: dict[str, str] = {}
@@ -382,7 +388,8 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
         def on_replies(ds: list[Delivery]) -> None:
             for d in ds:
                 msg = parse_as(d.body, Registered)
-                tokens[msg.client_id] = msg.token
+                context = registered_context(run_id, REPLY_KEY, msg.client_id)
+                tokens[msg.client_id] = sealing.unseal(msg.sealed_token, private, context)
                 d.ack()
             if len(tokens) >= n:
                 all_in.set()
@@ -405,7 +412,9 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
 
         # 2. Ready signals: publish time per client vs the last_seen the orchestrator wrote.
         def ready(cid: str) -> Outgoing:
-            sig = Signal(run_id=run_id, client_id=cid, token=tokens[cid], state=ClientState.READY)
+            sig = auth.sign(
+                Signal(run_id=run_id, client_id=cid, state=ClientState.READY), tokens[cid]
+            )
             return Outgoing(
                 topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), sig.to_json()
             )
@@ -445,7 +454,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
             return 0
 
         def beat(cid: str) -> Outgoing:
-            hb = Heartbeat(run_id=run_id, client_id=cid, token=tokens[cid])
+            hb = auth.sign(Heartbeat(run_id=run_id, client_id=cid), tokens[cid])
             return Outgoing(
                 topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), hb.to_json()
             )
@@ -457,7 +466,9 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
         # 2c. Ready signals again (each refreshes last_seen: a write), offered at steady
         # rates around the burst's, for latency under load rather than behind a burst.
         def alive(cid: str) -> tuple[str, Outgoing]:
-            sig = Signal(run_id=run_id, client_id=cid, token=tokens[cid], state=ClientState.READY)
+            sig = auth.sign(
+                Signal(run_id=run_id, client_id=cid, state=ClientState.READY), tokens[cid]
+            )
             route = topology.signal_routing_key(cid)
             return sig.message_id, Outgoing(topology.SIGNALS_EXCHANGE, route, sig.to_json())
 
@@ -466,7 +477,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
         )
 
         # 3. One round, everyone selected; one small update each.
-        cmd = Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=1, operator_token=TOKEN)
+        cmd = auth.sign(Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=1), TOKEN)
         bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
 
         def round_open() -> bool:
@@ -482,16 +493,18 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
 
         def update(cid: str) -> Outgoing:
             blob = blobs[cid]
-            meta = UpdateMeta(
-                run_id=run_id,
-                client_id=cid,
-                round=1,
-                token=tokens[cid],
-                base_model_version=0,
-                num_samples=10,
-                encoding="fp32",
-                blob_sha256=hashlib.sha256(blob).hexdigest(),
-                blob_bytes=len(blob),
+            meta = auth.sign(
+                UpdateMeta(
+                    run_id=run_id,
+                    client_id=cid,
+                    round=1,
+                    base_model_version=0,
+                    num_samples=10,
+                    encoding="fp32",
+                    blob_sha256=hashlib.sha256(blob).hexdigest(),
+                    blob_bytes=len(blob),
+                ),
+                tokens[cid],
             )
             message_ids[cid] = meta.message_id
             (chunk,) = chunking.iter_chunks(blob)  # one chunk: the default chunk size is 4 MiB

@@ -43,7 +43,7 @@ from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.state import Autorun, ClientJoined, ClientReady, RoundPolicy
 from orchestrator.store import step_run
 from orchestrator.tasks import CeleryTaskRunner, result_backend_url
-from protocol import chunking, topology
+from protocol import auth, chunking, topology
 from protocol.bus import connect
 from protocol.codec import Encoding, encode
 from protocol.messages import UpdateMeta, parse_message
@@ -140,13 +140,13 @@ def run(n_clients: int) -> dict[str, Any]:
                     run_id=run_id,
                     client_id=cid,
                     round=1,
-                    token=tokens[cid],
                     base_model_version=0,
                     num_samples=10,
                     encoding="fp32",
                     blob_sha256=hashlib.sha256(blob).hexdigest(),
                     blob_bytes=len(blob),
                 )
+                meta = auth.sign(meta, tokens[cid])
                 env_json = meta.model_dump_json()
                 for chunk in chunking.iter_chunks(blob):
                     headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": env_json}

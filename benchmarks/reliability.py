@@ -267,11 +267,15 @@ token, no broker accounts URL) found (issue 17), and what the defaults do now.
 {secure_defaults}
 ## Trust
 
-- Device messages carry the per-client token from registration; the orchestrator checks it
-  (hash compare) on every signal, heartbeat and update chunk, against the client id the
-  message names. Client B's token on client A's id is refused (`auth.rejected` for signals,
-  `update.refused` "bad token" for update chunks, dead-lettered, nothing staged): see
-  `test_wire_faults.py` (a spoofed update each round) and `test_bad_input.py`.
+- Device and operator messages carry an HMAC under the sender's token (never the token);
+  the orchestrator checks it (constant time, timestamp within `FEDMQ_AUTH_WINDOW_S`) on
+  every signal, heartbeat, update chunk and command, against the client id the message
+  names, before claiming its id. A MAC under client B's token on client A's id, a missing
+  or changed one, a stale or future timestamp are refused (`auth.rejected` for signals,
+  `update.refused` "bad MAC" for update chunks, `command.result` refused for commands;
+  dead-lettered, nothing staged): see `test_wire_faults.py` (a spoofed update each round)
+  and `test_bad_input.py`. A queue of the shared broker user bound to every exchange sees no
+  token and no MAC key over a federation (`test_no_secret_on_the_wire.py`).
 - Per-device broker users (`protocol/permissions.py`, `orchestrator/accounts.py`): with
   `FEDMQ_BROKER_ACCOUNTS_URL` set (Compose and Kubernetes set it), the shared `device` user
   may only register, and the orchestrator gives every registering device a RabbitMQ user of

@@ -63,7 +63,7 @@ from db.models import Client, OutboxItem, Participation, ParticipationState, Rep
 from db.queries import leases as lq
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Batching, Bus, Delivery, Outgoing, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import (
@@ -75,6 +75,7 @@ from protocol.messages import (
     Signal,
     UpdateMeta,
     parse_as,
+    registered_context,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,8 +182,15 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
                 return int(s.scalar(stmt) or 0)
 
         # 1. Registration over every run: one reply queue, read by a consumer.
+        # One key pair for the whole generated fleet: its answers share one queue anyway.
+        private, public = sealing.new_keypair()
         regs = [
-            Register(run_id=run_ids[i % n_runs], display_name=f"d{i}", reply_key=REPLY_KEY)
+            Register(
+                run_id=run_ids[i % n_runs],
+                display_name=f"d{i}",
+                reply_key=REPLY_KEY,
+                reply_pub=public,
+            )
             for i in range(n)
         ]
         replies = topology.declare_device(bus, REPLY_KEY)
@@ -195,7 +203,9 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
             nonlocal replies_seen
             for d in ds:
                 msg = parse_as(d.body, Registered)
-                tokens[msg.client_id] = (msg.run_id, msg.token)
+                context = registered_context(msg.run_id, REPLY_KEY, msg.client_id)
+                token = sealing.unseal(msg.sealed_token, private, context)
+                tokens[msg.client_id] = (msg.run_id, token)
                 replies_seen += 1
                 d.ack()
             if len(tokens) >= n:
@@ -222,7 +232,7 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
         # 2. Ready signals.
         def ready(cid: str) -> Outgoing:
             run_id, token = tokens[cid]
-            sig = Signal(run_id=run_id, client_id=cid, token=token, state=ClientState.READY)
+            sig = auth.sign(Signal(run_id=run_id, client_id=cid, state=ClientState.READY), token)
             return Outgoing(
                 topology.SIGNALS_EXCHANGE, topology.signal_routing_key(cid), sig.to_json()
             )
@@ -242,9 +252,7 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
 
         # 3. Round 1 of every run, everyone selected; one small update each.
         for run_id in run_ids:
-            cmd = Command(
-                run_id=run_id, action=CommandAction.AUTORUN, rounds=1, operator_token=TOKEN
-            )
+            cmd = auth.sign(Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=1), TOKEN)
             bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
         selected = (
             select(func.count())
@@ -263,13 +271,13 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
                 run_id=run_id,
                 client_id=cid,
                 round=1,
-                token=token,
                 base_model_version=0,
                 num_samples=10,
                 encoding="fp32",
                 blob_sha256=hashlib.sha256(blob).hexdigest(),
                 blob_bytes=len(blob),
             )
+            meta = auth.sign(meta, token)
             message_ids[cid] = meta.message_id
             (chunk,) = chunking.iter_chunks(blob)
             headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": meta.model_dump_json()}

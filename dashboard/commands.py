@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_scope
 from db.queries import dashboard as dq
-from protocol import topology
+from protocol import auth, topology
 from protocol.bus import Bus
 from protocol.messages import Command, CommandAction
 
@@ -33,13 +33,10 @@ def send(
     rounds: int | None = None,
     target_client: str | None = None,
 ) -> str:
-    """Publish one command; returns its message id."""
-    cmd = Command(
-        run_id=run_id,
-        action=action,
-        operator_token=token,
-        rounds=rounds,
-        target_client=target_client,
+    """Publish one command, signed under ``token`` (never carrying it: the control exchange
+    may have other readers); returns its message id."""
+    cmd = auth.sign(
+        Command(run_id=run_id, action=action, rounds=rounds, target_client=target_client), token
     )
     # Not declared here (the orchestrator's queues are its own); the publish is mandatory, so
     # with no orchestrator queue yet it fails with ``Unroutable`` instead of vanishing.

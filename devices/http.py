@@ -70,6 +70,8 @@ class HttpTransport(Transport):
         self.http = client or httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
         self._inbox: deque[Inbound] = deque()
         self._fetched: set[tuple[str, int]] = set()
+        # Whose bearer token an update goes with: an ``UpdateMeta`` carries a MAC, not it.
+        self._idents: dict[str, Identity] = {}
         self._closed = False
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -82,6 +84,7 @@ class HttpTransport(Transport):
         headers = dict(kw.pop("headers", {}))
         if ident is not None:
             headers["Authorization"] = f"Bearer {ident.token}"
+            self._idents[ident.client_id] = ident
         try:
             res = self.http.request(method, self.base + path, headers=headers, **kw)
         except httpx.HTTPError as e:
@@ -127,10 +130,13 @@ class HttpTransport(Transport):
             Verifier(key)
         except (SignatureError, ValueError) as e:
             raise LinkError(f"the gateway's orchestrator key is unusable: {e}") from None
-        return Identity(run_id, body["client_id"], body["token"], signing_key=key)
+        ident = Identity(run_id, body["client_id"], body["token"], signing_key=key)
+        self._idents[ident.client_id] = ident
+        return ident
 
     def attach(self, ident: Identity) -> None:
-        """Nothing to do: the gateway re-declares the queue on ``join`` and ``ready``."""
+        """Nothing on the wire: the gateway re-declares the queue on ``join`` and ``ready``."""
+        self._idents[ident.client_id] = ident
 
     def signal(self, ident: Identity, state: ClientState) -> None:
         path = f"/api/v1/clients/{ident.client_id}/signal"
@@ -151,7 +157,7 @@ class HttpTransport(Transport):
         res = self._call(
             "POST",
             f"/api/v1/clients/{meta.client_id}/updates",
-            _ident(meta),
+            self._ident(meta),
             params=params,
             content=blob,
             headers={"Content-Type": "application/octet-stream"},
@@ -166,6 +172,12 @@ class HttpTransport(Transport):
                 detail={"reason": _reason(res)},
             )
             self._inbox.append(HttpInbound(notice.to_json(), local=True))
+
+    def _ident(self, meta: UpdateMeta) -> Identity:
+        ident = self._idents.get(meta.client_id)
+        if ident is None or ident.run_id != meta.run_id:
+            raise LinkError(f"no registration of {meta.client_id} in run {meta.run_id} here")
+        return ident
 
     def receive(self, ident: Identity, timeout: float) -> Inbound | None:
         if not self._inbox:
@@ -269,10 +281,6 @@ def _encoding(blob: bytes) -> Encoding:
         return peek_header(blob).encoding
     except CodecError:
         return Encoding.FP32  # the model store's decode refuses the blob with the reason
-
-
-def _ident(meta: UpdateMeta) -> Identity:
-    return Identity(meta.run_id, meta.client_id or "", meta.token)
 
 
 def _reason(res: httpx.Response) -> str:

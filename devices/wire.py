@@ -19,7 +19,7 @@ from typing import Any
 
 from devices.local import LocalUpdate, finite_metrics
 from devices.store import ENVELOPE_HEADER
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.codec import Encoding
 from protocol.messages import (
@@ -33,6 +33,7 @@ from protocol.messages import (
     Signal,
     UpdateMeta,
     parse_message,
+    registered_context,
 )
 from protocol.signing import SignatureError, Verifier
 
@@ -96,6 +97,9 @@ def register(
     when the device already pinned one (``registered_key``); a reply that is not is
     logged and ignored, and the wait goes on for the real one."""
     reply_key = f"r{uuid.uuid4().hex[:16]}"
+    # The token comes back sealed to this key pair's public half: the answer crosses a bus
+    # that others may read (protocol/sealing.py).
+    private, public = sealing.new_keypair()
     reply_queue = topology.declare_reply(bus, reply_key)
     try:
         reg = Register(
@@ -104,6 +108,7 @@ def register(
             reply_key=reply_key,
             device_info=dict(device_info or {}),
             broker_account=broker_account,
+            reply_pub=public,
         )
         bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(reply_key), reg.to_json()
@@ -147,7 +152,12 @@ def register(
             except SignatureError as e:
                 log.warning("dropped a registration reply: %s", e)
                 continue
-            return Identity(run_id, msg.client_id, msg.token, msg.broker_user, key)
+            context = registered_context(run_id, reply_key, msg.client_id)
+            try:
+                token = sealing.unseal(msg.sealed_token, private, context)
+            except sealing.SealError:
+                continue  # not sealed to us: someone else's, or forged
+            return Identity(run_id, msg.client_id, token, msg.broker_user, key)
         return None
     finally:
         # A leftover reply queue is harmless; the next attempt uses a new key.
@@ -181,13 +191,16 @@ def registered_key(
 
 
 def send_signal(bus: Bus, ident: Identity, state: ClientState) -> None:
-    sig = Signal(run_id=ident.run_id, client_id=ident.client_id, token=ident.token, state=state)
+    # Signed, not carrying the token: the signals exchange may have other readers.
+    sig = auth.sign(
+        Signal(run_id=ident.run_id, client_id=ident.client_id, state=state), ident.token
+    )
     key = topology.signal_routing_key(ident.client_id)
     bus.publish(topology.SIGNALS_EXCHANGE, key, sig.to_json())
 
 
 def send_heartbeat(bus: Bus, ident: Identity) -> None:
-    hb = Heartbeat(run_id=ident.run_id, client_id=ident.client_id, token=ident.token)
+    hb = auth.sign(Heartbeat(run_id=ident.run_id, client_id=ident.client_id), ident.token)
     bus.publish(
         topology.SIGNALS_EXCHANGE, topology.signal_routing_key(ident.client_id), hb.to_json()
     )
@@ -204,11 +217,12 @@ def attempt_for(ann: RoundAnnouncement, client_id: str) -> int | None:
 
 
 def update_meta(ident: Identity, upd: LocalUpdate) -> UpdateMeta:
-    return UpdateMeta(
+    """The update's envelope, signed under the device's token (it names the blob's SHA-256,
+    so the MAC covers the blob too)."""
+    meta = UpdateMeta(
         run_id=ident.run_id,
         client_id=ident.client_id,
         round=upd.round,
-        token=ident.token,
         base_model_version=upd.base_version,
         num_samples=upd.num_samples,
         encoding=Encoding(upd.encoding),
@@ -217,6 +231,7 @@ def update_meta(ident: Identity, upd: LocalUpdate) -> UpdateMeta:
         blob_bytes=len(upd.blob),
         metrics={**finite_metrics(upd.metrics)},
     )
+    return auth.sign(meta, ident.token)
 
 
 def publish_update(bus: Bus, meta: UpdateMeta, blob: bytes, chunk_size: int) -> None:

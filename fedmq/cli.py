@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fedmq import device_cmd, federation_cmd, gateway_cmd
+from fedmq import device_cmd, federation_cmd, gateway_cmd, operator_token
 from fedmq.settings import get_settings
 
 app = typer.Typer(
@@ -158,6 +158,7 @@ def orchestrator(
         if v is not None
     }
     s = get_settings().model_copy(update=overrides)
+    operator_token.or_exit(s, "orchestrator", None, console)
     if upgrade:
         from db import migrations
 
@@ -213,17 +214,20 @@ def run_create(
 
 def _send_command(run: str, action: str, **kw: object) -> None:
     from fedmq.wiring import open_bus
-    from protocol import topology
+    from protocol import auth, topology
     from protocol.bus import Unroutable
     from protocol.messages import Command, CommandAction
 
     s = get_settings()
-    cmd = Command(
-        run_id=run,
-        action=CommandAction(action),
-        operator_token=s.operator_token.get_secret_value(),
-        **kw,  # type: ignore[arg-type]
-    )
+    token = operator_token.find(s)
+    if token is None:
+        console.print(
+            "[red]no operator token: set FEDMQ_OPERATOR_TOKEN, or run this where `fedmq up` "
+            f"keeps it ({operator_token.token_path(s)})[/red]"
+        )
+        raise typer.Exit(2)
+    # Signed, never carrying the token: the control exchange may have other readers.
+    cmd = auth.sign(Command(run_id=run, action=CommandAction(action), **kw), token)  # type: ignore[arg-type]
     try:
         with open_bus(s) as bus:
             bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
@@ -313,12 +317,13 @@ def dashboard(
     import dashboard as dash
 
     s = get_settings()
+    token = operator_token.or_exit(s, "dashboard", host or s.dashboard_host, console)
     # The app imports only protocol and db: it learns its URLs from these variables.
     env = {
         **os.environ,
         "FEDMQ_DATABASE_URL": s.database_url,
         "FEDMQ_BROKER_URL": s.broker_url,
-        "FEDMQ_OPERATOR_TOKEN": s.operator_token.get_secret_value(),
+        "FEDMQ_OPERATOR_TOKEN": token or "",
         "FEDMQ_DASHBOARD_REFRESH_S": str(s.dashboard_refresh_s),
     }
     app_file = Path(dash.__file__).parent / "app.py"

@@ -55,12 +55,10 @@ def stop_processes(handles: list[ProcessHandle], timeout: float) -> None:
 
 
 def _env(s: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FEDMQ_BROKER_URL": s.broker_url,
-        "FEDMQ_DATABASE_URL": s.database_url,
-        "FEDMQ_OPERATOR_TOKEN": s.operator_token.get_secret_value(),
-    }
+    env = {**os.environ, "FEDMQ_BROKER_URL": s.broker_url, "FEDMQ_DATABASE_URL": s.database_url}
+    # Devices need no operator token; none is handed to them.
+    env.pop("FEDMQ_OPERATOR_TOKEN", None)
+    return env
 
 
 def device_threads(

@@ -6,7 +6,9 @@ import logging
 from typing import TYPE_CHECKING
 
 import typer
+from rich.console import Console
 
+from fedmq import operator_token
 from fedmq.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -16,12 +18,12 @@ if TYPE_CHECKING:
 SHUTDOWN_S = 5
 
 
-def gateway_config(s: Settings) -> GatewayConfig:
+def gateway_config(s: Settings, operator_token: str | None) -> GatewayConfig:
     from fedmq.wiring import decode_limits
     from orchestrator.gateway import GatewayConfig
 
     return GatewayConfig(
-        operator_token=s.operator_token.get_secret_value(),
+        operator_token=operator_token,
         default_run=s.gateway_run,
         max_upload_bytes=s.gateway_max_upload_bytes,
         chunk_size=s.chunk_size,
@@ -50,6 +52,8 @@ def gateway(
     s = get_settings()
     if run is not None:
         s = s.model_copy(update={"gateway_run": run})
+    # Checked before anything opens: listening beyond loopback needs a token of one's own.
+    token = operator_token.or_exit(s, "gateway", host or s.gateway_host, Console(stderr=True))
     engine = make_engine(s.database_url)
     bus = open_bus(s)
     sessions = make_sessionmaker(engine)
@@ -68,7 +72,7 @@ def gateway(
             lambda: summary(bus.health()),
         ).start()
     try:
-        config = gateway_config(s)
+        config = gateway_config(s, token)
         app = create_app(config, bus, sessions)
         # The browser device page (issue 8): served beside the API, talks to it like a device.
         from devices.browser import browser_router

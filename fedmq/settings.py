@@ -18,9 +18,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 EMBEDDED_BROKER = "memory://"
-# Valid on the wire (16+ characters) so that a laptop works out of the box; anything
-# reachable from a network must set FEDMQ_OPERATOR_TOKEN.
-DEV_OPERATOR_TOKEN = "fedmq-dev-operator-token"
 
 
 class Settings(BaseSettings):
@@ -174,9 +171,17 @@ class Settings(BaseSettings):
     )
 
     # Security and storage
-    operator_token: SecretStr = Field(
-        SecretStr(DEV_OPERATOR_TOKEN),
-        description="Token required by control commands and routes (set your own outside a laptop)",
+    operator_token: SecretStr | None = Field(
+        None,
+        description=(
+            "Secret of operator commands and routes; unset: `fedmq up` makes one (0600) in "
+            "FEDMQ_DATA_DIR/operator-token, and services listening beyond loopback refuse to start"
+        ),
+    )
+    auth_window_s: float = Field(
+        900.0,
+        gt=0,
+        description="How far a signed message's timestamp may be from the orchestrator's clock",
     )
     data_dir: Path = Field(Path(".fedmq"), description="Where embedded mode keeps its files")
     broker_accounts_url: SecretStr | None = Field(

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from db import blobstore, migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
-from fedmq import fleet_local
+from fedmq import fleet_local, operator_token
 from fedmq.fleet_local import Handle
 from fedmq.heterogeneity import Heterogeneity
 from fedmq.report import RoundRow, plot_accuracy, summary_table, write_json
@@ -38,7 +38,7 @@ from learning.models import build_model
 from learning.params import to_numpy
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import codec, topology
+from protocol import auth, codec, topology
 from protocol.messages import Command, CommandAction, RoundState
 
 
@@ -201,12 +201,13 @@ def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim
 
 
 def start_autorun(bus: Any, s: Settings, run_id: str, rounds: int) -> None:
-    cmd = Command(
-        run_id=run_id,
-        action=CommandAction.AUTORUN,
-        rounds=rounds,
-        operator_token=s.operator_token.get_secret_value(),
-    )
+    token = operator_token.find(s)
+    if token is None:
+        raise operator_token.TokenError(
+            "autorun needs the operator token: set FEDMQ_OPERATOR_TOKEN (or run where "
+            f"`fedmq up` keeps it, {operator_token.token_path(s)})"
+        )
+    cmd = auth.sign(Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=rounds), token)
     bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
 
 

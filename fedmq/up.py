@@ -34,6 +34,7 @@ from db import migrations
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.health import host
 from db.queries.health import HealthRow, record_health
+from fedmq import operator_token
 from fedmq.settings import Settings
 
 
@@ -104,11 +105,8 @@ def run(
     stop: threading.Event | None = None,
     policy: RestartPolicy | None = None,
 ) -> int:
-    if s.embedded:
-        console.print(
-            "[red]fedmq up needs real services: set FEDMQ_BROKER_URL (amqp://...) "
-            "and FEDMQ_DATABASE_URL (postgresql+psycopg://...)[/red]"
-        )
+    token_env = _preflight(s, console)
+    if token_env is None:
         return 2
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -116,7 +114,12 @@ def run(
             signal.signal(sig, lambda *_: stop.set())
     logs.mkdir(parents=True, exist_ok=True)
     migrations.upgrade(s.database_url)  # once, before any service reads the schema
-    env = {**os.environ, "FEDMQ_BROKER_URL": s.broker_url, "FEDMQ_DATABASE_URL": s.database_url}
+    env = {
+        **os.environ,
+        "FEDMQ_BROKER_URL": s.broker_url,
+        "FEDMQ_DATABASE_URL": s.database_url,
+        **token_env,
+    }
     opts = options or StackOptions()
     started = services(opts)
     board = _HealthBoard(s.database_url)
@@ -248,6 +251,38 @@ class _HealthBoard:
     def close(self) -> None:
         if self._sessions is not None:
             self._engine.dispose()
+
+
+def _preflight(s: Settings, console: Console) -> dict[str, str] | None:
+    """What the services' environment needs beyond the URLs; None (said why) if they
+    cannot start."""
+    if s.embedded:
+        console.print(
+            "[red]fedmq up needs real services: set FEDMQ_BROKER_URL (amqp://...) "
+            "and FEDMQ_DATABASE_URL (postgresql+psycopg://...)[/red]"
+        )
+        return None
+    try:
+        return operator_env(s, console)
+    except operator_token.TokenError as e:
+        console.print(f"[red]{e}[/red]")
+        return None
+
+
+def operator_env(s: Settings, console: Console) -> dict[str, str]:
+    """``FEDMQ_OPERATOR_TOKEN`` for the services: the one set, else the one kept in
+    ``<data_dir>/operator-token``, generated (0600) on the first start. Never a value
+    printed in fedmq's source: that was how an outsider took over a stack started bare."""
+    token = operator_token.require(s, "fedmq up")
+    if token is None:
+        path = operator_token.token_path(s)
+        token, made = operator_token.load_or_create(path)
+        what = "generated a new operator token in" if made else "operator token from"
+        console.print(
+            f"{what} {path.resolve()} (mode 0600; `fedmq command` here reads it, "
+            "or set FEDMQ_OPERATOR_TOKEN)"
+        )
+    return {"FEDMQ_OPERATOR_TOKEN": token}
 
 
 def _stop_all(started: list[Service], console: Console, grace_s: float = 15.0) -> None:

@@ -131,7 +131,7 @@ def task_runner(s: Settings) -> TaskRunner:
 
 def orchestrator_config(s: Settings) -> ServiceConfig:
     return ServiceConfig(
-        operator_token=s.operator_token.get_secret_value(),
+        operator_token=operator_token(s),
         decode_limits=decode_limits(s),
         chunk_size=s.chunk_size,
         max_message_bytes=s.max_message_bytes,
@@ -162,7 +162,16 @@ def orchestrator_config(s: Settings) -> ServiceConfig:
             processed_s=s.processed_retention_s,
             interval_s=s.retention_interval_s,
         ),
+        auth_window_s=s.auth_window_s,
     )
+
+
+def operator_token(s: Settings) -> str | None:
+    """The orchestrator's operator token; a public example value is refused (TokenError)
+    unless the bus is this process's own."""
+    from fedmq import operator_token as tokens
+
+    return tokens.configured(s) if s.embedded else tokens.require(s, "orchestrator")
 
 
 def orchestrator_service(s: Settings, bus: Bus | None = None) -> OrchestratorService:

@@ -6,7 +6,6 @@ command's message id, stored in ``events`` and published on ``fedmq.events``.
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,18 +18,27 @@ from orchestrator.counter import count
 from orchestrator.outbox import revoke_account
 from orchestrator.state import Ignored, command_event
 from orchestrator.store import StepInput, record_and_publish
+from protocol import auth
 from protocol.bus import Delivery
 from protocol.messages import Command, CommandAction, MessageError, parse_as
 
 RESULT = "command.result"
 
 
+NO_OPERATOR = "this orchestrator has no operator token (FEDMQ_OPERATOR_TOKEN): commands are refused"
+
+
 @dataclass
 class Control:
     sessions: sessionmaker[Session]
-    operator_token: str
+    # None: no operator was configured, and every command is refused (never a known default).
+    operator_token: str | None
     after_commit: Callable[[], None]
     clock: Callable[[], float] = time.time
+    auth_window_s: float = auth.DEFAULT_WINDOW_S
+
+    def __post_init__(self) -> None:
+        self._key = None if not self.operator_token else auth.mac_key(self.operator_token)
 
     def handle(self, d: Delivery) -> None:
         try:
@@ -38,8 +46,14 @@ class Control:
         except MessageError as e:
             self._done(d, None, None, f"malformed command: {e}")
             return
-        if not hmac.compare_digest(cmd.operator_token.encode(), self.operator_token.encode()):
-            self._done(d, cmd, None, "bad operator token")
+        # Before the id is claimed: a refused command can be sent again, properly signed.
+        refused = (
+            NO_OPERATOR
+            if self._key is None
+            else auth.check(cmd, self._key, now=self.clock(), window_s=self.auth_window_s)
+        )
+        if refused is not None:
+            self._done(d, cmd, None, refused)
             return
         with session_scope(self.sessions) as s:
             # A re-delivered command must not act twice (a second autorun would reset N).

@@ -29,7 +29,7 @@ from db.queries import orchestrator as oq
 from orchestrator.counter import notify_update, record_refused
 from orchestrator.outbox import ENVELOPE_HEADER
 from orchestrator.store import record_and_publish
-from protocol import chunking, topology
+from protocol import auth, chunking, topology
 from protocol.bus import Delivery
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, peek_header
 from protocol.messages import MessageError, UpdateMeta, parse_as
@@ -47,6 +47,10 @@ class Ingest:
     limits: DecodeLimits
     after_commit: Callable[[], None]
     clock: Callable[[], float] = time.time
+    # How far an update's timestamp may be from this clock (protocol/auth.py). Every chunk
+    # carries the envelope, so it must outlast a slow upload: keep it above
+    # ``reassembly_timeout_s``.
+    auth_window_s: float = auth.DEFAULT_WINDOW_S
 
     def __post_init__(self) -> None:
         self._specs: dict[tuple[str, int], dict[str, TensorSpec]] = {}
@@ -219,8 +223,8 @@ class Ingest:
         with session_scope(self.sessions) as s:
             return oq.staged_count(s, chunk.blob_id) >= chunk.count
 
-    @staticmethod
     def _expected(
+        self,
         s: Session,
         client: Client | None,
         rnd: Round | None,
@@ -230,12 +234,17 @@ class Ingest:
     ) -> bool:
         """Whether the update is one its round expects (Refuse if it is not); False for a
         duplicate of a counted update, which is recorded and acknowledged, not stored."""
-        if (
-            client is None
-            or client.run_id != meta.run_id
-            or client.token_hash != q.hash_token(meta.token)
-        ):
-            raise Refuse(f"unknown client or bad token for {meta.client_id}")
+        # Checked before anything is claimed or stored: a refused chunk leaves no trace but
+        # its record, so a genuine copy of it is still taken later.
+        key = None if client is None or client.run_id != meta.run_id else client.token_hash
+        reason = auth.check(
+            meta,
+            None if key is None else bytes.fromhex(key),
+            now=self.clock(),
+            window_s=self.auth_window_s,
+        )
+        if reason is not None:
+            raise Refuse(reason)
         if part is not None and part.state == ParticipationState.UPDATE:
             # A duplicate of a counted update: acked and not stored again, but said once.
             if chunk.index == 0:

@@ -72,7 +72,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    operator_token: str
+    # None: no operator configured; every command is refused (orchestrator/control.py).
+    operator_token: str | None
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
     chunk_size: int = 4 << 20
     max_message_bytes: int = 1 << 20
@@ -111,6 +112,9 @@ class ServiceConfig:
     dead_letters: topology.DeadLetterBounds = field(default_factory=topology.DeadLetterBounds)
     consume_dead_letters: bool = True
     retention: Retention = field(default_factory=Retention)
+    # How far a device's or operator's message may be dated from this clock
+    # (protocol/auth.py); above ``reassembly_timeout_s``, so a slow upload's last chunk counts.
+    auth_window_s: float = 900.0
 
 
 class OrchestratorService:
@@ -135,6 +139,7 @@ class OrchestratorService:
             bus, sessions, tasks, chunk_size=config.chunk_size, accounts=accounts, keys=self.keys
         )
         drain = self._drain_soon
+        window = config.auth_window_s
         self.signals = Signals(
             sessions,
             drain,
@@ -143,11 +148,12 @@ class OrchestratorService:
             accounts,
             config.registration,
             keys=self.keys,
+            auth_window_s=window,
         )
         self.dead_letters = DeadLetters(sessions)
         self.pruner = Pruner(sessions, config.retention)
-        self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock)
-        self.control = Control(sessions, config.operator_token, drain, clock)
+        self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock, window)
+        self.control = Control(sessions, config.operator_token, drain, clock, window)
         self._consumers: list[Consumer] = []
         self._stop = threading.Event()
         self._kick = threading.Event()

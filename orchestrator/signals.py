@@ -27,6 +27,7 @@ from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
 from orchestrator.store import StepInput, StepResult, record_and_publish, step_many
+from protocol import auth, sealing
 from protocol.bus import Delivery
 from protocol.messages import (
     ClientState,
@@ -35,6 +36,7 @@ from protocol.messages import (
     Register,
     Registered,
     parse_message,
+    registered_context,
 )
 from protocol.messages import Heartbeat as HeartbeatMsg
 from protocol.messages import Signal as SignalMsg
@@ -53,6 +55,8 @@ class Signals:
     limits: RegistrationLimits = field(default_factory=RegistrationLimits)
     # The orchestrator's signing key, whose public half each registration reply carries.
     keys: SigningKeys | None = None
+    # How far a signal's timestamp may be from this clock (protocol/auth.py).
+    auth_window_s: float = auth.DEFAULT_WINDOW_S
 
     def __post_init__(self) -> None:
         if self.keys is None:
@@ -122,7 +126,7 @@ class Signals:
             # Tokens are checked before ids are claimed, as one at a time (``_signal``): a
             # refused message keeps no claim, so a copy of it is refused again with its
             # reason rather than taken for a message already processed.
-            _authenticate(s, msgs, reasons)
+            _authenticate(s, msgs, reasons, self.clock(), self.auth_window_s)
             # Re-deliveries change nothing (heartbeats are not de-duplicated: see _signal).
             fresh = q.mark_messages_processed(
                 s,
@@ -213,11 +217,16 @@ class Signals:
             # Made before the reply is queued: the device connects as it at once. If this
             # transaction then fails, the user is orphaned with a token no one knows.
             broker_user = self.accounts.provision(cid, token)
+        # Sealed to the device's registration key: the reply crosses the bus, where with a
+        # shared broker user anyone may bind a queue and read it.
+        sealed = sealing.seal(
+            token, msg.reply_pub, registered_context(msg.run_id, msg.reply_key, cid)
+        )
         reply = Registered(
             run_id=msg.run_id,
             client_id=cid,
             reply_key=msg.reply_key,
-            token=token,
+            sealed_token=sealed,
             broker_user=broker_user,
             signing_key=self._public_key(),
         )
@@ -349,7 +358,7 @@ class Signals:
         event = _machine_event(msg)
         with session_scope(self.sessions) as s:
             refused: list[str | None] = [None]
-            _authenticate(s, {0: msg}, refused)
+            _authenticate(s, {0: msg}, refused, self.clock(), self.auth_window_s)
             if refused[0] is not None:
                 return refused[0]
             # Heartbeats are not de-duplicated: repeating one is harmless and they are many.
@@ -373,22 +382,28 @@ class Signals:
 
 
 def _authenticate(
-    s: Session, msgs: dict[int, Register | SignalMsg | HeartbeatMsg], reasons: list[str | None]
+    s: Session,
+    msgs: dict[int, Register | SignalMsg | HeartbeatMsg],
+    reasons: list[str | None],
+    now: float,
+    window_s: float,
 ) -> None:
     """Refuse (``reasons``, an ``auth.rejected`` record) every message of ``msgs`` but a
-    registration whose client is unknown, of another run, or whose token is wrong."""
+    registration whose client is unknown, of another run, whose MAC is missing or wrong
+    (protocol/auth.py), or whose timestamp is outside the window."""
     clients = q.get_clients(s, (m.client_id for m in msgs.values() if not isinstance(m, Register)))
     for i, msg in msgs.items():
         if isinstance(msg, Register):
             continue
         client = clients.get(msg.client_id)
-        if (
-            client is not None
-            and client.run_id == msg.run_id
-            and client.token_hash == q.hash_token(msg.token)
-        ):
+        key = None
+        if client is not None and client.run_id == msg.run_id:
+            # The MAC key is the token's SHA-256, which is what the client row stores.
+            key = bytes.fromhex(client.token_hash)
+        reason = auth.check(msg, key, now=now, window_s=window_s)
+        if reason is None:
             continue
-        reasons[i] = f"unknown client or bad token for {msg.client_id}"
+        reasons[i] = reason
         record_and_publish(
             s,
             msg.run_id,

@@ -41,6 +41,9 @@ def _send(
     if not cfg.can_send:
         _log("error", f"{label}: no broker to send it on (FEDMQ_BROKER_URL is memory://)")
         return
+    if not cfg.operator_token:
+        _log("error", f"{label}: no operator token (FEDMQ_OPERATOR_TOKEN) to sign it with")
+        return
     try:
         message_id = commands.send(
             data.bus(),

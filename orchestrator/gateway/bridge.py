@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.gateway.errors import GatewayError
 from orchestrator.limits import retry_after_header
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.messages import (
     ClientState,
@@ -34,6 +34,7 @@ from protocol.messages import (
     Signal,
     UpdateMeta,
     parse_message,
+    registered_context,
 )
 from protocol.signing import SIGNATURE_HEADER, SignatureError, Verifier
 
@@ -89,6 +90,7 @@ class Bridge:
         key it pinned: something else on the bus may have answered first. The
         orchestrator's refusal (its rate or the run's cap) is a 429 with Retry-After."""
         reply_key = f"gw-{uuid.uuid4().hex}"
+        private, public = sealing.new_keypair()
         reply_queue = _bus_call("register", lambda: topology.declare_reply(self.bus, reply_key))
         try:
             reg = Register(
@@ -96,6 +98,7 @@ class Bridge:
                 display_name=display_name,
                 reply_key=reply_key,
                 device_info=device_info,
+                reply_pub=public,
             )
             key = topology.signal_routing_key(reply_key)
             _bus_call(
@@ -131,8 +134,14 @@ class Bridge:
                 except SignatureError as e:
                     log.warning("dropped a registration reply for %s: %s", run_id, e)
                     continue
+                context = registered_context(run_id, reply_key, msg.client_id)
+                try:
+                    token = sealing.unseal(msg.sealed_token, private, context)
+                except sealing.SealError as e:
+                    log.warning("a registration answer that does not open: %s", e)
+                    continue
                 self.attach(run_id, msg.client_id)
-                return msg.client_id, msg.token, pinned
+                return msg.client_id, token, pinned
             raise GatewayError(
                 504,
                 f"the orchestrator did not answer the registration within "
@@ -152,13 +161,17 @@ class Bridge:
         )
 
     def signal(self, run_id: str, client_id: str, token: str, state: str) -> str:
+        """``token`` came over the device's own HTTP link; what goes on the bus carries only
+        a MAC under it (protocol/auth.py)."""
         msg: Signal | Heartbeat
         if state == "heartbeat":
-            msg = Heartbeat(run_id=run_id, client_id=client_id, token=token)
+            msg = auth.sign(Heartbeat(run_id=run_id, client_id=client_id), token)
         else:
             if state in (ClientState.JOIN, ClientState.READY):
                 self.attach(run_id, client_id)  # a rejoin after leaving needs its queue back
-            msg = Signal(run_id=run_id, client_id=client_id, token=token, state=ClientState(state))
+            msg = auth.sign(
+                Signal(run_id=run_id, client_id=client_id, state=ClientState(state)), token
+            )
         key = topology.signal_routing_key(client_id)
         _bus_call("signal", lambda: self.bus.publish(topology.SIGNALS_EXCHANGE, key, msg.to_json()))
         return msg.message_id
@@ -169,7 +182,7 @@ class Bridge:
         return message_id
 
     def command(self, run_id: str, operator_token: str, action: CommandAction, **kw: Any) -> str:
-        cmd = Command(run_id=run_id, action=action, operator_token=operator_token, **kw)
+        cmd = auth.sign(Command(run_id=run_id, action=action, **kw), operator_token)
         _bus_call(
             "command",
             lambda: self.bus.publish(

@@ -14,7 +14,8 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    operator_token: str
+    # None: the gateway has no operator (every operator route answers 401).
+    operator_token: str | None
     default_run: str | None = None  # the run of the paper's routes when none is named
     max_upload_bytes: int = 256 * MiB
     chunk_size: int = DEFAULT_CHUNK_SIZE  # update blobs go on the bus in chunks of this size

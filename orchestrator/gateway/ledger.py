@@ -123,7 +123,8 @@ class Ledger:
     def authenticate(self, token: str | None) -> Caller:
         if not token:
             raise GatewayError(401, "missing bearer token (Authorization: Bearer <token>)")
-        if hmac.compare_digest(token.encode(), self.config.operator_token.encode()):
+        operator = self.config.operator_token
+        if operator is not None and hmac.compare_digest(token.encode(), operator.encode()):
             return Caller(token, None)
         digest = q.hash_token(token)
         ref = self._tokens.get(digest)

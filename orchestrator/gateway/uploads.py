@@ -11,6 +11,7 @@ from fastapi import Request
 
 from orchestrator.gateway.errors import GatewayError
 from orchestrator.gateway.ledger import UploadPlan
+from protocol import auth
 from protocol.codec import CodecError, DecodeLimits, decode
 from protocol.http_body import BodyRefused, read_limited
 from protocol.messages import UpdateMeta
@@ -57,7 +58,6 @@ def check_update(
         "run_id": plan.run_id,
         "client_id": plan.client_id,
         "round": plan.round,
-        "token": token,
         "base_model_version": plan.base_version,
         "num_samples": num_samples,
         "encoding": decoded.encoding.value,
@@ -69,6 +69,8 @@ def check_update(
     if message_id is not None:
         fields["message_id"] = message_id  # the device's own id: its notices name it
     try:
-        return UpdateMeta(**fields)
+        meta = UpdateMeta(**fields)
     except ValueError as e:
         raise GatewayError(422, f"invalid update: {e}") from None
+    # The device's bearer token stays on its HTTP link; the bus gets a MAC under it.
+    return auth.sign(meta, token)

@@ -21,6 +21,7 @@ from protocol.messages.models import (
     RoundAnnouncement,
     Signal,
     UpdateMeta,
+    registered_context,
 )
 from protocol.messages.parse import MESSAGE_TYPES, Message, encode_message, parse_as, parse_message
 
@@ -47,5 +48,6 @@ __all__ = [
     "new_message_id",
     "parse_as",
     "parse_message",
+    "registered_context",
     "utcnow",
 ]

@@ -17,6 +17,11 @@ Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 MessageId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 Token = Annotated[str, StringConstraints(min_length=16, max_length=128)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# An HMAC-SHA256 tag (protocol/auth.py): what a device or operator sends instead of its token.
+Mac = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# An X25519 public key (protocol/sealing.py) and a box sealed to one.
+PublicKeyHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+SealedBox = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{80,512}$")]
 RoundNumber = Annotated[int, Field(ge=0, le=10_000_000)]
 # Free-form detail stays small and flat so that nothing nested can be used to blow up parsing.
 Scalar = str | int | float | bool | None

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from protocol.codec.encodings import Encoding
 from protocol.messages.envelope import (
@@ -14,11 +14,14 @@ from protocol.messages.envelope import (
     Detail,
     Envelope,
     Ident,
+    Mac,
+    PublicKeyHex,
     RoundNumber,
     RoundState,
+    SealedBox,
     Sha256Hex,
-    Token,
 )
+from protocol.sealing import SealError, check_public_key
 
 # A blob's encoding is the codec's own ``Encoding`` (one type from the codec to the wire): on
 # the wire it is the value ("bf16"), and a message takes either the member or the value.
@@ -37,10 +40,24 @@ class Register(Envelope):
     # Asks for a broker user of its own (protocol/permissions.py); a device on the shared
     # enrollment user can do nothing after registering without one.
     broker_account: bool = False
+    # The public half of a key pair made for this registration: the token comes back sealed
+    # to it (protocol/sealing.py), since anyone on a shared broker user may read the answer.
+    reply_pub: PublicKeyHex
+
+    @field_validator("reply_pub")
+    @classmethod
+    def _usable_key(cls, value: str) -> str:
+        try:
+            check_public_key(value)
+        except SealError as e:
+            raise ValueError(str(e)) from None
+        return value
 
 
 class Registered(Envelope):
-    """The orchestrator's answer: the de-identified client id and its secret token.
+    """The orchestrator's answer: the de-identified client id and its secret token, sealed
+    to the ``Register``'s ``reply_pub`` (``protocol.sealing``; the context is
+    ``registered_context``).
 
     ``broker_user`` is set when the orchestrator created the device's own broker user (its
     password is the token): the device reconnects as that user before anything else.
@@ -50,9 +67,14 @@ class Registered(Envelope):
     type: Literal["registered"] = "registered"
     client_id: Ident
     reply_key: Ident
-    token: Token
+    sealed_token: SealedBox
     broker_user: Ident | None = None
     signing_key: PublicKey | None = None
+
+
+def registered_context(run_id: str, reply_key: str, client_id: str) -> bytes:
+    """What a sealed token is bound to: a box cannot be moved to another registration."""
+    return f"registered\n{run_id}\n{reply_key}\n{client_id}".encode()
 
 
 class Signal(Envelope):
@@ -60,15 +82,16 @@ class Signal(Envelope):
 
     type: Literal["signal"] = "signal"
     client_id: Ident
-    token: Token
     state: ClientState
     detail: Detail = Field(default_factory=dict)
+    # HMAC under the client's token (protocol/auth.py); None only before ``auth.sign``.
+    mac: Mac | None = None
 
 
 class Heartbeat(Envelope):
     type: Literal["heartbeat"] = "heartbeat"
     client_id: Ident
-    token: Token
+    mac: Mac | None = None
 
 
 class CommandAction(StrEnum):
@@ -86,9 +109,10 @@ class Command(Envelope):
 
     type: Literal["command"] = "command"
     action: CommandAction
-    operator_token: Token
     rounds: Annotated[int, Field(ge=1, le=100_000)] | None = None
     target_client: Ident | None = None
+    # HMAC under the operator token (protocol/auth.py), never the token itself.
+    mac: Mac | None = None
 
     @model_validator(mode="after")
     def _arguments_match_action(self) -> Command:
@@ -118,7 +142,6 @@ class UpdateMeta(Envelope):
     type: Literal["update"] = "update"
     client_id: Ident
     round: RoundNumber
-    token: Token
     base_model_version: Annotated[int, Field(ge=0)]
     num_samples: Annotated[int, Field(ge=1, le=10**12)]
     encoding: Encoding
@@ -126,6 +149,8 @@ class UpdateMeta(Envelope):
     blob_sha256: Sha256Hex
     blob_bytes: Annotated[int, Field(ge=1)]
     metrics: Detail = Field(default_factory=dict)
+    # HMAC under the client's token over this envelope (which names the blob's SHA-256).
+    mac: Mac | None = None
 
 
 class ModelMeta(Envelope):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol import chunking, topology
+from protocol import auth, chunking, topology
 from protocol.codec import Encoding, encode
 from protocol.messages import UpdateMeta
 from tests.integration.lightclient import ENVELOPE_HEADER, LightClient
@@ -111,18 +111,20 @@ def make_update(
     )
     trained = {k: v + g.normal(0, 0.01, v.shape).astype(np.float32) for k, v in base.items()}
     blob = encode(trained, Encoding.FP32, base=base, base_version=str(base_version))
-    meta = UpdateMeta(
-        run_id=c.run_id,
-        client_id=client_id or c.client_id,
-        round=round,
-        token=token or c.token,
-        base_model_version=base_version,
-        num_samples=c.num_samples,
-        encoding="fp32",
-        is_delta=True,
-        blob_sha256=hashlib.sha256(blob).hexdigest(),
-        blob_bytes=len(blob),
-        metrics={"loss": 0.5},
+    meta = auth.sign(
+        UpdateMeta(
+            run_id=c.run_id,
+            client_id=client_id or c.client_id,
+            round=round,
+            base_model_version=base_version,
+            num_samples=c.num_samples,
+            encoding="fp32",
+            is_delta=True,
+            blob_sha256=hashlib.sha256(blob).hexdigest(),
+            blob_bytes=len(blob),
+            metrics={"loss": 0.5},
+        ),
+        token or c.token,
     )
     return RawUpdate(meta, blob, chunking.split(blob, chunk_size))
 

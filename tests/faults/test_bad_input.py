@@ -15,6 +15,7 @@ import json
 import os
 import struct
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,17 @@ from sqlalchemy.orm import Session
 from db import queries as q
 from db.models import ParticipationState
 from orchestrator.state import RoundPolicy
-from protocol import chunking, topology
+from protocol import auth, chunking, topology
 from protocol.bus.base import ORIGINAL_QUEUE_HEADER, REASON_HEADER
 from protocol.codec import Encoding, encode
 from protocol.messages import (
+    ClientState,
     Command,
     CommandAction,
-    Register,
     Signal,
     UpdateMeta,
 )
+from tests.auth_helpers import register
 from tests.faults.support import REPORT_ENV, make_update, wait_models, wait_ready
 from tests.integration.lightclient import ENVELOPE_HEADER, LightClient
 from tests.integration.orchestrator_harness import OPERATOR_TOKEN, Harness, harness
@@ -54,11 +56,12 @@ Published = tuple[str, str, bytes, dict[str, Any]]  # exchange, routing key, bod
 
 
 def signal_corpus(h: Harness, good: LightClient, other: LightClient) -> list[Published]:
-    sig = json.loads(
-        Signal(
-            run_id=h.run_id, client_id=good.client_id or "", token=good.token or "", state="ready"
-        ).to_json()
-    )
+    assert good.client_id and good.token and other.token
+    ready = Signal(run_id=h.run_id, client_id=good.client_id, state=ClientState.READY)
+    sig = json.loads(auth.sign(ready, good.token).to_json())
+    old = datetime.now(UTC) - timedelta(hours=2)
+    ahead = datetime.now(UTC) + timedelta(hours=2)
+    leave = Signal(run_id=h.run_id, client_id=good.client_id, state=ClientState.OFFLINE)
 
     def with_(**kw: Any) -> bytes:
         return json.dumps({**sig, **kw}).encode()
@@ -88,20 +91,25 @@ def signal_corpus(h: Harness, good: LightClient, other: LightClient) -> list[Pub
         with_(type="command"),
         with_(state="flying"),
         json.dumps({**sig, "x\x00": 1}).encode(),  # quoted raw in the reason: NUL in JSONB
-        with_(token="not-the-token"),
-        with_(token=other.token),  # another client's token for this client's id
-        with_(client_id=other.client_id),  # this client's token for another's id
+        with_(token=good.token),  # the old wire: a token instead of a MAC
+        with_(mac=None),  # no MAC
+        with_(mac="0" * 64),  # a wrong MAC
+        with_(state="offline"),  # the body changed under its MAC
+        auth.sign(leave, other.token).to_json(),  # MAC under another client's token
+        with_(client_id=other.client_id),  # this client's MAC for another's id
+        auth.sign(leave.model_copy(update={"timestamp": old}), good.token).to_json(),  # stale
+        auth.sign(leave.model_copy(update={"timestamp": ahead}), good.token).to_json(),
         with_(client_id="no-such-client"),
         with_(run_id="no-such-run"),
         with_(message_id=""),
         with_(message_id="x" * 10_000),
         with_(timestamp="yesterday"),
-        Register(run_id="no-such-run", display_name="x", reply_key="rk0").to_json(),
+        register("no-such-run", "x", "rk0")[0].to_json(),
     ]
     out = [(topology.SIGNALS_EXCHANGE, f"signal.bad{i}", b, {}) for i, b in enumerate(bodies)]
     # Huge and hostile headers on an otherwise well-formed but unauthorised message.
     big = {f"x-pad-{i}": "y" * 500 for i in range(100)}  # ~50 KB of headers
-    out.append((topology.SIGNALS_EXCHANGE, "signal.badheaders", with_(token="bad"), big))
+    out.append((topology.SIGNALS_EXCHANGE, "signal.badheaders", with_(mac="1" * 64), big))
     return out
 
 
@@ -119,12 +127,16 @@ def _chunks(
     ]
 
 
-def _meta_for(c: LightClient, blob: bytes, **kw: Any) -> UpdateMeta:
+def _hours_ago(hours: float) -> datetime:
+    return datetime.now(UTC) - timedelta(hours=hours)
+
+
+def _meta_for(c: LightClient, blob: bytes, *, token: str | None = "", **kw: Any) -> UpdateMeta:
+    """``c``'s update envelope, signed under its token (or ``token``; None: unsigned)."""
     fields: dict[str, Any] = {
         "run_id": c.run_id,
         "client_id": c.client_id,
         "round": 1,
-        "token": c.token,
         "base_model_version": 0,
         "num_samples": 10,
         "encoding": "fp32",
@@ -133,7 +145,8 @@ def _meta_for(c: LightClient, blob: bytes, **kw: Any) -> UpdateMeta:
         "blob_bytes": len(blob),
         **kw,
     }
-    return UpdateMeta(**fields)
+    meta = UpdateMeta(**fields)
+    return meta if token is None else auth.sign(meta, token or c.token or "")
 
 
 def update_corpus(h: Harness, good: LightClient, other: LightClient) -> list[list[Published]]:
@@ -275,7 +288,9 @@ def update_corpus(h: Harness, good: LightClient, other: LightClient) -> list[lis
             )
         ],
         _chunks(h, ok.meta, ok.blob, key=topology.update_routing_key(h.run_id, 7, good.client_id)),
-        _chunks(h, _meta_for(good, ok.blob, token=other.token), ok.blob),  # another's token
+        _chunks(h, _meta_for(good, ok.blob, token=other.token), ok.blob),  # another's key
+        _chunks(h, _meta_for(good, ok.blob, token=None), ok.blob),  # no MAC
+        _chunks(h, _meta_for(good, ok.blob, timestamp=_hours_ago(2)), ok.blob),  # stale
         _chunks(h, _meta_for(good, ok.blob, round=5), ok.blob),  # a round that never was
         _chunks(h, _meta_for(good, ok.blob, base_model_version=9), ok.blob),
         blob_update(nan),
@@ -305,11 +320,9 @@ def gap_update(good: LightClient) -> list[Published]:
 
 
 def command_corpus(h: Harness) -> list[Published]:
-    cmd = json.loads(
-        Command(
-            run_id=h.run_id, action=CommandAction.PAUSE, operator_token=OPERATOR_TOKEN
-        ).to_json()
-    )
+    pause = Command(run_id=h.run_id, action=CommandAction.PAUSE)
+    cmd = json.loads(auth.sign(pause, OPERATOR_TOKEN).to_json())
+    stop = Command(run_id=h.run_id, action=CommandAction.STOP_AUTORUN)
 
     def with_(**kw: Any) -> bytes:
         return json.dumps({**cmd, **kw}).encode()
@@ -323,8 +336,13 @@ def command_corpus(h: Harness) -> list[Published]:
         with_(type="signal"),
         with_(action="self_destruct"),
         json.dumps({**cmd, "x\x00": 1}).encode(),
-        with_(operator_token="guess"),
-        with_(operator_token="guess", run_id="no-such-run"),
+        with_(operator_token=OPERATOR_TOKEN),  # the old wire: the token itself
+        with_(mac=None),
+        with_(mac="0" * 64),
+        with_(action="resume"),  # the body changed under its MAC
+        with_(run_id="no-such-run"),
+        auth.sign(stop, "fedmq-dev-operator-token").to_json(),  # the old source constant
+        auth.sign(stop.model_copy(update={"timestamp": _hours_ago(2)}), OPERATOR_TOKEN).to_json(),
         with_(action="autorun", rounds=-1),
         with_(action="kick"),  # no target
         json.dumps({**cmd, "pad": "x" * (2 << 20)}).encode(),
@@ -409,16 +427,14 @@ def test_every_consumer_refuses_bad_input_and_keeps_consuming(
         updates = update_corpus(h, good, other)
         commands = command_corpus(h)
         sig_template = json.loads(
-            Signal(
-                run_id=h.run_id,
-                client_id=good.client_id or "",
-                token="bad-token-0123456789",
-                state="ready",
+            auth.sign(
+                Signal(run_id=h.run_id, client_id=good.client_id or "", state=ClientState.READY),
+                "bad-token-0123456789",
             ).to_json()
         )
         cmd_template = json.loads(
-            Command(
-                run_id=h.run_id, action=CommandAction.PAUSE, operator_token="bad-token-0123456789"
+            auth.sign(
+                Command(run_id=h.run_id, action=CommandAction.PAUSE), "bad-token-0123456789"
             ).to_json()
         )
         generated_signals = mutations(sig_template, GENERATED)
@@ -434,9 +450,7 @@ def test_every_consumer_refuses_bad_input_and_keeps_consuming(
                     ENVELOPE_HEADER: m.decode("utf-8", "replace"),
                 },
             )
-            for m in mutations(
-                json.loads(ok.meta.model_dump_json()) | {"token": "bad-token-0123456789"}, GENERATED
-            )
+            for m in mutations(json.loads(ok.meta.model_dump_json()) | {"mac": "0" * 64}, GENERATED)
         ]
 
         _publish(h, signals)

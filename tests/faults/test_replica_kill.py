@@ -18,7 +18,7 @@ import pytest
 from db import queries as q
 from db.queries import leases as lq
 from orchestrator.state import RoundPolicy
-from protocol import topology
+from protocol import auth, topology
 from protocol.messages import Command, CommandAction
 from tests.faults.invariants import Invariants
 from tests.faults.support import acked, runs, scenario, wait_acked, wait_ready
@@ -37,9 +37,7 @@ def holders(h: Harness) -> dict[str, str]:
 
 
 def autorun(h: Harness, run_id: str) -> None:
-    cmd = Command(
-        run_id=run_id, action=CommandAction.AUTORUN, rounds=1, operator_token=OPERATOR_TOKEN
-    )
+    cmd = auth.sign(Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=1), OPERATOR_TOKEN)
     h.bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
 
 

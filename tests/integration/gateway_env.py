@@ -24,7 +24,7 @@ from fedmq.wiring import orchestrator_service
 from orchestrator.gateway import GatewayConfig, create_app
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import topology
+from protocol import auth, topology
 from protocol.bus import Bus, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import Command, CommandAction
@@ -71,7 +71,7 @@ class GatewayEnv:
         return None if r is None else str(r.state)
 
     def command(self, action: CommandAction, **kw: Any) -> None:
-        cmd = Command(run_id=self.run_id, action=action, operator_token=OPERATOR, **kw)
+        cmd = auth.sign(Command(run_id=self.run_id, action=action, **kw), OPERATOR)
         self.bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
 
 

@@ -3,11 +3,13 @@
 It speaks only the wire (Bus, messages, chunking, codec), exactly as
 docs/architecture.md "Wire conventions (devices)" describes:
 
-1. register: declare a reply queue ``device.<reply_key>``, publish ``Register`` to
-   ``fedmq.signals`` / ``signal.<reply_key>``, wait for ``Registered`` on the reply queue;
+1. register: declare a reply queue ``device.<reply_key>``, publish ``Register`` (with the
+   public half of a fresh X25519 key pair) to ``fedmq.signals`` / ``signal.<reply_key>``,
+   wait for ``Registered`` on the reply queue and open its sealed token;
    then declare ``device.<client_id>`` bound to ``device.<client_id>`` and ``broadcast.<run>``
    and delete the reply queue;
-2. signal ``ready``; heartbeat every ``heartbeat_s``;
+2. signal ``ready``; heartbeat every ``heartbeat_s`` (every message signed with
+   ``protocol.auth.sign`` under the token, never carrying it);
 3. on the device queue: model chunks (headers ``x-fedmq-blob-*`` + ``x-fedmq-envelope`` =
    ``ModelMeta``) are reassembled; a ``RoundAnnouncement`` that selects this client (and
    does not list it in ``train_config["carried"]``) makes it "train" and send its update
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import chunking, topology
+from protocol import auth, chunking, sealing, topology
 from protocol.bus import Bus
 from protocol.codec import Encoding, decode, encode
 from protocol.messages import (
@@ -42,6 +44,7 @@ from protocol.messages import (
     UpdateMeta,
     parse_as,
     parse_message,
+    registered_context,
 )
 from protocol.messages import Event as EventMsg
 
@@ -126,7 +129,10 @@ class LightClient:
     def _register(self) -> None:
         reply_key = f"r{uuid.uuid4().hex[:16]}"
         reply_queue = topology.declare_device(self.bus, reply_key)
-        reg = Register(run_id=self.run_id, display_name=self.name, reply_key=reply_key)
+        private, public = sealing.new_keypair()
+        reg = Register(
+            run_id=self.run_id, display_name=self.name, reply_key=reply_key, reply_pub=public
+        )
         self.bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(reply_key), reg.to_json()
         )
@@ -137,7 +143,9 @@ class LightClient:
                 continue
             d.ack()
             msg = parse_as(d.body, Registered)
-            self.client_id, self.token = msg.client_id, msg.token
+            context = registered_context(self.run_id, reply_key, msg.client_id)
+            self.client_id = msg.client_id
+            self.token = sealing.unseal(msg.sealed_token, private, context)
             topology.declare_device(self.bus, msg.client_id, self.run_id)
             self.bus.delete_queue(reply_queue)
             self._registered.set()
@@ -146,14 +154,16 @@ class LightClient:
 
     def _signal(self, state: ClientState) -> None:
         assert self.client_id and self.token
-        sig = Signal(run_id=self.run_id, client_id=self.client_id, token=self.token, state=state)
+        sig = auth.sign(
+            Signal(run_id=self.run_id, client_id=self.client_id, state=state), self.token
+        )
         self.bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(self.client_id), sig.to_json()
         )
 
     def _heartbeat(self) -> None:
         assert self.client_id and self.token
-        hb = Heartbeat(run_id=self.run_id, client_id=self.client_id, token=self.token)
+        hb = auth.sign(Heartbeat(run_id=self.run_id, client_id=self.client_id), self.token)
         self.bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(self.client_id), hb.to_json()
         )
@@ -235,7 +245,6 @@ class LightClient:
             run_id=self.run_id,
             client_id=self.client_id,
             round=round,
-            token=meta_kw.pop("token", self.token),
             base_model_version=base_version,
             num_samples=self.num_samples,
             encoding="fp32",
@@ -244,6 +253,8 @@ class LightClient:
             blob_bytes=len(blob),
             metrics={"loss": 0.5},
         )
+        # Signed under the token (or another one a test passes, to be refused).
+        meta = auth.sign(meta, meta_kw.pop("token", self.token))
         envelope = meta.model_dump_json()
         key = topology.update_routing_key(self.run_id, round, self.client_id)
         for chunk in chunking.iter_chunks(blob, self.chunk_size):

@@ -27,7 +27,7 @@ from orchestrator.runs import create_run
 from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.state import RoundPolicy
 from orchestrator.tasks import CeleryTaskRunner, result_backend_url
-from protocol import topology
+from protocol import auth, topology
 from protocol.bus import Bus, connect
 from protocol.codec import Encoding, decode, encode
 from protocol.messages import Command, CommandAction
@@ -135,7 +135,7 @@ class Harness:
         return c.start()
 
     def command(self, action: CommandAction, **kw: Any) -> Command:
-        cmd = Command(run_id=self.run_id, action=action, operator_token=OPERATOR_TOKEN, **kw)
+        cmd = auth.sign(Command(run_id=self.run_id, action=action, **kw), OPERATOR_TOKEN)
         self.bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
         return cmd
 

@@ -34,18 +34,18 @@ from fedmq.wiring import open_bus, orchestrator_service
 from orchestrator import store
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import topology
+from protocol import auth, topology
 from protocol.bus import Bus
 from protocol.codec import Encoding, decode, encode
 from protocol.messages import (
     ClientState,
     Command,
     CommandAction,
-    Register,
     Registered,
     Signal,
     parse_as,
 )
+from tests.auth_helpers import register, token_of
 from tests.integration.lightclient import LightClient, tiny_model
 from workers.app import configure
 from workers.config import WorkerConfig
@@ -70,24 +70,26 @@ def _register(bus: Bus, run_id: str, n: int) -> list[LightClient]:
     read, so the orchestrator takes them in batches as a real fleet's would arrive."""
     devices = [LightClient(bus, run_id, f"dev-{i:03}", chunk_size=1 << 16) for i in range(n)]
     replies = []
+    keys = []
     for d in devices:
         reply_key = f"r{uuid.uuid4().hex[:16]}"
         replies.append(topology.declare_device(bus, reply_key))
-        reg = Register(run_id=run_id, display_name=d.name, reply_key=reply_key)
+        reg, private = register(run_id, d.name, reply_key)
+        keys.append(private)
         bus.publish(
             topology.SIGNALS_EXCHANGE, topology.signal_routing_key(reply_key), reg.to_json()
         )
-    for d, queue in zip(devices, replies, strict=True):
+    for d, queue, private in zip(devices, replies, keys, strict=True):
         got = _until(partial(bus.get, queue, timeout=0.5), f"{d.name} registered")
         got.ack()
         msg = parse_as(got.body, Registered)
-        d.client_id, d.token = msg.client_id, msg.token
+        d.client_id, d.token = msg.client_id, token_of(msg, private)
         bus.delete_queue(queue)
         # No device queue: the announcements and notices it would hold are not needed here
         # (the test reads the selection from the database), and 300 queues of model chunks
         # would only cost memory.
-        ready = Signal(
-            run_id=run_id, client_id=msg.client_id, token=msg.token, state=ClientState.READY
+        ready = auth.sign(
+            Signal(run_id=run_id, client_id=msg.client_id, state=ClientState.READY), d.token
         )
         key = topology.signal_routing_key(msg.client_id)
         bus.publish(topology.SIGNALS_EXCHANGE, key, ready.to_json())
@@ -133,11 +135,9 @@ def test_each_round_selects_exactly_the_cap_of_a_large_fleet(
                 return q.count_clients_by_state(s, run_id).get(RowState.READY, 0) == FLEET
 
         _until(ready, f"{FLEET} ready devices")
-        autorun = Command(
-            run_id=run_id,
-            action=CommandAction.AUTORUN,
-            rounds=ROUNDS,
-            operator_token=settings.operator_token.get_secret_value(),
+        autorun = auth.sign(
+            Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=ROUNDS),
+            settings.operator_token.get_secret_value(),  # type: ignore[union-attr]
         )
         bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, autorun.to_json())
 

@@ -31,7 +31,7 @@ from fedmq.settings import Settings
 from fedmq.simulate import SimOptions
 from fedmq.simulate import run as simulate
 from fedmq.wiring import open_bus, orchestrator_service
-from protocol import topology
+from protocol import auth, topology
 from protocol.messages import Heartbeat
 from tests.services import Services
 
@@ -85,7 +85,7 @@ def recorded(services: Services, tmp_path_factory: pytest.TempPathFactory) -> It
     with session_scope(sessions) as ses:
         intruder = q.list_clients(ses, result.run_id)[0].id
     bus = open_bus(s)
-    bad = Heartbeat(run_id=result.run_id, client_id=intruder, token="x" * 32)
+    bad = auth.sign(Heartbeat(run_id=result.run_id, client_id=intruder), "x" * 32)
     bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(intruder), bad.to_json())
     _until(lambda: _refusals(sessions, result.run_id) > 0)
     try:
@@ -213,7 +213,7 @@ def test_events_page_filters_the_log_and_lists_refusals_with_reasons(
     assert list(log["id"]) == newest
     refused = app.dataframe[1].value
     assert list(refused["kind"]) == ["auth.rejected"]
-    assert refused["reason"][0].startswith("unknown client or bad token")
+    assert refused["reason"][0].startswith("unknown client or bad MAC")
 
     app.multiselect(key="events_kinds").set_value(["round.done"]).run()
     log = app.dataframe[0].value

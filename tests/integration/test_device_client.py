@@ -26,7 +26,7 @@ from devices.local import LocalTrainer
 from devices.run import run_device
 from devices.wire import SentUpdate
 from learning.params import Arrays, to_numpy
-from protocol import chunking, signing, topology
+from protocol import auth, chunking, sealing, signing, topology
 from protocol.bus import Bus, BusConfig, BusError, ConnectionLost, InProcessBus, connect
 from protocol.codec import Encoding, apply_delta, decode, encode, spec_of
 from protocol.messages import (
@@ -42,6 +42,7 @@ from protocol.messages import (
     UpdateMeta,
     parse_as,
     parse_message,
+    registered_context,
     utcnow,
 )
 from protocol.signing import Signer, generate_key
@@ -90,10 +91,11 @@ class FakeOrchestrator:
         d.ack()
         msg = parse_message(d.body)
         if isinstance(msg, Heartbeat):
-            assert msg.token == TOKEN
+            assert auth.check(msg, auth.mac_key(TOKEN), now=time.time(), window_s=60) is None
             self.heartbeats += 1
         elif isinstance(msg, Signal):
-            assert msg.token == TOKEN and msg.client_id == CID
+            assert msg.client_id == CID
+            assert auth.check(msg, auth.mac_key(TOKEN), now=time.time(), window_s=60) is None
             self.signals.append(msg.state)
         return msg
 
@@ -111,11 +113,12 @@ class FakeOrchestrator:
             msg = self._pull(0.1)
             if isinstance(msg, Register):
                 assert msg.run_id == RUN and msg.display_name == "device-1"
+                context = registered_context(RUN, msg.reply_key, CID)
                 reply = Registered(
                     run_id=RUN,
                     client_id=CID,
                     reply_key=msg.reply_key,
-                    token=TOKEN,
+                    sealed_token=sealing.seal(TOKEN, msg.reply_pub, context),
                     signing_key=self.signer.public_key,
                 )
                 key = topology.device_routing_key(msg.reply_key)
@@ -251,7 +254,8 @@ def _start(bus: Bus) -> tuple[FederatedClient, FakeOrchestrator]:
 def _check_update(
     meta: UpdateMeta, blob: bytes, round: int, version: int, base: Arrays, expected: Arrays
 ) -> str:
-    assert (meta.run_id, meta.client_id, meta.round, meta.token) == (RUN, CID, round, TOKEN)
+    assert (meta.run_id, meta.client_id, meta.round) == (RUN, CID, round)
+    assert auth.check(meta, auth.mac_key(TOKEN), now=time.time(), window_s=600) is None
     assert meta.base_model_version == version and meta.is_delta and meta.encoding == "bf16"
     assert meta.blob_sha256 == hashlib.sha256(blob).hexdigest()
     assert meta.blob_bytes == len(blob) and meta.num_samples > 0

@@ -17,6 +17,7 @@ from db import blobstore
 from db import queries as q
 from db.models import Blob, Event, UploadChunk
 from orchestrator.state import RoundPolicy
+from protocol import topology
 from protocol.codec import Encoding, encode
 from protocol.messages import CommandAction
 from tests.integration.gateway_env import MAX_UPLOAD, OPERATOR, GatewayEnv, gateway_env
@@ -306,3 +307,44 @@ def test_errors_are_json_for_unknown_routes_and_methods(env: GatewayEnv) -> None
     _reason(env.http.put("/transmitter"), 405)
     assert env.http.get("/docs").status_code == 200
     assert "/transmitter/{name}" in env.http.get("/openapi.json").json()["paths"]
+
+
+def test_what_the_gateway_puts_on_the_bus_never_carries_a_bearer_token(env: GatewayEnv) -> None:
+    """A device's bearer token crosses only its own HTTP link: the registration, signals,
+    the update and the operator's command the gateway forwards carry MACs, and the answer
+    it got from the orchestrator carried the token sealed."""
+    watch = "gw-eavesdrop"
+    env.bus.declare(
+        topology.Topology(
+            queues=(topology.Queue(watch, dead_letter_exchange=None),),
+            bindings=(
+                topology.Binding(topology.SIGNALS_EXCHANGE, watch, "#"),
+                topology.Binding(topology.UPDATES_EXCHANGE, watch, "#"),
+                topology.Binding(topology.DEVICES_EXCHANGE, watch, "#"),
+                topology.Binding(topology.CONTROL_EXCHANGE, watch, topology.CONTROL_ROUTING_KEY),
+            ),
+        )
+    )
+    cid, auth = env.register()
+    _open_round_with(env, auth)
+    assert env.http.post("/client/signal", json={"state": "heartbeat"}, headers=auth).status_code
+    res = env.http.post(
+        f"/transmitter/{cid}",
+        params={"num_samples": 10, "round": 1},
+        content=_update(env),
+        headers=auth,
+    )
+    assert res.status_code == 202, res.text
+    env.wait(lambda: env.round_state(1) not in ("open", None), "round 1 to close")
+    captured = []
+    while (d := env.bus.get(watch, timeout=0.2)) is not None:
+        captured.append(d.body + repr(sorted(d.headers.items())).encode())
+        d.ack()
+    token = auth["Authorization"].removeprefix("Bearer ")
+    kinds = b"".join(captured)
+    for kind in (b'"type":"register"', b'"type":"registered"', b'"type":"signal"'):
+        assert kind in kinds
+    assert b"x-fedmq-envelope" in kinds and b'"type":"command"' in kinds
+    for secret in (token, OPERATOR):
+        for form in (secret, q.hash_token(secret)):
+            assert not [c for c in captured if form.encode() in c], form

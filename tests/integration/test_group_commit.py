@@ -34,19 +34,19 @@ from orchestrator.signals import Signals
 from orchestrator.state import Autorun, RoundPolicy
 from orchestrator.store import step_run
 from orchestrator.tasks import TaskRunner, TaskStatus
-from protocol import chunking, topology
+from protocol import auth, chunking, topology
 from protocol.bus import REASON_HEADER, Delivery, InProcessBus
 from protocol.codec import DecodeLimits, Encoding, encode
 from protocol.messages import (
     ClientState,
     Heartbeat,
-    Register,
     Registered,
     Signal,
     UpdateMeta,
     parse_as,
     parse_message,
 )
+from tests.auth_helpers import register, token_of
 
 pytestmark = pytest.mark.integration
 
@@ -124,8 +124,10 @@ def _register(st: Stack, n: int, reply_key: str) -> dict[str, str]:
     """Register ``n`` devices in one batch; their tokens by client id."""
     replies = topology.declare_device(st.bus, reply_key)
     key = topology.signal_routing_key(reply_key)
+    keys = []
     for i in range(n):
-        msg = Register(run_id=st.run_id, display_name=f"d{i}", reply_key=reply_key)
+        msg, private = register(st.run_id, f"d{i}", reply_key)
+        keys.append(private)
         st.bus.publish(topology.SIGNALS_EXCHANGE, key, msg.to_json())
     st.signals.handle_many(st.take(topology.SIGNALS_QUEUE, n))
     st.outbox.drain()
@@ -133,12 +135,12 @@ def _register(st: Stack, n: int, reply_key: str) -> dict[str, str]:
     for d in st.take(replies, n):
         d.ack()
         reg = parse_as(d.body, Registered)
-        tokens[reg.client_id] = reg.token
+        tokens[reg.client_id] = token_of(reg, keys)
     return tokens
 
 
 def _signal(st: Stack, cid: str, token: str, state: ClientState = ClientState.READY) -> Signal:
-    msg = Signal(run_id=st.run_id, client_id=cid, token=token, state=state)
+    msg = auth.sign(Signal(run_id=st.run_id, client_id=cid, state=state), token)
     st.bus.publish(
         topology.SIGNALS_EXCHANGE,
         topology.signal_routing_key(cid),
@@ -157,7 +159,7 @@ def test_a_signal_batch_commits_together_and_refuses_only_its_bad_messages(st: S
     st.bus.publish(
         topology.SIGNALS_EXCHANGE, topology.signal_routing_key(ids[0]), b"{not json"
     )  # refused: malformed
-    hb = Heartbeat(run_id=st.run_id, client_id=ids[1], token=tokens[ids[1]])
+    hb = auth.sign(Heartbeat(run_id=st.run_id, client_id=ids[1]), tokens[ids[1]])
     st.bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(ids[1]), hb.to_json())
     batch = st.take(topology.SIGNALS_QUEUE, 7)
     st.signals.handle_many(batch)
@@ -169,7 +171,7 @@ def test_a_signal_batch_commits_together_and_refuses_only_its_bad_messages(st: S
     reasons = sorted(str(d.headers[REASON_HEADER]) for d in st.dead())
     assert len(reasons) == 2
     assert reasons[0].startswith("malformed message")
-    assert reasons[1] == f"unknown client or bad token for {ids[4]}"
+    assert reasons[1] == f"unknown client or bad MAC for {ids[4]}"
 
     # The same signals delivered again (a crash after the commit, before the acks) change
     # nothing: each was claimed once.
@@ -191,16 +193,18 @@ def test_a_signal_batch_commits_together_and_refuses_only_its_bad_messages(st: S
 
 def _update(st: Stack, cid: str, token: str, tensors: dict[str, np.ndarray]) -> UpdateMeta:
     blob = encode(tensors, Encoding.FP32)
-    meta = UpdateMeta(
-        run_id=st.run_id,
-        client_id=cid,
-        round=1,
-        token=token,
-        base_model_version=0,
-        num_samples=10,
-        encoding="fp32",
-        blob_sha256=hashlib.sha256(blob).hexdigest(),
-        blob_bytes=len(blob),
+    meta = auth.sign(
+        UpdateMeta(
+            run_id=st.run_id,
+            client_id=cid,
+            round=1,
+            base_model_version=0,
+            num_samples=10,
+            encoding="fp32",
+            blob_sha256=hashlib.sha256(blob).hexdigest(),
+            blob_bytes=len(blob),
+        ),
+        token,
     )
     route = topology.update_routing_key(st.run_id, 1, cid)
     for chunk in chunking.iter_chunks(blob):
@@ -400,7 +404,7 @@ def test_a_signal_refused_for_its_token_is_refused_again_when_it_comes_again(st:
     good = _signal(st, cid, tokens[cid])  # in the same batch as the copy: still applied
     st.signals.handle_many(st.take(topology.SIGNALS_QUEUE, 2))
     reasons = [str(d.headers[REASON_HEADER]) for d in st.dead()]
-    assert reasons == [f"unknown client or bad token for {cid}"] * 2
+    assert reasons == [f"unknown client or bad MAC for {cid}"] * 2
     with session_scope(st.sessions) as s:
         assert not q.is_message_processed(s, bad.message_id)
         assert q.is_message_processed(s, good.message_id)

@@ -12,7 +12,7 @@ import pytest
 
 from db.models import ParticipationState
 from orchestrator.state import RoundPolicy
-from protocol import chunking, topology
+from protocol import auth, chunking, topology
 from protocol.bus import ORIGINAL_QUEUE_HEADER, REASON_HEADER
 from protocol.messages import ClientState, CommandAction, Signal
 from tests.integration.lightclient import ENVELOPE_HEADER
@@ -145,9 +145,10 @@ def test_malformed_bad_token_and_round_not_open_are_dead_lettered(h: Harness) ->
         chunk.data,
         headers=headers,
     )
-    # 2. a signal with a bad token
-    bad = Signal(
-        run_id=h.run_id, client_id=c.client_id, token="wrong-token-0123456789", state="ready"
+    # 2. a signal with a MAC under a wrong token
+    bad = auth.sign(
+        Signal(run_id=h.run_id, client_id=c.client_id, state=ClientState.READY),
+        "wrong-token-0123456789",
     )
     h.bus.publish(
         topology.SIGNALS_EXCHANGE, topology.signal_routing_key(c.client_id), bad.to_json()
@@ -167,7 +168,7 @@ def test_malformed_bad_token_and_round_not_open_are_dead_lettered(h: Harness) ->
         # "update" signal that follows it (ready → update is not a legal move).
         return all(
             want in reasons
-            for want in ("malformed update envelope", "bad token", "round 7 is not open")
+            for want in ("malformed update envelope", "bad MAC", "round 7 is not open")
         )
 
     h.wait(dead, 30, "the three kinds of dead letters")

@@ -65,6 +65,7 @@ def test_up_runs_the_whole_stack_with_a_fleet_and_ctrl_c_stops_everything(
         "FEDMQ_GATEWAY_PORT": str(gateway),
         "FEDMQ_DASHBOARD_PORT": str(dashboard),
         "FEDMQ_HEARTBEAT_INTERVAL_S": "1",
+        "FEDMQ_DATA_DIR": str(tmp_path / "state"),  # where up keeps the token it makes
     }
     logs = tmp_path / "logs"
     argv = ["up", "--logs", str(logs), "--fleet", "3", "--fleet-rounds", "2"]

@@ -133,13 +133,13 @@ def test_an_upload_the_gateway_refuses_becomes_an_update_rejected_notice() -> No
         run_id="run-1",
         client_id="c-1",
         round=1,
-        token=IDENT.token,
         base_model_version=0,
         num_samples=3,
         encoding="bf16",
         blob_sha256=hashlib.sha256(blob).hexdigest(),
         blob_bytes=len(blob),
     )
+    t.attach(IDENT)  # whose bearer token the upload goes with (the envelope has a MAC)
     t.send_update(meta, blob, 1024)
     notice = t.receive(IDENT, 0.1)
     assert notice is not None

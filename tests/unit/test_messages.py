@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol import sealing
 from protocol.codec import Encoding
 from protocol.messages import (
     MESSAGE_TYPES,
@@ -32,8 +33,10 @@ from protocol.messages import (
 )
 from protocol.messages import Encoding as MessageEncoding
 
-TOKEN = "t" * 32
 SHA = "ab" * 32
+MAC = "cd" * 32
+PUB = sealing.new_keypair()[1]
+BOX = sealing.seal("t" * 32, PUB, b"example")
 
 
 def examples() -> list[Envelope]:
@@ -44,11 +47,12 @@ def examples() -> list[Envelope]:
             display_name="phone of ana",
             reply_key="nonce123",
             device_info={"cores": 4, "os": "android"},
+            reply_pub=PUB,
         ),
-        Registered(run_id="run1", client_id="c0ffee", reply_key="nonce123", token=TOKEN),
-        Signal(run_id="run1", client_id="c0ffee", token=TOKEN, state=ClientState.READY),
-        Heartbeat(run_id="run1", client_id="c0ffee", token=TOKEN),
-        Command(run_id="run1", action=CommandAction.AUTORUN, rounds=3, operator_token=TOKEN),
+        Registered(run_id="run1", client_id="c0ffee", reply_key="nonce123", sealed_token=BOX),
+        Signal(run_id="run1", client_id="c0ffee", mac=MAC, state=ClientState.READY),
+        Heartbeat(run_id="run1", client_id="c0ffee", mac=MAC),
+        Command(run_id="run1", action=CommandAction.AUTORUN, rounds=3, mac=MAC),
         RoundAnnouncement(
             run_id="run1",
             round=2,
@@ -63,7 +67,7 @@ def examples() -> list[Envelope]:
             run_id="run1",
             client_id="c0ffee",
             round=2,
-            token=TOKEN,
+            mac=MAC,
             base_model_version=1,
             num_samples=300,
             encoding="bf16",
@@ -105,7 +109,7 @@ def test_every_message_carries_the_envelope_fields(msg: Envelope) -> None:
 
 
 def test_message_ids_are_unique_by_default() -> None:
-    ids = {Heartbeat(run_id="r", client_id="c", token=TOKEN).message_id for _ in range(100)}
+    ids = {Heartbeat(run_id="r", client_id="c").message_id for _ in range(100)}
     assert len(ids) == 100
 
 
@@ -130,7 +134,8 @@ def _signal_obj(**over: object) -> dict[str, object]:
         (json.dumps(_signal_obj(round=-1)).encode(), "round"),
         (json.dumps(_signal_obj(timestamp="2026-01-01T00:00:00")).encode(), "timezone"),
         (json.dumps(_signal_obj(extra_field=1)).encode(), "extra_field"),
-        (json.dumps(_signal_obj(token="short")).encode(), "token"),
+        (json.dumps(_signal_obj(mac="short")).encode(), "mac"),
+        (json.dumps(_signal_obj(token="t" * 32)).encode(), "token"),  # no longer on the wire
         (b"[" * 100_000 + b"]" * 100_000, "JSON"),
     ],
 )
@@ -161,7 +166,7 @@ def test_commands_need_their_arguments() -> None:
         {"action": "kick"},
     ):
         data = json.dumps(
-            {"schema_version": 1, "type": "command", "run_id": "r", "operator_token": TOKEN, **obj}
+            {"schema_version": 1, "type": "command", "run_id": "r", "mac": MAC, **obj}
         )
         with pytest.raises(MessageError, match="needs"):
             parse_message(data)
@@ -191,7 +196,7 @@ def test_arbitrary_bytes_never_escape_as_anything_but_message_error(data: bytes)
                 "run_id",
                 "client_id",
                 "round",
-                "token",
+                "mac",
                 "state",
                 "detail",
                 "timestamp",
