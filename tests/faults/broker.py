@@ -56,8 +56,10 @@ def bind(queue: str, key: str) -> Action:
     return lambda ch: ch.queue_bind(queue, topology.DEVICES_EXCHANGE, key)
 
 
-def declare(queue: str) -> Action:
-    args = {"x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE}
+def declare(queue: str, expires_s: float = topology.DEVICE_QUEUE_EXPIRES_S) -> Action:
+    """Declare ``queue`` with a device queue's arguments (the broker refuses a declaration
+    whose arguments differ from the queue's own before it looks at permissions)."""
+    args = topology.Queue(queue, expires_s=expires_s).arguments
     return lambda ch: ch.queue_declare(queue, durable=True, arguments=args)
 
 
