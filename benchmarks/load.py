@@ -23,6 +23,7 @@ be in exactly one participation row and the round must close with all of them an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -308,19 +309,52 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    """``cpu_s`` of a process and its live children (an orchestrator's ingest processes)."""
+    total = cpu_s(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_s(child)
+    return total
+
+
 def pct(values: list[float], p: float) -> float:
     return float(np.percentile(np.asarray(values), p)) * 1000  # ms
 
 
-def run(n: int, *, big: bool = False, tree: Path = ROOT, with_sweep: bool = True) -> dict[str, Any]:
+def run(
+    n: int,
+    *,
+    big: bool = False,
+    tree: Path = ROOT,
+    with_sweep: bool = True,
+    ingest_processes: int = 0,
+) -> dict[str, Any]:
     """One scenario; ``tree``: the source tree the orchestrator runs from (an older commit's
-    checkout measures the old code in the same run)."""
+    checkout measures the old code in the same run); ``ingest_processes``: the
+    orchestrator's child processes that store updates (its CPU figures include theirs)."""
     with LoadAverage() as load:
-        out = _run(n, big, tree, with_sweep)
-    return {**out, **load.summary()}
+        out = _run(n, big, tree, with_sweep, ingest_processes)
+    return {**out, **load.summary(), "ingest_processes": ingest_processes}
 
 
-def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
+def _run(
+    n: int, big: bool, tree: Path, with_sweep: bool, ingest_processes: int = 0
+) -> dict[str, Any]:
     scratch = make_scratch("fedmq_load")
     vhost, amqp, db_url = scratch.vhost, scratch.amqp_url, scratch.db_url
     procs: list[subprocess.Popen[bytes]] = []
@@ -349,7 +383,8 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
             return spawn(procs, env, *args, cwd=cwd)
 
         start(*WORKER)
-        orch = start("-m", "fedmq.cli", "orchestrator", "--no-upgrade", cwd=tree)
+        extra = ("--ingest-processes", str(ingest_processes)) if ingest_processes else ()
+        orch = start("-m", "fedmq.cli", "orchestrator", "--no-upgrade", *extra, cwd=tree)
         engine = make_engine(db_url)
         sessions = make_sessionmaker(engine)
         bus = connect(amqp)
@@ -398,7 +433,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
             replies, on_replies, batching=Batching(max_messages=256, linger_s=0), prefetch=256
         )
         t0 = time.time()
-        cpu_at_reg = cpu_s(orch.pid)
+        cpu_at_reg = tree_cpu_s(orch.pid)
         publish_all(
             bus,
             lambda i: Outgoing(topology.SIGNALS_EXCHANGE, key, regs[i].to_json()),
@@ -406,7 +441,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
         )
         all_in.wait(300)
         t_registered = time.time()
-        cpu_reg = cpu_s(orch.pid) - cpu_at_reg
+        cpu_reg = tree_cpu_s(orch.pid) - cpu_at_reg
         reader.stop()
         assert len(tokens) == n, f"{len(tokens)} of {n} registered"
 
@@ -421,7 +456,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
 
         ids = sorted(tokens)
         t1 = time.time()
-        cpu_at_ready = cpu_s(orch.pid)
+        cpu_at_ready = tree_cpu_s(orch.pid)
         sent_at = publish_all(bus, ready, ids)
         ready_count = (
             select(func.count())
@@ -435,7 +470,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
         # The phase ends when the orchestrator wrote the last one (its own timestamp, same
         # host clock), not when the 0.2 s poll above noticed: a 1 s phase would be off 20 %.
         t_ready = min(t_ready, max(seen.values()))
-        cpu_ready = cpu_s(orch.pid) - cpu_at_ready
+        cpu_ready = tree_cpu_s(orch.pid) - cpu_at_ready
 
         # 2b. One heartbeat per device, measured until the signals queue is drained. A
         # heartbeat within a quarter of the timeout of the last refresh writes nothing (the
@@ -513,7 +548,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
             return Outgoing(topology.UPDATES_EXCHANGE, route, chunk.data, headers)
 
         t2 = time.time()
-        cpu_at_updates = cpu_s(orch.pid)
+        cpu_at_updates = tree_cpu_s(orch.pid)
         update_sent = publish_all(bus, update, ids)
         counted = (
             select(func.count())
@@ -521,7 +556,7 @@ def _run(n: int, big: bool, tree: Path, with_sweep: bool) -> dict[str, Any]:
             .where(Participation.state == ParticipationState.UPDATE)
         )
         t_updates = wait(lambda: count(counted) == n, 600, "every update counted")
-        cpu_updates = cpu_s(orch.pid) - cpu_at_updates
+        cpu_updates = tree_cpu_s(orch.pid) - cpu_at_updates
 
         def round_done() -> bool:
             with session_scope(sessions) as s:
@@ -619,6 +654,12 @@ def main() -> int:
     )
     parser.add_argument("--no-sweep", action="store_true", help="skip the latency sweep")
     parser.add_argument(
+        "--ingest-processes",
+        type=int,
+        default=0,
+        help="also run both scenarios with an orchestrator of this many ingest processes",
+    )
+    parser.add_argument(
         "--name",
         default="load",
         help="the docs section and JSON file it writes (e.g. load-10k for a second fleet size)",
@@ -642,6 +683,14 @@ def main() -> int:
     big = run(args.big, big=True) if args.big else None
     if big is not None:
         r["big_updates"] = big
+    extra: list[dict[str, Any]] = []
+    if args.ingest_processes:
+        k = args.ingest_processes
+        r["with_ingest_processes"] = run(args.devices, with_sweep=False, ingest_processes=k)
+        extra.append(r["with_ingest_processes"])
+        if args.big:
+            r["big_with_ingest_processes"] = run(args.big, big=True, ingest_processes=k)
+            extra.append(r["big_with_ingest_processes"])
     r["previous"] = PREVIOUS
     if r["sweep"]:
         plot_sweep(r["sweep"], floor)
@@ -650,7 +699,7 @@ def main() -> int:
     print(machine_line(machine()))
     if not args.quick:
         publish(args.name, table, r)
-    ok = [x for x in (r, r.get("old"), big) if x is not None]
+    ok = [x for x in (r, r.get("old"), big, *extra) if x is not None]
     return 0 if all(x["lost"] == 0 and x["aggregated"] == x["devices"] for x in ok) else 1
 
 
@@ -783,7 +832,41 @@ def markdown(r: dict[str, Any]) -> str:
     big = r.get("big_updates")
     if big:
         lines += ["", *markdown_big(big, f)]
+    lines += markdown_ingest(r)
     return "\n".join(lines)
+
+
+def markdown_ingest(r: dict[str, Any]) -> list[str]:
+    """The scenarios run again with ingest processes (``--ingest-processes``)."""
+    light, big = r.get("with_ingest_processes"), r.get("big_with_ingest_processes")
+    if not light:
+        return []
+    k = light["ingest_processes"]
+    lines = [
+        "",
+        f"### With {k} ingest process{'es' if k != 1 else ''}",
+        "",
+        f"The same scenarios with `fedmq orchestrator --ingest-processes {k}`: {k} child "
+        f"process{'es' if k != 1 else ''} store the updates and the parent signals, counts and "
+        f"sends ({k + 1} processes; CPU figures are all of them together).",
+        "",
+        "| measure | one process | with ingest processes |",
+        "|---|---:|---:|",
+        f"| updates (publish → all counted) | {r['updates_per_s']:,.0f} /s | "
+        f"{light['updates_per_s']:,.0f} /s |",
+        f"| orchestrator CPU per update (ms) | {r['updates_cpu_ms']:.2f} | "
+        f"{light['updates_cpu_ms']:.2f} |",
+        f"| ready signals | {r['signals_per_s']:,.0f} /s | {light['signals_per_s']:,.0f} /s |",
+        f"| updates lost | {r['lost']} | {light['lost']} |",
+    ]
+    one_big = r.get("big_updates")
+    if big and one_big:
+        lines += [
+            f"| 1 MB updates | {one_big['mb_per_s']:.1f} MB/s | {big['mb_per_s']:.1f} MB/s |",
+            f"| 1 MB updates lost | {one_big['lost']} | {big['lost']} |",
+        ]
+    lines += ["", f"Load average (1 min) during these scenarios: {_load(light)}."]
+    return lines
 
 
 def markdown_big(r: dict[str, Any], floor: dict[str, float]) -> list[str]:

@@ -138,13 +138,24 @@ def orchestrator(
     lease_renew_s: float | None = typer.Option(
         None, help="Lease renewal period (default: FEDMQ_LEASE_RENEW_S)", min=0.05
     ),
+    ingest_processes: int | None = typer.Option(
+        None,
+        help="Child processes that store updates (default: FEDMQ_INGEST_PROCESSES)",
+        min=0,
+        max=64,
+    ),
+    ingest_only: bool = typer.Option(
+        False, help="Only store updates (what an ingest process runs)", hidden=True
+    ),
 ) -> None:
     """Run the orchestrator service (signals, updates, commands, rounds) until SIGTERM.
 
     Start several on one database and broker to share the work: each is a replica that
-    holds its fair share of the runs (docs/architecture.md, "Replicas")."""
+    holds its fair share of the runs (docs/architecture.md, "Replicas"). With ingest
+    processes, updates are stored by child processes and use more than one core."""
     import logging
 
+    from fedmq.ingest_processes import IngestProcesses
     from fedmq.wiring import orchestrator_service
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -154,6 +165,7 @@ def orchestrator(
             ("replica_id", replica_id),
             ("lease_ttl_s", lease_ttl_s),
             ("lease_renew_s", lease_renew_s),
+            ("ingest_processes", ingest_processes),
         )
         if v is not None
     }
@@ -164,7 +176,15 @@ def orchestrator(
 
         _ensure_sqlite_dir(s.database_url)
         migrations.upgrade(s.database_url)
-    orchestrator_service(s).run_forever()
+    if ingest_only or s.ingest_processes == 0 or s.embedded:
+        orchestrator_service(s, ingest_only=ingest_only).run_forever()
+        return
+    children = IngestProcesses(s.ingest_processes).start()
+    try:
+        # The children store the updates; this process signals, counts and sends.
+        orchestrator_service(s, ingest_consumers=0).run_forever()
+    finally:
+        children.stop()
 
 
 @run_app.command("create")

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     lease_renew_s: float = Field(
         1.0, gt=0, description="How often a replica renews its run leases and rebalances"
     )
+    ingest_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Child processes `fedmq orchestrator` runs to store updates (0: its own "
+        "threads do); one per spare core lets updates use more than one core",
+    )
 
     # Bounds (issue 17): registration limits, queue expiry, dead letters, retention
     register_rate_per_s: float = Field(

@@ -174,7 +174,11 @@ def operator_token(s: Settings) -> str | None:
     return tokens.configured(s) if s.embedded else tokens.require(s, "orchestrator")
 
 
-def orchestrator_service(s: Settings, bus: Bus | None = None) -> OrchestratorService:
+def orchestrator_service(s: Settings, bus: Bus | None = None, **config: Any) -> OrchestratorService:
+    """The orchestrator of settings ``s``; ``config``: ``ServiceConfig`` fields to override
+    (an ingest process's ``ingest_only``, a parent's ``ingest_consumers=0``)."""
+    import dataclasses
+
     from db.engine import make_engine, make_sessionmaker
 
     # No ping per checkout (a round trip before every transaction): the orchestrator's
@@ -185,7 +189,7 @@ def orchestrator_service(s: Settings, bus: Bus | None = None) -> OrchestratorSer
         bus or open_bus(s),
         sessions,
         task_runner(s),
-        orchestrator_config(s),
+        dataclasses.replace(orchestrator_config(s), **config),
         accounts=broker_accounts(s),
     )
 

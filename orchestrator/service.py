@@ -100,6 +100,9 @@ class ServiceConfig:
     replica_id: str | None = None
     lease_ttl_s: float = 5.0
     lease_renew_s: float = 1.0
+    # Only store updates: no signals, commands, leases, ticks, counting or outbox (a child
+    # process of an orchestrator run with ``ingest_processes``).
+    ingest_only: bool = False
     # After the broker was away: how long ticks stay held once the consumers are back, so
     # that devices (whose own reconnect backoff may be up to reconnect_backoff_max_s) come
     # back and heartbeat before a heartbeat timeout or a deadline is judged.
@@ -184,6 +187,14 @@ class OrchestratorService:
 
     def start(self) -> None:
         topology.declare(self.bus, topology.default_topology(self.config.dead_letters))
+        if self.config.ingest_only:
+            # A process that only stores updates (``fedmq orchestrator --ingest-only``, a
+            # child of one started with ingest processes): the inbox rows it writes wake
+            # the counting replica through LISTEN/NOTIFY, and the refusals it queues go out
+            # with that replica's next drain.
+            self._start_ingest()
+            log.info("orchestrator ingest process started")
+            return
         # Made (first start) or read before anything is sent: the outbox drops an item whose
         # send fails for a reason other than the bus, and a database hiccup here is one.
         self.keys.signer()
@@ -211,15 +222,7 @@ class OrchestratorService:
                     prefetch=16,
                 )
             )
-        for _ in range(self.config.ingest_consumers):
-            self._consumers.append(
-                self._consume(
-                    topology.UPDATES_QUEUE,
-                    self.ingest.handle,
-                    self.ingest.handle_many,
-                    self.config.prefetch,
-                )
-            )
+        self._start_ingest()
         self._ticker = threading.Thread(
             target=self._tick_loop, name="orchestrator-ticker", daemon=True
         )
@@ -238,6 +241,17 @@ class OrchestratorService:
                 period_s=self.config.health_period_s,
             ).start()
         log.info("orchestrator started")
+
+    def _start_ingest(self) -> None:
+        for _ in range(self.config.ingest_consumers):
+            self._consumers.append(
+                self._consume(
+                    topology.UPDATES_QUEUE,
+                    self.ingest.handle,
+                    self.ingest.handle_many,
+                    self.config.prefetch,
+                )
+            )
 
     def health(self) -> dict[str, Any]:
         """How this replica is doing: its connections (bus consumers and calls, the
@@ -326,7 +340,8 @@ class OrchestratorService:
         for t in (self._ticker, self._counter):
             if t is not None:
                 t.join(timeout=10)
-        self.leases.stop()  # handed back: the other replicas take the runs at once
+        if not self.config.ingest_only:
+            self.leases.stop()  # handed back: the other replicas take the runs at once
         log.info("orchestrator stopped")
 
     def run_forever(self) -> None:

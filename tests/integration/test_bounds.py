@@ -31,6 +31,7 @@ from orchestrator.gateway import GatewayConfig, create_app
 from orchestrator.limits import device_info_bytes
 from orchestrator.retention import Pruner, Retention
 from orchestrator.runs import create_run
+from protocol import sealing
 from protocol import topology as t
 from protocol.bus import REASON_HEADER, Batching, Bus, Delivery, Outgoing, connect
 from protocol.codec import Encoding, encode
@@ -140,15 +141,18 @@ def test_amqp_registrations_past_the_rate_and_the_cap_are_answered_with_a_reason
         replies = t.declare_reply(bus, reply_key)
         key = t.signal_routing_key(reply_key)
         # First an oversized device_info: refused (and dead-lettered) with its reason.
+        _, public = sealing.new_keypair()
         big = Register(
             run_id=run_id,
             display_name="big",
             reply_key=reply_key,
+            reply_pub=public,
             device_info={f"k{i}": "y" * 1000 for i in range(5)},
         )
         bus.publish(t.SIGNALS_EXCHANGE, key, big.to_json())
         regs = [
-            Register(run_id=run_id, display_name=f"d{i}", reply_key=reply_key) for i in range(999)
+            Register(run_id=run_id, display_name=f"d{i}", reply_key=reply_key, reply_pub=public)
+            for i in range(999)
         ]
         bus.publish_many([Outgoing(t.SIGNALS_EXCHANGE, key, r.to_json()) for r in regs])
         answers: list[Any] = []
