@@ -80,8 +80,9 @@ class _NoTasks:
         raise NotImplementedError
 
 
-def measure(n: int) -> dict[str, Any]:
-    """One measurement with the code importable now (this tree, or ``PYTHONPATH``'s)."""
+def measure(n: int, big: bool = False) -> dict[str, Any]:
+    """One measurement with the code importable now (this tree, or ``PYTHONPATH``'s);
+    ``big``: ~1 MB updates (``load.py``'s incompressible 512x640 delta), else ~1.1 KB."""
     scratch = make_scratch("fedmq_updcpu")
     engine = None
     try:
@@ -91,14 +92,16 @@ def measure(n: int) -> dict[str, Any]:
         bus = InProcessBus()
         topology.declare(bus)
         outbox = Outbox(bus, sessions, _NoTasks())
-        run_id, deliveries = _open_round(sessions, bus, outbox, n)
+        run_id, deliveries = _open_round(sessions, bus, outbox, n, big)
         ingest = Ingest(sessions, DecodeLimits(), lambda: None)
         cpu: dict[str, float] = {}
 
-        t = time.process_time()
-        for i in range(0, n, BATCH):
-            ingest.handle_many(deliveries[i : i + BATCH])
+        batch = 4 if big else BATCH
+        t, wall = time.process_time(), time.perf_counter()
+        for i in range(0, n, batch):
+            ingest.handle_many(deliveries[i : i + batch])
         cpu["store"] = time.process_time() - t
+        store_wall = time.perf_counter() - wall
 
         t = time.process_time()
         while True:
@@ -120,6 +123,7 @@ def measure(n: int) -> dict[str, Any]:
         out: dict[str, Any] = {f"{k}_ms": 1e3 * v / n for k, v in cpu.items()}
         out["total_ms"] = sum(out.values())
         out["devices"] = n
+        out["store_mb_per_s"] = sum(len(d.body) for d in deliveries) / 1e6 / store_wall
         return out
     finally:
         if engine is not None:
@@ -127,12 +131,22 @@ def measure(n: int) -> dict[str, Any]:
         drop_scratch(scratch)
 
 
+def _signed(fields: dict[str, Any], token: str) -> UpdateMeta:
+    """The update envelope as the tree being measured wants it: a MAC under the token
+    (protocol/auth.py, since issue 17), or the token itself (older trees)."""
+    if "token" in UpdateMeta.model_fields:
+        return UpdateMeta(**fields, token=token)
+    from protocol import auth
+
+    return auth.sign(UpdateMeta(**fields), token)
+
+
 def _open_round(
-    sessions: sessionmaker[Session], bus: InProcessBus, outbox: Outbox, n: int
+    sessions: sessionmaker[Session], bus: InProcessBus, outbox: Outbox, n: int, big: bool
 ) -> tuple[str, list[Delivery]]:
     """A run with ``n`` ready clients and round 1 open for all of them (its broadcast and
     the registration events already drained); each client's update as a delivery."""
-    base = load.model()
+    base = load.model(big)
     policy = RoundPolicy(min_clients=n, quorum_fraction=1.0, deadline_s=3600)
     with session_scope(sessions) as s:
         run_id = create_run(s, "updcpu", encode(base, Encoding.FP32), policy=policy)
@@ -154,17 +168,17 @@ def _open_round(
     deliveries: list[Delivery] = []
     for cid, tok in tokens.items():
         blob = load.trained(base, cid)
-        meta = UpdateMeta(
-            run_id=run_id,
-            client_id=cid,
-            round=1,
-            token=tok,
-            base_model_version=0,
-            num_samples=10,
-            encoding=Encoding.FP32,
-            blob_sha256=hashlib.sha256(blob).hexdigest(),
-            blob_bytes=len(blob),
-        )
+        fields = {
+            "run_id": run_id,
+            "client_id": cid,
+            "round": 1,
+            "base_model_version": 0,
+            "num_samples": 10,
+            "encoding": Encoding.FP32,
+            "blob_sha256": hashlib.sha256(blob).hexdigest(),
+            "blob_bytes": len(blob),
+        }
+        meta = _signed(fields, tok)
         (chunk,) = chunking.iter_chunks(blob)
         deliveries.append(
             _Stored(

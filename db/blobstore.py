@@ -81,11 +81,18 @@ def put_many(
     kind: BlobKind,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    shas: Sequence[str] | None = None,
 ) -> tuple[list[str], set[str]]:
     """``put`` for a batch of blobs in a few statements (a group commit's updates): their
-    SHA-256s in order, and the set of those stored now (not stored before, nor twice)."""
+    SHA-256s in order, and the set of those stored now (not stored before, nor twice).
+    ``shas``: the blobs' SHA-256s, when the caller has just verified them (hashing a 1 MB
+    update again cost as much as decompressing it)."""
     _check_chunk_size(chunk_size)
-    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    if shas is None:
+        shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    elif len(shas) != len(blobs):
+        raise ValueError(f"{len(shas)} digests for {len(blobs)} blobs")
+    shas = list(shas)
     unique = dict(zip(shas, blobs, strict=True))
     rows = [
         {"sha256": sha, "size": len(b), "kind": kind, "chunk_count": -(-len(b) // chunk_size)}

@@ -149,7 +149,13 @@ class Ingest:
                 ok.append(i)
             fresh = q.mark_messages_processed(s, (items[i][2].message_id for i in ok))
             ok = [i for i in ok if items[i][2].message_id in fresh]  # others: done before
-            shas, _ = blobstore.put_many(s, [items[i][1].data for i in ok], BlobKind.UPDATE)
+            # _check verified each blob against its envelope's SHA-256: not hashed again.
+            shas, _ = blobstore.put_many(
+                s,
+                [items[i][1].data for i in ok],
+                BlobKind.UPDATE,
+                shas=[items[i][2].blob_sha256 for i in ok],
+            )
             queued = oq.put_inbox(
                 s,
                 [

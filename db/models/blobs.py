@@ -37,4 +37,5 @@ class BlobChunk(Base):
         ForeignKey("blobs.sha256", ondelete="CASCADE"), primary_key=True
     )
     idx: Mapped[int] = mapped_column(primary_key=True)
+    # Postgres: STORAGE EXTERNAL (migration 0010): zstd frames gain nothing from pglz.
     data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -48,6 +48,7 @@ class UploadChunk(Base):
     run_id: Mapped[str] = mapped_column(String(64))
     round: Mapped[int]
     meta: Mapped[dict[str, Any]] = mapped_column(default=json_default)
+    # Postgres: STORAGE EXTERNAL (migration 0010): zstd frames gain nothing from pglz.
     data: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
