@@ -846,9 +846,10 @@ def markdown_ingest(r: dict[str, Any]) -> list[str]:
         "",
         f"### With {k} ingest process{'es' if k != 1 else ''}",
         "",
-        f"The same scenarios with `fedmq orchestrator --ingest-processes {k}`: {k} child "
-        f"process{'es' if k != 1 else ''} store the updates and the parent signals, counts and "
-        f"sends ({k + 1} processes; CPU figures are all of them together).",
+        f"The same scenarios with `fedmq orchestrator --ingest-processes {k}`: "
+        + (f"{k} child processes store" if k != 1 else "a child process stores")
+        + " the updates and the parent signals, counts and sends "
+        f"({k + 1} processes; CPU figures are all of them together).",
         "",
         "| measure | one process | with ingest processes |",
         "|---|---:|---:|",

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import load
+import numpy as np
 from _report import machine, machine_line, publish
 from _scratch import drop_scratch, make_scratch
 from sqlalchemy.orm import Session, sessionmaker
@@ -131,6 +131,26 @@ def measure(n: int, big: bool = False) -> dict[str, Any]:
         drop_scratch(scratch)
 
 
+def _model(big: bool) -> dict[str, np.ndarray]:
+    """``load.py``'s models (that script imports the newest wire, which older trees lack)."""
+    rng = np.random.default_rng(0)
+    if big:
+        return {"w": rng.normal(0, 0.1, (512, 640)).astype(np.float32)}
+    return {
+        "l1.weight": rng.normal(0, 0.1, (8, 8)).astype(np.float32),
+        "l1.bias": np.zeros(8, np.float32),
+        "l2.weight": rng.normal(0, 0.1, (8, 8)).astype(np.float32),
+        "l2.bias": np.zeros(8, np.float32),
+    }
+
+
+def _trained(base: dict[str, np.ndarray], cid: str) -> bytes:
+    """A device's update: the model plus its own noise, as an fp32 delta against it."""
+    g = np.random.default_rng(int(hashlib.sha256(cid.encode()).hexdigest()[:8], 16))
+    mine = {k: v + g.normal(0, 0.01, v.shape).astype(np.float32) for k, v in base.items()}
+    return encode(mine, Encoding.FP32, base=base, base_version="0")
+
+
 def _signed(fields: dict[str, Any], token: str) -> UpdateMeta:
     """The update envelope as the tree being measured wants it: a MAC under the token
     (protocol/auth.py, since issue 17), or the token itself (older trees)."""
@@ -146,7 +166,7 @@ def _open_round(
 ) -> tuple[str, list[Delivery]]:
     """A run with ``n`` ready clients and round 1 open for all of them (its broadcast and
     the registration events already drained); each client's update as a delivery."""
-    base = load.model(big)
+    base = _model(big)
     policy = RoundPolicy(min_clients=n, quorum_fraction=1.0, deadline_s=3600)
     with session_scope(sessions) as s:
         run_id = create_run(s, "updcpu", encode(base, Encoding.FP32), policy=policy)
@@ -167,7 +187,7 @@ def _open_round(
         pass
     deliveries: list[Delivery] = []
     for cid, tok in tokens.items():
-        blob = load.trained(base, cid)
+        blob = _trained(base, cid)
         fields = {
             "run_id": run_id,
             "client_id": cid,
@@ -195,10 +215,11 @@ def _open_round(
     return run_id, deliveries
 
 
-def measure_in(tree: Path, n: int) -> dict[str, Any]:
+def measure_in(tree: Path, n: int, big: bool = False) -> dict[str, Any]:
     """``measure`` with the code of ``tree``, in a subprocess."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT / "benchmarks")])}
-    script = f"import json, sys, update_cpu; print('RESULT ' + json.dumps(update_cpu.measure({n})))"
+    call = f"update_cpu.measure({n}, {big})"
+    script = f"import json, update_cpu; print('RESULT ' + json.dumps({call}))"
     out = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tree,
@@ -235,6 +256,24 @@ def markdown(r: dict[str, Any]) -> str:
     else:
         lines += ["| stage | now (ms) |", "|---|---:|"]
         lines += [f"| {k} | {now[f'{k}_ms']:.3f} |" for k in (*STAGES, "total")]
+    big, old_big = r.get("now_big"), r.get("old_big")
+    if big:
+        lines += [
+            "",
+            f"{big['devices']} updates of ~1 MB (incompressible fp32 noise on a 512x640 "
+            "tensor), stored 4 to a batch: the store stage's wall-clock rate (the database's "
+            "writes included) and CPU per update.",
+            "",
+            "| 1 MB updates | " + (f"{r['old_label']} | now |" if old_big else "now |"),
+            "|---|" + ("---:|---:|" if old_big else "---:|"),
+        ]
+        for label, key, fmt in (
+            ("store MB/s (wall clock)", "store_mb_per_s", ".1f"),
+            ("store CPU per update (ms)", "store_ms", ".2f"),
+        ):
+            cells = [format(old_big[key], fmt)] if old_big else []
+            cells.append(format(big[key], fmt))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"At {now['total_ms']:.2f} ms of CPU an update, one orchestrator thread's ceiling "
@@ -248,6 +287,7 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=3000)
     ap.add_argument("--old-tree", type=Path, help="a checkout of the old code, measured too")
     ap.add_argument("--old-label", default="old", help="what to call the old tree in tables")
+    ap.add_argument("--big", type=int, default=100, help="~1 MB updates measured too (0: no)")
     ap.add_argument("--quick", action="store_true", help="print only, write nothing")
     args = ap.parse_args()
     r: dict[str, Any] = {"machine": machine()}
@@ -255,6 +295,10 @@ def main() -> int:
         r["old"] = measure_in(args.old_tree.resolve(), args.devices)
         r["old_label"] = args.old_label
     r["now"] = measure_in(ROOT, args.devices)
+    if args.big:
+        if args.old_tree:
+            r["old_big"] = measure_in(args.old_tree.resolve(), args.big, big=True)
+        r["now_big"] = measure_in(ROOT, args.big, big=True)
     text = markdown(r)
     print(text + "\n\n" + machine_line(r["machine"]))
     if not args.quick:
