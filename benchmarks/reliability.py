@@ -74,7 +74,9 @@ SECURE_DEFAULTS: list[tuple[str, str, str]] = [
         "sealed to a one-time X25519 key (ChaCha20-Poly1305). `test_no_secret_on_the_wire.py`: "
         "154 messages over 2 rounds and a kick, no token, operator token or MAC key (on "
         "df8a2fa: each device's token in ~36 messages, the operator token in 2). Per-device "
-        "broker users: Compose and Kubernetes; `fedmq up` with `FEDMQ_BROKER_ACCOUNTS_URL`",
+        "broker users by default wherever RabbitMQ's management API answers: `fedmq up` "
+        "makes an enrollment user that may only register, and each device gets a user of "
+        "its own (`test_up.py` checks the fleet's); Compose and Kubernetes ship them",
     ),
     (
         "Registration flood over HTTP (finding 4)",

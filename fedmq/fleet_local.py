@@ -54,10 +54,21 @@ def stop_processes(handles: list[ProcessHandle], timeout: float) -> None:
             h.proc.wait()
 
 
+def device_broker_url(s: Settings) -> str:
+    """The URL devices connect with: the enrollment user's under `fedmq up` with broker
+    users (they register through it and go on as their own users), else the stack's."""
+    return s.device_broker_url.get_secret_value() if s.device_broker_url else s.broker_url
+
+
 def _env(s: Settings) -> dict[str, str]:
-    env = {**os.environ, "FEDMQ_BROKER_URL": s.broker_url, "FEDMQ_DATABASE_URL": s.database_url}
-    # Devices need no operator token; none is handed to them.
-    env.pop("FEDMQ_OPERATOR_TOKEN", None)
+    env = {
+        **os.environ,
+        "FEDMQ_BROKER_URL": device_broker_url(s),
+        "FEDMQ_DATABASE_URL": s.database_url,
+    }
+    # Devices need no operator token, nor the management API's credentials.
+    for name in ("FEDMQ_OPERATOR_TOKEN", "FEDMQ_BROKER_ACCOUNTS_URL", "FEDMQ_DEVICE_BROKER_URL"):
+        env.pop(name, None)
     return env
 
 
@@ -85,7 +96,7 @@ def device_threads(
             run_id=run_id,
             client_index=k,
             num_clients=clients,
-            broker_url=s.broker_url,
+            broker_url=device_broker_url(s),
             dataset=dataset,
             model=model,
             partition=partition,

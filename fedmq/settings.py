@@ -198,6 +198,13 @@ class Settings(BaseSettings):
             "to give every device its own broker user; unset: devices share one user"
         ),
     )
+    device_broker_url: SecretStr | None = Field(
+        None,
+        description=(
+            "The broker URL devices started here (`fedmq fleet`) connect with, e.g. the "
+            "shared enrollment user's; unset: broker_url. `fedmq up` sets it"
+        ),
+    )
 
     # REST gateway (fedmq gateway; devices with --transport http)
     gateway_host: str = Field("127.0.0.1", description="Address the REST gateway listens on")

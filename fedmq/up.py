@@ -34,7 +34,7 @@ from db import migrations
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.health import host
 from db.queries.health import HealthRow, record_health
-from fedmq import operator_token
+from fedmq import broker_users, operator_token
 from fedmq.settings import Settings
 
 
@@ -48,6 +48,7 @@ class Service:
     exits: list[float] = field(default_factory=list)  # time.monotonic() of each exit
     restart_at: float | None = None  # set while it waits to be started again
     last_rc: int | None = None
+    env: dict[str, str] = field(default_factory=dict)  # beside the stack's environment
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ def run(
     }
     opts = options or StackOptions()
     started = services(opts)
+    _with_broker_users(started, broker_users.prepare(s, console))
     board = _HealthBoard(s.database_url)
     for svc in started:
         if svc.job:
@@ -206,11 +208,27 @@ def _pid(svc: Service) -> int:
     return svc.proc.pid if svc.proc else -1
 
 
+def _with_broker_users(started: list[Service], users: broker_users.BrokerUsers | None) -> None:
+    """The orchestrator gives registering devices users of their own; the fleet's devices
+    register through the enrollment user (None: both keep the stack's user)."""
+    if users is None:
+        return
+    for svc in started:
+        if svc.name == "orchestrator":
+            svc.env["FEDMQ_BROKER_ACCOUNTS_URL"] = users.accounts_url
+        elif svc.name == "fleet":
+            svc.env["FEDMQ_DEVICE_BROKER_URL"] = users.device_broker_url
+
+
 def _spawn(svc: Service, env: dict[str, str], logs: Path) -> None:
     with (logs / f"{svc.name}.log").open("ab") as log:
         # Own process group: the terminal's Ctrl-C reaches us, and we stop children in order.
         svc.proc = subprocess.Popen(
-            svc.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            svc.argv,
+            env={**env, **svc.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 

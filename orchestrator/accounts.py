@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from protocol.permissions import Permissions, device_account
+from protocol.permissions import Permissions, device_account, enrollment
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +70,41 @@ class ManagementAccounts:
             )
 
     def provision(self, client_id: str, password: str) -> str:
-        perms: Permissions = device_account(client_id)
-        self._call("PUT", self._path("users", client_id), {"password": password, "tags": ""})
+        self._user(client_id, password, device_account(client_id))
+        return client_id
+
+    def provision_enrollment(self, user: str, password: str) -> None:
+        """Create (or reset) the shared user devices register with, and nothing more
+        (``protocol.permissions.enrollment``)."""
+        self._user(user, password, enrollment())
+
+    def _user(self, user: str, password: str, perms: Permissions) -> None:
+        self._call("PUT", self._path("users", user), {"password": password, "tags": ""})
         self._call(
             "PUT",
-            self._path("permissions", self.vhost, client_id),
+            self._path("permissions", self.vhost, user),
             {"configure": perms.configure, "write": perms.write, "read": perms.read},
         )
         for t in perms.topics:
             self._call(
                 "PUT",
-                self._path("topic-permissions", self.vhost, client_id),
+                self._path("topic-permissions", self.vhost, user),
                 {"exchange": t.exchange, "write": t.write, "read": t.read},
             )
-        return client_id
+
+    def is_administrator(self) -> bool:
+        """Whether the API answers and its user may manage users (the ``administrator``
+        tag); False when it does not answer."""
+        try:
+            r = self._client.get(self._path("whoami"))
+        except httpx.HTTPError:
+            return False
+        if r.status_code != 200:
+            return False
+        tags = r.json().get("tags", [])
+        if isinstance(tags, str):  # RabbitMQ before 3.9 answered a comma-separated string
+            tags = tags.split(",")
+        return "administrator" in tags
 
     def revoke(self, client_id: str) -> None:
         self._call("DELETE", self._path("users", client_id), ok=(404,))

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
+from fedmq.broker_users import enrollment_user
+from orchestrator.accounts import ManagementAccounts, vhost_of
 from protocol.messages import RoundState
 from tests.net import free_port
 
@@ -54,8 +57,30 @@ def _done_rounds(pg_url: str) -> list[int]:
         engine.dispose()
 
 
+def _client_ids(pg_url: str) -> list[str]:
+    engine = make_engine(pg_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as s:
+            return [c.id for run in q.list_runs(s) for c in q.list_clients(s, run.id)]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def broker_users(management_url: str, amqp_url: str, pg_url: str) -> Iterator[ManagementAccounts]:
+    """The management API; afterwards the users `fedmq up` made for this test's vhost (the
+    enrollment user, one per device) are deleted: users are the broker's, not the vhost's."""
+    api = ManagementAccounts(management_url, vhost_of(amqp_url))
+    try:
+        yield api
+    finally:
+        for user in [enrollment_user(vhost_of(amqp_url)), *_client_ids(pg_url)]:
+            api.revoke(user)
+        api.close()
+
+
 def test_up_runs_the_whole_stack_with_a_fleet_and_ctrl_c_stops_everything(
-    tmp_path: Path, amqp_url: str, pg_url: str
+    tmp_path: Path, amqp_url: str, pg_url: str, broker_users: ManagementAccounts
 ) -> None:
     gateway, dashboard = free_port(), free_port()
     env = {
@@ -84,6 +109,12 @@ def test_up_runs_the_whole_stack_with_a_fleet_and_ctrl_c_stops_everything(
         ) + fleet_log.read_text(errors="replace")
         assert "2 rounds in" in fleet_log.read_text()
         assert _done_rounds(pg_url) == [2]
+        # Per-device broker users by default (issue 17): the fleet registered through the
+        # enrollment user, and each device got a user of its own.
+        assert "get broker users of their own" in console.read_text()
+        assert broker_users.exists(enrollment_user(vhost_of(amqp_url)))
+        clients = _client_ids(pg_url)
+        assert len(clients) == 3 and all(broker_users.exists(c) for c in clients), clients
         assert _http_status(f"http://127.0.0.1:{dashboard}/", 60) == 200
         assert _http_status(f"http://127.0.0.1:{dashboard}/_stcore/health", 30) == 200
         assert _http_status(f"http://127.0.0.1:{gateway}/docs", 30) == 200
@@ -124,7 +155,7 @@ def test_up_refuses_the_embedded_defaults(tmp_path: Path) -> None:
 
 
 def test_up_restarts_a_killed_service_and_the_federation_goes_on(
-    tmp_path: Path, amqp_url: str, pg_url: str
+    tmp_path: Path, amqp_url: str, pg_url: str, broker_users: ManagementAccounts
 ) -> None:
     """Issue 17: a service that died stayed dead. SIGKILL the orchestrator mid-autorun:
     `fedmq up` starts it again, says so (console and service_health), and the fleet's
@@ -137,6 +168,7 @@ def test_up_restarts_a_killed_service_and_the_federation_goes_on(
         "FEDMQ_DATABASE_URL": pg_url,
         "FEDMQ_HEARTBEAT_INTERVAL_S": "1",
         "COLUMNS": "200",
+        "FEDMQ_DATA_DIR": str(tmp_path / "state"),
     }
     logs = tmp_path / "logs"
     argv = ["up", "--logs", str(logs), "--no-gateway", "--no-dashboard"]
