@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _models import model, trained
 from _report import machine, machine_line, publish
 from _scratch import drop_scratch, make_scratch
 from floor import measure as measure_floor
@@ -71,7 +72,6 @@ REPLY_KEY = "loadreplies"
 THREADS = 4
 # Messages per AMQP transaction from the load generator.
 PER_TX = 50
-BIG_SHAPE = (512, 640)
 # Offered signal rates of the latency sweep, as fractions of the burst's measured rate.
 SWEEP = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 IMG = ROOT / "docs" / "img" / "load_latency.png"
@@ -79,25 +79,6 @@ IMG = ROOT / "docs" / "img" / "load_latency.png"
 # The committed figures of the previous change (docs/benchmarks.md before this one), for the
 # text only: the table compares with the old code run in the same run (--old-tree).
 PREVIOUS = {"date": "2026-11-29 22:05 UTC", "messages_per_s": 28, "devices": 1000}
-
-
-def model(big: bool = False) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    if big:
-        return {"w": rng.normal(0, 0.1, BIG_SHAPE).astype(np.float32)}
-    return {
-        "l1.weight": rng.normal(0, 0.1, (8, 8)).astype(np.float32),
-        "l1.bias": np.zeros(8, np.float32),
-        "l2.weight": rng.normal(0, 0.1, (8, 8)).astype(np.float32),
-        "l2.bias": np.zeros(8, np.float32),
-    }
-
-
-def trained(base: dict[str, np.ndarray], cid: str) -> bytes:
-    """A device's update: the model plus its own noise, as an fp32 delta against it."""
-    g = np.random.default_rng(int(hashlib.sha256(cid.encode()).hexdigest()[:8], 16))
-    mine = {k: v + g.normal(0, 0.01, v.shape).astype(np.float32) for k, v in base.items()}
-    return encode(mine, Encoding.FP32, base=base, base_version="0")
 
 
 class LoadAverage:

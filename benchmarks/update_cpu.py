@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from _models import model, trained
 from _report import machine, machine_line, publish
 from _scratch import drop_scratch, make_scratch
 from sqlalchemy.orm import Session, sessionmaker
@@ -131,26 +131,6 @@ def measure(n: int, big: bool = False) -> dict[str, Any]:
         drop_scratch(scratch)
 
 
-def _model(big: bool) -> dict[str, np.ndarray]:
-    """``load.py``'s models (that script imports the newest wire, which older trees lack)."""
-    rng = np.random.default_rng(0)
-    if big:
-        return {"w": rng.normal(0, 0.1, (512, 640)).astype(np.float32)}
-    return {
-        "l1.weight": rng.normal(0, 0.1, (8, 8)).astype(np.float32),
-        "l1.bias": np.zeros(8, np.float32),
-        "l2.weight": rng.normal(0, 0.1, (8, 8)).astype(np.float32),
-        "l2.bias": np.zeros(8, np.float32),
-    }
-
-
-def _trained(base: dict[str, np.ndarray], cid: str) -> bytes:
-    """A device's update: the model plus its own noise, as an fp32 delta against it."""
-    g = np.random.default_rng(int(hashlib.sha256(cid.encode()).hexdigest()[:8], 16))
-    mine = {k: v + g.normal(0, 0.01, v.shape).astype(np.float32) for k, v in base.items()}
-    return encode(mine, Encoding.FP32, base=base, base_version="0")
-
-
 def _signed(fields: dict[str, Any], token: str) -> UpdateMeta:
     """The update envelope as the tree being measured wants it: a MAC under the token
     (protocol/auth.py, since issue 17), or the token itself (older trees)."""
@@ -166,7 +146,7 @@ def _open_round(
 ) -> tuple[str, list[Delivery]]:
     """A run with ``n`` ready clients and round 1 open for all of them (its broadcast and
     the registration events already drained); each client's update as a delivery."""
-    base = _model(big)
+    base = model(big)
     policy = RoundPolicy(min_clients=n, quorum_fraction=1.0, deadline_s=3600)
     with session_scope(sessions) as s:
         run_id = create_run(s, "updcpu", encode(base, Encoding.FP32), policy=policy)
@@ -187,7 +167,7 @@ def _open_round(
         pass
     deliveries: list[Delivery] = []
     for cid, tok in tokens.items():
-        blob = _trained(base, cid)
+        blob = trained(base, cid)
         fields = {
             "run_id": run_id,
             "client_id": cid,
