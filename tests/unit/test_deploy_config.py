@@ -234,6 +234,7 @@ def test_every_fedmq_variable_in_compose_env_example_and_images_is_a_setting() -
 # Settings compose sets per service (or leaves to the image's own default on purpose).
 PER_SERVICE = {
     "FEDMQ_BROKER_ACCOUNTS_URL",  # the orchestrator's alone
+    "FEDMQ_DEVICE_BROKER_URL",  # the fleet's alone (`fedmq up` sets it); devices here use their own
     "FEDMQ_REPLICA_ID",  # each orchestrator replica its own (default: host-pid-random)
     "FEDMQ_BROKER_URL",
     "FEDMQ_DATABASE_URL",
