@@ -3,7 +3,7 @@
 Digits, MLP 64→128→10, SGD lr 0.05 momentum 0.9, batch 32, 1 local epoch, 20 rounds,
 FedAvg, stratified 80/20 split (seed 0), test set held by the server; K ∈ {2, 5, 10}
 clients, IID and Dirichlet(0.5). Each configuration runs as a real fedmq federation
-(``fedmq.simulate``: orchestrator, Celery tasks and devices over the bus) with fp32, bf16
+(``simulation.simulate``: orchestrator, Celery tasks and devices over the bus) with fp32, bf16
 and int8 transport, and as ``learning.replica`` (one process, same seeds, split and
 partitions). Embedded mode (in-process bus, SQLite, eager tasks) by default; ``--full`` runs
 full mode (RabbitMQ, Postgres, a worker and device processes: ``federation_full.py``) and
@@ -29,10 +29,10 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish
 
-from fedmq.report import RoundRow
 from fedmq.settings import Settings
-from fedmq.simulate import SimOptions, run
 from learning.replica import ReplicaConfig, run_centralized, run_replica
+from simulation.report import RoundRow
+from simulation.simulate import SimOptions, run
 
 ENCODINGS = ("fp32", "bf16", "int8")
 PLOT = ROOT / "docs" / "img" / "federation_vs_replica.png"

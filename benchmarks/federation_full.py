@@ -33,11 +33,11 @@ from rich.console import Console
 
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
-from fedmq.report import RoundRow
 from fedmq.settings import Settings
-from fedmq.simulate import SimOptions, run
 from learning.replica import ReplicaConfig, run_replica
 from protocol.messages import RoundState
+from simulation.report import RoundRow
+from simulation.simulate import SimOptions, run
 
 PHASES = ("first_update", "last_update", "slowest_training", "aggregate", "evaluate", "reopen")
 

@@ -82,7 +82,7 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         "deadline_s": deadline,
     }
     if split:
-        from fedmq.split_sim import SplitSimOptions, run_split
+        from simulation.split_sim import SplitSimOptions, run_split
 
         console.print(f"fedmq simulate --split: {clients} devices, {rounds} rounds, {model}")
         run_split(
@@ -96,9 +96,9 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         )
         console.print(f"metrics: {out / 'split_metrics.json'}")
         return
-    from fedmq.heterogeneity import Heterogeneity
-    from fedmq.simulate import SimOptions, run
     from orchestrator.state.policy import SELECTIONS
+    from simulation.heterogeneity import Heterogeneity
+    from simulation.simulate import SimOptions, run
 
     if proximal_mu is not None and strategy.lower() != "fedprox":
         # The mu the devices train with is the strategy's: one source (fedmq/wiring.py).
@@ -154,9 +154,9 @@ def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
     deadline: float = DEADLINE,
 ) -> None:
     """Start N simulated devices as processes against the running stack (fedmq up)."""
-    from fedmq import fleet as fleet_mod
-    from fedmq.heterogeneity import Heterogeneity
-    from fedmq.simulate import SimOptions
+    from simulation import fleet as fleet_mod
+    from simulation.heterogeneity import Heterogeneity
+    from simulation.simulate import SimOptions
 
     options = SimOptions(
         dataset=dataset,

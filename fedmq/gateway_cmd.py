@@ -12,7 +12,7 @@ from fedmq import operator_token
 from fedmq.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from orchestrator.gateway import GatewayConfig
+    from gateway import GatewayConfig
 
 # Seconds open requests (device long polls) get once SIGTERM or Ctrl-C arrived.
 SHUTDOWN_S = 5
@@ -20,7 +20,7 @@ SHUTDOWN_S = 5
 
 def gateway_config(s: Settings, operator_token: str | None) -> GatewayConfig:
     from fedmq.wiring import decode_limits
-    from orchestrator.gateway import GatewayConfig
+    from gateway import GatewayConfig
 
     return GatewayConfig(
         operator_token=operator_token,
@@ -46,7 +46,7 @@ def gateway(
 
     from db.engine import make_engine, make_sessionmaker
     from fedmq.wiring import open_bus
-    from orchestrator.gateway import create_app
+    from gateway import create_app
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = get_settings()

@@ -9,7 +9,6 @@ from devices.config import TRAIN_CONFIG_KEYS
 from fedmq.settings import Settings
 from learning.strategies import strategy_from_config
 from orchestrator.accounts import BrokerAccounts
-from orchestrator.limits import RegistrationLimits
 from orchestrator.retention import Retention
 from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.tasks import (
@@ -22,6 +21,7 @@ from orchestrator.tasks import (
 from protocol.bus import Bus, BusConfig, connect
 from protocol.chunking import Reassembler
 from protocol.codec import DecodeLimits
+from protocol.limits import RegistrationLimits
 from protocol.topology import DeadLetterBounds
 from workers.config import WorkerConfig
 

@@ -12,12 +12,11 @@ import threading
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_scope
-from db.queries.keys import get_or_create_signing_key
+from db.queries.keys import KEY_NAME, get_or_create_signing_key
 from protocol.signing import Signer, encode_key, generate_key
 
 log = logging.getLogger(__name__)
 
-KEY_NAME = "orchestrator"
 ALGORITHM = "ed25519"
 
 

@@ -45,7 +45,6 @@ from orchestrator.counter import count
 from orchestrator.deadletters import DeadLetters
 from orchestrator.ingest import Ingest
 from orchestrator.keys import SigningKeys
-from orchestrator.limits import RegistrationLimits
 from orchestrator.outbox import Outbox
 from orchestrator.replicas import Leases
 from orchestrator.retention import Pruner, Retention
@@ -65,6 +64,7 @@ from protocol.bus import Batching, Bus, BusError, Consumer, Delivery
 from protocol.bus.base import run_handler
 from protocol.bus.health import LinkState, describe, summary
 from protocol.codec import DecodeLimits
+from protocol.limits import RegistrationLimits
 from protocol.messages import RoundState
 
 log = logging.getLogger(__name__)

@@ -16,19 +16,19 @@ from db.engine import session_scope
 from db.queries import orchestrator as oq
 from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.keys import SigningKeys
-from orchestrator.limits import (
-    REGISTER_REJECTED,
-    RegistrationLimits,
-    TokenBuckets,
-    cap_refusal,
-    device_info_refusal,
-)
 from orchestrator.outbox import notify_device, send_to_device
 from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
 from orchestrator.state import Event as MachineEvent
 from orchestrator.store import StepInput, StepResult, record_and_publish, step_many
 from protocol import auth, sealing
 from protocol.bus import Delivery
+from protocol.limits import (
+    REGISTER_REJECTED,
+    RegistrationLimits,
+    TokenBuckets,
+    cap_refusal,
+    device_info_refusal,
+)
 from protocol.messages import (
     ClientState,
     Event,
@@ -61,7 +61,7 @@ class Signals:
     def __post_init__(self) -> None:
         if self.keys is None:
             self.keys = SigningKeys(self.sessions)
-        # Per broker user that published the Register (orchestrator/limits.py).
+        # Per broker user that published the Register (protocol/limits.py).
         self._buckets = TokenBuckets(self.limits.rate_per_s, self.limits.burst)
         self._throttle_logged: dict[str, float] = {}
 
@@ -257,7 +257,7 @@ class Signals:
         self, s: Session, msg: Register, source: str | None, registered: dict[str, int]
     ) -> tuple[bool, str | None]:
         """Whether registration ``msg`` (of a known run) may go on: its source's rate, the
-        size of its ``device_info``, the run's cap (orchestrator/limits.py). If not, the
+        size of its ``device_info``, the run's cap (protocol/limits.py). If not, the
         device is answered (``register.rejected`` on its reply queue) and the second value
         is the message's dead-letter reason: None (acknowledged) for a rate or the cap,
         which well-formed messages meet, and whose floods must not fill ``dead-letters``.

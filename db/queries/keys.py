@@ -10,6 +10,9 @@ from sqlalchemy.orm import Session
 from db.models import SigningKey
 from db.queries._sql import insert_ignore
 
+# The row the orchestrator keeps its signing key in; the gateway reads its public half.
+KEY_NAME = "orchestrator"
+
 
 def get_or_create_signing_key(
     session: Session, name: str, algorithm: str, generate: Callable[[], tuple[bytes, bytes]]

@@ -433,7 +433,7 @@ class AmqpBus(Bus):
         self._params.connection_attempts = 1  # retries are ours (BusConfig.backoff)
         # Stamped on every publish: the broker refuses a user_id other than the connection's
         # own, so a consumer can tell which broker user sent a message (registration limits
-        # per source, orchestrator/limits.py). None under EXTERNAL (certificate) login.
+        # per source, protocol/limits.py). None under EXTERNAL (certificate) login.
         self._user_id: str | None = getattr(self._params.credentials, "username", None) or None
         self._local = threading.local()
         self._lock = threading.Lock()

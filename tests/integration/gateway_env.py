@@ -21,7 +21,7 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
-from orchestrator.gateway import GatewayConfig, create_app
+from gateway import GatewayConfig, create_app
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
 from protocol import auth, topology

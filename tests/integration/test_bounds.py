@@ -26,15 +26,15 @@ from db.models import Client, Event, OutboxItem, ProcessedMessage
 from db.queries import dashboard as dq
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
+from gateway import GatewayConfig, create_app
 from orchestrator.deadletters import DROPPED, DeadLetters
-from orchestrator.gateway import GatewayConfig, create_app
-from orchestrator.limits import device_info_bytes
 from orchestrator.retention import Pruner, Retention
 from orchestrator.runs import create_run
 from protocol import sealing
 from protocol import topology as t
 from protocol.bus import REASON_HEADER, Batching, Bus, Delivery, Outgoing, connect
 from protocol.codec import Encoding, encode
+from protocol.limits import device_info_bytes
 from protocol.messages import Event as EventMsg
 from protocol.messages import Register, Registered, parse_message
 from tests.integration.lightclient import tiny_model

@@ -24,10 +24,10 @@ from devices.client import FederatedClient
 from devices.config import DeviceConfig
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
+from gateway import GatewayConfig, create_app
 from learning.data import load_dataset, partition
 from learning.models import build_model
 from learning.params import to_numpy
-from orchestrator.gateway import GatewayConfig, create_app
 from orchestrator.runs import create_run
 from orchestrator.state import Autorun, RoundPolicy
 from orchestrator.store import step_run

@@ -28,11 +28,11 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models import ParticipationState
 from fedmq.settings import Settings
-from fedmq.simulate import SimOptions
-from fedmq.simulate import run as simulate
 from fedmq.wiring import open_bus, orchestrator_service
 from protocol import auth, topology
 from protocol.messages import Heartbeat
+from simulation.simulate import SimOptions
+from simulation.simulate import run as simulate
 from tests.services import Services
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -15,8 +15,8 @@ import pytest
 from db import queries as q
 from db.models import ClientState, ParticipationState
 from fedmq.settings import Settings
-from fedmq.simulate import SimOptions, create_sim_run
 from protocol.messages import CommandAction
+from simulation.simulate import SimOptions, create_sim_run
 from tests.integration.orchestrator_harness import ROOT, Harness, harness
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]

@@ -10,8 +10,8 @@ import pytest
 
 from db import migrations
 from db.engine import make_engine, make_sessionmaker, session_scope
-from db.queries.keys import get_public_key
-from orchestrator.keys import KEY_NAME, SigningKeys
+from db.queries.keys import KEY_NAME, get_public_key
+from orchestrator.keys import SigningKeys
 from protocol.signing import Verifier, encode_key
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from devices.config import DeviceConfig
-from fedmq.heterogeneity import Behaviour, Heterogeneity
+from simulation.heterogeneity import Behaviour, Heterogeneity
 
 
 def test_homogeneous_by_default() -> None:

@@ -1,10 +1,10 @@
-"""Registration limits' pieces (orchestrator/limits.py), without services."""
+"""Registration limits' pieces (protocol/limits.py), without services."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.limits import (
+from protocol.limits import (
     TokenBuckets,
     cap_refusal,
     device_info_bytes,

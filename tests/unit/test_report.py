@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedmq.report import RoundRow, plot_accuracy, summary_table, write_json
+from simulation.report import RoundRow, plot_accuracy, summary_table, write_json
 
 ROWS = [
     RoundRow(1, 0.5, 1.2, 3, 0.4, 1000, 2000),

@@ -14,10 +14,10 @@ from db import blobstore
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models.enums import RoundState
-from fedmq.split_sim import SplitSimOptions, build_full, model_spec, run_split
 from learning.params import load_numpy, to_numpy
 from learning.split import split_model
 from protocol.codec import decode
+from simulation.split_sim import SplitSimOptions, build_full, model_spec, run_split
 from workers.edge.bodies import body_ref
 
 

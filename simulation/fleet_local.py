@@ -12,9 +12,9 @@ from typing import Protocol
 
 from devices.config import DeviceConfig, TrainSettings
 from devices.run import run_device
-from fedmq.heterogeneity import Behaviour
 from fedmq.settings import Settings
 from fedmq.wiring import bus_config, decode_limits
+from simulation.heterogeneity import Behaviour
 
 
 class Handle(Protocol):

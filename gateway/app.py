@@ -7,11 +7,11 @@ from __future__ import annotations
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.gateway import api_v1, errors, paper
-from orchestrator.gateway.bridge import Bridge
-from orchestrator.gateway.config import GatewayConfig
-from orchestrator.gateway.ledger import Ledger
-from orchestrator.gateway.service import Gateway
+from gateway import api_v1, errors, paper
+from gateway.bridge import Bridge
+from gateway.config import GatewayConfig
+from gateway.ledger import Ledger
+from gateway.service import Gateway
 from protocol.bus import Bus
 
 DESCRIPTION = """Devices that cannot hold an AMQP connection take part in fedmq's rounds over

@@ -21,11 +21,10 @@ from db import blobstore
 from db import queries as q
 from db.engine import session_scope
 from db.models import ParticipationState, RoundState
-from db.queries.keys import get_public_key
-from orchestrator.gateway.config import GatewayConfig
-from orchestrator.gateway.errors import GatewayError
-from orchestrator.gateway.schemas import RoundInfo
-from orchestrator.keys import KEY_NAME
+from db.queries.keys import KEY_NAME, get_public_key
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.schemas import RoundInfo
 from protocol.codec import CodecError, TensorSpec, peek_header
 from protocol.signing import encode_key
 

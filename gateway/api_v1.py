@@ -8,15 +8,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from orchestrator.gateway.deps import (
+from gateway.deps import (
     BLOB_BODY,
     BLOB_RESPONSE,
     CallerDep,
     GatewayDep,
     caller_address,
 )
-from orchestrator.gateway.errors import ERROR_RESPONSES
-from orchestrator.gateway.schemas import (
+from gateway.errors import ERROR_RESPONSES
+from gateway.schemas import (
     AutorunRequest,
     Messages,
     RegisterRequest,

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from orchestrator.gateway.ledger import Caller
-from orchestrator.gateway.service import Gateway
+from gateway.ledger import Caller
+from gateway.service import Gateway
 
 bearer = HTTPBearer(
     auto_error=False,

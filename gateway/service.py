@@ -11,13 +11,13 @@ from typing import Any
 from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.gateway.bridge import Bridge
-from orchestrator.gateway.config import GatewayConfig
-from orchestrator.gateway.errors import GatewayError
-from orchestrator.gateway.ledger import Caller, ClientRef, Ledger, Model
-from orchestrator.gateway.schemas import RegisterRequest, Registration, RoundInfo, Sent
-from orchestrator.gateway.uploads import check_update, read_upload
-from orchestrator.limits import TokenBuckets, device_info_refusal, retry_after_header
+from gateway.bridge import Bridge
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.ledger import Caller, ClientRef, Ledger, Model
+from gateway.schemas import RegisterRequest, Registration, RoundInfo, Sent
+from gateway.uploads import check_update, read_upload
+from protocol.limits import TokenBuckets, device_info_refusal, retry_after_header
 from protocol.messages import CommandAction
 
 BLOB_MEDIA_TYPE = "application/octet-stream"
@@ -40,7 +40,7 @@ class Gateway:
     def register(
         self, body: RegisterRequest, run_id: str | None = None, *, source: str = "unknown"
     ) -> Registration:
-        """Limits first (orchestrator/limits.py): the caller's rate and the size of its
+        """Limits first (protocol/limits.py): the caller's rate and the size of its
         ``device_info`` are checked here, before anything reaches the bus; the run's cap
         (and the broker user's rate) by the orchestrator, whose refusal comes back as 429."""
         wait = self.buckets.take(source)

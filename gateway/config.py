@@ -27,7 +27,7 @@ class GatewayConfig:
     # Hot reads answered from memory for this long: a bearer token's client, and which model
     # version is the newest (a new version is served at most this much later).
     cache_ttl_s: float = 0.5
-    # Registration limits (orchestrator/limits.py): per caller address, a burst then a rate
+    # Registration limits (protocol/limits.py): per caller address, a burst then a rate
     # (a lab or NAT of devices registering at once fits the burst; an address cycling
     # through registrations does not); device_info at most this many bytes of JSON.
     register_rate_per_s: float = 1.0

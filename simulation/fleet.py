@@ -1,7 +1,7 @@
 """``fedmq fleet``: N simulated devices as separate processes against a running stack.
 
 Each device is ``fedmq device`` in its own process with its own partition, and may be made
-slow, flaky (a dropout probability per round) or late (``fedmq.heterogeneity``). The
+slow, flaky (a dropout probability per round) or late (``simulation.heterogeneity``). The
 orchestrator and a worker must already run (``fedmq up``, or docker compose). Without
 ``--run`` the fleet creates a run of its own; with ``--rounds`` it starts autorun once the
 devices on time are in, follows the rounds, prints the summary and stops; otherwise it runs
@@ -20,10 +20,12 @@ from rich.console import Console
 
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
-from fedmq import fleet_local
-from fedmq.fleet_local import ProcessHandle
 from fedmq.settings import Settings
-from fedmq.simulate import (
+from fedmq.wiring import open_bus
+from protocol.messages import RoundState
+from simulation import fleet_local
+from simulation.fleet_local import ProcessHandle
+from simulation.simulate import (
     SimOptions,
     create_sim_run,
     follow,
@@ -32,8 +34,6 @@ from fedmq.simulate import (
     start_autorun,
     wait_ready,
 )
-from fedmq.wiring import open_bus
-from protocol.messages import RoundState
 
 # How long devices get to leave (signal offline, delete their queue) once the fleet stops.
 STOP_DEVICES_S = 8.0

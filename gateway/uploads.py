@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
-from orchestrator.gateway.errors import GatewayError
-from orchestrator.gateway.ledger import UploadPlan
+from gateway.errors import GatewayError
+from gateway.ledger import UploadPlan
 from protocol import auth
 from protocol.codec import CodecError, DecodeLimits, decode
 from protocol.http_body import BodyRefused, read_limited

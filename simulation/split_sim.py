@@ -37,12 +37,7 @@ from db.models.enums import RoundState
 from devices.client import FederatedClient
 from devices.config import DeviceConfig, TrainSettings
 from devices.split_trainer import SplitTrainer
-from fedmq import fleet_local
-from fedmq.fleet_local import Handle
-from fedmq.report import write_json
 from fedmq.settings import Settings, get_settings
-from fedmq.simulate import SimOptions, policy_for, round_rows, start_autorun, wait_ready
-from fedmq.simulate import _settings as sim_settings
 from fedmq.wiring import (
     bus_config,
     decode_limits,
@@ -61,6 +56,11 @@ from orchestrator.runs import create_run
 from orchestrator.tasks import TaskRunner
 from protocol import codec
 from protocol.bus import Bus, connect
+from simulation import fleet_local
+from simulation.fleet_local import Handle
+from simulation.report import write_json
+from simulation.simulate import SimOptions, policy_for, round_rows, start_autorun, wait_ready
+from simulation.simulate import _settings as sim_settings
 from workers.edge.bodies import body_ref
 from workers.edge.task import run_edge_session
 

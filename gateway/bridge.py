@@ -18,10 +18,10 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from orchestrator.gateway.errors import GatewayError
-from orchestrator.limits import retry_after_header
+from gateway.errors import GatewayError
 from protocol import auth, chunking, sealing, topology
 from protocol.bus import Bus, BusError
+from protocol.limits import retry_after_header
 from protocol.messages import (
     ClientState,
     Command,

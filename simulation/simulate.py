@@ -27,10 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from db import blobstore, migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
-from fedmq import fleet_local, operator_token
-from fedmq.fleet_local import Handle
-from fedmq.heterogeneity import Heterogeneity
-from fedmq.report import RoundRow, plot_accuracy, summary_table, write_json
+from fedmq import operator_token
 from fedmq.settings import Settings
 from fedmq.wiring import open_bus, orchestrator_service, run_configs
 from learning.data import load_dataset
@@ -40,6 +37,10 @@ from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
 from protocol import auth, codec, topology
 from protocol.messages import Command, CommandAction, RoundState
+from simulation import fleet_local
+from simulation.fleet_local import Handle
+from simulation.heterogeneity import Heterogeneity
+from simulation.report import RoundRow, plot_accuracy, summary_table, write_json
 
 
 @dataclass(frozen=True)
