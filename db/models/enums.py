@@ -1,13 +1,26 @@
 """States kept in the database.
 
-Defined here for now because ``protocol`` (which will own the wire names) is still being
-written; when it lands these become re-exports of its enums. The values are the wire names
-and what is stored, so they must never be renamed without a migration.
+The client and round states are the wire's (``protocol.messages``), re-exported: one
+definition, so a stored state and a state on the wire are the same object. The others are
+the database's own. The values are what is stored, so they must never be renamed without a
+migration.
 """
 
 from __future__ import annotations
 
 import enum
+
+from protocol.messages.envelope import ClientState, RoundState
+
+__all__ = [
+    "FINISHED_ROUND",
+    "PENDING_PARTICIPATION",
+    "BlobKind",
+    "ClientState",
+    "ParticipationState",
+    "RoundState",
+    "RunStatus",
+]
 
 
 class RunStatus(enum.StrEnum):
@@ -15,25 +28,6 @@ class RunStatus(enum.StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     FINISHED = "finished"
-    FAILED = "failed"
-
-
-class ClientState(enum.StrEnum):
-    """The paper's client states, plus offline (left, kicked, or silent too long)."""
-
-    JOIN = "join"
-    READY = "ready"
-    TRAINING = "training"
-    UPDATE = "update"
-    FINISH = "finish"
-    OFFLINE = "offline"
-
-
-class RoundState(enum.StrEnum):
-    OPEN = "open"
-    AGGREGATING = "aggregating"
-    EVALUATING = "evaluating"
-    DONE = "done"
     FAILED = "failed"
 
 
