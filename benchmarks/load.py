@@ -50,7 +50,7 @@ from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models import Client, Participation, ParticipationState, ProcessedMessage
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import auth, chunking, sealing, topology
+from protocol import auth, chunking, enveloped, sealing, topology
 from protocol.bus import Batching, Bus, Delivery, Outgoing, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import (
@@ -524,7 +524,7 @@ def _run(
             )
             message_ids[cid] = meta.message_id
             (chunk,) = chunking.iter_chunks(blob)  # one chunk: the default chunk size is 4 MiB
-            headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": meta.model_dump_json()}
+            headers = enveloped.headers(chunk, meta)
             route = topology.update_routing_key(run_id, 1, cid)
             return Outgoing(topology.UPDATES_EXCHANGE, route, chunk.data, headers)
 

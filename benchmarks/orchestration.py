@@ -43,7 +43,7 @@ from orchestrator.service import OrchestratorService, ServiceConfig
 from orchestrator.state import Autorun, ClientJoined, ClientReady, RoundPolicy
 from orchestrator.store import step_run
 from orchestrator.tasks import CeleryTaskRunner, result_backend_url
-from protocol import auth, chunking, topology
+from protocol import auth, chunking, enveloped, topology
 from protocol.bus import connect
 from protocol.codec import Encoding, encode
 from protocol.messages import UpdateMeta, parse_message
@@ -149,7 +149,7 @@ def run(n_clients: int) -> dict[str, Any]:
                 meta = auth.sign(meta, tokens[cid])
                 env_json = meta.model_dump_json()
                 for chunk in chunking.iter_chunks(blob):
-                    headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": env_json}
+                    headers = enveloped.headers(chunk, env_json)
                     bus.publish(
                         topology.UPDATES_EXCHANGE,
                         topology.update_routing_key(run_id, 1, cid),

@@ -63,7 +63,7 @@ from db.models import Client, OutboxItem, Participation, ParticipationState, Rep
 from db.queries import leases as lq
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol import auth, chunking, sealing, topology
+from protocol import auth, chunking, enveloped, sealing, topology
 from protocol.bus import Batching, Bus, Delivery, Outgoing, connect
 from protocol.codec import Encoding, encode
 from protocol.messages import (
@@ -280,7 +280,7 @@ def _run(replicas: int, n_runs: int, per_run: int) -> dict[str, Any]:
             meta = auth.sign(meta, token)
             message_ids[cid] = meta.message_id
             (chunk,) = chunking.iter_chunks(blob)
-            headers = {**chunking.to_headers(chunk), "x-fedmq-envelope": meta.model_dump_json()}
+            headers = enveloped.headers(chunk, meta)
             route = topology.update_routing_key(run_id, 1, cid)
             return Outgoing(topology.UPDATES_EXCHANGE, route, chunk.data, headers)
 

@@ -47,7 +47,7 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from orchestrator.counter import count
 from orchestrator.ingest import Ingest
-from orchestrator.outbox import ENVELOPE_HEADER, Outbox
+from orchestrator.outbox import Outbox
 from orchestrator.runs import create_run
 from orchestrator.state import Autorun, ClientJoined, ClientReady, RoundPolicy
 from orchestrator.store import StepInput, step_many, step_run
@@ -184,7 +184,8 @@ def _open_round(
             _Stored(
                 bus,
                 body=chunk.data,
-                headers={**chunking.to_headers(chunk), ENVELOPE_HEADER: meta.model_dump_json()},
+                # Built by hand, not with protocol.enveloped: older trees measured here lack it.
+                headers={**chunking.to_headers(chunk), "x-fedmq-envelope": meta.model_dump_json()},
                 exchange=topology.UPDATES_EXCHANGE,
                 routing_key=topology.update_routing_key(run_id, 1, cid),
                 queue=topology.UPDATES_QUEUE,

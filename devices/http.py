@@ -26,10 +26,9 @@ from typing import Any
 
 import httpx
 
-from devices.store import ENVELOPE_HEADER
 from devices.transport import Inbound, LinkError, Transport, TrustError
 from devices.wire import Identity
-from protocol import chunking
+from protocol import chunking, enveloped
 from protocol.bus import BusConfig, BusError
 from protocol.codec import CodecError, Encoding, peek_header
 from protocol.messages import ClientState, Event, ModelMeta, UpdateMeta
@@ -265,7 +264,7 @@ class HttpTransport(Transport):
         chunk = next(
             chunking.iter_chunks(blob, max(1, len(blob)), f"model-{ident.run_id}-{version}")
         )
-        headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: meta.model_dump_json()}
+        headers = enveloped.headers(chunk, meta)
         self._inbox.append(HttpInbound(blob, headers, local=True))
         self._fetched.add((ident.run_id, version))
 

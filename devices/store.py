@@ -15,13 +15,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from learning.params import Arrays
-from protocol import chunking
+from protocol import chunking, enveloped
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, apply_delta, decode
-from protocol.messages import MessageError, ModelMeta, parse_as
+from protocol.messages import ModelMeta
 
 log = logging.getLogger(__name__)
-
-ENVELOPE_HEADER = "x-fedmq-envelope"
 
 
 class ModelError(ValueError):
@@ -60,12 +58,8 @@ class ModelStore:
 
         Raises ``ModelError`` for a chunk or blob that cannot be used."""
         try:
-            raw = headers.get(ENVELOPE_HEADER)
-            if raw is None:
-                raise ModelError(f"model chunk without {ENVELOPE_HEADER}")
-            meta = parse_as(raw, ModelMeta)
-            chunk = chunking.from_message(dict(headers), body)
-        except (MessageError, chunking.ChunkError) as e:
+            chunk, meta = enveloped.read(headers, body, ModelMeta, "model")
+        except enveloped.EnvelopeError as e:
             raise ModelError(f"bad model chunk: {e}") from e
         if meta.model_version in self.versions or self._too_old(meta.model_version):
             return None

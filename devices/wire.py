@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devices.local import LocalUpdate, finite_metrics
-from devices.store import ENVELOPE_HEADER
-from protocol import auth, chunking, sealing, topology
+from protocol import auth, chunking, enveloped, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.codec import Encoding
 from protocol.messages import (
@@ -240,5 +239,5 @@ def publish_update(bus: Bus, meta: UpdateMeta, blob: bytes, chunk_size: int) -> 
     envelope = meta.model_dump_json()
     key = topology.update_routing_key(meta.run_id, int(meta.round or 0), meta.client_id)
     for chunk in chunking.iter_chunks(blob, chunk_size):
-        headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
+        headers = enveloped.headers(chunk, envelope)
         bus.publish(topology.UPDATES_EXCHANGE, key, chunk.data, headers=headers)

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from gateway.errors import GatewayError
-from protocol import auth, chunking, sealing, topology
+from protocol import auth, chunking, enveloped, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.limits import retry_after_header
 from protocol.messages import (
@@ -40,7 +40,6 @@ from protocol.signing import SIGNATURE_HEADER, SignatureError, Verifier
 
 log = logging.getLogger(__name__)
 
-ENVELOPE_HEADER = "x-fedmq-envelope"
 MAX_MESSAGES = 32  # per answer of ``messages``
 
 
@@ -198,7 +197,7 @@ class Bridge:
 
         def send() -> None:
             for chunk in chunking.iter_chunks(blob, self.chunk_size):
-                headers = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
+                headers = enveloped.headers(chunk, envelope)
                 self.bus.publish(topology.UPDATES_EXCHANGE, key, chunk.data, headers=headers)
 
         _bus_call("update", send)

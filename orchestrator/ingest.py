@@ -27,12 +27,11 @@ from db.engine import session_scope
 from db.models import BlobKind, Client, Participation, ParticipationState, Round, RoundState
 from db.queries import orchestrator as oq
 from orchestrator.counter import notify_update, record_refused
-from orchestrator.outbox import ENVELOPE_HEADER
 from orchestrator.store import record_and_publish
-from protocol import auth, chunking, topology
+from protocol import auth, chunking, enveloped, topology
 from protocol.bus import Delivery
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, peek_header
-from protocol.messages import MessageError, UpdateMeta, parse_as
+from protocol.messages import UpdateMeta
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +179,9 @@ class Ingest:
 
     def _parse(self, d: Delivery) -> tuple[chunking.Chunk, UpdateMeta]:
         try:
-            chunk = chunking.from_message(d.headers, d.body)
-        except chunking.ChunkError as e:
-            raise Refuse(f"malformed chunk: {e}") from None
-        raw = d.headers.get(ENVELOPE_HEADER)
-        if not isinstance(raw, str | bytes):
-            raise Refuse(f"missing {ENVELOPE_HEADER} header")
-        try:
-            meta = parse_as(raw, UpdateMeta)
-        except MessageError as e:
-            raise Refuse(f"malformed update envelope: {e}") from None
+            chunk, meta = enveloped.read(d.headers, d.body, UpdateMeta, "update")
+        except enveloped.EnvelopeError as e:
+            raise Refuse(str(e)) from None
         if meta.blob_sha256 != chunk.sha256 or meta.blob_bytes != chunk.size:
             raise Refuse("the envelope's blob_sha256/blob_bytes do not match the chunk's")
         if d.routing_key != topology.update_routing_key(meta.run_id, meta.round, meta.client_id):

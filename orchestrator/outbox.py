@@ -25,15 +25,13 @@ from db.queries import orchestrator as oq
 from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.keys import SigningKeys
 from orchestrator.tasks import TaskRunner
-from protocol import chunking, signing, topology
+from protocol import chunking, enveloped, signing, topology
 from protocol.bus import Bus, BusError, Outgoing
 from protocol.codec import peek_header
 from protocol.messages import Event, ModelMeta, RoundAnnouncement
 from protocol.messages.envelope import new_message_id
 
 log = logging.getLogger(__name__)
-
-ENVELOPE_HEADER = "x-fedmq-envelope"
 
 
 def publish_item(
@@ -247,7 +245,7 @@ class Outbox:
         blob_id = f"model-{run_id}-{mv.version}"[:128]
         signer = self.keys.signer()
         for chunk in chunking.iter_chunks(blob, self.chunk_size, blob_id):
-            headers: dict[str, Any] = {**chunking.to_headers(chunk), ENVELOPE_HEADER: envelope}
+            headers = enveloped.headers(chunk, envelope)
             headers = signer.signed_headers(
                 signing.MODEL_KIND, run_id, signing.BROADCAST, chunk.data, headers
             )

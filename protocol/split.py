@@ -27,11 +27,11 @@ import numpy as np
 from pydantic import AfterValidator, Field, StringConstraints, ValidationError
 
 from protocol.codec import CodecError, DecodeLimits, Encoding, decode, encode
+from protocol.enveloped import ENVELOPE_HEADER
 from protocol.messages.envelope import Envelope, Ident, MessageId, Token
 from protocol.messages.errors import MessageError
 from protocol.topology import Queue, Topology, _word
 
-ENVELOPE_HEADER = "x-fedmq-envelope"
 DEFAULT_EXCHANGE = ""  # AMQP's default exchange: the routing key is the queue's name
 TENSOR_NAME = "t"
 MAX_ENVELOPE_BYTES = 16 * 1024

@@ -28,7 +28,7 @@ from db.models import ParticipationState
 from db.queries import orchestrator as oq
 from orchestrator.counter import count
 from orchestrator.ingest import Ingest
-from orchestrator.outbox import ENVELOPE_HEADER, Outbox
+from orchestrator.outbox import Outbox
 from orchestrator.runs import create_run
 from orchestrator.signals import Signals
 from orchestrator.state import Autorun, RoundPolicy
@@ -37,6 +37,7 @@ from orchestrator.tasks import TaskRunner, TaskStatus
 from protocol import auth, chunking, topology
 from protocol.bus import REASON_HEADER, Delivery, InProcessBus
 from protocol.codec import DecodeLimits, Encoding, encode
+from protocol.enveloped import ENVELOPE_HEADER
 from protocol.messages import (
     ClientState,
     Heartbeat,
