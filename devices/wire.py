@@ -208,11 +208,9 @@ def send_heartbeat(bus: Bus, ident: Identity) -> None:
 def attempt_for(ann: RoundAnnouncement, client_id: str) -> int | None:
     """The attempt this announcement asks ``client_id`` to train in; None when it is not
     selected, or carried (its update from an earlier attempt already counts)."""
-    carried = ann.train_config.get("carried") or []
-    if client_id not in ann.selected or (isinstance(carried, list) and client_id in carried):
+    if client_id not in ann.selected or client_id in ann.carried:
         return None
-    attempt = ann.train_config.get("attempt", 1)
-    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1
+    return ann.attempt
 
 
 def update_meta(ident: Identity, upd: LocalUpdate) -> UpdateMeta:

@@ -258,8 +258,6 @@ class Outbox:
                 mandatory=False,
             )
         train_config = dict((run.config or {}).get("train") or {})
-        train_config["attempt"] = int(p["attempt"])
-        train_config["carried"] = list(p.get("carried") or [])
         ann = RoundAnnouncement(
             run_id=run_id,
             round=int(p["round"]),
@@ -268,6 +266,8 @@ class Outbox:
             model_bytes=len(blob),
             deadline=datetime.fromtimestamp(float(p["deadline"]), UTC),
             selected=list(p["selected"]),
+            attempt=int(p["attempt"]),
+            carried=list(p.get("carried") or []),
             train_config=_scalars(train_config),
             message_id=f"round-{run_id}-{p['round']}-{p['attempt']}"[:64],
         )

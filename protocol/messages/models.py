@@ -133,6 +133,10 @@ class RoundAnnouncement(Envelope):
     model_bytes: Annotated[int, Field(ge=0)]
     deadline: datetime
     selected: list[Ident]
+    # The round's attempt (a retry reopens the round with the next one), and the selected
+    # clients whose update from an earlier attempt already counts: they need not train.
+    attempt: Annotated[int, Field(ge=1)] = 1
+    carried: list[Ident] = Field(default_factory=list)
     train_config: Detail = Field(default_factory=dict)
 
 

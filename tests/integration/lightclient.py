@@ -12,7 +12,7 @@ docs/architecture.md "Wire conventions (devices)" describes:
    ``protocol.auth.sign`` under the token, never carrying it);
 3. on the device queue: model chunks (headers ``x-fedmq-blob-*`` + ``x-fedmq-envelope`` =
    ``ModelMeta``) are reassembled; a ``RoundAnnouncement`` that selects this client (and
-   does not list it in ``train_config["carried"]``) makes it "train" and send its update
+   does not list it in ``carried``) makes it "train" and send its update
    as chunks to ``fedmq.updates`` / ``update.<run>.<round>`` with ``UpdateMeta`` in
    ``x-fedmq-envelope``; ``Event`` notices (``update.accepted``/``update.rejected``) are kept.
 
@@ -214,8 +214,8 @@ class LightClient:
 
     def _on_round(self, ann: RoundAnnouncement) -> None:
         assert self.client_id
-        attempt = int(ann.train_config.get("attempt", 1) or 1)
-        carried = ann.train_config.get("carried") or []
+        attempt = ann.attempt
+        carried = ann.carried
         if self.client_id not in ann.selected or self.client_id in carried:
             return
         if (ann.round, attempt) in self._done or self.hold_updates:

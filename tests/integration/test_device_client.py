@@ -162,7 +162,9 @@ class FakeOrchestrator:
             model_bytes=1,
             deadline=utcnow() + timedelta(seconds=deadline_s),
             selected=[CID, "c-other"],
-            train_config={"attempt": attempt, "carried": list(carried), "epochs": 1},
+            attempt=attempt,
+            carried=list(carried),
+            train_config={"epochs": 1},
         )
         key = topology.broadcast_routing_key(RUN)
         self.send(key, ann.to_json(), "round", signer=signer, run=run)

@@ -56,7 +56,8 @@ def _forged(run_id: str, selected: list[str]) -> bytes:
         model_bytes=1,
         deadline=utcnow() - timedelta(seconds=5),
         selected=selected,
-        train_config={"attempt": 1, "carried": []},
+        attempt=1,
+        carried=[],
     ).to_json()
 
 
