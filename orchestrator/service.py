@@ -54,9 +54,9 @@ from orchestrator.state import (
     AggregationSucceeded,
     EvaluationFinished,
     Federation,
+    Input,
     Tick,
 )
-from orchestrator.state import Event as MachineEvent
 from orchestrator.store import CACHE, StepInput, aggregate_task_id, evaluate_task_id, load
 from orchestrator.tasks import TaskRunner
 from protocol import topology
@@ -529,7 +529,7 @@ class OrchestratorService:
         owned = self.leases.owned()
         return [r for r in runs if r in owned]
 
-    def step(self, run_id: str, event: MachineEvent) -> None:
+    def step(self, run_id: str, event: Input) -> None:
         """Step ``event`` after counting the run's stored updates (a deadline must not close
         a round past an update that is already in)."""
         with session_scope(self.sessions) as s:
@@ -555,7 +555,7 @@ class OrchestratorService:
 
     # --- task follower ------------------------------------------------------------------
 
-    def _follow(self, run_id: str) -> list[MachineEvent]:
+    def _follow(self, run_id: str) -> list[Input]:
         with session_scope(self.sessions) as s:
             fed = load(s, run_id)
             if fed is None or fed.round is None:
@@ -570,7 +570,7 @@ class OrchestratorService:
                         return [AggregationSucceeded(r.number, mv.version)]
         return self._poll(fed)
 
-    def _poll(self, fed: Federation) -> list[MachineEvent]:
+    def _poll(self, fed: Federation) -> list[Input]:
         r = fed.round
         assert r is not None
         if r.state is RoundState.AGGREGATING:

@@ -17,8 +17,7 @@ from db.queries import orchestrator as oq
 from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.keys import SigningKeys
 from orchestrator.outbox import notify_device, send_to_device
-from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Rejected
-from orchestrator.state import Event as MachineEvent
+from orchestrator.state import ClientJoined, ClientLeft, ClientSignal, Heartbeat, Input, Rejected
 from orchestrator.store import StepInput, StepResult, record_and_publish, step_many
 from protocol import auth, sealing
 from protocol.bus import Delivery
@@ -417,7 +416,7 @@ def _authenticate(
 REJOIN = "client.rejoin"
 
 
-def _machine_event(msg: SignalMsg | HeartbeatMsg) -> MachineEvent:
+def _machine_event(msg: SignalMsg | HeartbeatMsg) -> Input:
     if isinstance(msg, HeartbeatMsg):
         return Heartbeat(msg.client_id)
     if msg.state is ClientState.OFFLINE:

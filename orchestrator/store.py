@@ -40,9 +40,9 @@ from orchestrator.projection import (
 )
 from orchestrator.state import (
     Effect,
-    Event,
     Federation,
     Ignored,
+    Input,
     Rejected,
     serde,
     step,
@@ -252,7 +252,7 @@ def load(s: Session, run_id: str) -> Federation | None:
 class StepInput:
     """One input of ``step_many``: the machine's event and what to record it under."""
 
-    event: Event
+    event: Input
     message_id: str | None = None
     correlation_id: str | None = None
     update: UpdateInfo | None = None
@@ -261,7 +261,7 @@ class StepInput:
 def step_run(
     s: Session,
     run_id: str,
-    event: Event,
+    event: Input,
     now: float,
     *,
     message_id: str | None = None,

@@ -21,7 +21,7 @@ from orchestrator.state.effects import (
     RoundRetried,
     UpdateAccepted,
 )
-from orchestrator.state.events import (
+from orchestrator.state.inputs import (
     AggregationFailed,
     AggregationSucceeded,
     Autorun,
@@ -32,8 +32,8 @@ from orchestrator.state.events import (
     ClientSignal,
     CloseRound,
     EvaluationFinished,
-    Event,
     Heartbeat,
+    Input,
     OpenRound,
     Pause,
     Resume,
@@ -66,10 +66,10 @@ __all__ = [
     "DispatchEvaluate",
     "Effect",
     "EvaluationFinished",
-    "Event",
     "Federation",
     "Heartbeat",
     "Ignored",
+    "Input",
     "OpenRound",
     "OpenedRound",
     "Pause",

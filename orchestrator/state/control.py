@@ -11,7 +11,7 @@ from orchestrator.state.effects import (
     RoundDone,
     RoundFailed,
 )
-from orchestrator.state.events import (
+from orchestrator.state.inputs import (
     AggregationFailed,
     AggregationSucceeded,
     Autorun,

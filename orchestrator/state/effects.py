@@ -13,7 +13,7 @@ from enum import Enum
 from functools import cache
 from typing import Any, ClassVar
 
-from orchestrator.state.events import Event
+from orchestrator.state.inputs import Input
 from orchestrator.state.model import Update
 from protocol.messages import ClientState
 
@@ -194,7 +194,7 @@ class Rejected(Effect):
     """Invalid in the current state; the service answers/dead-letters it with ``reason``."""
 
     kind: ClassVar[str] = "rejected"
-    event: Event
+    event: Input
     reason: str
     rejoin: bool = False  # the client was written off and may join again (see Refused)
 
@@ -204,5 +204,5 @@ class Ignored(Effect):
     """Harmless: a duplicate or a stale re-delivery. The service acknowledges it and moves on."""
 
     kind: ClassVar[str] = "ignored"
-    event: Event
+    event: Input
     reason: str

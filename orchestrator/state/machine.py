@@ -14,7 +14,7 @@ from orchestrator.state.effects import (
     Rejected,
     UpdateAccepted,
 )
-from orchestrator.state.events import (
+from orchestrator.state.inputs import (
     AggregationFailed,
     AggregationSucceeded,
     Autorun,
@@ -25,8 +25,8 @@ from orchestrator.state.events import (
     ClientSignal,
     CloseRound,
     EvaluationFinished,
-    Event,
     Heartbeat,
+    Input,
     OpenRound,
     Pause,
     Resume,
@@ -61,7 +61,7 @@ SIGNAL_RULES: Mapping[tuple[ClientState, ClientState], str] = {
 }
 
 
-def step(fed: Federation, event: Event, now: float) -> tuple[Federation, list[Effect]]:
+def step(fed: Federation, event: Input, now: float) -> tuple[Federation, list[Effect]]:
     """Apply ``event`` at time ``now`` (POSIX seconds). ``fed`` itself is never modified.
 
     A refused event returns ``fed`` unchanged with one ``Rejected`` or ``Ignored`` effect.

@@ -35,6 +35,7 @@ from protocol.bus import Bus
 from protocol.codec import Encoding, decode, encode
 from protocol.messages import (
     ClientState,
+    Event,
     Heartbeat,
     ModelMeta,
     Register,
@@ -46,7 +47,6 @@ from protocol.messages import (
     parse_message,
     registered_context,
 )
-from protocol.messages import Event as EventMsg
 
 ENVELOPE_HEADER = "x-fedmq-envelope"
 
@@ -89,7 +89,7 @@ class LightClient:
     token: str | None = None
     models: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     announcements: list[RoundAnnouncement] = field(default_factory=list)
-    notices: list[EventMsg] = field(default_factory=list)
+    notices: list[Event] = field(default_factory=list)
     sent: list[SentUpdate] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -187,7 +187,7 @@ class LightClient:
                 self._model_chunk(d.headers, d.body)
                 continue
             msg = parse_message(d.body)
-            if isinstance(msg, EventMsg):
+            if isinstance(msg, Event):
                 self.notices.append(msg)
             elif isinstance(msg, RoundAnnouncement):
                 self.announcements.append(msg)

@@ -28,9 +28,9 @@ from orchestrator.state import (
     Autorun,
     ClientJoined,
     ClientReady,
-    Event,
     Federation,
     Heartbeat,
+    Input,
     RoundPolicy,
     UpdateReceived,
     from_dict,
@@ -83,7 +83,7 @@ def test_two_processes_stepping_one_run_alternately_stay_correct(
     cids = _clients(a, run_id)
     with session_scope(a) as s:
         sha = blobstore.put(s, b"an update", BlobKind.UPDATE)
-    events: list[Event] = [ClientJoined(c) for c in cids] + [ClientReady(c) for c in cids]
+    events: list[Input] = [ClientJoined(c) for c in cids] + [ClientReady(c) for c in cids]
     events += [Autorun(1), Heartbeat(cids[0])]
     events += [UpdateReceived(c, 1, sha, 5) for c in cids]
     reference = Federation(run_id, RoundPolicy(min_clients=N))
@@ -259,7 +259,7 @@ def test_downgrading_folds_the_parts_back_into_a_whole_snapshot(db_url: str) -> 
         cids = _clients(a, run_id)
         with session_scope(a) as s:
             sha = blobstore.put(s, b"an update", BlobKind.UPDATE)
-        events: list[Event] = [ClientJoined(c) for c in cids] + [ClientReady(c) for c in cids]
+        events: list[Input] = [ClientJoined(c) for c in cids] + [ClientReady(c) for c in cids]
         events += [Autorun(1), UpdateReceived(cids[0], 1, sha, 5)]
         for event in events:
             with session_scope(a) as s:

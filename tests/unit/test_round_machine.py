@@ -25,10 +25,10 @@ from orchestrator.state import (
     DispatchEvaluate,
     Effect,
     EvaluationFinished,
-    Event,
     Federation,
     Heartbeat,
     Ignored,
+    Input,
     OpenedRound,
     OpenRound,
     Pause,
@@ -51,8 +51,7 @@ from orchestrator.state import (
     step,
     to_dict,
 )
-from protocol.messages import ClientState, CommandAction, RoundState
-from protocol.messages import Event as WireEvent
+from protocol.messages import ClientState, CommandAction, Event, RoundState
 
 T0 = 1_000_000.0
 POLICY = RoundPolicy(
@@ -73,7 +72,7 @@ class Sim:
         self.now = T0
         self.log: list[Effect] = []
 
-    def __call__(self, *events: Event) -> list[Effect]:
+    def __call__(self, *events: Input) -> list[Effect]:
         out: list[Effect] = []
         for event in events:
             self.fed, effects = step(self.fed, event, self.now)
@@ -182,12 +181,12 @@ def half_reported() -> Sim:
     return sim
 
 
-def _then(sim: Sim, *events: Event) -> Sim:
+def _then(sim: Sim, *events: Input) -> Sim:
     sim(*events)
     return sim
 
 
-def _updates(number: int, *ids: str) -> list[Event]:
+def _updates(number: int, *ids: str) -> list[Input]:
     return [UpdateReceived(c, number, f"{c}@{number}", 10) for c in ids]
 
 
@@ -195,7 +194,7 @@ def _updates(number: int, *ids: str) -> list[Event]:
 class Row:
     name: str
     given: Callable[[], Sim]
-    when: Event
+    when: Input
     then: tuple[type, ...]
     reason: str = ""
 
@@ -717,7 +716,7 @@ def test_every_effect_is_recordable_as_a_wire_event() -> None:
     kinds = {e.kind for e in sim.log}
     assert {"round.opened", "task.aggregate", "round.done", "rejected", "client.state"} <= kinds
     for effect in sim.log:
-        WireEvent(run_id="run-1", kind=effect.kind, detail=effect.detail())
+        Event(run_id="run-1", kind=effect.kind, detail=effect.detail())
 
 
 def test_every_command_action_maps_to_an_event() -> None:

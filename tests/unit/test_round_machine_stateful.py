@@ -20,10 +20,10 @@ from orchestrator.state import (
     CloseRound,
     DispatchAggregate,
     EvaluationFinished,
-    Event,
     Federation,
     Heartbeat,
     Ignored,
+    Input,
     OpenedRound,
     OpenRound,
     Pause,
@@ -81,7 +81,7 @@ class RoundMachine(RuleBasedStateMachine):
         # The test's own record of what the machine accepted, to catch a lost update.
         self.accepted: dict[int, list[Update]] = {}
         self.dispatched: dict[int, tuple[Update, ...]] = {}
-        self.delivered: list[Event] = []
+        self.delivered: list[Input] = []
         self.failed: set[int] = set()
 
     @initialize(
@@ -102,7 +102,7 @@ class RoundMachine(RuleBasedStateMachine):
 
     # --- feeding events ---------------------------------------------------------------------
 
-    def apply(self, event: Event) -> None:
+    def apply(self, event: Input) -> None:
         before = self.fed
         snapshot = to_dict(before)
         after, effects = step(before, event, self.now)
@@ -140,7 +140,7 @@ class RoundMachine(RuleBasedStateMachine):
     # --- clients ----------------------------------------------------------------------------
 
     @rule(event=client_events)
-    def client_event(self, event: Event) -> None:
+    def client_event(self, event: Input) -> None:
         self.apply(event)
 
     @rule(c=client_ids)
@@ -148,7 +148,7 @@ class RoundMachine(RuleBasedStateMachine):
         self.apply(ClientJoined(c))
         self.apply(ClientReady(c))
 
-    def send(self, event: Event) -> None:
+    def send(self, event: Input) -> None:
         self.delivered.append(event)
         self.apply(event)
 
@@ -194,7 +194,7 @@ class RoundMachine(RuleBasedStateMachine):
             ]
         )
     )
-    def command(self, command: Event) -> None:
+    def command(self, command: Input) -> None:
         self.apply(command)
 
     # --- task outcomes ----------------------------------------------------------------------

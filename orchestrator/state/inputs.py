@@ -118,7 +118,7 @@ class EvaluationFinished:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
-Event = (
+Input = (
     ClientJoined
     | ClientReady
     | ClientSignal
@@ -141,8 +141,8 @@ Event = (
 
 def command_event(
     action: CommandAction, rounds: int | None = None, target_client: str | None = None
-) -> Event:
-    """The event for an operator ``Command`` (its arguments were validated on the wire)."""
+) -> Input:
+    """The machine input for an operator ``Command`` (its arguments were validated on the wire)."""
     match action:
         case CommandAction.AUTORUN:
             if rounds is None:
