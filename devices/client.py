@@ -285,7 +285,7 @@ class FederatedClient:
 
     def _registered_as(self, ident: Identity) -> None:
         key = ident.signing_key or self.pinned_key
-        assert key is not None, "a registration always pins a key (wire.registered_key)"
+        assert key is not None, "a registration always pins a key (protocol.registration)"
         self.pinned_key, self._verifier = key, Verifier(key)
         self.ident = ident
         self.trainer.bind_identity(ident.client_id, ident.token)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devices.local import LocalUpdate, finite_metrics
-from protocol import auth, chunking, enveloped, sealing, topology
+from protocol import auth, chunking, enveloped, registration, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.codec import Encoding
 from protocol.messages import (
@@ -27,18 +27,13 @@ from protocol.messages import (
     Heartbeat,
     MessageError,
     Register,
-    Registered,
     RoundAnnouncement,
     Signal,
     UpdateMeta,
     parse_message,
-    registered_context,
 )
-from protocol.signing import SignatureError, Verifier
 
 log = logging.getLogger(__name__)
-
-REGISTER_REJECTED = "register.rejected"
 
 
 class RegistrationRefused(BusError):
@@ -93,7 +88,7 @@ def register(
     ``TimeoutError`` after ``timeout_s`` without an answer.
 
     The reply must be signed by the key it names, and that key must be ``expected_key``
-    when the device already pinned one (``registered_key``); a reply that is not is
+    when the device already pinned one (``protocol.registration``); a reply that is not is
     logged and ignored, and the wait goes on for the real one."""
     reply_key = f"r{uuid.uuid4().hex[:16]}"
     # The token comes back sealed to this key pair's public half: the answer crosses a bus
@@ -124,69 +119,32 @@ def register(
                 msg = parse_message(d.body)
             except MessageError:
                 continue  # not for us to act on; the next message may be the answer
-            if (
-                isinstance(msg, Event)
-                and msg.kind == REGISTER_REJECTED
-                and msg.correlation_id == reg.message_id
-            ):
-                if expected_key is not None:
-                    # A forged refusal would only make the device wait; with a pinned key
-                    # it is not even that.
-                    try:
-                        Verifier(expected_key).verify(
-                            msg.type, run_id, reply_key, d.body, d.headers
-                        )
-                    except SignatureError as e:
-                        log.warning("dropped a registration refusal: %s", e)
-                        continue
-                retry = msg.detail.get("retry_after_s")
+            got = registration.answer(
+                msg,
+                d.body,
+                d.headers,
+                run_id=run_id,
+                reply_key=reply_key,
+                register_id=reg.message_id,
+                private_key=private,
+                expected_key=expected_key,
+            )
+            if isinstance(got, Event):
+                retry = got.detail.get("retry_after_s")
                 raise RegistrationRefused(
-                    str(msg.detail.get("reason")),
+                    str(got.detail.get("reason")),
                     float(retry) if isinstance(retry, int | float) else None,
                 )
-            if not isinstance(msg, Registered) or msg.reply_key != reply_key:
-                continue
-            try:
-                key = registered_key(msg, run_id, d.body, d.headers, expected_key)
-            except SignatureError as e:
-                log.warning("dropped a registration reply: %s", e)
-                continue
-            context = registered_context(run_id, reply_key, msg.client_id)
-            try:
-                token = sealing.unseal(msg.sealed_token, private, context)
-            except sealing.SealError:
-                continue  # not sealed to us: someone else's, or forged
-            return Identity(run_id, msg.client_id, token, msg.broker_user, key)
+            if got is not None:
+                reply = got.registered
+                return Identity(
+                    run_id, reply.client_id, got.token, reply.broker_user, got.signing_key
+                )
         return None
     finally:
         # A leftover reply queue is harmless; the next attempt uses a new key.
         with contextlib.suppress(BusError):
             bus.delete_queue(reply_queue)
-
-
-def registered_key(
-    msg: Registered,
-    run_id: str,
-    body: bytes,
-    headers: dict[str, Any] | None,
-    expected_key: str | None,
-) -> str:
-    """The orchestrator key a ``Registered`` reply (``body`` as received) gives the device:
-    its ``signing_key``, if the reply is signed by it for ``run_id`` and its reply key and is
-    ``expected_key`` (when one is pinned). ``SignatureError`` otherwise.
-
-    Without a pinned key this is trust on first use: a reply forged by someone who saw the
-    ``Register`` and answered first would be believed. ``DeviceConfig.orchestrator_key``
-    pins the key beforehand and closes that (docs/architecture.md, "Signed control plane")."""
-    if msg.signing_key is None:
-        raise SignatureError("the registration reply names no orchestrator signing key")
-    if expected_key is not None and msg.signing_key != expected_key:
-        raise SignatureError(
-            f"the registration reply names orchestrator key {msg.signing_key}, not the pinned "
-            f"{expected_key}; not accepting a new key"
-        )
-    Verifier(msg.signing_key).verify(msg.type, run_id, msg.reply_key, body, headers)
-    return msg.signing_key
 
 
 def send_signal(bus: Bus, ident: Identity, state: ClientState) -> None:

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from gateway.errors import GatewayError
-from protocol import auth, chunking, enveloped, sealing, topology
+from protocol import auth, chunking, enveloped, registration, sealing, topology
 from protocol.bus import Bus, BusError
 from protocol.limits import retry_after_header
 from protocol.messages import (
@@ -30,13 +30,11 @@ from protocol.messages import (
     Heartbeat,
     MessageError,
     Register,
-    Registered,
     Signal,
     UpdateMeta,
     parse_message,
-    registered_context,
 )
-from protocol.signing import SIGNATURE_HEADER, SignatureError, Verifier
+from protocol.signing import SIGNATURE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -113,34 +111,21 @@ class Bridge:
                     msg = parse_message(d.body)
                 except MessageError:
                     continue
-                if isinstance(msg, Event) and msg.correlation_id == reg.message_id:
-                    if signing_key is not None:
-                        try:
-                            Verifier(signing_key).verify(
-                                msg.type, run_id, reply_key, d.body, d.headers
-                            )
-                        except SignatureError as e:
-                            log.warning("dropped a registration refusal for %s: %s", run_id, e)
-                            continue
-                    raise _refusal(msg)
-                if not isinstance(msg, Registered) or msg.reply_key != reply_key:
-                    continue
-                pinned = signing_key or msg.signing_key
-                try:
-                    if pinned is None or msg.signing_key != pinned:
-                        raise SignatureError("the reply names another orchestrator key")
-                    Verifier(pinned).verify(msg.type, run_id, reply_key, d.body, d.headers)
-                except SignatureError as e:
-                    log.warning("dropped a registration reply for %s: %s", run_id, e)
-                    continue
-                context = registered_context(run_id, reply_key, msg.client_id)
-                try:
-                    token = sealing.unseal(msg.sealed_token, private, context)
-                except sealing.SealError as e:
-                    log.warning("a registration answer that does not open: %s", e)
-                    continue
-                self.attach(run_id, msg.client_id)
-                return msg.client_id, token, pinned
+                got = registration.answer(
+                    msg,
+                    d.body,
+                    d.headers,
+                    run_id=run_id,
+                    reply_key=reply_key,
+                    register_id=reg.message_id,
+                    private_key=private,
+                    expected_key=signing_key,
+                )
+                if isinstance(got, Event):
+                    raise _refusal(got)
+                if got is not None:
+                    self.attach(run_id, got.registered.client_id)
+                    return got.registered.client_id, got.token, got.signing_key
             raise GatewayError(
                 504,
                 f"the orchestrator did not answer the registration within "
