@@ -35,7 +35,6 @@ PASSWORD_FILE = "broker-enrollment"
 class BrokerUsers:
     accounts_url: str  # the management API, with a user that may manage users
     device_broker_url: str  # the enrollment user's AMQP URL
-    enrollment_user: str
 
 
 def management_url(broker_url: str, port: int = MANAGEMENT_PORT) -> str:
@@ -83,4 +82,4 @@ def prepare(s: Settings, console: Console) -> BrokerUsers | None:
         f"devices register as {user!r} and get broker users of their own "
         f"(password in {(s.data_dir / PASSWORD_FILE).resolve()}, mode 0600)"
     )
-    return BrokerUsers(url, with_credentials(s.broker_url, user, password), user)
+    return BrokerUsers(url, with_credentials(s.broker_url, user, password))

@@ -40,7 +40,6 @@ class _Child:
     started: float = 0.0
     delay: float = RESTART_S
     restart_at: float | None = None
-    restarts: int = 0
 
 
 @dataclass
@@ -73,9 +72,6 @@ class IngestProcesses:
         self._thread.start()
         return self
 
-    def pids(self) -> list[int]:
-        return [c.proc.pid for c in self._children if c.proc is not None]
-
     def _spawn(self, child: _Child) -> None:
         env = {**os.environ, **(self.env or {}), "FEDMQ_INGEST_PROCESSES": "0"}
         child.proc = subprocess.Popen(self.argv, env=env)
@@ -89,7 +85,6 @@ class IngestProcesses:
                 if child.restart_at is not None:
                     if now >= child.restart_at and not self._stop.is_set():
                         child.restart_at = None
-                        child.restarts += 1
                         self._spawn(child)
                     continue
                 if child.proc is None or child.proc.poll() is None:
