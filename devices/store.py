@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from learning.params import Arrays
 from protocol import chunking, enveloped
-from protocol.codec import CodecError, DecodeLimits, TensorSpec, apply_delta, decode
+from protocol.codec import CodecError, DecodedBlob, DecodeLimits, TensorSpec, apply_delta, decode
 from protocol.messages import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,50 @@ log = logging.getLogger(__name__)
 
 class ModelError(ValueError):
     """A model blob that cannot be used (bad chunk, hash, size, codec or spec)."""
+
+
+class DecodedCache:
+    """The newest decoded model blobs of this process, by SHA-256, limits and spec.
+
+    An embedded fleet runs K devices in one process, and every one of them is sent the
+    same global model each round: decoding it K times was a tenth of the devices' CPU at
+    K = 100. The blob's hash is checked by each device before it asks, so a hit is the
+    decode of exactly these bytes under exactly these checks. The arrays are made
+    read-only: devices share them, and each copies what it loads into its own model.
+    A device alone in its process holds what it would hold anyway (``size`` covers the
+    versions a store keeps)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[Any, ...], DecodedBlob] = OrderedDict()
+
+    def decode(
+        self,
+        blob: bytes,
+        sha256: str,
+        limits: DecodeLimits,
+        expected: Mapping[str, TensorSpec] | None,
+    ) -> DecodedBlob:
+        spec = None if expected is None else tuple(sorted(expected.items()))
+        key = (sha256, limits, spec)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        decoded = decode(blob, limits=limits, expected=expected)
+        for array in decoded.tensors.values():
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
+        with self._lock:
+            self._items[key] = decoded
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return decoded
+
+
+DECODED = DecodedCache()
 
 
 class ModelStore:
@@ -83,7 +131,7 @@ class ModelStore:
         if len(blob) != meta.blob_bytes or hashlib.sha256(blob).hexdigest() != meta.blob_sha256:
             raise ModelError(f"model {v}: blob does not match its ModelMeta (size or sha256)")
         try:
-            decoded = decode(blob, limits=self.limits, expected=self.expected)
+            decoded = DECODED.decode(blob, meta.blob_sha256, self.limits, self.expected)
             if decoded.delta:  # a version sent as a delta against one the device holds
                 base = self.versions.get(int(decoded.base_version or -1))
                 if base is None:
