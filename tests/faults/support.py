@@ -18,7 +18,7 @@ from protocol import auth, chunking, topology
 from protocol.codec import Encoding, encode
 from protocol.messages import UpdateMeta
 from tests.integration.lightclient import ENVELOPE_HEADER, LightClient
-from tests.integration.orchestrator_harness import Harness
+from tests.integration.orchestrator_harness import RunView
 
 RUNS_ENV = "FEDMQ_FAULT_RUNS"
 REPORT_ENV = "FEDMQ_FAULT_REPORT"  # a JSON-lines file each scenario appends its tally to
@@ -69,7 +69,7 @@ def acked(clients: list[LightClient]) -> list[str]:
     ]
 
 
-def wait_acked(h: Harness, clients: list[LightClient], n: int, timeout: float = 20) -> None:
+def wait_acked(h: RunView, clients: list[LightClient], n: int, timeout: float = 20) -> None:
     """The notices trail the commit a little (outbox -> device queue -> device thread)."""
     h.wait(lambda: len(set(acked(clients))) >= n, timeout, f"{n} update.accepted notices")
 
@@ -82,7 +82,7 @@ class RawUpdate:
     blob: bytes
     chunks: list[chunking.Chunk]
 
-    def publish(self, h: Harness, first: int = 0, last: int | None = None) -> int:
+    def publish(self, h: RunView, first: int = 0, last: int | None = None) -> int:
         """Publish chunks ``[first, last)``; returns how many went out."""
         envelope = self.meta.model_dump_json()
         key = topology.update_routing_key(self.meta.run_id, self.meta.round, self.meta.client_id)
@@ -129,7 +129,7 @@ def make_update(
     return RawUpdate(meta, blob, chunking.split(blob, chunk_size))
 
 
-def wait_ready(h: Harness, clients: list[LightClient], timeout: float = 40) -> None:
+def wait_ready(h: RunView, clients: list[LightClient], timeout: float = 40) -> None:
     want = {c.client_id for c in clients}
     h.wait(
         lambda: all(h.client_state(cid or "") == "ready" for cid in want),
@@ -138,7 +138,7 @@ def wait_ready(h: Harness, clients: list[LightClient], timeout: float = 40) -> N
     )
 
 
-def wait_models(h: Harness, clients: list[LightClient], version: int, timeout: float = 30) -> None:
+def wait_models(h: RunView, clients: list[LightClient], version: int, timeout: float = 30) -> None:
     h.wait(
         lambda: all(version in c.models for c in clients), timeout, f"model v{version} everywhere"
     )

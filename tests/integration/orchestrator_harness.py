@@ -95,15 +95,15 @@ class Procs:
 
 
 @dataclass
-class Harness:
-    amqp_url: str
-    db_url: str
-    procs: Procs
+class RunView:
+    """One run seen from outside the orchestrator: light clients and operator commands on
+    the bus, and what the database says. Whatever runs the orchestrator (this file's
+    ``Harness``, the scenario stacks in tests/scenarios/stack.py) builds on it."""
+
     bus: Bus
     sessions: sessionmaker[Session]
     run_id: str = ""
     base: dict[str, np.ndarray] = field(default_factory=dict)
-    service: OrchestratorService | None = None
     clients: list[LightClient] = field(default_factory=list)
 
     def create_run(self, policy: RoundPolicy, name: str = "test") -> str:
@@ -114,20 +114,9 @@ class Harness:
             )
         return self.run_id
 
-    def start_service(self, accounts: BrokerAccounts | None = None) -> OrchestratorService:
-        tasks = CeleryTaskRunner(self.amqp_url, result_backend_url(self.db_url))
-        # dead-letters left unread: tests read what was dead-lettered from it.
-        config = ServiceConfig(
-            operator_token=OPERATOR_TOKEN,
-            tick_s=0.3,
-            task_timeout_s=60,
-            consume_dead_letters=False,
-        )
-        self.service = OrchestratorService(
-            self.bus, self.sessions, tasks, config, accounts=accounts
-        )
-        self.service.start()
-        return self.service
+    def diagnostics(self) -> str:
+        """What a timed-out wait prints after the clients' errors (process logs)."""
+        return ""
 
     def client(self, name: str, **kw: Any) -> LightClient:
         c = LightClient(self.bus, self.run_id, name, **kw)
@@ -201,7 +190,7 @@ class Harness:
                 return
             time.sleep(0.2)
         errors = {c.name: c.errors for c in self.clients if c.errors}
-        pytest.fail(f"timed out waiting for {what}; client errors {errors}\n{self.procs.output()}")
+        pytest.fail(f"timed out waiting for {what}; client errors {errors}\n{self.diagnostics()}")
 
     def wait_round_state(self, number: int, states: set[str], timeout: float = 40) -> Round:
         self.wait(
@@ -212,6 +201,35 @@ class Harness:
         r = self.round(number)
         assert r is not None
         return r
+
+
+@dataclass(kw_only=True)
+class Harness(RunView):
+    """A run on real RabbitMQ and Postgres, with subprocesses (a worker, orchestrators) or
+    an orchestrator in this process (``start_service``)."""
+
+    amqp_url: str
+    db_url: str
+    procs: Procs
+    service: OrchestratorService | None = None
+
+    def start_service(self, accounts: BrokerAccounts | None = None) -> OrchestratorService:
+        tasks = CeleryTaskRunner(self.amqp_url, result_backend_url(self.db_url))
+        # dead-letters left unread: tests read what was dead-lettered from it.
+        config = ServiceConfig(
+            operator_token=OPERATOR_TOKEN,
+            tick_s=0.3,
+            task_timeout_s=60,
+            consume_dead_letters=False,
+        )
+        self.service = OrchestratorService(
+            self.bus, self.sessions, tasks, config, accounts=accounts
+        )
+        self.service.start()
+        return self.service
+
+    def diagnostics(self) -> str:
+        return self.procs.output()
 
 
 def fedavg(base: dict[str, np.ndarray], updates: list[tuple[dict[str, np.ndarray], int]]) -> dict:
@@ -242,7 +260,9 @@ def harness(
     engine = make_engine(pg_url)
     bus = connect(amqp_url)
     topology.declare(bus)
-    h = Harness(amqp_url, pg_url, procs, bus, make_sessionmaker(engine))
+    h = Harness(
+        bus=bus, sessions=make_sessionmaker(engine), amqp_url=amqp_url, db_url=pg_url, procs=procs
+    )
     if worker:
         procs.worker()
     try:
