@@ -79,7 +79,8 @@ def test_fedmq_up_runs_a_split_run_with_device_processes_and_records_accuracy(
             (run,) = q.list_runs(s)
             assert is_split(run.config)
             rounds = q.list_rounds(s, run.id)
-            assert [(r.number, r.state) for r in rounds] == [(1, RoundState.DONE), (2, RoundState.DONE)]
+            done = RoundState.DONE
+            assert [(r.number, r.state) for r in rounds] == [(1, done), (2, done)]
             for r in rounds:
                 # Recorded by the evaluate task, on the composed model (chance is 0.1).
                 assert 0.3 < r.metrics["accuracy"] <= 1.0, r.metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import migrations
 from db import queries as q
@@ -81,7 +82,7 @@ def test_the_split_flag_survives_the_snapshot() -> None:
     assert from_dict(old).split is False
 
 
-def _split_run(sqlite_url: str) -> tuple[object, str]:
+def _split_run(sqlite_url: str) -> tuple[sessionmaker[Session], str]:
     migrations.upgrade(sqlite_url)
     sessions = make_sessionmaker(make_engine(sqlite_url))
     blob = encode({"w": np.zeros((2, 2), np.float32)}, Encoding.FP32)
@@ -106,7 +107,7 @@ def _split_run(sqlite_url: str) -> tuple[object, str]:
 
 def test_the_outbox_row_holds_the_sessions_whole_spec(sqlite_url: str) -> None:
     sessions, run_id = _split_run(sqlite_url)
-    with session_scope(sessions) as s:  # type: ignore[arg-type]
+    with session_scope(sessions) as s:
         items = [row.payload for row in oq.pending_outbox(s) if row.kind == "task"]
     assert len(items) == 1
     item = items[0]
@@ -125,13 +126,13 @@ def test_the_outbox_row_holds_the_sessions_whole_spec(sqlite_url: str) -> None:
 def test_a_session_is_claimed_once_and_not_after_its_attempt(sqlite_url: str) -> None:
     sessions, run_id = _split_run(sqlite_url)
     sid = round_session_id(run_id, 1, 1)
-    assert rounds.claim(sessions, run_id, 1, 1, sid) is None  # type: ignore[arg-type]
-    again = rounds.claim(sessions, run_id, 1, 1, sid)  # type: ignore[arg-type]
+    assert rounds.claim(sessions, run_id, 1, 1, sid) is None
+    again = rounds.claim(sessions, run_id, 1, 1, sid)
     assert again is not None and "started already" in again
-    assert rounds.attempt_open(sessions, run_id, 1, 1)  # type: ignore[arg-type]
-    later = rounds.claim(sessions, run_id, 1, 2, round_session_id(run_id, 1, 2))  # type: ignore[arg-type]
+    assert rounds.attempt_open(sessions, run_id, 1, 1)
+    later = rounds.claim(sessions, run_id, 1, 2, round_session_id(run_id, 1, 2))
     assert later is not None and "is over" in later
-    assert not rounds.attempt_open(sessions, run_id, 1, 2)  # type: ignore[arg-type]
+    assert not rounds.attempt_open(sessions, run_id, 1, 2)
 
 
 def test_a_run_is_split_only_with_a_model_spec() -> None:

@@ -16,8 +16,8 @@ from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models.enums import RoundState
 from learning.params import load_numpy, to_numpy
 from learning.split import split_model
-from protocol.codec import decode
 from learning.split.spec import build_full, model_spec
+from protocol.codec import decode
 from simulation.split_sim import SplitSimOptions, run_split
 from workers.edge.bodies import body_ref
 
