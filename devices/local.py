@@ -197,7 +197,11 @@ class LocalTrainer:
         model_version: int,
         round_number: int,
         settings: TrainSettings,
+        *,
+        attempt: int = 1,
     ) -> LocalUpdate:
+        """Train and encode the update; ``attempt``: the round attempt it is for (a split
+        trainer's edge session is the attempt's)."""
         started = time.perf_counter()
         trained, metrics = self.train(global_weights, round_number, settings)
         blob, sent = self.encode_delta(delta(trained, global_weights), model_version)

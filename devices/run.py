@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from devices.client import FederatedClient, RoundCallback
 from devices.config import DeviceConfig
+from devices.local import LocalTrainer
 from devices.transport import BusTransport, Transport
 from protocol.bus import Bus, connect
 
@@ -29,9 +30,11 @@ def run_device(
     stop_event: threading.Event | None = None,
     on_round: RoundCallback | None = None,
     compute: threading.Semaphore | None = None,
+    trainer: LocalTrainer | None = None,
 ) -> FederatedClient:
     """Run one device until stopped; returns the client (its ``sent``, ``errors`` ...).
-    Devices run as threads of one process share ``compute`` (see ``TrainingSlot``)."""
+    Devices run as threads of one process share ``compute`` (see ``TrainingSlot``);
+    ``trainer``: one other than the config's (a split device's ``SplitTrainer``)."""
     if config.torch_threads is not None:
         import torch
 
@@ -53,7 +56,7 @@ def run_device(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         raise
-    client = FederatedClient(config, transport, on_round=on_round, compute=compute)
+    client = FederatedClient(config, transport, trainer=trainer, on_round=on_round, compute=compute)
     try:
         client.run(stop)
     except KeyboardInterrupt:

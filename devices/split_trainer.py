@@ -4,8 +4,9 @@ The run's global model is the device-side part of a split model (head + tail par
 a normal codec blob), so the orchestrator and the aggregate task treat it like any model.
 Each round the device loads the global head and tail, trains them with
 ``learning.split.train_split`` against the round's edge session (``round_session_id``:
-run id + round, known from the announcement) over the device's own bus link, and returns a
-normal ``LocalUpdate``: the delta of head + tail, encoded as ``LocalTrainer`` encodes it.
+run id, round and attempt, known from the announcement) over the device's own bus link, and
+returns a normal ``LocalUpdate``: the delta of head + tail, encoded as ``LocalTrainer``
+encodes it.
 The body never reaches the device; the edge keeps it (``workers.edge.bodies``).
 
 The link is a bus connection of the trainer's own: the client's loop owns its bus, and
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from devices.config import DeviceConfig, TrainSettings
-from devices.local import LocalTrainer
+from devices.local import LocalTrainer, LocalUpdate
 from devices.split import BusEdge
 from learning.params import Arrays, load_numpy, to_numpy
 from learning.replica import client_seed
@@ -59,6 +60,7 @@ class SplitTrainer(LocalTrainer):
         # The registered identity; until then (a trainer used alone) "c<index>" and no token.
         self.client_id: str | None = None
         self.token: str | None = None
+        self._attempt = 1  # of the round being trained (``step``)
 
     def bind_identity(self, client_id: str, token: str) -> None:
         self.client_id, self.token = client_id, token
@@ -71,6 +73,18 @@ class SplitTrainer(LocalTrainer):
         base = LocalTrainer.from_config(config)
         return cls(base, config.run_id, bus, link_encoding=link, pipeline=pipeline)
 
+    def step(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        model_version: int,
+        round_number: int,
+        settings: TrainSettings,
+        *,
+        attempt: int = 1,
+    ) -> LocalUpdate:
+        self._attempt = attempt  # names the attempt's edge session in ``train``
+        return super().step(global_weights, model_version, round_number, settings, attempt=attempt)
+
     def warm_up(self, batch: int = 8) -> float:
         return 0.0  # a split step needs the edge; there is none before a round
 
@@ -82,11 +96,14 @@ class SplitTrainer(LocalTrainer):
         load_numpy(self.model, {**current, **global_weights})
         if self._bus is None:
             self._bus = self._connect()
-        session = round_session_id(self.run_id, round_number)
+        session = round_session_id(self.run_id, round_number, self._attempt)
         client = self.client_id or f"c{self.client_index}"
         with BusEdge(
             self._bus, session, client, run_id=self.run_id, token=self.token,
             encoding=self.link_encoding, timeout_s=self.timeout_s,
+            # The session starts when the attempt opens, on a worker that may first have
+            # to load torch and build the body: its queue may come a while after the model.
+            connect_timeout_s=self.timeout_s,
         ) as link:  # fmt: skip
             result = train_split(
                 self.split,

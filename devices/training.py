@@ -39,6 +39,8 @@ class Trainer(Protocol):
         model_version: int,
         round_number: int,
         settings: TrainSettings,
+        *,
+        attempt: int = 1,
     ) -> LocalUpdate: ...
 
 
@@ -103,7 +105,8 @@ class TrainingSlot:
         while time.monotonic() < end and not self.stopping():
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
         settings = self.config.train.with_overrides(ann.train_config)
+        args = (job.weights, ann.model_version, ann.round, settings)
         if self.compute is None:
-            return self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+            return self.trainer.step(*args, attempt=job.attempt)
         with self.compute:  # after the simulated slowness: a slow device holds no slot
-            return self.trainer.step(job.weights, ann.model_version, ann.round, settings)
+            return self.trainer.step(*args, attempt=job.attempt)

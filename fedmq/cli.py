@@ -232,6 +232,54 @@ def run_create(
     print(rid)
 
 
+@run_app.command("create-split")
+def run_create_split(
+    name: str = typer.Option(..., help="Unique run name"),
+    dataset: str = typer.Option("digits", help="The dataset the devices train on"),
+    model: str = typer.Option("mlp", help="mlp, cnn or vit_tiny: cut into head, body, tail"),
+    seed: int = typer.Option(0, help="Seed every side builds the model with"),
+    policy: str = typer.Option("{}", help="RoundPolicy fields as JSON"),
+    train: str = typer.Option("{}", help="Train config sent to devices, as JSON"),
+    edge: str = typer.Option(
+        "{}", help='Edge session settings as JSON, e.g. {"wait_bound_s": 0.002, "overlap": true}'
+    ),
+) -> None:
+    """Create a split (SplitFed) run; prints the run id. Its devices run `fedmq device
+    --split`, an edge worker (`fedmq worker --queues edge`, or `fedmq up --split`) trains
+    the body, one session per round attempt started by the orchestrator."""
+    import json
+
+    from db import migrations
+    from db.engine import make_engine, session_scope
+    from fedmq.wiring import run_configs
+    from orchestrator.state import RoundPolicy
+    from simulation.split_run import create_split_run
+
+    strategy_config, train_config = run_configs({"name": "fedavg"}, json.loads(train))
+    try:
+        round_policy = RoundPolicy.from_dict(json.loads(policy))
+    except (ValueError, TypeError) as e:
+        raise typer.BadParameter(str(e), param_hint="--policy") from e
+    s = get_settings()
+    _ensure_sqlite_dir(s.database_url)
+    migrations.upgrade(s.database_url)
+    engine = make_engine(s.database_url)
+    with session_scope(engine) as session:
+        rid = create_split_run(
+            session,
+            name,
+            dataset=dataset,
+            model=model,
+            seed=seed,
+            policy=round_policy,
+            strategy=strategy_config,
+            train=train_config,
+            edge=json.loads(edge),
+        )
+    engine.dispose()
+    print(rid)
+
+
 def _send_command(run: str, action: str, **kw: object) -> None:
     from fedmq.wiring import open_bus
     from protocol import auth, topology
@@ -316,12 +364,17 @@ def up(
     dashboard: bool = typer.Option(True, help="Start the dashboard"),
     fleet: int = typer.Option(0, min=0, help="Also start a fleet of this many devices"),
     fleet_rounds: int = typer.Option(0, min=0, help="Autorun rounds the fleet starts"),
+    split: bool = typer.Option(
+        False,
+        "--split",
+        help="Split learning: also start an edge worker (queue edge); a fleet is then split",
+    ),
 ) -> None:
     """Start the whole stack as native processes (orchestrator, worker, gateway, dashboard,
-    optionally a device fleet); Ctrl-C stops them all."""
+    optionally an edge worker and a device fleet); Ctrl-C stops them all."""
     from fedmq import up as stack
 
-    options = stack.StackOptions(worker_queues, gateway, dashboard, fleet, fleet_rounds)
+    options = stack.StackOptions(worker_queues, gateway, dashboard, fleet, fleet_rounds, split)
     raise typer.Exit(stack.run(get_settings(), logs, console, options))
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
 
 from fedmq.settings import get_settings
+
+if TYPE_CHECKING:
+    from devices.config import DeviceConfig
+    from devices.split_trainer import SplitTrainer
+    from protocol.bus import Bus
 
 
 def device(  # noqa: PLR0913 (a typer command: each option is an argument)
@@ -46,15 +51,27 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         help="The orchestrator's public signing key to pin (default: FEDMQ_ORCHESTRATOR_KEY; "
         "unset: the key of the first registration reply)",
     ),
+    split: bool = typer.Option(
+        False,
+        "--split",
+        help="A split run's device (SplitFed): train head and tail against each round's "
+        "edge session, which holds the body (the run must be split: fedmq run create-split)",
+    ),
+    split_pipeline: bool = typer.Option(
+        False, "--split-pipeline", help="With --split: pipeline the micro-batches"
+    ),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     # Imported here: the device stack loads torch, which every other command can do without.
     from devices.config import DeviceConfig, TrainSettings
     from devices.run import run_device
     from fedmq.wiring import bus_config, decode_limits
+    from learning.split.spec import model_config
 
     if runtime not in ("torch", "wasm"):
         raise typer.BadParameter(f"--runtime must be torch or wasm, not {runtime!r}")
+    if split and (runtime != "torch" or transport != "amqp"):
+        raise typer.BadParameter("--split trains with torch over amqp (the edge link is AMQP)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO is every (re)connect step
     s = get_settings()
@@ -68,6 +85,8 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         display_name=name,
         dataset=dataset,
         model=model,
+        # A split run's model is built as the run's spec builds it (learning.split.spec).
+        model_args=model_config(model) if split else {},
         partition=partition,
         partition_args=json.loads(partition_args),
         seed=seed,
@@ -86,9 +105,21 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         identity_file=identity,
         orchestrator_key=orchestrator_key or s.orchestrator_key,
     )
-    client = run_device(config)
+    trainer = _split_trainer(config, split_pipeline) if split else None
+    client = run_device(config, trainer=trainer)
     dropped = f", dropped out of {client.dropped_rounds}" if client.dropped_rounds else ""
     typer.echo(f"{config.name}: trained rounds {client.rounds_trained}{dropped}")
+
+
+def _split_trainer(config: DeviceConfig, pipeline: bool) -> SplitTrainer:
+    """A ``SplitTrainer`` whose edge link is a connection of its own to the broker."""
+    from devices.split_trainer import SplitTrainer
+    from protocol.bus import connect
+
+    def link() -> Bus:
+        return connect(config.broker_url, config.bus)
+
+    return SplitTrainer.from_device_config(config, link, pipeline=pipeline)
 
 
 def _transport(value: str) -> Literal["amqp", "http"]:

@@ -152,6 +152,9 @@ def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
     join_delay: float = JOIN_DELAY,
     quorum: float | None = QUORUM,
     deadline: float = DEADLINE,
+    split: bool = typer.Option(
+        False, "--split", help="SplitFed devices (fedmq device --split); needs an edge worker"
+    ),
 ) -> None:
     """Start N simulated devices as processes against the running stack (fedmq up)."""
     from simulation import fleet as fleet_mod
@@ -173,4 +176,4 @@ def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
         deadline_s=deadline,
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
     )
-    raise typer.Exit(fleet_mod.run(get_settings(), options, console, run_id=run))
+    raise typer.Exit(fleet_mod.run(get_settings(), options, console, run_id=run, split=split))

@@ -2,7 +2,8 @@
 
 Migrates the database, then starts the orchestrator, a worker, the REST gateway and the
 dashboard (the same services as docker-compose.yml) against the configured RabbitMQ and
-database, each logging to ``<logs>/<name>.log``; optionally a fleet of simulated devices.
+database, each logging to ``<logs>/<name>.log``; with ``--split`` an edge worker (queue
+``edge``) for split runs; optionally a fleet of simulated devices (split with ``--split``).
 
 It supervises them: a service that exits is started again after a capped, growing delay
 (``RestartPolicy``), and only a crash loop (``crash_loop_exits`` exits within
@@ -80,6 +81,7 @@ class StackOptions:
     dashboard: bool = True
     fleet: int = 0  # devices; 0: none
     fleet_rounds: int = 0  # autorun rounds the fleet starts (0: the operator starts them)
+    split: bool = False  # an edge worker for split runs; the fleet's run is split
 
 
 def services(o: StackOptions) -> list[Service]:
@@ -88,13 +90,18 @@ def services(o: StackOptions) -> list[Service]:
         Service("orchestrator", [*fedmq, "orchestrator"]),
         Service("worker", [*fedmq, "worker", "--queues", o.worker_queues]),
     ]
+    if o.split:
+        # Its own worker: an edge session holds its process for a whole round attempt, and
+        # must not queue behind (or hold up) aggregations.
+        argv = [*fedmq, "worker", "--queues", "edge", "--hostname", "edge@%h"]
+        started.append(Service("edge-worker", argv))
     if o.gateway:
         started.append(Service("gateway", [*fedmq, "gateway"]))
     if o.dashboard:
         started.append(Service("dashboard", [*fedmq, "dashboard"]))
     if o.fleet:
         argv = [*fedmq, "fleet", "--clients", str(o.fleet), "--rounds", str(o.fleet_rounds)]
-        started.append(Service("fleet", argv, job=True))
+        started.append(Service("fleet", [*argv, *(["--split"] if o.split else [])], job=True))
     return started
 
 
@@ -123,7 +130,16 @@ def run(
     }
     opts = options or StackOptions()
     started = services(opts)
-    _with_broker_users(started, broker_users.prepare(s, console))
+    if opts.split:
+        # A split device's edge link publishes through the broker's default exchange and
+        # declares reply queues that per-device users may not (docs/architecture.md,
+        # "Decision: split rounds are the platform's").
+        console.print(
+            "[yellow]--split: devices share the broker URL's user (per-device broker users "
+            "do not cover the edge link yet)[/yellow]"
+        )
+    else:
+        _with_broker_users(started, broker_users.prepare(s, console))
     board = _HealthBoard(s.database_url)
     for svc in started:
         if svc.job:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +24,7 @@ from protocol.bus import Bus, BusConfig, connect
 from protocol.chunking import Reassembler
 from protocol.codec import DecodeLimits
 from protocol.limits import RegistrationLimits
+from protocol.tasks import EDGE_QUEUE
 from protocol.topology import DeadLetterBounds
 from workers.config import WorkerConfig
 
@@ -96,21 +99,48 @@ def run_configs(
 
 
 class EagerTaskRunner:
-    """Embedded mode's ``TaskRunner``: runs the workers' tasks in this process, at once."""
+    """Embedded mode's ``TaskRunner``: runs the workers' tasks in this process, at once.
+
+    An edge session (queue ``edge``) runs on a thread of its own instead: it serves devices
+    for as long as their round attempt lasts, and on the sender's thread (the orchestrator's
+    outbox drain) it would hold back the very announcement its devices wait for. It runs
+    the task's body, not Celery's eager mode: eager tasks of two threads share Celery's task
+    stack, and the orchestrator's own tasks would fail."""
 
     def __init__(self, s: Settings) -> None:
         from workers.app import configure
 
-        self.app = configure(worker_config(s))
+        self.config = worker_config(s)
+        self.app = configure(self.config)
         self._results: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
 
     def send(self, name: str, args: list[Any], task_id: str, queue: str) -> None:
-        if task_id in self._results:
+        with self._lock:
+            if task_id in self._results:
+                return
+            self._results[task_id] = ("pending", None)
+        if queue == EDGE_QUEUE:
+            t = threading.Thread(
+                target=self._edge, args=(args, task_id), name=f"edge-{task_id}", daemon=True
+            )
+            self.threads.append(t)
+            t.start()
             return
         try:
             result = self.app.signature(name, args=args).apply_async(task_id=task_id)
             self._results[task_id] = ("success", result.get())
         except Exception as e:  # the follower turns it into a task failure
+            self._results[task_id] = ("failure", e)
+
+    def _edge(self, args: list[Any], task_id: str) -> None:
+        from workers.edge.task import run_edge_session
+
+        try:
+            self._results[task_id] = ("success", run_edge_session(self.config, *args))
+        except Exception as e:
+            logging.getLogger(__name__).exception("edge session %s failed", task_id)
             self._results[task_id] = ("failure", e)
 
     def poll(self, task_id: str) -> TaskStatus:

@@ -7,6 +7,7 @@ participations, counted updates, autorun, and the outbox rows for side effects.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -18,9 +19,11 @@ from db import queries as q
 from db.models import ClientState as DbClientState
 from db.models import ParticipationState, RoundState, RunStatus
 from db.queries import orchestrator as oq
+from orchestrator import edge
 from orchestrator.state import (
     ClientStateChanged,
     DispatchAggregate,
+    DispatchEdgeSession,
     DispatchEvaluate,
     Effect,
     Federation,
@@ -37,6 +40,8 @@ from protocol.tasks import AGGREGATE_QUEUE, AGGREGATE_TASK, EVALUATE_QUEUE, EVAL
 
 if TYPE_CHECKING:
     from orchestrator.store import UpdateInfo
+
+log = logging.getLogger(__name__)
 
 
 def ts(now: float) -> datetime:
@@ -130,6 +135,8 @@ def project(
                     "queue": AGGREGATE_QUEUE,
                 },
             )
+        elif isinstance(e, DispatchEdgeSession):
+            _dispatch_edge(s, run_id, e, now)
         elif isinstance(e, DispatchEvaluate):
             tid = evaluate_task_id(run_id, e.round, e.model_version)
             oq.add_outbox(
@@ -155,6 +162,19 @@ def project(
             rnd = q.get_round(s, run_id, e.number)
             if rnd is not None:
                 q.set_round_state(s, rnd.id, RoundState.FAILED)
+
+
+def _dispatch_edge(s: Session, run_id: str, e: DispatchEdgeSession, now: float) -> None:
+    """The edge session task of a split run's attempt, in the same transaction as the round
+    row and its announcement: the outbox row is the one record of it."""
+    run = q.get_run(s, run_id)
+    try:
+        item = edge.outbox_item(run_id, dict(run.config) if run else {}, e, now)
+    except ValueError as err:
+        # Its devices will find no session and the attempt fail by policy; saying why here.
+        log.error("round %s of run %s: no edge session: %s", e.round, run_id, err)
+        return
+    oq.add_outbox(s, run_id, "task", item)
 
 
 def write_updates(s: Session, run_id: str, pending: list[tuple[int, dict[str, Any]]]) -> None:

@@ -11,6 +11,7 @@ from db import blobstore
 from db import queries as q
 from db.models import BlobKind
 from db.queries import orchestrator as oq
+from orchestrator.edge import is_split
 from orchestrator.state import Federation, RoundPolicy, to_dict
 from protocol.codec import DecodeLimits, decode
 
@@ -26,12 +27,17 @@ def create_run(
     run_id: str | None = None,
     extra_config: dict[str, Any] | None = None,
     limits: DecodeLimits | None = None,
+    split: dict[str, Any] | None = None,
 ) -> str:
     """Create a run whose global model version 0 is ``initial_model`` (a full-values codec
     blob; the orchestrator cannot build models, the caller does). Returns the run id.
 
     ``runs.config`` keeps ``policy`` (also in the snapshot), ``strategy`` (read by the
     aggregate task) and ``train`` (sent to devices in every round announcement).
+
+    ``split`` makes it a split run (``{"model": <model spec>, "edge": <edge settings>}``,
+    ``orchestrator.edge``): ``initial_model`` is then the devices' part (head and tail), and
+    every round attempt starts an edge session for the body.
     """
     decoded = decode(initial_model, limits=limits or DecodeLimits())
     if decoded.delta:
@@ -43,8 +49,13 @@ def create_run(
         "strategy": strategy or {"name": "fedavg"},
         "train": train or {},
     }
+    if split is not None:
+        config["split"] = split
+        if not is_split(config):
+            raise ValueError("a split run needs split.model: the model spec the edge builds")
     run = q.create_run(s, name, config, run_id=run_id)
     sha = blobstore.put(s, initial_model, BlobKind.MODEL)
     q.create_model_version(s, run.id, sha)
-    oq.save_machine(s, run.id, to_dict(Federation(run_id=run.id, policy=policy)))
+    fed = Federation(run_id=run.id, policy=policy, split=split is not None)
+    oq.save_machine(s, run.id, to_dict(fed))
     return run.id

@@ -47,10 +47,13 @@ def edge_reply_queue(session_id: str, client_id: str) -> str:
     return f"edge.{_word('session id', session_id)}.reply.{_word('client id', client_id)}"
 
 
-def round_session_id(run_id: str, round_number: int) -> str:
-    """The edge session of a run's round under the orchestrator (SplitFed): devices and the
-    edge both derive it from the round announcement, so nothing else has to carry it."""
-    return _word("session id", f"{run_id}-r{int(round_number)}")
+def round_session_id(run_id: str, round_number: int, attempt: int = 1) -> str:
+    """The edge session of a run's round attempt under the orchestrator (SplitFed): devices
+    and the edge both derive it from the round announcement, so nothing else has to carry
+    it. A retried attempt gets a session of its own: the failed attempt's session may still
+    hold its queue, and its body is dropped with the attempt."""
+    suffix = "" if int(attempt) <= 1 else f"-a{int(attempt)}"
+    return _word("session id", f"{run_id}-r{int(round_number)}{suffix}")
 
 
 def _transient(name: str) -> Queue:

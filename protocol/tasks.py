@@ -33,4 +33,7 @@ EDGE_QUEUE = "edge"
 EDGE_TASK_PATTERN = "fedmq.edge.*"
 # ``fedmq.edge.session(spec: dict) -> dict`` on ``edge``: serves one split-training session
 # (``protocol.split``) until it ends; the spec and result are in ``workers/edge/task.py``.
+# The orchestrator sends one per round attempt of a split run, with ``run_id``, ``round``,
+# ``attempt``, ``session_id`` (``round_session_id``), ``model``, ``train`` and ``edge``;
+# a second delivery of the same attempt's session answers ``{"skipped": reason}``.
 EDGE_SESSION_TASK = "fedmq.edge.session"

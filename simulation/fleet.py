@@ -14,6 +14,7 @@ import json
 import signal
 import threading
 import time
+import uuid
 from typing import Any
 
 from rich.console import Console
@@ -21,7 +22,7 @@ from rich.console import Console
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from fedmq.settings import Settings
-from fedmq.wiring import open_bus
+from fedmq.wiring import open_bus, run_configs
 from protocol.messages import RoundState
 from simulation import fleet_local
 from simulation.fleet_local import ProcessHandle
@@ -32,8 +33,10 @@ from simulation.simulate import (
     policy_for,
     report,
     start_autorun,
+    strategy_config,
     wait_ready,
 )
+from simulation.split_run import create_split_run
 
 # How long devices get to leave (signal offline, delete their queue) once the fleet stops.
 STOP_DEVICES_S = 8.0
@@ -45,7 +48,10 @@ def run(
     console: Console,
     run_id: str | None = None,
     stop: threading.Event | None = None,
+    split: bool = False,
 ) -> int:
+    """``split``: the run is a split one (created so, or joined) and the devices are
+    ``fedmq device --split``; the stack needs an edge worker (``fedmq up --split``)."""
     if s.embedded:
         console.print(
             "[red]fedmq fleet needs a running stack: set FEDMQ_BROKER_URL (amqp://...) and "
@@ -58,8 +64,11 @@ def run(
             signal.signal(sig, lambda *_: stop.set())
     sessions = make_sessionmaker(make_engine(s.database_url))
     if run_id is None:
-        run_id = create_sim_run(sessions, o, s, prefix="fleet")
-        console.print(f"created run {run_id}")
+        if split:
+            run_id = _create_split_run(sessions, o, s)
+        else:
+            run_id = create_sim_run(sessions, o, s, prefix="fleet")
+        console.print(f"created {'split ' if split else ''}run {run_id}")
     else:
         with session_scope(sessions) as session:
             if q.get_run(session, run_id) is None:
@@ -82,6 +91,7 @@ def run(
         stop,
         logs,
         h.behaviours(o.clients, o.seed, 2 * policy_for(o, s).heartbeat_timeout_s),
+        extra_args=("--split",) if split else (),
     )
     console.print(f"device logs: {logs}/device-<k>.log")
     try:
@@ -111,6 +121,30 @@ def run(
         shown = "" if final is None else f", final accuracy {100 * final:.2f}%"
         console.print(f"{len(result.rows)} rounds in {result.seconds:.1f} s{shown}")
     return 0
+
+
+def _create_split_run(sessions: Any, o: SimOptions, s: Settings) -> str:
+    strategy, train = run_configs(
+        strategy_config(o),
+        {
+            "epochs": o.local_epochs,
+            "batch_size": o.batch_size,
+            "lr": o.lr,
+            "momentum": o.momentum,
+            "encoding": o.encoding,
+        },
+    )
+    with session_scope(sessions) as session:
+        return create_split_run(
+            session,
+            f"fleet-split-{uuid.uuid4().hex[:8]}",
+            dataset=o.dataset,
+            model=o.model,
+            seed=o.seed,
+            policy=policy_for(o, s),
+            strategy=strategy,
+            train=train,
+        )
 
 
 def _watch(

@@ -143,7 +143,10 @@ def device_processes(
     stop: threading.Event,
     logs: Path,
     behaviours: list[Behaviour] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> list[ProcessHandle]:
+    """``fedmq device`` processes, one per partition; ``extra_args`` go to each (a split
+    fleet's ``--split``)."""
     logs.mkdir(parents=True, exist_ok=True)
     handles: list[ProcessHandle] = []
     for k in range(clients):
@@ -172,6 +175,7 @@ def device_processes(
             "--encoding",
             encoding,
             *b.cli_args(),
+            *extra_args,
         ]
         log = (logs / f"device-{k}.log").open("wb")
         proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)

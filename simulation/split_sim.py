@@ -1,4 +1,4 @@
-"""``fedmq simulate --split``: a SplitFed federation through the orchestrator.
+"""``fedmq simulate --split``: a SplitFed federation, run by the platform like any other.
 
 The run's global model is the devices' part of the split model (head + tail: a normal
 codec blob), so the orchestrator and the aggregate task run it like any other run: each
@@ -7,14 +7,14 @@ them against the round's edge session (``devices.split_trainer.SplitTrainer``) a
 a normal delta update, and the aggregate task FedAvgs the updates into the next version
 (SplitFed, Thapa et al., AAAI 2022: device parts averaged, the server part shared).
 
-The edge side is a driver here: for each round it starts the ``fedmq.edge.session`` task
-for that round (``workers.edge.task``: the body resumes from the one named in the round's
-base version and is stored after the session, named in the version the round makes).
-Embedded mode runs the task eagerly on a thread of this process; full mode (``--broker``,
-``--database``) sends it to a ``fedmq worker --queues edge`` process started here. After
-each round the driver evaluates the composed model (the version's head and tail + the
-round's body) and writes the accuracy into the round's metrics: the evaluate task has no
-body and skips split runs (their model name, ``split-<model>``, has no evaluator).
+All of that is the platform's (docs/architecture.md, "Split learning"): the run says it is
+split (``simulation.split_run``), the orchestrator starts each round attempt's edge session
+(an outbox task on queue ``edge``), and the evaluate task scores the composed model (the
+version's head and tail + the body the session stored). This module only creates the run
+and its devices and waits for the rounds. Embedded mode: the tasks run in this process
+(the edge session on a thread of its own, the devices as threads); full mode (``--broker``,
+``--database``): an aggregate/evaluate worker, an edge worker and ``fedmq device --split``
+processes, all started here.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import blobstore
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models.enums import RoundState
@@ -38,35 +37,17 @@ from devices.client import FederatedClient
 from devices.config import DeviceConfig, TrainSettings
 from devices.split_trainer import SplitTrainer
 from fedmq.settings import Settings, get_settings
-from fedmq.wiring import (
-    bus_config,
-    decode_limits,
-    open_bus,
-    orchestrator_service,
-    run_configs,
-    task_runner,
-    worker_config,
-)
-from learning.data import load_dataset
-from learning.evaluate import evaluate
-from learning.models import build_model
-from learning.params import load_numpy, to_numpy
-from learning.split import split_model
-from orchestrator.runs import create_run
-from orchestrator.tasks import TaskRunner
-from protocol import codec
+from fedmq.wiring import bus_config, decode_limits, open_bus, orchestrator_service, run_configs
+from learning.split.spec import model_config
 from protocol.bus import Bus, connect
 from simulation import fleet_local
 from simulation.fleet_local import Handle
 from simulation.report import write_json
 from simulation.simulate import SimOptions, policy_for, round_rows, start_autorun, wait_ready
 from simulation.simulate import _settings as sim_settings
+from simulation.split_run import create_split_run
 from workers.edge.bodies import body_ref
-from workers.edge.task import run_edge_session
-
-# An MLP needs two hidden layers to be cut; the default simulate MLP has one.
-SPLIT_MODEL_CONFIG: dict[str, dict[str, Any]] = {"mlp": {"hidden": [128, 64]}}
-EDGE_TASK = "fedmq.edge.session"
+from workers.edge.rounds import DONE as EDGE_DONE
 
 
 @dataclass(frozen=True)
@@ -110,34 +91,6 @@ class SplitSimResult:
     database_url: str
 
 
-def model_spec(o: SplitSimOptions) -> dict[str, Any]:
-    data = load_dataset(o.dataset, seed=o.seed)
-    return {
-        "name": o.model,
-        "num_classes": data.num_classes,
-        "input_shape": list(data.input_shape),
-        "seed": o.seed,
-        "config": SPLIT_MODEL_CONFIG.get(o.model, {}),
-    }
-
-
-def build_full(spec: dict[str, Any]) -> Any:
-    return build_model(
-        spec["name"],
-        num_classes=spec["num_classes"],
-        input_shape=tuple(spec["input_shape"]),
-        seed=spec["seed"],
-        **spec["config"],
-    )
-
-
-def device_part(spec: dict[str, Any]) -> dict[str, Any]:
-    """Version 0: the head and tail of the model built from the run's seed."""
-    split = split_model(build_full(spec))
-    names = set(split.state_names("head", "tail"))
-    return {k: v for k, v in to_numpy(split.model).items() if k in names}
-
-
 def _sim_options(o: SplitSimOptions) -> SimOptions:
     return SimOptions(
         dataset=o.dataset,
@@ -171,46 +124,37 @@ def run_split(
 
     migrations.upgrade(s.database_url)
     sessions = make_sessionmaker(make_engine(s.database_url))
-    spec = model_spec(o)
-    run_id = _create_run(sessions, o, s, spec)
+    run_id = _create_run(sessions, o, s)
     bus = open_bus(s)
     service = orchestrator_service(s, bus)
     service.start()
     stop = threading.Event()
     handles: list[Handle] = []
-    edge = _EdgeDriver(s, sessions, run_id, o, spec, stop, log)
     started = time.perf_counter()
     try:
-        if not s.embedded:
-            handles.append(
-                fleet_local.worker_process(s, o.out / "logs", queues="aggregate,evaluate")
-            )
-            handles.append(
-                fleet_local.worker_process(s, o.out / "logs", queues="edge", name="edge-worker")
-            )
-        handles.extend(_device_threads(s, run_id, o, stop))
-        edge.start()
-        wait_ready(sessions, run_id, o.clients, timeout=120)
+        if s.embedded:
+            handles.extend(_device_threads(s, run_id, o, stop))
+        else:
+            logs = o.out / "logs"
+            handles.append(fleet_local.worker_process(s, logs, queues="aggregate,evaluate"))
+            handles.append(fleet_local.worker_process(s, logs, queues="edge", name="edge-worker"))
+            handles.extend(_device_processes(s, run_id, o, stop, logs))
+        wait_ready(sessions, run_id, o.clients, timeout=180)
         start_autorun(bus, s, run_id, o.rounds)
-        edge.join(o.rounds * (o.deadline_s + 60))
-        if edge.error is not None:
-            raise RuntimeError(f"the edge driver failed: {edge.error!r}") from edge.error
-        if len(edge.rounds) < o.rounds:
-            raise RuntimeError(f"only {len(edge.rounds)} of {o.rounds} rounds finished")
-        # The edge driver is done once it has evaluated the last round itself; the run is
-        # done once the orchestrator has followed that round's evaluation too. Stopping in
-        # between left round N "evaluating" (seen under load).
-        _wait_run_finished(sessions, run_id, o.rounds, timeout=o.deadline_s + 60)
+        # Done when the run's last round is: evaluated by the orchestrator's task, its
+        # accuracy in the round's metrics (issue 22: reporting before that left round N
+        # "evaluating").
+        _wait_rounds(sessions, run_id, o.rounds, o.rounds * (o.deadline_s + 120), log)
     finally:
         stop.set()
-        edge.join(5)
         for h in handles:
             h.join(timeout=15)
         service.stop()
         bus.close()
     seconds = time.perf_counter() - started
-    rows = round_rows(sessions, run_id)
-    write_json(o.out / "metrics.json", rows, {**asdict(sim), "run_id": run_id, "split": True})
+    rounds = split_rounds(sessions, run_id)
+    write_json(o.out / "metrics.json", round_rows(sessions, run_id),
+               {**asdict(sim), "run_id": run_id, "split": True})  # fmt: skip
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()}
     (o.out / "split_metrics.json").write_text(
         json.dumps(
@@ -218,16 +162,16 @@ def run_split(
                 "config": config,
                 "run_id": run_id,
                 "seconds": seconds,
-                "rounds": [asdict(x) for x in edge.rounds],
+                "rounds": [asdict(x) for x in rounds],
             },
             indent=2,
         )
         + "\n"
     )
-    return SplitSimResult(run_id, edge.rounds, s.database_url)
+    return SplitSimResult(run_id, rounds, s.database_url)
 
 
-def _create_run(sessions: Any, o: SplitSimOptions, s: Settings, spec: dict[str, Any]) -> str:
+def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, s: Settings) -> str:
     strategy, train = run_configs(
         {"name": "fedavg"},
         {
@@ -239,21 +183,114 @@ def _create_run(sessions: Any, o: SplitSimOptions, s: Settings, spec: dict[str, 
         },
     )
     with session_scope(sessions) as session:
-        return create_run(
+        return create_split_run(
             session,
             f"split-{uuid.uuid4().hex[:8]}",
-            codec.encode(device_part(spec), codec.Encoding.FP32),
+            dataset=o.dataset,
+            model=o.model,
+            seed=o.seed,
             policy=policy_for(_sim_options(o), s),
             strategy=strategy,
             train=train,
-            extra_config={
-                # No evaluator knows this name: the evaluate task skips, the driver evaluates.
-                "model": {"name": f"split-{o.model}"},
-                "dataset": {"name": o.dataset},
-                "split": spec,
-                "simulation": {k: str(v) for k, v in asdict(o).items()},
-            },
+            extra_config={"simulation": {k: str(v) for k, v in asdict(o).items()}},
         )
+
+
+def _wait_rounds(
+    sessions: sessionmaker[Session],
+    run_id: str,
+    rounds: int,
+    timeout: float,
+    log: Callable[[str], Any],
+) -> None:
+    """Until ``rounds`` rounds are done (a line for each as it is); raises when the run
+    stopped short (a round failed for good) or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    said = 0
+    while True:
+        with session_scope(sessions) as s:
+            rows = q.list_rounds(s, run_id)
+            run = q.get_run(s, run_id)
+            done = [r for r in rows if r.state == RoundState.DONE]
+            for r in done[said:]:
+                m = r.metrics or {}
+                acc = m.get("accuracy")
+                shown = "no accuracy" if acc is None else f"accuracy {100 * acc:.2f}%"
+                log(f"round {r.number}: {shown}, loss {m.get('loss', float('nan')):.4f}")
+            said = len(done)
+            failed = [r.number for r in rows if r.state == RoundState.FAILED]
+            autorun = run.autorun_remaining if run else None
+        if said >= rounds:
+            return
+        if failed and autorun is None:
+            raise RuntimeError(f"round {failed[-1]} failed and autorun stopped (see events)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {said} of {rounds} rounds finished in {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def split_rounds(sessions: sessionmaker[Session], run_id: str) -> list[SplitRound]:
+    """The done rounds of a split run with their edge sessions' figures."""
+    out: list[SplitRound] = []
+    with session_scope(sessions) as s:
+        sessions_done = {
+            (e.round, e.detail.get("attempt")): e.detail
+            for e in q.list_events(s, run_id, kinds=[EDGE_DONE], limit=10_000)
+        }
+        for r in q.list_rounds(s, run_id):
+            if r.state != RoundState.DONE or r.model_version_id is None:
+                continue
+            mv = q.get_model_version_by_id(s, r.model_version_id)
+            assert mv is not None
+            m = r.metrics or {}
+            end = r.closed_at or r.opened_at
+            edge = sessions_done.get((r.number, r.attempt), {})
+            out.append(
+                SplitRound(
+                    round=r.number,
+                    accuracy=float(m.get("accuracy", float("nan"))),
+                    loss=float(m.get("loss", float("nan"))),
+                    seconds=float(m.get("duration_s", (end - r.opened_at).total_seconds())),
+                    bytes_sent=sum(p.bytes or 0 for p in q.list_participations(s, r.id)),
+                    model_version=mv.version,
+                    body_sha256=body_ref(mv.metrics) or "",
+                    resumed=bool(edge.get("resumed", False)),
+                )
+            )
+    return out
+
+
+def _device_config(s: Settings, run_id: str, o: SplitSimOptions, k: int) -> DeviceConfig:
+    return DeviceConfig(
+        run_id=run_id,
+        client_index=k,
+        num_clients=o.clients,
+        broker_url=s.broker_url,
+        dataset=o.dataset,
+        model=o.model,
+        model_args=model_config(o.model),
+        partition=o.partition,
+        partition_args=dict(o.partition_args or {}),
+        seed=o.seed,
+        train=TrainSettings(),
+        encoding=o.encoding,
+        heartbeat_s=s.heartbeat_interval_s,
+        chunk_size=s.chunk_size,
+        bus=bus_config(s),
+        decode_limits=decode_limits(s),
+        torch_threads=None,
+    )
+
+
+def _device_processes(
+    s: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event, logs: Path
+) -> list[fleet_local.ProcessHandle]:
+    """``fedmq device --split`` processes, one per partition."""
+    extra = ("--split", *(("--split-pipeline",) if o.pipeline else ()))
+    return fleet_local.device_processes(
+        s, run_id, o.clients, o.dataset, o.model, o.partition,
+        json.dumps(o.partition_args or {}), o.seed, o.encoding, stop, logs, extra_args=extra,
+    )  # fmt: skip
 
 
 def _device_threads(
@@ -264,29 +301,12 @@ def _device_threads(
     torch.set_num_threads(1)  # K devices and the edge share this machine's cores
     handles: list[Handle] = []
     for k in range(o.clients):
-        config = DeviceConfig(
-            run_id=run_id,
-            client_index=k,
-            num_clients=o.clients,
-            broker_url=s.broker_url,
-            dataset=o.dataset,
-            model=o.model,
-            model_args=SPLIT_MODEL_CONFIG.get(o.model, {}),
-            partition=o.partition,
-            partition_args=dict(o.partition_args or {}),
-            seed=o.seed,
-            train=TrainSettings(),
-            encoding=o.encoding,
-            heartbeat_s=s.heartbeat_interval_s,
-            chunk_size=s.chunk_size,
-            bus=bus_config(s),
-            decode_limits=decode_limits(s),
-            torch_threads=None,
-        )
         t = threading.Thread(
-            target=_run_device, args=(config, o.pipeline, stop), name=f"split-device-{k}"
+            target=_run_device,
+            args=(_device_config(s, run_id, o, k), o.pipeline, stop),
+            name=f"split-device-{k}",
+            daemon=True,
         )
-        t.daemon = True
         t.start()
         handles.append(t)
     return handles
@@ -310,127 +330,3 @@ def _run_device(config: DeviceConfig, pipeline: bool, stop: threading.Event) -> 
         if not memory:  # a named in-process bus belongs to the whole process
             for b in [bus, *opened]:
                 b.close()
-
-
-def _wait_run_finished(
-    sessions: sessionmaker[Session], run_id: str, last: int, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with session_scope(sessions) as s:
-            rnd = q.get_round(s, run_id, last)
-            if rnd is not None and rnd.state in (RoundState.DONE, RoundState.FAILED):
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"round {last} did not finish within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
-class _EdgeDriver(threading.Thread):
-    """Round by round: start the round's edge session task, wait for it, evaluate."""
-
-    def __init__(
-        self,
-        s: Settings,
-        sessions: Any,
-        run_id: str,
-        o: SplitSimOptions,
-        spec: dict[str, Any],
-        stop: threading.Event,
-        log: Callable[[str], Any],
-    ) -> None:
-        super().__init__(name="split-edge-driver", daemon=True)
-        self.s, self.sessions, self.run_id, self.o, self.spec = s, sessions, run_id, o, spec
-        self.stop, self.log = stop, log
-        self.rounds: list[SplitRound] = []
-        self.error: BaseException | None = None
-        self._runner: TaskRunner | None = None
-        self.data = load_dataset(o.dataset, seed=o.seed)
-
-    def run(self) -> None:
-        try:
-            for r in range(1, self.o.rounds + 1):
-                expected = self._wait_round(r)
-                if expected is None:
-                    return
-                began = time.perf_counter()
-                served = self._serve(r, self._spec(r, expected))
-                if served is None:
-                    return
-                resumed = bool(served.get("resumed"))
-                self.rounds.append(self._evaluate(r, time.perf_counter() - began, resumed))
-                row = self.rounds[-1]
-                self.log(
-                    f"round {r}: accuracy {100 * row.accuracy:.2f}%, loss {row.loss:.4f}, "
-                    f"{row.seconds:.1f} s, body {row.body_sha256[:12]}"
-                )
-        except BaseException as e:
-            self.error = e
-
-    def _serve(self, r: int, spec: dict[str, Any]) -> dict[str, Any] | None:
-        """Round ``r``'s edge session's result; None when stopped while it ran elsewhere."""
-        if self.s.embedded:
-            # The task's body on this thread, not Celery's eager mode: eager tasks of two
-            # threads share Celery's task stack (the orchestrator's tasks would fail).
-            return run_edge_session(worker_config(self.s), spec)
-        task_id = f"edge-{self.run_id}-r{r}"
-        if self._runner is None:
-            self._runner = task_runner(self.s)
-        runner = self._runner
-        runner.send(EDGE_TASK, [spec], task_id, "edge")
-        while (status := runner.poll(task_id)).state == "pending":
-            if self.stop.wait(0.1):
-                return None
-        if status.state != "success":
-            raise RuntimeError(f"edge session of round {r} failed: {status.error}")
-        return status.result or {}
-
-    def _spec(self, r: int, expected: int) -> dict[str, Any]:
-        o = self.o
-        return {
-            "run_id": self.run_id,
-            "round": r,
-            "model": self.spec,
-            "train": {"lr": o.lr, "momentum": o.momentum},
-            "edge": {"expected_devices": expected, "idle_timeout_s": o.deadline_s},
-            "version_wait_s": o.deadline_s,
-        }
-
-    def _wait_round(self, r: int) -> int | None:
-        """Devices selected in round ``r`` once it is open; None when stopped."""
-        while not self.stop.is_set():
-            with session_scope(self.sessions) as s:
-                rnd = q.get_round(s, self.run_id, r)
-                if rnd is not None:
-                    selected = q.list_participations(s, rnd.id)
-                    if selected:
-                        return len(selected)
-            self.stop.wait(0.05)
-        return None
-
-    def _evaluate(self, r: int, seconds: float, resumed: bool) -> SplitRound:
-        """The composed model of round ``r``: its version's head and tail + its body."""
-        limits = decode_limits(self.s)
-        with session_scope(self.sessions) as s:
-            rnd = q.get_round(s, self.run_id, r)
-            if rnd is None or rnd.state == RoundState.FAILED or rnd.model_version_id is None:
-                raise RuntimeError(f"round {r} made no model version")
-            mv = q.get_model_version_by_id(s, rnd.model_version_id)
-            assert mv is not None
-            sha = body_ref(mv.metrics)
-            if sha is None:
-                raise RuntimeError(f"round {r}: version {mv.version} names no body")
-            parts = codec.decode(blobstore.get(s, mv.blob_sha), limits=limits).tensors
-            body = codec.decode(blobstore.get(s, sha), limits=limits).tensors
-            version = mv.version
-            sent = sum(p.bytes or 0 for p in q.list_participations(s, rnd.id))
-        model = build_full(self.spec)
-        load_numpy(model, {**to_numpy(model), **parts, **body})
-        loss, acc = evaluate(model, self.data.x_test, self.data.y_test)
-        with session_scope(self.sessions) as s:
-            rnd = q.get_round(s, self.run_id, r)
-            assert rnd is not None
-            q.set_round_metrics(
-                s, rnd.id, {"accuracy": acc, "loss": loss, "model_version": version}
-            )
-        return SplitRound(r, acc, loss, seconds, sent, version, sha, resumed)

@@ -164,6 +164,18 @@ class DispatchAggregate(Effect):
 
 
 @dataclass(frozen=True, slots=True)
+class DispatchEdgeSession(Effect):
+    """Start the edge session of a split run's round attempt for the ``devices`` that train
+    in it (selected and not carried). Sent with the attempt's announcement, ahead of it."""
+
+    kind: ClassVar[str] = "task.edge"
+    round: int
+    attempt: int
+    devices: tuple[str, ...]
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
 class DispatchEvaluate(Effect):
     kind: ClassVar[str] = "task.evaluate"
     round: int

@@ -228,6 +228,9 @@ class Federation:
     paused: bool = False
     last_completed_round: int = 0
     model_version: int = 0
+    # SplitFed (docs/architecture.md, "Split learning"): every round attempt opens with an
+    # edge session for its devices (``DispatchEdgeSession``). Set when the run is created.
+    split: bool = False
 
     @property
     def active_clients(self) -> int:

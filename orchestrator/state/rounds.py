@@ -5,6 +5,7 @@ from __future__ import annotations
 from orchestrator.state.effects import (
     AutorunChanged,
     DispatchAggregate,
+    DispatchEdgeSession,
     OpenedRound,
     RoundClosed,
     RoundFailed,
@@ -62,6 +63,9 @@ def open_next(tx: Tx) -> str | None:
     )
     if attempt > 1:
         tx.emit(RoundRetried(number, attempt))
+    if tx.base.split:
+        # Before the announcement: the session's queue should be up when devices first ask.
+        tx.emit(DispatchEdgeSession(number, attempt, tuple(sorted(fresh)), tx.round.deadline))
     tx.emit(
         OpenedRound(
             number=number,

@@ -84,6 +84,7 @@ def to_dict(fed: Federation) -> dict[str, Any]:
         "paused": fed.paused,
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
+        "split": fed.split,
     }
 
 
@@ -98,6 +99,7 @@ def from_dict(d: dict[str, Any]) -> Federation:
         paused=d["paused"],
         last_completed_round=d["last_completed_round"],
         model_version=d["model_version"],
+        split=bool(d.get("split", False)),  # saved before split runs existed: not split
     )
 
 
@@ -132,6 +134,7 @@ def head_to_dict(fed: Federation) -> dict[str, Any]:
         "paused": fed.paused,
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
+        "split": fed.split,
     }
 
 
@@ -179,6 +182,7 @@ def join(head: Mapping[str, Any], parts: Iterable[tuple[str, Mapping[str, Any]]]
         paused=head["paused"],
         last_completed_round=head["last_completed_round"],
         model_version=head["model_version"],
+        split=bool(head.get("split", False)),
     )
 
 
@@ -245,6 +249,7 @@ def _head_differs(old: Federation, new: Federation) -> bool:
         or old.paused != new.paused
         or old.last_completed_round != new.last_completed_round
         or old.model_version != new.model_version
+        or old.split != new.split
     ):
         return True
     a, b = old.round, new.round

@@ -1,5 +1,6 @@
-"""``fedmq simulate --split`` in full mode: RabbitMQ, Postgres, the aggregate worker and a
-real ``fedmq worker --queues edge`` process serving every round's edge session."""
+"""``fedmq simulate --split`` in full mode: RabbitMQ, Postgres, the aggregate worker, a real
+``fedmq worker --queues edge`` process serving every round's edge session (started by the
+orchestrator) and ``fedmq device --split`` processes."""
 
 from __future__ import annotations
 
@@ -29,5 +30,5 @@ def test_a_full_mode_split_federation_serves_its_rounds_from_an_edge_worker(
     assert [r["resumed"] for r in rounds] == [False, True]
     assert rounds[-1]["accuracy"] > 0.5
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
-    assert logs == ["edge-worker.log", "worker.log"]
+    assert logs == ["device-0.log", "device-1.log", "edge-worker.log", "worker.log"]
     assert "fedmq.edge.session" in (tmp_path / "logs" / "edge-worker.log").read_text()

@@ -16,8 +16,9 @@ from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models.enums import RoundState
 from learning.params import load_numpy, to_numpy
 from learning.split import split_model
+from learning.split.spec import build_full, model_spec
 from protocol.codec import decode
-from simulation.split_sim import SplitSimOptions, build_full, model_spec, run_split
+from simulation.split_sim import SplitSimOptions, run_split
 from workers.edge.bodies import body_ref
 
 
@@ -34,7 +35,7 @@ def test_a_split_federation_runs_through_the_orchestrator_and_stores_every_body(
     # Every session after the first starts from the body the round before stored.
     assert [r.resumed for r in rows] == [False, True, True]
 
-    spec = model_spec(o)
+    spec = model_spec(o.dataset, o.model, o.seed)
     split = split_model(build_full(spec))
     device_names = set(split.state_names("head", "tail"))
     body_names = set(to_numpy(split.model)) - device_names

@@ -20,7 +20,9 @@ class FakeTrainer:
         self.fail = fail
         self.calls = 0
 
-    def step(self, global_weights, model_version, round_number, settings) -> LocalUpdate:  # type: ignore[no-untyped-def]
+    def step(  # type: ignore[no-untyped-def]
+        self, global_weights, model_version, round_number, settings, *, attempt=1
+    ) -> LocalUpdate:
         self.calls += 1
         if self.fail:
             raise RuntimeError("out of memory")

@@ -61,28 +61,31 @@ def store_body(
     round_number: int,
     blob: bytes,
     *,
+    attempt: int | None = None,
     wait_s: float = 120.0,
     poll_s: float = 0.05,
 ) -> dict[str, Any]:
     """Store the body trained in round ``round_number`` and name it in the model version
     the round produces, once the aggregate task has made it (the devices send their
     updates after they leave the session, so the version comes a little later). Returns
-    ``{"sha256", "model_version"}``; ``model_version`` is None when the round failed or
-    made no version within ``wait_s`` (the blob stays, unnamed)."""
+    ``{"sha256", "model_version"}``; ``model_version`` is None when the round failed, its
+    ``attempt`` was superseded by a retry (whose own session trains the body the version
+    gets), or it made no version within ``wait_s`` (the blob stays, unnamed)."""
     with session_scope(factory) as s:
         sha = blobstore.put(s, blob, BlobKind.MODEL)
     deadline = time.monotonic() + wait_s
     while True:
         with session_scope(factory) as s:
             rnd = q.get_round(s, run_id, round_number)
-            if rnd is not None and rnd.model_version_id is not None:
+            superseded = rnd is not None and attempt is not None and rnd.attempt != attempt
+            if rnd is not None and rnd.model_version_id is not None and not superseded:
                 # Locked and merged, as the evaluate task merges its metrics.
                 mv = s.get_one(
                     ModelVersion, rnd.model_version_id, with_for_update=True, populate_existing=True
                 )
                 mv.metrics = {**mv.metrics, BODY_KEY: {"sha256": sha, "round": round_number}}
                 return {"sha256": sha, "model_version": mv.version}
-            failed = rnd is None or rnd.state == RoundState.FAILED
+            failed = rnd is None or rnd.state == RoundState.FAILED or superseded
         if failed or time.monotonic() >= deadline:
             log.warning("run %s round %s: body %s named in no version", run_id, round_number, sha)
             return {"sha256": sha, "model_version": None}

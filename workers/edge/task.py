@@ -10,12 +10,15 @@ The spec (JSON, as Celery carries it)::
               "request_timeout_s": 30, "max_session_s": 3600, "overlap": true,
               "autocast": false},
      "bus_url": null, "return_body": false,
-     "round": null}
+     "round": null, "attempt": 1}
 
-With ``round`` (a number; ``run_id`` required) the session is that round of a SplitFed run
-under the orchestrator (``workers.edge.bodies``): its id defaults to
-``round_session_id(run_id, round)``, the body starts from the one named in the round's base
-version, and after the session it is stored and named in the version the round makes.
+With ``round`` (a number; ``run_id`` required) the session is that round attempt of a
+SplitFed run under the orchestrator, which sends this task when the attempt opens
+(``orchestrator.edge``): its id defaults to ``round_session_id(run_id, round, attempt)``; it
+is claimed once (``workers.edge.rounds``: a second delivery, or one that comes after the
+attempt ended, returns ``{"skipped": reason}``); it ends early when the attempt does; the
+body starts from the one named in the round's base version, and after the session it is
+stored and named in the version the round makes (``workers.edge.bodies``).
 
 The body starts from the model built with ``seed``, as the devices build theirs, so head,
 body and tail start from one model. ``bus_url`` defaults to the worker's broker. The
@@ -42,6 +45,7 @@ from protocol.bus import connect
 from protocol.codec import Encoding, encode
 from protocol.split import round_session_id
 from workers.config import WorkerConfig
+from workers.edge import rounds
 from workers.edge.bodies import load_body, store_body
 from workers.edge.engine import EdgeEngine, EngineOptions
 from workers.edge.session import Authenticate, EdgeSession, EdgeSessionConfig
@@ -122,9 +126,22 @@ def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, An
     unknown = set(spec.get("edge", {})) - _EDGE_KEYS - _ENGINE_KEYS
     if unknown:
         raise ValueError(f"unknown edge settings {sorted(unknown)}")
-    engine, names = build_engine(spec, config.device)
     round_number = spec.get("round")
     run_id = str(spec.get("run_id", ""))
+    attempt = int(spec.get("attempt") or 1)
+    session_id = spec.get("session_id")
+    if not session_id:
+        if round_number is None:
+            raise ValueError("an edge session spec needs a session_id or a round")
+        session_id = round_session_id(run_id, int(round_number), attempt)
+    if round_number is not None:
+        refused = rounds.claim(
+            sessions(config.database_url), run_id, int(round_number), attempt, str(session_id)
+        )
+        if refused is not None:
+            log.info("edge session %s not started: %s", session_id, refused)
+            return {"session_id": str(session_id), "skipped": refused}
+    engine, names = build_engine(spec, config.device)
     saved = None
     if round_number is not None:
         saved = load_body(
@@ -132,11 +149,6 @@ def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, An
         )
         if saved is not None:
             load_body_state(engine, names, saved)
-    session_id = spec.get("session_id")
-    if not session_id:
-        if round_number is None:
-            raise ValueError("an edge session spec needs a session_id or a round")
-        session_id = round_session_id(run_id, int(round_number))
     edge = {k: v for k, v in spec.get("edge", {}).items() if k in _EDGE_KEYS}
     session_config = EdgeSessionConfig(
         session_id=str(session_id), limits=config.decode_limits, **edge
@@ -147,7 +159,13 @@ def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, An
     bus = connect(url)
     try:
         log.info("edge session %s on %s", session_config.session_id, engine.device)
-        result = EdgeSession(bus, engine, session_config, authenticate=check).serve()
+        session = EdgeSession(bus, engine, session_config, authenticate=check)
+        if round_number is None:
+            result = session.serve()
+        else:
+            factory = sessions(config.database_url)
+            with rounds.AttemptWatch(factory, run_id, int(round_number), attempt, session.stop):
+                result = session.serve()
     finally:
         if not url.startswith("memory:"):  # a named in-process bus belongs to the process
             bus.close()
@@ -164,9 +182,12 @@ def run_edge_session(config: WorkerConfig, spec: dict[str, Any]) -> dict[str, An
             run_id,
             int(round_number),
             blob,
+            attempt=attempt,
             wait_s=float(spec.get("version_wait_s", 120.0)),
         )
         result["body_model_version"] = stored["model_version"]
+        result.update(round=int(round_number), attempt=attempt)
+        rounds.record_done(sessions(config.database_url), run_id, int(round_number), result)
     if spec.get("return_body"):
         result["body_blob_b64"] = base64.b64encode(blob).decode()
     return result

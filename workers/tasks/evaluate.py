@@ -15,6 +15,12 @@ Which model and which test set come from the run's config (``config["model"]`` a
   ``net.2`` before ``net.10``) with ReLU between them, the layout of
   ``learning.models.MLP`` and of any ``nn.Sequential`` of ``Linear``/``ReLU``.
 
+A split run (``config["split"]``, ``orchestrator.edge``) is evaluated as its composed model:
+the version's head and tail with the body its round's edge session stored and named in
+the version (``workers.edge.bodies``; the task waits up to ``split.body_wait_s`` for it,
+since the session names it once the version exists), the model built from
+``config["split"]["model"]`` and run on the dataset's test set.
+
 ``register_model`` / ``register_dataset`` add or override names here (the tests register a
 synthetic set). An unknown name is not an error: the task returns ``{"skipped": reason}``
 and records an ``evaluate.skipped`` event, so a run without an evaluator still completes
@@ -26,13 +32,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import blobstore
 from db import queries as q
@@ -41,9 +48,11 @@ from db.models import ModelVersion
 from learning.data import has_dataset, load_dataset
 from learning.evaluate import evaluate as torch_evaluate
 from learning.models import build_model, model_names
-from learning.params import load_numpy
+from learning.params import load_numpy, to_numpy
+from learning.split.spec import build_full
 from protocol.codec import CodecError, decode
 from workers.config import WorkerConfig
+from workers.edge.bodies import body_ref
 from workers.tasks.common import EvaluationError, sessions
 
 DONE = "evaluate.done"
@@ -52,6 +61,10 @@ SKIPPED = "evaluate.skipped"
 TestSet = tuple[np.ndarray, np.ndarray]
 DatasetLoader = Callable[[Mapping[str, Any]], TestSet]
 ModelEvaluator = Callable[[Mapping[str, np.ndarray], np.ndarray, np.ndarray], dict[str, float]]
+
+# How long a split run's evaluation waits for its round's edge body, and how often it looks.
+BODY_WAIT_S = 120.0
+BODY_POLL_S = 0.1
 
 _MODELS: dict[str, ModelEvaluator] = {}
 _DATASETS: dict[str, DatasetLoader] = {}
@@ -176,6 +189,60 @@ def evaluate_weights(
     return evaluator(weights, test.x, test.y)
 
 
+def with_split_body(
+    factory: sessionmaker[Session],
+    config: WorkerConfig,
+    run_id: str,
+    model_version: int,
+    parts: Mapping[str, np.ndarray],
+    run_config: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+    """The version's head and tail (``parts``) with the body named in its metrics, waited
+    for; EvaluationError when none is named in time (the edge session failed or is gone)."""
+    wait_s = float(run_config["split"].get("body_wait_s", BODY_WAIT_S))
+    deadline = time.monotonic() + wait_s
+    while True:
+        with session_scope(factory) as s:
+            mv = q.get_model_version(s, run_id, model_version)
+            sha = body_ref(mv.metrics if mv is not None else None)
+            blob = blobstore.get(s, sha) if sha is not None else None
+        if blob is not None:
+            break
+        if time.monotonic() >= deadline:
+            raise EvaluationError(
+                f"version {model_version} of split run {run_id} names no edge body after "
+                f"{wait_s:g} s (its round's edge session failed or never ran)"
+            )
+        time.sleep(BODY_POLL_S)
+    try:
+        body = decode(blob, limits=config.decode_limits).tensors
+    except CodecError as e:
+        raise EvaluationError(f"the body of version {model_version}: {e}") from e
+    return {**body, **parts}
+
+
+def evaluate_split(
+    weights: Mapping[str, np.ndarray], run_config: Mapping[str, Any]
+) -> dict[str, float]:
+    """Metrics of a split run's composed model (every tensor of the whole model)."""
+    spec = dict(run_config["split"].get("model") or {})
+    dataset, data_params = _spec(run_config.get("dataset"))
+    test = _test_set(dataset, data_params)
+    if test is None:
+        raise Unavailable(f"no test set for dataset {dataset!r}")
+    try:
+        model = build_full(
+            {"num_classes": test.num_classes, "input_shape": test.x.shape[1:], **spec}
+        )
+        # What neither side holds (none for the models cut today) stays as the seed built it,
+        # as on the devices and the edge; a tensor of the wrong name or shape is refused.
+        load_numpy(model, {**to_numpy(model), **weights})
+    except (KeyError, TypeError, ValueError) as e:
+        raise EvaluationError(f"split model {spec.get('name')!r}: {e}") from e
+    loss, accuracy = torch_evaluate(model, test.x, test.y)
+    return {"loss": loss, "accuracy": accuracy, "num_samples": float(len(test.y))}
+
+
 def evaluate_version(
     config: WorkerConfig, run_id: str, round_number: int, model_version: int
 ) -> dict[str, Any]:
@@ -197,7 +264,12 @@ def evaluate_version(
         raise EvaluationError(f"model version {model_version}: {e}") from e
     del blob
     try:
-        metrics = evaluate_weights(decoded.tensors, run_config)
+        if isinstance(run_config.get("split"), Mapping):
+            weights = with_split_body(factory, config, run_id, model_version, decoded.tensors,
+                                      run_config)  # fmt: skip
+            metrics = evaluate_split(weights, run_config)
+        else:
+            metrics = evaluate_weights(decoded.tensors, run_config)
     except Unavailable as e:
         with session_scope(factory) as s:
             q.record_event(s, SKIPPED, run_id=run_id, round=round_number, detail={"reason": str(e)})
