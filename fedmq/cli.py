@@ -155,6 +155,7 @@ def orchestrator(
     processes, updates are stored by child processes and use more than one core."""
     import logging
 
+    from fedmq import metrics_http
     from fedmq.ingest_processes import IngestProcesses
     from fedmq.wiring import orchestrator_service
 
@@ -177,12 +178,17 @@ def orchestrator(
         _ensure_sqlite_dir(s.database_url)
         migrations.upgrade(s.database_url)
     if ingest_only or s.ingest_processes == 0 or s.embedded:
-        orchestrator_service(s, ingest_only=ingest_only).run_forever()
+        service = orchestrator_service(s, ingest_only=ingest_only)
+        if not ingest_only:  # an ingest child serves none (docs/monitoring.md)
+            metrics_http.serve_orchestrator(s, service.sessions)
+        service.run_forever()
         return
     children = IngestProcesses(s.ingest_processes).start()
     try:
         # The children store the updates; this process signals, counts and sends.
-        orchestrator_service(s, ingest_consumers=0).run_forever()
+        service = orchestrator_service(s, ingest_consumers=0)
+        metrics_http.serve_orchestrator(s, service.sessions)
+        service.run_forever()
     finally:
         children.stop()
 

@@ -32,6 +32,7 @@ def gateway_config(s: Settings, operator_token: str | None) -> GatewayConfig:
         register_burst=s.gateway_register_burst,
         max_device_info_bytes=s.max_device_info_bytes,
         device_queue_expires_s=s.device_queue_expires_s,
+        metrics=s.metrics_port is not None,
     )
 
 

@@ -177,6 +177,19 @@ class Settings(BaseSettings):
         3.0, gt=0, description="How often the dashboard's pages refresh themselves"
     )
 
+    # Metrics (Prometheus)
+    metrics_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description=(
+            "Serve Prometheus metrics at /metrics on this port (orchestrator, worker; `fedmq "
+            "up` gives its services this port and the next ones, the gateway serves them on its "
+            "own port); unset: no metrics"
+        ),
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoints listen on")
+
     # Security and storage
     operator_token: SecretStr | None = Field(
         None,

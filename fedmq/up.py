@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from rich.console import Console
 
 from db import migrations
@@ -130,6 +131,7 @@ def run(
     }
     opts = options or StackOptions()
     started = services(opts)
+    watch = _metrics(s, started, env, console)
     if opts.split:
         # A split device's edge link publishes through the broker's default exchange and
         # declares reply queues that per-device users may not (docs/architecture.md,
@@ -156,7 +158,9 @@ def run(
     if opts.dashboard:
         console.print(f"dashboard on http://{s.dashboard_host}:{s.dashboard_port}")
     try:
-        code = _supervise(started, env, logs, console, stop, policy or RestartPolicy(), board)
+        code = _supervise(
+            started, env, logs, console, stop, policy or RestartPolicy(), board, watch
+        )
     finally:
         _stop_all(started, console)
         for svc in started:
@@ -173,6 +177,7 @@ def _supervise(
     stop: threading.Event,
     policy: RestartPolicy,
     board: _HealthBoard,
+    watch: Counter | None = None,
 ) -> int:
     """Restart what exits until ``stop``; returns the exit code of ``fedmq up``."""
     last_board = time.monotonic()
@@ -209,6 +214,8 @@ def _supervise(
             elif now >= svc.restart_at:
                 svc.restart_at = None
                 svc.restarts += 1
+                if watch is not None:
+                    watch.labels(svc.name).inc()
                 _spawn(svc, env, logs)
                 console.print(f"restarted {svc.name} (pid {_pid(svc)})")
                 board.write(svc, "running")
@@ -218,6 +225,53 @@ def _supervise(
                 board.write(svc, "restarting" if svc.restart_at is not None else "running")
         stop.wait(0.2)
     return 0
+
+
+def _metrics(
+    s: Settings, started: list[Service], env: dict[str, str], console: Console
+) -> Counter | None:
+    """With FEDMQ_METRICS_PORT: serve the stack's own metrics there and give the
+    orchestrator and workers the next ports (``metrics_http.UP_OFFSETS``); the gateway
+    serves /metrics on its own port. The other children get no port: one that started a
+    process of its own (a fleet's worker) would take one of theirs. Returns the restart
+    counter (None: no metrics)."""
+    env.pop("FEDMQ_METRICS_PORT", None)
+    if s.metrics_port is None:
+        return None
+    from fedmq import metrics_http
+
+    registry = CollectorRegistry()
+    restarts = up_metrics(registry, started)
+    base = metrics_http.serve(s, registry)
+    urls = [f"up :{base}"]
+    for svc in started:
+        offset = metrics_http.UP_OFFSETS.get(svc.name)
+        if offset is not None:
+            svc.env["FEDMQ_METRICS_PORT"] = str(base + offset)
+            urls.append(f"{svc.name} :{base + offset}")
+        elif svc.name == "gateway":
+            svc.env["FEDMQ_METRICS_PORT"] = str(base)  # on: at /metrics of its own port
+            urls.append(f"gateway :{s.gateway_port}")
+    console.print(f"metrics on http://{s.metrics_host}: " + ", ".join(urls) + " (/metrics)")
+    return restarts
+
+
+def up_metrics(registry: CollectorRegistry, started: list[Service]) -> Counter:
+    """The stack's own metrics in ``registry``; returns the restart counter."""
+    running = Gauge(
+        "fedmq_up_services_running",
+        "Services of the stack whose process is running",
+        registry=registry,
+    )
+    running.set_function(
+        lambda: sum(1 for x in started if x.proc is not None and x.proc.poll() is None)
+    )
+    return Counter(
+        "fedmq_up_restarts",
+        "Services `fedmq up` started again after they exited",
+        ["service"],
+        registry=registry,
+    )
 
 
 def _pid(svc: Service) -> int:

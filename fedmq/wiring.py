@@ -65,6 +65,8 @@ def worker_config(s: Settings) -> WorkerConfig:
         device=s.worker_device,
         split_threshold=s.aggregate_split_threshold,
         split_parts=s.aggregate_parts,
+        metrics_port=s.metrics_port,
+        metrics_host=s.metrics_host,
     )
 
 

@@ -5,6 +5,8 @@ The caller owns the bus and the sessions (``fedmq gateway`` opens and closes the
 from __future__ import annotations
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import api_v1, errors, paper
@@ -35,4 +37,13 @@ def create_app(config: GatewayConfig, bus: Bus, sessions: sessionmaker[Session])
     errors.install(app)
     app.include_router(paper.router)
     app.include_router(api_v1.router)
+    if config.metrics:
+        # Requests by route, method and status, their durations and body sizes (bytes up
+        # and down through the gateway), in a registry of this app's own: two apps in one
+        # process (tests) must not collide in the default one.
+        Instrumentator(
+            should_group_status_codes=False,
+            excluded_handlers=["/metrics"],
+            registry=CollectorRegistry(),
+        ).instrument(app).expose(app, include_in_schema=False)
     return app

@@ -36,3 +36,5 @@ class GatewayConfig:
     # The device queues the gateway declares for its clients expire this long after their
     # client last read them (None: never).
     device_queue_expires_s: float | None = DEVICE_QUEUE_EXPIRES_S
+    # Prometheus metrics of the HTTP API at /metrics on the gateway's own port.
+    metrics: bool = False

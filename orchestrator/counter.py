@@ -12,7 +12,7 @@ crash are counted by the next pass (every start and every tick counts before it 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
@@ -31,12 +31,15 @@ BATCH = 1024
 
 @dataclass(frozen=True)
 class Count:
-    """What one pass counted: ``results`` of the extra inputs (None: no such run)."""
+    """What one pass counted: ``results`` of the extra inputs (None: no such run);
+    ``steps`` every step of the pass, counted updates' first (for metrics)."""
 
     accepted: int
     refused: int
     full: bool  # the pass took ``limit`` updates: more may be waiting
     results: list[StepResult] | None
+    accepted_bytes: int = 0
+    steps: list[StepResult] = field(default_factory=list)
 
 
 def count(
@@ -55,7 +58,7 @@ def count(
     rows = oq.take_inbox(s, run_id, limit)
     inputs = [_input(r) for r in rows]
     results = step_many(s, run_id, [*inputs, *extra], now)
-    accepted = 0
+    accepted = accepted_bytes = 0
     refused: list[tuple[InboxUpdate, str]] = []
     for i, row in enumerate(rows):
         refusal = None if results is None else results[i].refusal
@@ -65,6 +68,7 @@ def count(
             refused.append((row, refusal.reason))
         else:
             accepted += 1
+            accepted_bytes += row.bytes or 0
             notify_update(s, run_id, row.client_id, row.round, row.message_id, None)
     if refused:
         # A refused update must not look stored: its claim and (unless another update or
@@ -78,6 +82,8 @@ def count(
         len(refused),
         len(rows) >= limit,
         None if results is None else results[len(rows) :],
+        accepted_bytes,
+        results or [],
     )
 
 

@@ -22,6 +22,7 @@ from db import blobstore
 from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
+from orchestrator import metrics
 from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.keys import SigningKeys
 from orchestrator.tasks import TaskRunner
@@ -257,6 +258,7 @@ class Outbox:
                 message_id=new_message_id(),
                 mandatory=False,
             )
+        metrics.MODEL_BYTES.inc(len(blob))
         train_config = dict((run.config or {}).get("train") or {})
         ann = RoundAnnouncement(
             run_id=run_id,

@@ -39,9 +39,10 @@ from db import queries as q
 from db.engine import session_scope
 from db.health import HealthReporter
 from db.queries import orchestrator as oq
+from orchestrator import metrics
 from orchestrator.accounts import BrokerAccounts
 from orchestrator.control import Control
-from orchestrator.counter import count
+from orchestrator.counter import Count, count
 from orchestrator.deadletters import DeadLetters
 from orchestrator.ingest import Ingest
 from orchestrator.keys import SigningKeys
@@ -209,13 +210,17 @@ class OrchestratorService:
             )
         )
         self._consumers.append(
-            self.bus.consume(topology.CONTROL_QUEUE, self._patient(self.control.handle), prefetch=8)
+            self.bus.consume(
+                topology.CONTROL_QUEUE,
+                self._observed(topology.CONTROL_QUEUE, self._patient(self.control.handle)),
+                prefetch=8,
+            )
         )
         if self.config.consume_dead_letters:
             self._consumers.append(
                 self.bus.consume_batches(
                     topology.DEAD_LETTER_QUEUE,
-                    self.dead_letters.handle_many,
+                    self._observed_many(topology.DEAD_LETTER_QUEUE, self.dead_letters.handle_many),
                     # Dead letters may be 4 MiB update chunks: a small window keeps the
                     # bodies held in memory at 64 MiB.
                     batching=Batching(max_messages=16),
@@ -273,10 +278,18 @@ class OrchestratorService:
         patient = self._patient(one)
         batching = self.config.batching
         if batching is None:
-            return self.bus.consume(queue, patient, prefetch=prefetch)
+            return self.bus.consume(queue, self._observed(queue, patient), prefetch=prefetch)
 
         def run(ds: list[Delivery]) -> None:
             self._tally(queue, len(ds))
+            began = time.perf_counter()
+            try:
+                handle(ds)
+            finally:
+                metrics.observe_batch(queue, len(ds), time.perf_counter() - began)
+                metrics.observe_deliveries(queue, ds)
+
+        def handle(ds: list[Delivery]) -> None:
             # A batch of one too: the batch path is one transaction where the update path
             # one at a time takes two (staging check, then store).
             try:
@@ -293,6 +306,30 @@ class OrchestratorService:
 
         # A batch is bounded by the prefetch too (the broker sends no more un-acked).
         return self.bus.consume_batches(queue, run, batching=batching, prefetch=prefetch)
+
+    @staticmethod
+    def _observed_many(
+        queue: str, handler: Callable[[list[Delivery]], None]
+    ) -> Callable[[list[Delivery]], None]:
+        def run(ds: list[Delivery]) -> None:
+            try:
+                handler(ds)
+            finally:
+                metrics.observe_deliveries(queue, ds)
+
+        return run
+
+    @staticmethod
+    def _observed(queue: str, handler: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
+        """``handler``, its message's outcome counted after it ran."""
+
+        def run(d: Delivery) -> None:
+            try:
+                handler(d)
+            finally:
+                metrics.observe_deliveries(queue, [d])
+
+        return run
 
     def _patient(self, handler: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
         """``handler`` run again (with backoff) while the database is away.
@@ -388,8 +425,7 @@ class OrchestratorService:
         done = 0
         for run_id in run_ids:
             while True:
-                with session_scope(self.sessions) as s:
-                    c = count(s, run_id, self.clock())
+                c = self._count(run_id)
                 done += c.accepted + c.refused
                 if not c.full:
                     break
@@ -532,8 +568,18 @@ class OrchestratorService:
     def step(self, run_id: str, event: Input) -> None:
         """Step ``event`` after counting the run's stored updates (a deadline must not close
         a round past an update that is already in)."""
+        self._count(run_id, [StepInput(event)])
+
+    def _count(self, run_id: str, extra: list[StepInput] | None = None) -> Count:
+        """One counting pass (``orchestrator.counter``) in its own transaction; its
+        metrics are taken once it committed."""
+        began = time.perf_counter()
+        now = self.clock()
         with session_scope(self.sessions) as s:
-            count(s, run_id, self.clock(), extra=[StepInput(event)])
+            c = count(s, run_id, now, extra=extra or ())
+        metrics.observe_count(c.accepted, c.refused, c.accepted_bytes, time.perf_counter() - began)
+        metrics.observe_steps(c.steps)
+        return c
 
     def housekeeping(self) -> None:
         """Staged uploads whose chunks stopped coming are dropped (any replica: they belong

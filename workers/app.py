@@ -38,6 +38,7 @@ from protocol.tasks import (
     EVALUATE_QUEUE,
     EVALUATE_TASK,
 )
+from workers import metrics
 from workers.config import WorkerConfig
 from workers.health import BrokerHealth
 from workers.tasks.aggregate import SplitJob, aggregate_round
@@ -112,6 +113,7 @@ def configure(config: WorkerConfig) -> Celery:
     app.conf.update(celery_config(config))
     for task in (aggregate, aggregate_partial, aggregate_combine, evaluate):
         task.max_retries = config.max_retries
+    metrics.install(config)
     return app
 
 

@@ -58,6 +58,10 @@ class WorkerConfig:
     split_threshold: int = 256
     split_parts: int = 2
     test_aggregate_delay_s: float = 0.0
+    # Prometheus metrics (workers.metrics) at http://metrics_host:metrics_port/metrics; None:
+    # none.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.max_aggregation_bytes <= 0:
@@ -115,6 +119,8 @@ class WorkerConfig:
             split_threshold=_int(e, "FEDMQ_AGGREGATE_SPLIT_THRESHOLD", default.split_threshold),
             split_parts=_int(e, "FEDMQ_AGGREGATE_PARTS", default.split_parts),
             test_aggregate_delay_s=_float(e, "FEDMQ_TEST_AGGREGATE_DELAY_S", 0.0),
+            metrics_port=_int(e, "FEDMQ_METRICS_PORT", 0) or None,
+            metrics_host=e.get("FEDMQ_METRICS_HOST", default.metrics_host),
         )
 
 

@@ -127,7 +127,8 @@ def on_evaluated(tx: Tx, ev: EvaluationFinished) -> None:
     assert rnd is not None and rnd.model_version is not None
     tx.set_round(state=RoundState.DONE, metrics=dict(ev.metrics))
     tx.last_completed_round = rnd.number
-    tx.emit(RoundDone(rnd.number, rnd.model_version, dict(ev.metrics)))
+    seconds = max(0.0, tx.now - rnd.opened_at)
+    tx.emit(RoundDone(rnd.number, rnd.model_version, dict(ev.metrics), seconds))
     if tx.autorun_remaining:
         tx.autorun_remaining -= 1
         left = tx.autorun_remaining

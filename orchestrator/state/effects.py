@@ -146,6 +146,7 @@ class RoundDone(Effect):
     number: int
     model_version: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # the attempt, opened to done
 
 
 # --- tasks ----------------------------------------------------------------------------------

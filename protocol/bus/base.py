@@ -122,6 +122,12 @@ class Delivery(ABC):
     def settled(self) -> bool:
         return self._settled is not None
 
+    @property
+    def outcome(self) -> str | None:
+        """How it was settled: ``ack``, ``requeue``, ``reject`` (dead-lettered with a
+        reason) or ``discard``; None while it is not."""
+        return self._settled
+
     def ack(self) -> None:
         """The message is done with; the broker forgets it."""
         self._claim("ack")

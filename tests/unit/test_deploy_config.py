@@ -236,6 +236,9 @@ PER_SERVICE = {
     "FEDMQ_BROKER_ACCOUNTS_URL",  # the orchestrator's alone
     "FEDMQ_DEVICE_BROKER_URL",  # the fleet's alone (`fedmq up` sets it); devices here use their own
     "FEDMQ_REPLICA_ID",  # each orchestrator replica its own (default: host-pid-random)
+    # Metrics: on for the services that serve them (a fleet's own worker would take a port).
+    "FEDMQ_METRICS_PORT",
+    "FEDMQ_METRICS_HOST",
     "FEDMQ_BROKER_URL",
     "FEDMQ_DATABASE_URL",
     "FEDMQ_OPERATOR_TOKEN",
