@@ -9,6 +9,7 @@ from orchestrator.state.effects import (
     ClientStateChanged,
     ClientWentOffline,
     DispatchAggregate,
+    Dispatched,
     DispatchEvaluate,
     Effect,
     Ignored,
@@ -19,7 +20,10 @@ from orchestrator.state.effects import (
     RoundDone,
     RoundFailed,
     RoundRetried,
+    SlotExpired,
     UpdateAccepted,
+    UpdateBuffered,
+    VersionStepOpened,
 )
 from orchestrator.state.inputs import (
     AggregationFailed,
@@ -43,11 +47,18 @@ from orchestrator.state.inputs import (
     command_event,
 )
 from orchestrator.state.machine import SIGNAL_RULES, step
-from orchestrator.state.model import ClientRecord, Federation, Round, Update
+from orchestrator.state.model import Buffer, Buffered, ClientRecord, Federation, Round, Ticket, Update
 from orchestrator.state.policy import RoundPolicy, select_clients
 from orchestrator.state.serde import from_dict, to_dict
 
 __all__ = [
+    "VersionStepOpened",
+    "UpdateBuffered",
+    "Ticket",
+    "SlotExpired",
+    "Dispatched",
+    "Buffered",
+    "Buffer",
     "SIGNAL_RULES",
     "AggregationFailed",
     "AggregationSucceeded",
