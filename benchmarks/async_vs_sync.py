@@ -187,9 +187,7 @@ def main() -> None:
     ap.add_argument("--sync-rounds", type=int, default=30)
     ap.add_argument("--async-versions", type=int, default=120)
     args = ap.parse_args()
-    sync_rounds, async_versions = (
-        (3, 8) if args.quick else (args.sync_rounds, args.async_versions)
-    )
+    sync_rounds, async_versions = (3, 8) if args.quick else (args.sync_rounds, args.async_versions)
     results: dict[str, dict[str, Any]] = {}
     with TemporaryDirectory() as tmp:
         for name, mode, n in (
@@ -234,7 +232,7 @@ server lr 1, {async_versions} versions. Embedded mode; time from the autorun com
 |---|---|---|---|---|---|---|
 {rows}
 
-Speed-up to 90 %: {speedup if speedup is not None else "n/a"}× (target: ≥ 2×, final accuracy
+Speed-up to 90 %: {speedup if speedup is not None else "n/a"}x (target: at least 2x, final accuracy
 within 1 point). Async staleness of the folded updates (versions behind: count):
 {s_async["staleness_hist"]}.
 

@@ -47,23 +47,26 @@ from orchestrator.state.inputs import (
     command_event,
 )
 from orchestrator.state.machine import SIGNAL_RULES, step
-from orchestrator.state.model import Buffer, Buffered, ClientRecord, Federation, Round, Ticket, Update
+from orchestrator.state.model import (
+    Buffer,
+    Buffered,
+    ClientRecord,
+    Federation,
+    Round,
+    Ticket,
+    Update,
+)
 from orchestrator.state.policy import RoundPolicy, select_clients
 from orchestrator.state.serde import from_dict, to_dict
 
 __all__ = [
-    "VersionStepOpened",
-    "UpdateBuffered",
-    "Ticket",
-    "SlotExpired",
-    "Dispatched",
-    "Buffered",
-    "Buffer",
     "SIGNAL_RULES",
     "AggregationFailed",
     "AggregationSucceeded",
     "Autorun",
     "AutorunChanged",
+    "Buffer",
+    "Buffered",
     "ClientJoined",
     "ClientKicked",
     "ClientLeft",
@@ -75,6 +78,7 @@ __all__ = [
     "CloseRound",
     "DispatchAggregate",
     "DispatchEvaluate",
+    "Dispatched",
     "Effect",
     "EvaluationFinished",
     "Federation",
@@ -93,11 +97,15 @@ __all__ = [
     "RoundFailed",
     "RoundPolicy",
     "RoundRetried",
+    "SlotExpired",
     "StopAutorun",
     "Tick",
+    "Ticket",
     "Update",
     "UpdateAccepted",
+    "UpdateBuffered",
     "UpdateReceived",
+    "VersionStepOpened",
     "command_event",
     "from_dict",
     "select_clients",

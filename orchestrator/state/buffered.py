@@ -181,9 +181,7 @@ def fill(tx: Tx) -> None:
     if free <= 0:
         return
     busy = {t.client_id for t in buf.training} | buf.buffered_clients()
-    eligible = [
-        cid for cid, c in tx.clients.items() if c.state in SELECTABLE and cid not in busy
-    ]
+    eligible = [cid for cid, c in tx.clients.items() if c.state in SELECTABLE and cid not in busy]
     if not eligible:
         return
     # A hash of the run and the next ticket orders them: deterministic, and a different
@@ -197,6 +195,4 @@ def fill(tx: Tx) -> None:
         tickets.append(Ticket(cid, number, tx.model_version, tx.now))
         tx.move(cid, ClientState.TRAINING, f"handed version {tx.model_version} (ticket {number})")
         tx.emit(Dispatched(cid, number, tx.model_version, deadline))
-    tx.buffer = replace(
-        buf, training=tuple(sorted(tickets)), next_ticket=first + len(chosen)
-    )
+    tx.buffer = replace(buf, training=tuple(sorted(tickets)), next_ticket=first + len(chosen))
