@@ -56,6 +56,20 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     selection: str = typer.Option(
         "uniform", help="How a capped round draws its devices: uniform or availability"
     ),
+    run_mode: str = typer.Option(
+        "sync", "--mode", help="sync (rounds) or async (FedBuff: buffered, staleness-weighted)"
+    ),
+    buffer_size: int = typer.Option(10, min=1, help="--mode async: updates per version step"),
+    max_staleness: int = typer.Option(
+        10, min=0, help="--mode async: refuse updates more versions behind than this"
+    ),
+    concurrency: int | None = typer.Option(
+        None, min=1, help="--mode async: at most this many devices train at once"
+    ),
+    staleness: str = typer.Option(
+        "poly", help="--mode async: staleness weight: poly (1/sqrt(1+s)), constant, hinge"
+    ),
+    server_lr: float = typer.Option(1.0, min=1e-6, help="--mode async: server learning rate"),
     split: bool = typer.Option(
         False, "--split", help="SplitFed: device heads/tails, the body on an edge session"
     ),
@@ -107,6 +121,13 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         )
     if selection not in SELECTIONS:
         raise typer.BadParameter(f"one of {', '.join(SELECTIONS)}", param_hint="--selection")
+    from learning.staleness import POLICIES
+    from orchestrator.state.policy import MODES
+
+    if run_mode not in MODES:
+        raise typer.BadParameter(f"one of {', '.join(MODES)}", param_hint="--mode")
+    if staleness not in POLICIES:
+        raise typer.BadParameter(f"one of {', '.join(POLICIES)}", param_hint="--staleness")
     options = SimOptions(
         **common,
         proximal_mu=proximal_mu,
@@ -116,6 +137,12 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         max_clients=max_clients,
         selection=selection,
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
+        mode=run_mode,
+        buffer_size=buffer_size,
+        max_staleness=max_staleness,
+        concurrency=concurrency,
+        staleness=staleness,
+        server_lr=server_lr,
     )
     mode = (
         "full (RabbitMQ + database, worker and devices as processes)"

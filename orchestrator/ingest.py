@@ -53,6 +53,18 @@ class Ingest:
 
     def __post_init__(self) -> None:
         self._specs: dict[tuple[str, int], dict[str, TensorSpec]] = {}
+        self._async: dict[str, bool] = {}
+
+    def _is_async(self, s: Session, run_id: str) -> bool:
+        """Whether ``run_id`` is an async run (a run's policy never changes: cached)."""
+        known = self._async.get(run_id)
+        if known is None:
+            run = q.get_run(s, run_id)
+            policy = (run.config or {}).get("policy") if run is not None else None
+            known = isinstance(policy, dict) and policy.get("mode") == "async"
+            if run is not None:
+                self._async[run_id] = known
+        return known
 
     def handle(self, d: Delivery) -> None:
         try:
@@ -243,6 +255,12 @@ class Ingest:
         )
         if reason is not None:
             raise Refuse(reason)
+        if self._is_async(s, meta.run_id):
+            # An async update's round is its slot's ticket, not a round row: whether the
+            # ticket is outstanding is the machine's to say when it counts it (a refusal
+            # there discards the stored blob and tells the device); the message id and
+            # the inbox's (run, round, client) key still de-duplicate here.
+            return True
         if part is not None and part.state == ParticipationState.UPDATE:
             # A duplicate of a counted update: acked and not stored again, but said once.
             if chunk.index == 0:

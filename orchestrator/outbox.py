@@ -230,7 +230,14 @@ class Outbox:
             log.error("broadcast %s: run %s has no model version %s", item.id, run_id, p)
             return
         blob = blobstore.get(s, mv.blob_sha)
-        key = topology.broadcast_routing_key(run_id)
+        # "to": an async run's slot, for one device (signed as a broadcast all the same:
+        # devices check round and model messages against the broadcast recipient).
+        to = p.get("to")
+        key = (
+            topology.broadcast_routing_key(run_id)
+            if to is None
+            else topology.device_routing_key(str(to))
+        )
         encoding = peek_header(blob).encoding
         meta = ModelMeta(
             run_id=run_id,
@@ -271,7 +278,11 @@ class Outbox:
             attempt=int(p["attempt"]),
             carried=list(p.get("carried") or []),
             train_config=_scalars(train_config),
-            message_id=f"round-{run_id}-{p['round']}-{p['attempt']}"[:64],
+            message_id=(
+                f"round-{run_id}-{p['round']}-{p['attempt']}"
+                if to is None
+                else f"slot-{run_id}-{p['round']}"
+            )[:64],
         )
         body = ann.to_json()
         self.bus.publish(

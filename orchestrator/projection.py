@@ -23,6 +23,7 @@ from orchestrator import edge
 from orchestrator.state import (
     ClientStateChanged,
     DispatchAggregate,
+    Dispatched,
     DispatchEdgeSession,
     DispatchEvaluate,
     Effect,
@@ -34,6 +35,7 @@ from orchestrator.state import (
     RoundDone,
     RoundFailed,
     UpdateAccepted,
+    VersionStepOpened,
 )
 from protocol.messages import RoundState as MachineRoundState
 from protocol.tasks import AGGREGATE_QUEUE, AGGREGATE_TASK, EVALUATE_QUEUE, EVALUATE_TASK
@@ -122,6 +124,24 @@ def project(
                     "deadline": e.deadline,
                 },
             )
+        elif isinstance(e, Dispatched):
+            # An async slot: the announcement and the model to that one device.
+            oq.add_outbox(
+                s,
+                run_id,
+                "broadcast",
+                {
+                    "round": e.ticket,
+                    "attempt": 1,
+                    "model_version": e.model_version,
+                    "selected": [e.client_id],
+                    "carried": [],
+                    "deadline": e.deadline,
+                    "to": e.client_id,
+                },
+            )
+        elif isinstance(e, VersionStepOpened):
+            _project_version_step(s, run_id, e, now)
         elif isinstance(e, DispatchAggregate):
             tid = aggregate_task_id(run_id, e.round, e.attempt, e.retry)
             oq.add_outbox(
@@ -175,6 +195,33 @@ def _dispatch_edge(s: Session, run_id: str, e: DispatchEdgeSession, now: float) 
         log.error("round %s of run %s: no edge session: %s", e.round, run_id, err)
         return
     oq.add_outbox(s, run_id, "task", item)
+
+
+def _project_version_step(s: Session, run_id: str, e: VersionStepOpened, now: float) -> None:
+    """An async version step's round row was made open by ``_project_round``: its buffered
+    updates are recorded as its participations' updates (what the aggregate task reads),
+    then it is closed as the machine has it."""
+    rnd = q.get_round(s, run_id, e.number)
+    if rnd is None:
+        return
+    rows = [
+        {
+            "client_id": u.client_id,
+            "update_sha": u.ref,
+            "num_samples": u.num_samples,
+            "bytes": 0,
+            "loss": None,
+            "accuracy": None,
+            "train_time_s": None,
+            "message_id": None,
+            "received_at": ts(now),
+        }
+        for u in e.updates
+    ]
+    q.record_updates(s, rnd.id, rows)
+    oq.sync_round(
+        s, rnd.id, state=RoundState.AGGREGATING, attempt=1, quorum=len(rows), deadline=ts(now)
+    )
 
 
 def write_updates(s: Session, run_id: str, pending: list[tuple[int, dict[str, Any]]]) -> None:

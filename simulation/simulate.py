@@ -69,6 +69,14 @@ class SimOptions:
     out: Path = Path("fedmq-out")
     broker: str | None = None
     database: str | None = None
+    # ``async``: FedBuff (orchestrator/state/buffered.py); ``rounds`` then counts version
+    # steps of ``buffer_size`` updates each.
+    mode: str = "sync"
+    buffer_size: int = 10
+    max_staleness: int = 10
+    concurrency: int | None = None
+    staleness: str = "poly"
+    server_lr: float = 1.0
 
 
 @dataclass
@@ -156,6 +164,17 @@ def policy_for(o: SimOptions, s: Settings) -> RoundPolicy:
         # The default waits for the whole fleet; with a cap a round takes only so many, so
         # it waits for that many (an explicit min_clients above the cap is refused).
         min_clients = min(min_clients, o.max_clients)
+    if o.mode == "async":
+        # No round waits for anyone: a slot waits deadline_s for its update at most.
+        return RoundPolicy(
+            min_clients=1,
+            deadline_s=o.deadline_s,
+            heartbeat_timeout_s=timeout,
+            mode="async",
+            buffer_size=o.buffer_size,
+            max_staleness=o.max_staleness,
+            concurrency=o.concurrency,
+        )
     return RoundPolicy(
         min_clients=min_clients,
         quorum_fraction=quorum,
@@ -194,6 +213,11 @@ def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim
             strategy=strategy,
             train=train,
             extra_config={
+                **(
+                    {"async": {"staleness": o.staleness, "server_lr": o.server_lr}}
+                    if o.mode == "async"
+                    else {}
+                ),
                 "model": {"name": o.model},
                 "dataset": {"name": o.dataset},
                 "simulation": {k: str(v) for k, v in asdict(o).items()},

@@ -9,6 +9,7 @@ from orchestrator.state.effects import (
     ClientStateChanged,
     ClientWentOffline,
     DispatchAggregate,
+    Dispatched,
     DispatchEdgeSession,
     DispatchEvaluate,
     Effect,
@@ -20,7 +21,10 @@ from orchestrator.state.effects import (
     RoundDone,
     RoundFailed,
     RoundRetried,
+    SlotExpired,
     UpdateAccepted,
+    UpdateBuffered,
+    VersionStepOpened,
 )
 from orchestrator.state.inputs import (
     AggregationFailed,
@@ -44,7 +48,15 @@ from orchestrator.state.inputs import (
     command_event,
 )
 from orchestrator.state.machine import SIGNAL_RULES, step
-from orchestrator.state.model import ClientRecord, Federation, Round, Update
+from orchestrator.state.model import (
+    Buffer,
+    Buffered,
+    ClientRecord,
+    Federation,
+    Round,
+    Ticket,
+    Update,
+)
 from orchestrator.state.policy import RoundPolicy, select_clients
 from orchestrator.state.serde import from_dict, to_dict
 
@@ -54,6 +66,8 @@ __all__ = [
     "AggregationSucceeded",
     "Autorun",
     "AutorunChanged",
+    "Buffer",
+    "Buffered",
     "ClientJoined",
     "ClientKicked",
     "ClientLeft",
@@ -66,6 +80,7 @@ __all__ = [
     "DispatchAggregate",
     "DispatchEdgeSession",
     "DispatchEvaluate",
+    "Dispatched",
     "Effect",
     "EvaluationFinished",
     "Federation",
@@ -84,11 +99,15 @@ __all__ = [
     "RoundFailed",
     "RoundPolicy",
     "RoundRetried",
+    "SlotExpired",
     "StopAutorun",
     "Tick",
+    "Ticket",
     "Update",
     "UpdateAccepted",
+    "UpdateBuffered",
     "UpdateReceived",
+    "VersionStepOpened",
     "command_event",
     "from_dict",
     "select_clients",

@@ -219,3 +219,52 @@ class Ignored(Effect):
     kind: ClassVar[str] = "ignored"
     event: Input
     reason: str
+
+
+# --- async runs (``orchestrator.state.buffered``) -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched(Effect):
+    """Hand ``client_id`` model version ``model_version`` to train: its update names
+    ``ticket`` as its round, and is expected by ``deadline``."""
+
+    kind: ClassVar[str] = "async.dispatched"
+    client_id: str
+    ticket: int
+    model_version: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateBuffered(Effect):
+    """Accepted into the buffer: it will be counted in exactly one version step."""
+
+    kind: ClassVar[str] = "update.buffered"
+    client_id: str
+    ticket: int
+    ref: str
+    num_samples: int
+    base_version: int
+    staleness: int
+    buffered: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotExpired(Effect):
+    kind: ClassVar[str] = "async.slot_expired"
+    client_id: str
+    ticket: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStepOpened(Effect):
+    """A version step: round ``number`` folds ``updates`` (the buffer's oldest) onto
+    version ``base_model_version``; ``staleness`` is each update's, in the same order."""
+
+    kind: ClassVar[str] = "async.version_step"
+    number: int
+    base_model_version: int
+    updates: tuple[Update, ...]
+    staleness: tuple[int, ...]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.state import control, rounds
+from orchestrator.state import buffered, control, rounds
 from orchestrator.state.effects import (
     ClientStateChanged,
     ClientWentOffline,
@@ -71,13 +71,19 @@ def step(fed: Federation, event: Input, now: float) -> tuple[Federation, list[Ef
     if handler is None:
         return fed, [Rejected(event, f"unknown event {type(event).__name__}")]
     tx = Tx(fed, now)
+    asynchronous = buffered.is_async(tx)
+    if asynchronous:
+        handler = _ASYNC_HANDLERS.get(type(event), handler)
     try:
         handler(tx, event)
     except Refused as refused:
         if refused.ignored:
             return fed, [Ignored(event, refused.reason)]
         return fed, [Rejected(event, refused.reason, rejoin=refused.rejoin)]
-    rounds.try_open(tx)
+    if asynchronous:
+        buffered.advance(tx)
+    else:
+        rounds.try_open(tx)
     return tx.result(), tx.effects
 
 
@@ -184,6 +190,21 @@ def _on_tick(tx: Tx, _: Tick) -> None:
             tx.go_offline(cid, "timeout")
             rounds.check_complete(tx)
     rounds.check_deadline(tx)
+
+
+def _no_manual_rounds(tx: Tx, ev: Input) -> None:
+    raise Refused(
+        f"{type(ev).__name__}: an async run opens its version steps itself (every "
+        f"{tx.policy.buffer_size} buffered updates)"
+    )
+
+
+# Where an async run differs; every other input is handled as in a synchronous run.
+_ASYNC_HANDLERS: dict[type, Callable[[Tx, Any], None]] = {
+    UpdateReceived: buffered.on_update,
+    OpenRound: _no_manual_rounds,
+    CloseRound: _no_manual_rounds,
+}
 
 
 _HANDLERS: dict[type, Callable[[Tx, Any], None]] = {

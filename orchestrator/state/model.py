@@ -214,6 +214,55 @@ class Round:
         return len(self.received) >= self.quorum
 
 
+class Ticket(NamedTuple):
+    """A slot of an async run: ``client_id`` was handed version ``base_version`` at
+    ``handed_at`` and trains on it; its update names ``ticket`` as its round."""
+
+    client_id: str
+    ticket: int
+    base_version: int
+    handed_at: float
+
+
+class Buffered(NamedTuple):
+    """An accepted update of an async run waiting for its version step."""
+
+    client_id: str
+    ref: str
+    num_samples: int
+    ticket: int
+    base_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """The async side of a run (``policy.mode == "async"``; empty otherwise).
+
+    ``training``: the slots in use, sorted by client id; ``updates``: accepted updates in
+    arrival order, not yet folded; ``next_ticket``: the next slot's number (tickets never
+    repeat, so (ticket, client) names one training); ``expired``: the latest slots given up
+    (staleness or deadline) with why, newest last, so that their late update is refused
+    with the reason; at most ``EXPIRED_KEPT``.
+    """
+
+    training: tuple[Ticket, ...] = ()
+    updates: tuple[Buffered, ...] = ()
+    next_ticket: int = 1
+    expired: tuple[tuple[str, int, str], ...] = ()
+
+    def ticket_of(self, client_id: str) -> Ticket | None:
+        for t in self.training:
+            if t.client_id == client_id:
+                return t
+        return None
+
+    def buffered_clients(self) -> frozenset[str]:
+        return frozenset(u.client_id for u in self.updates)
+
+
+EXPIRED_KEPT = 256
+
+
 @dataclass(frozen=True, slots=True)
 class Federation:
     """One run. ``round`` is the current or latest round attempt; history lives in the db."""
@@ -231,6 +280,7 @@ class Federation:
     # SplitFed (docs/architecture.md, "Split learning"): every round attempt opens with an
     # edge session for its devices (``DispatchEdgeSession``). Set when the run is created.
     split: bool = False
+    buffer: Buffer = field(default_factory=Buffer)
 
     @property
     def active_clients(self) -> int:

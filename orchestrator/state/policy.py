@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 Selection = Literal["uniform", "availability"]
 SELECTIONS: tuple[Selection, ...] = ("uniform", "availability")
+Mode = Literal["sync", "async"]
+MODES: tuple[Mode, ...] = ("sync", "async")
 
 # A client's availability (``ClientRecord.availability``): an exponentially decayed mean of
 # what the machine observed whenever it needed the client, 1 for "it was there", 0 for "it
@@ -55,6 +57,15 @@ class RoundPolicy:
     max_aggregation_retries: int = 2
     max_clients: int | None = None
     selection: Selection = "uniform"
+    # ``async``: buffered asynchronous aggregation (``orchestrator.state.buffered``): at most
+    # ``concurrency`` clients train at once (None: all), each on the newest version when it
+    # is handed a slot; every ``buffer_size`` accepted updates make a version step; an
+    # update more than ``max_staleness`` versions behind is refused. ``deadline_s`` is how
+    # long a slot waits for its update. Unused in ``sync`` mode.
+    mode: Mode = "sync"
+    buffer_size: int = 10
+    max_staleness: int = 10
+    concurrency: int | None = None
 
     def __post_init__(self) -> None:
         cap = self.max_clients
@@ -79,6 +90,13 @@ class RoundPolicy:
                 (
                     isinstance(cap, int) and cap < self.min_clients,
                     f"max_clients ({cap}) must be >= min_clients ({self.min_clients})",
+                ),
+                (self.mode not in MODES, f"mode must be one of {', '.join(MODES)}"),
+                (self.buffer_size < 1, "buffer_size must be >= 1"),
+                (self.max_staleness < 0, "max_staleness must be >= 0"),
+                (
+                    self.concurrency is not None and self.concurrency < 1,
+                    "concurrency must be >= 1 or null",
                 ),
                 (
                     self.selection not in SELECTIONS,

@@ -17,7 +17,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from orchestrator.state.clientmap import changed_since
-from orchestrator.state.model import ClientRecord, Federation, Received, Round, Update
+from orchestrator.state.model import (
+    Buffer,
+    Buffered,
+    ClientRecord,
+    Federation,
+    Received,
+    Round,
+    Ticket,
+    Update,
+)
 from orchestrator.state.policy import RoundPolicy
 from protocol.messages import ClientState, RoundState
 
@@ -74,6 +83,27 @@ def round_from_dict(d: dict[str, Any]) -> Round:
     )
 
 
+def buffer_to_dict(b: Buffer) -> dict[str, Any]:
+    return {
+        "training": [list(t) for t in b.training],
+        "updates": [list(u) for u in b.updates],
+        "next_ticket": b.next_ticket,
+        "expired": [list(e) for e in b.expired],
+    }
+
+
+def buffer_from_dict(d: Mapping[str, Any] | None) -> Buffer:
+    # A snapshot saved before async runs existed has no buffer: an empty one.
+    if not d:
+        return Buffer()
+    return Buffer(
+        training=tuple(Ticket(*t) for t in d["training"]),
+        updates=tuple(Buffered(*u) for u in d["updates"]),
+        next_ticket=int(d["next_ticket"]),
+        expired=tuple((str(c), int(n), str(w)) for c, n, w in d["expired"]),
+    )
+
+
 def to_dict(fed: Federation) -> dict[str, Any]:
     return {
         "run_id": fed.run_id,
@@ -85,6 +115,7 @@ def to_dict(fed: Federation) -> dict[str, Any]:
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
         "split": fed.split,
+        "buffer": buffer_to_dict(fed.buffer),
     }
 
 
@@ -100,6 +131,7 @@ def from_dict(d: dict[str, Any]) -> Federation:
         last_completed_round=d["last_completed_round"],
         model_version=d["model_version"],
         split=bool(d.get("split", False)),  # saved before split runs existed: not split
+        buffer=buffer_from_dict(d.get("buffer")),
     )
 
 
@@ -135,6 +167,7 @@ def head_to_dict(fed: Federation) -> dict[str, Any]:
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
         "split": fed.split,
+        "buffer": buffer_to_dict(fed.buffer),
     }
 
 
@@ -183,6 +216,7 @@ def join(head: Mapping[str, Any], parts: Iterable[tuple[str, Mapping[str, Any]]]
         last_completed_round=head["last_completed_round"],
         model_version=head["model_version"],
         split=bool(head.get("split", False)),
+        buffer=buffer_from_dict(head.get("buffer")),
     )
 
 
@@ -250,6 +284,7 @@ def _head_differs(old: Federation, new: Federation) -> bool:
         or old.last_completed_round != new.last_completed_round
         or old.model_version != new.model_version
         or old.split != new.split
+        or old.buffer != new.buffer
     ):
         return True
     a, b = old.round, new.round

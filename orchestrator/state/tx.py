@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.state.clientmap import Draft
 from orchestrator.state.effects import ClientStateChanged, ClientWentOffline, Effect
-from orchestrator.state.model import ClientRecord, Federation, Round
+from orchestrator.state.model import Buffer, ClientRecord, Federation, Round
 from orchestrator.state.policy import RoundPolicy, observe
 from protocol.messages import ClientState, RoundState
 
@@ -38,6 +38,7 @@ class Tx:
         self.paused = fed.paused
         self.last_completed_round = fed.last_completed_round
         self.model_version = fed.model_version
+        self.buffer: Buffer = fed.buffer
         self.effects: list[Effect] = []
 
     @property
@@ -53,6 +54,7 @@ class Tx:
             paused=self.paused,
             last_completed_round=self.last_completed_round,
             model_version=self.model_version,
+            buffer=self.buffer,
         )
 
     def emit(self, *effects: Effect) -> None:

@@ -51,6 +51,7 @@ from workers.fold import fold_updates, make_folder
 from workers.pipeline.device import DeviceUnavailable
 from workers.pipeline.folder import TorchFolder
 from workers.pipeline.readahead import DEFAULT_DEPTH as DECODE_AHEAD
+from workers.tasks.buffered import fold_version_step, is_async_run
 from workers.tasks.common import AggregationError, blob_loader, sessions
 from workers.tasks.plan import (
     FAILED,
@@ -98,6 +99,8 @@ def aggregate_round(
             if done is not None:
                 return done
             plan = plan_round(s, config, run_id, round_number, attempt)
+            run = q.get_run(s, run_id)
+            buffered = run is not None and is_async_run(run.config or {})
             check_starts(
                 s, config, run_id, round_number, STARTED, {"attempt": attempt},
                 f"round {round_number} attempt {attempt}",
@@ -106,6 +109,9 @@ def aggregate_round(
             if plan.parts:
                 detail["parts"] = plan.parts
             q.record_event(s, STARTED, run_id=run_id, round=round_number, detail=detail)
+        if buffered:
+            # An async run's version step: staleness-weighted, never split.
+            return fold_version_step(config, factory, plan, run_id, round_number, attempt, began)
         if plan.parts:
             job = SplitJob(run_id, round_number, attempt, plan.parts, plan.digest, began)
             log.info("run %s round %s: %d updates folded in %d parts", run_id, round_number,
