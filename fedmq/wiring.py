@@ -7,6 +7,7 @@ from typing import Any
 
 from devices.config import TRAIN_CONFIG_KEYS
 from fedmq.settings import Settings
+from learning.privacy import LOCAL, PrivacyConfig
 from learning.strategies import strategy_from_config
 from orchestrator.accounts import BrokerAccounts
 from orchestrator.retention import Retention
@@ -24,6 +25,7 @@ from protocol.codec import DecodeLimits
 from protocol.limits import RegistrationLimits
 from protocol.topology import DeadLetterBounds
 from workers.config import WorkerConfig
+from workers.fold import folds_linearly
 
 
 def bus_config(s: Settings) -> BusConfig:
@@ -90,6 +92,31 @@ def run_configs(
             del merged[key]
         merged[field] = value
     return built.config(), merged
+
+
+def privacy_config(
+    privacy: Mapping[str, Any] | None,
+    strategy: Mapping[str, Any],
+    train: Mapping[str, Any],
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """A run's ``privacy`` block (checked, canonical) and its train config.
+
+    Local mode writes what the devices need (``train["privacy"]``: clip norm, noise
+    multiplier, seed) into the train config every round announces, from the one block
+    the run records. Central mode needs a weighted-mean strategy. A train config that
+    sets ``privacy`` itself is refused: the run's block is the one source.
+    """
+    merged = dict(train)
+    if "privacy" in merged:
+        raise ValueError("train config: set privacy in the run's privacy block, not in train")
+    if privacy is None:
+        return None, merged
+    cfg = PrivacyConfig.from_dict(privacy)
+    if cfg.mode == LOCAL:
+        merged["privacy"] = cfg.local().to_dict()
+    elif not folds_linearly(strategy_from_config(strategy)):
+        raise ValueError(f"central DP needs a weighted-mean strategy, not {strategy.get('name')}")
+    return cfg.to_dict(), merged
 
 
 # --- the orchestrator -----------------------------------------------------------------------

@@ -82,6 +82,7 @@ def to_dict(fed: Federation) -> dict[str, Any]:
         "round": None if fed.round is None else round_to_dict(fed.round),
         "autorun_remaining": fed.autorun_remaining,
         "paused": fed.paused,
+        "stopped": fed.stopped,
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
     }
@@ -96,6 +97,7 @@ def from_dict(d: dict[str, Any]) -> Federation:
         round=None if d["round"] is None else round_from_dict(d["round"]),
         autorun_remaining=d["autorun_remaining"],
         paused=d["paused"],
+        stopped=d.get("stopped"),
         last_completed_round=d["last_completed_round"],
         model_version=d["model_version"],
     )
@@ -130,6 +132,7 @@ def head_to_dict(fed: Federation) -> dict[str, Any]:
         "round": rnd,
         "autorun_remaining": fed.autorun_remaining,
         "paused": fed.paused,
+        "stopped": fed.stopped,
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
     }
@@ -177,6 +180,7 @@ def join(head: Mapping[str, Any], parts: Iterable[tuple[str, Mapping[str, Any]]]
         round=rnd,
         autorun_remaining=head["autorun_remaining"],
         paused=head["paused"],
+        stopped=head.get("stopped"),
         last_completed_round=head["last_completed_round"],
         model_version=head["model_version"],
     )
@@ -243,6 +247,7 @@ def _head_differs(old: Federation, new: Federation) -> bool:
         or old.policy != new.policy
         or old.autorun_remaining != new.autorun_remaining
         or old.paused != new.paused
+        or old.stopped != new.stopped
         or old.last_completed_round != new.last_completed_round
         or old.model_version != new.model_version
     ):

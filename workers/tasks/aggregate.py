@@ -45,12 +45,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import queries as q
 from db.engine import session_scope
-from learning.strategies import StrategyError
+from learning.strategies import Accumulator, StrategyError
 from workers.config import WorkerConfig
 from workers.fold import fold_updates, make_folder
 from workers.pipeline.device import DeviceUnavailable
 from workers.pipeline.folder import TorchFolder
 from workers.pipeline.readahead import DEFAULT_DEPTH as DECODE_AHEAD
+from workers.privacy import KEY as PRIVACY_KEY
+from workers.privacy import UnitWeights, release
 from workers.tasks.common import AggregationError, blob_loader, sessions
 from workers.tasks.plan import (
     FAILED,
@@ -134,6 +136,8 @@ def _aggregate_flat(
         folder = make_folder(plan.strategy, len(plan.updates), config.device)
     except (ValueError, DeviceUnavailable) as e:
         raise AggregationError(str(e)) from e
+    dp = plan.privacy
+    fold_into: Accumulator = UnitWeights(folder) if dp is not None and dp.central else folder
     try:
         result = fold_updates(
             plan.updates,
@@ -141,7 +145,7 @@ def _aggregate_flat(
             plan.base,
             plan.strategy,
             limits=config.decode_limits,
-            folder=folder,
+            folder=fold_into,
             after_each=(lambda _u: time.sleep(delay)) if delay > 0 else None,
             decode_ahead=DECODE_AHEAD,
         )
@@ -150,6 +154,10 @@ def _aggregate_flat(
     how: dict[str, Any] = {"fold": "flat"}
     if plan.fold_note:
         how["fold_note"] = plan.fold_note
+    if dp is not None:
+        how[PRIVACY_KEY] = release(
+            dp, result.delta, len(result.folded), result.clipped, run_id, round_number
+        )
     folded = Folded(
         delta=result.delta,
         counters=result.counters,
