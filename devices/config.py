@@ -50,8 +50,8 @@ class TrainSettings:
 
     def with_overrides(self, train_config: dict[str, Any]) -> TrainSettings:
         """These settings with the known keys of ``train_config`` applied (others ignored).
-        A malformed ``privacy`` raises PrivacyError: a device must not send its update
-        without the noise the run asked for."""
+        Malformed DP keys (``dp_clip_norm`` ...) raise PrivacyError: a device must not send
+        its update without the noise the run asked for."""
         values: dict[str, Any] = {
             "epochs": self.epochs,
             "lr": self.lr,
@@ -61,8 +61,9 @@ class TrainSettings:
             "proximal_mu": self.proximal_mu,
             "privacy": self.privacy,
         }
-        if train_config.get("privacy") is not None:
-            values["privacy"] = LocalPrivacy.from_dict(train_config["privacy"])
+        local_dp = LocalPrivacy.from_train(train_config)
+        if local_dp is not None:
+            values["privacy"] = local_dp
         for key, name in TRAIN_CONFIG_KEYS.items():
             value = train_config.get(key)
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -139,26 +139,30 @@ class PrivacyConfig:
         return LocalPrivacy(self.clip_norm, self.noise_multiplier, self.seed)
 
 
+# The train config keys that carry local DP to the devices (a round announcement's
+# train_config holds scalars only, so the block travels flat).
+TRAIN_KEYS = ("dp_clip_norm", "dp_noise_multiplier", "dp_seed")
+
+
 @dataclass(frozen=True)
 class LocalPrivacy:
-    """What a device needs for local DP: ``train_config["privacy"]``."""
+    """What a device needs for local DP, carried in the train config as ``TRAIN_KEYS``."""
 
     clip_norm: float
     noise_multiplier: float
     seed: int | None = None
 
     @classmethod
-    def from_dict(cls, d: Any) -> LocalPrivacy:
-        if not isinstance(d, Mapping):
-            raise PrivacyError(f"train privacy must be an object, got {type(d).__name__}")
-        unknown = set(d) - {"clip_norm", "noise_multiplier", "seed"}
-        if unknown:
-            raise PrivacyError(f"unknown train privacy keys {sorted(unknown)}")
+    def from_train(cls, train: Mapping[str, Any]) -> LocalPrivacy | None:
+        """From a train config: None when it has no DP keys; PrivacyError when malformed."""
+        if not any(k in train for k in TRAIN_KEYS):
+            return None
+        d = {k[3:]: train.get(k) for k in TRAIN_KEYS}
         return cls(
             _positive(d, "clip_norm"),
             _positive(d, "noise_multiplier", zero=True),
             _seed(d.get("seed")),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_train(self) -> dict[str, Any]:
+        return {f"dp_{k}": v for k, v in asdict(self).items()}

@@ -51,8 +51,6 @@ from workers.fold import fold_updates, make_folder
 from workers.pipeline.device import DeviceUnavailable
 from workers.pipeline.folder import TorchFolder
 from workers.pipeline.readahead import DEFAULT_DEPTH as DECODE_AHEAD
-from workers.privacy import KEY as PRIVACY_KEY
-from workers.privacy import UnitWeights, release
 from workers.tasks.common import AggregationError, blob_loader, sessions
 from workers.tasks.plan import (
     FAILED,
@@ -65,6 +63,8 @@ from workers.tasks.plan import (
     record_failure,
     store_version,
 )
+from workers.tasks.privacy import KEY as PRIVACY_KEY
+from workers.tasks.privacy import UnitWeights, release
 from workers.tasks.split import SplitJob, fold_parts_here, usable_order
 
 log = logging.getLogger(__name__)

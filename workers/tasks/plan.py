@@ -28,8 +28,8 @@ from protocol.codec import CodecError, DecodeLimits, Encoding, decode, encode
 from workers.config import WorkerConfig
 from workers.fold import GlobalModel, UpdateRef, folds_linearly, split_refusal
 from workers.partials import updates_digest
-from workers.privacy import RoundPrivacy, plan_privacy
 from workers.tasks.common import AggregationError
+from workers.tasks.privacy import RoundPrivacy, plan_privacy
 
 log = logging.getLogger(__name__)
 
