@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from db import blobstore
 from db import queries as q
 from db.engine import make_engine, session_scope
+from db.queries import dashboard as dq
 from fedmq.cli import app
 from learning.privacy import RoundEvent, epsilon_after
 from orchestrator.store import load
@@ -58,6 +59,12 @@ def test_the_epsilon_budget_stops_an_embedded_run_before_it_is_passed(tmp_path: 
         assert dp["mode"] == "central" and "budget spent" in dp["budget_spent"]
         assert dp["noise_std"] == pytest.approx(2.0 * 1.0 / 3)
         assert fed is not None and fed.stopped == dp["budget_spent"]
+        # The dashboard's overview and rounds pages read the same ε.
+        ov = dq.run_overview(s, run_id)
+        assert ov is not None and ov.privacy is not None
+        assert ov.privacy["epsilon"] == pytest.approx(want[-1])
+        assert ov.privacy["budget_spent"] == dp["budget_spent"]
+        assert [r.epsilon for r in dq.round_stats(s, [run_id])] == pytest.approx(want)
     engine.dispose()
 
 
