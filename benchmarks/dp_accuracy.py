@@ -3,7 +3,7 @@
 Digits, MLP, SGD lr 0.05 momentum 0.9, batch 32, 1 local epoch, FedAvg, IID, 10 devices,
 every device in every round (q = 1), 20 rounds, embedded mode (``simulation.simulate``: the
 real orchestrator, aggregation task and devices over the in-process bus). Central DP-FedAvg
-(``workers.tasks.privacy``): each delta clipped to C = 0.5, a uniform mean, Gaussian noise
+(``workers.tasks.privacy``): each delta clipped to C = 0.1, a uniform mean, Gaussian noise
 of std z·C/10 added once per round. For each target ε (δ = 1e-5, after all the rounds) the
 noise multiplier z is found by bisection on the same RDP accountant the runs use; ε = ∞ is
 the run without DP, and "clip only" clips without noise (z = 0) to separate the two costs.
@@ -35,7 +35,8 @@ from learning.privacy import RoundEvent, epsilon_after
 from simulation.simulate import SimOptions, run
 
 PLOT = ROOT / "docs" / "img" / "dp_accuracy.png"
-CLIENTS, CLIP, DELTA = 10, 0.5, 1e-5
+CLIENTS, DELTA = 10, 1e-5
+CLIP = 0.1  # a tighter clip than 0.5 (measured: 0.5 left ε = 8 at 48 %): less noise per signal
 
 
 def noise_for(epsilon: float, rounds: int, q: float = 1.0) -> float:
