@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from learning.privacy import LocalPrivacy
 from protocol.bus import BusConfig
 from protocol.chunking import DEFAULT_CHUNK_SIZE
 from protocol.codec import DecodeLimits, Encoding
@@ -44,9 +45,13 @@ class TrainSettings:
     batch_size: int = 32
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
+    # Local DP (the run's privacy block in local mode, sent as train_config["privacy"]).
+    privacy: LocalPrivacy | None = None
 
     def with_overrides(self, train_config: dict[str, Any]) -> TrainSettings:
-        """These settings with the known keys of ``train_config`` applied (others ignored)."""
+        """These settings with the known keys of ``train_config`` applied (others ignored).
+        Malformed DP keys (``dp_clip_norm`` ...) raise PrivacyError: a device must not send
+        its update without the noise the run asked for."""
         values: dict[str, Any] = {
             "epochs": self.epochs,
             "lr": self.lr,
@@ -54,7 +59,11 @@ class TrainSettings:
             "batch_size": self.batch_size,
             "weight_decay": self.weight_decay,
             "proximal_mu": self.proximal_mu,
+            "privacy": self.privacy,
         }
+        local_dp = LocalPrivacy.from_train(train_config)
+        if local_dp is not None:
+            values["privacy"] = local_dp
         for key, name in TRAIN_CONFIG_KEYS.items():
             value = train_config.get(key)
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -25,6 +25,7 @@ from learning.data import load_dataset, partition
 from learning.feedback import ErrorFeedback
 from learning.models import build_model
 from learning.params import Arrays, delta, load_numpy, to_numpy
+from learning.privacy import noise_generator, privatize_update
 from learning.replica import client_seed
 from learning.train import train_local
 from protocol.codec import DecodeLimits, TensorSpec, decode, encode, spec_of
@@ -204,7 +205,10 @@ class LocalTrainer:
         trainer's edge session is the attempt's)."""
         started = time.perf_counter()
         trained, metrics = self.train(global_weights, round_number, settings)
-        blob, sent = self.encode_delta(delta(trained, global_weights), model_version)
+        d = delta(trained, global_weights)
+        if settings.privacy is not None:
+            d = self.privatize(d, round_number, settings, metrics)
+        blob, sent = self.encode_delta(d, model_version)
         metrics["step_time_s"] = time.perf_counter() - started
         return LocalUpdate(
             round=round_number,
@@ -215,6 +219,20 @@ class LocalTrainer:
             metrics=metrics,
             sent=sent,
         )
+
+    def privatize(
+        self, d: Arrays, round_number: int, settings: TrainSettings, metrics: dict[str, float]
+    ) -> Arrays:
+        """Local DP: clip the delta and add Gaussian noise before it is encoded (see
+        ``learning.privacy.mechanism``; seeded per device and round when the run is)."""
+        dp = settings.privacy
+        assert dp is not None
+        rng = noise_generator(dp.seed, "local", self.seed, self.client_index, round_number)
+        floats = {n: v for n, v in d.items() if np.asarray(v).dtype.kind == "f"}
+        noised, norm = privatize_update(floats, dp.clip_norm, dp.noise_multiplier, rng)
+        metrics["dp_norm"] = norm
+        metrics["dp_clipped"] = float(norm > dp.clip_norm)
+        return {**d, **noised}
 
     def residual_norm(self) -> float:
         return self.feedback.residual_norm() if self.feedback is not None else 0.0

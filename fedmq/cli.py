@@ -203,6 +203,11 @@ def run_create(
     ),
     strategy: str = typer.Option('{"name": "fedavg"}', help="Aggregation strategy as JSON"),
     train: str = typer.Option("{}", help="Train config sent to devices, as JSON"),
+    privacy: str = typer.Option(
+        "null",
+        help='Differential privacy as JSON, e.g. {"mode": "central", "noise_multiplier": 1.0, '
+        '"clip_norm": 1.0, "epsilon_budget": 8}',
+    ),
     run_id: str | None = typer.Option(None, help="Wire id (default: a fresh uuid)"),
 ) -> None:
     """Create a run with model version 0 from MODEL; prints the run id."""
@@ -210,12 +215,16 @@ def run_create(
 
     from db import migrations
     from db.engine import make_engine, session_scope
-    from fedmq.wiring import run_configs
+    from fedmq.wiring import privacy_config, run_configs
     from orchestrator.runs import create_run
     from orchestrator.state import RoundPolicy
 
     # The strategy's client settings (FedProx's mu) go into the train config the devices get.
     strategy_config, train_config = run_configs(json.loads(strategy), json.loads(train))
+    try:
+        dp, train_config = privacy_config(json.loads(privacy), strategy_config, train_config)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--privacy") from e
     try:
         round_policy = RoundPolicy.from_dict(json.loads(policy))
     except (ValueError, TypeError) as e:  # bad JSON, an unknown field or a bad value
@@ -233,6 +242,7 @@ def run_create(
             strategy=strategy_config,
             train=train_config,
             run_id=run_id,
+            extra_config={"privacy": dp} if dp is not None else None,
         )
     engine.dispose()
     print(rid)

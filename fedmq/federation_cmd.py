@@ -76,6 +76,21 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     split_pipeline: bool = typer.Option(
         False, "--split-pipeline", help="With --split: pipeline each device's micro-batches"
     ),
+    dp_noise: float | None = typer.Option(
+        None, min=0, help="Differential privacy: noise multiplier z (std = z x clip norm)"
+    ),
+    dp_clip: float = typer.Option(1.0, min=0, help="DP: clip norm of each update's delta"),
+    dp_epsilon: float | None = typer.Option(
+        None, min=0, help="DP: ε budget; the run stops before a round would pass it"
+    ),
+    dp_delta: float = typer.Option(1e-5, min=0, help="DP: δ of the (ε, δ) guarantee"),
+    dp_mode: str = typer.Option("central", help="DP: central (on the worker) or local"),
+    dp_adaptive: bool = typer.Option(
+        False, "--dp-adaptive", help="DP: adaptive clip norm (median, Andrew et al. 2021)"
+    ),
+    dp_seed: int | None = typer.Option(
+        None, help="DP: seed the noise (reproducible, and no privacy against who knows it)"
+    ),
 ) -> None:
     """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
     common: dict[str, Any] = {
@@ -128,8 +143,22 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         raise typer.BadParameter(f"one of {', '.join(MODES)}", param_hint="--mode")
     if staleness not in POLICIES:
         raise typer.BadParameter(f"one of {', '.join(POLICIES)}", param_hint="--staleness")
+    privacy = None
+    if dp_noise is not None:
+        privacy = {
+            "mode": dp_mode,
+            "noise_multiplier": dp_noise,
+            "clip_norm": dp_clip,
+            "delta": dp_delta,
+            "epsilon_budget": dp_epsilon,
+            "adaptive": {} if dp_adaptive else None,
+            "seed": dp_seed,
+        }
+    elif dp_epsilon is not None or dp_adaptive:
+        raise typer.BadParameter("needs --dp-noise", param_hint="--dp-epsilon/--dp-adaptive")
     options = SimOptions(
         **common,
+        privacy=privacy,
         proximal_mu=proximal_mu,
         strategy=strategy,
         encoding=encoding,

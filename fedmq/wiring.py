@@ -9,6 +9,7 @@ from typing import Any
 
 from devices.config import TRAIN_CONFIG_KEYS
 from fedmq.settings import Settings
+from learning.privacy import LOCAL, TRAIN_KEYS, PrivacyConfig
 from learning.strategies import strategy_from_config
 from orchestrator.accounts import BrokerAccounts
 from orchestrator.retention import Retention
@@ -27,6 +28,7 @@ from protocol.limits import RegistrationLimits
 from protocol.tasks import EDGE_QUEUE
 from protocol.topology import DeadLetterBounds
 from workers.config import WorkerConfig
+from workers.fold import folds_linearly
 
 
 def bus_config(s: Settings) -> BusConfig:
@@ -95,6 +97,32 @@ def run_configs(
             del merged[key]
         merged[field] = value
     return built.config(), merged
+
+
+def privacy_config(
+    privacy: Mapping[str, Any] | None,
+    strategy: Mapping[str, Any],
+    train: Mapping[str, Any],
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """A run's ``privacy`` block (checked, canonical) and its train config.
+
+    Local mode writes what the devices need (``dp_clip_norm``, ``dp_noise_multiplier``,
+    ``dp_seed``: an announcement's train config holds scalars only) into the train config
+    every round announces, from the one block the run records. Central mode needs a
+    weighted-mean strategy. A train config that sets those keys itself is refused: the
+    run's block is the one source.
+    """
+    merged = dict(train)
+    if any(k in merged for k in (*TRAIN_KEYS, "privacy")):
+        raise ValueError("train config: set DP in the run's privacy block, not in train")
+    if privacy is None:
+        return None, merged
+    cfg = PrivacyConfig.from_dict(privacy)
+    if cfg.mode == LOCAL:
+        merged.update(cfg.local().to_train())
+    elif not folds_linearly(strategy_from_config(strategy)):
+        raise ValueError(f"central DP needs a weighted-mean strategy, not {strategy.get('name')}")
+    return cfg.to_dict(), merged
 
 
 # --- the orchestrator -----------------------------------------------------------------------

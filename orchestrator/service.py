@@ -613,7 +613,8 @@ class OrchestratorService:
                 if row is not None and row.model_version_id is not None:
                     mv = q.get_model_version_by_id(s, row.model_version_id)
                     if mv is not None:
-                        return [AggregationSucceeded(r.number, mv.version)]
+                        stop = (mv.metrics.get("privacy") or {}).get("budget_spent")
+                        return [AggregationSucceeded(r.number, mv.version, stop or None)]
         return self._poll(fed)
 
     def _poll(self, fed: Federation) -> list[Input]:
@@ -630,7 +631,8 @@ class OrchestratorService:
         timed_out = self.clock() - first > self.config.task_timeout_s
         if r.state is RoundState.AGGREGATING:
             if status.state == "success" and status.result:
-                return [AggregationSucceeded(r.number, int(status.result["model_version"]))]
+                stop = status.result.get("budget_spent") or None
+                return [AggregationSucceeded(r.number, int(status.result["model_version"]), stop)]
             if status.state == "failure":
                 return [AggregationFailed(r.number, status.error or "failed", status.retryable)]
             if timed_out:

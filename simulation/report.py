@@ -20,6 +20,7 @@ class RoundRow:
     seconds: float
     bytes_up: int = 0
     bytes_down: int = 0
+    epsilon: float | None = None  # the run's ε after this round (differential privacy)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -29,7 +29,7 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from fedmq import operator_token
 from fedmq.settings import Settings
-from fedmq.wiring import open_bus, orchestrator_service, run_configs
+from fedmq.wiring import open_bus, orchestrator_service, privacy_config, run_configs
 from learning.data import load_dataset
 from learning.models import build_model
 from learning.params import to_numpy
@@ -77,6 +77,8 @@ class SimOptions:
     concurrency: int | None = None
     staleness: str = "poly"
     server_lr: float = 1.0
+    # The run's privacy block (learning.privacy.PrivacyConfig); None: no DP.
+    privacy: dict[str, Any] | None = None
 
 
 @dataclass
@@ -118,6 +120,8 @@ def round_rows(sessions: Any, run_id: str) -> list[RoundRow]:
             down = blobstore.size(s, base.blob_sha) * len(selected) if base else 0
             m = r.metrics or {}
             end = r.closed_at or r.opened_at
+            mv = q.get_model_version_by_id(s, r.model_version_id) if r.model_version_id else None
+            dp = (mv.metrics.get("privacy") or {}) if mv is not None else {}
             rows.append(
                 RoundRow(
                     round=r.number,
@@ -127,6 +131,7 @@ def round_rows(sessions: Any, run_id: str) -> list[RoundRow]:
                     seconds=float(m.get("duration_s", (end - r.opened_at).total_seconds())),
                     bytes_up=sum(p.bytes or 0 for p in parts),
                     bytes_down=down,
+                    epsilon=dp.get("epsilon"),
                 )
             )
     return rows
@@ -204,6 +209,7 @@ def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim
             "encoding": o.encoding,
         },
     )
+    dp, train = privacy_config(o.privacy, strategy, train)
     with session_scope(sessions) as session:
         return create_run(
             session,
@@ -221,6 +227,7 @@ def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim
                 "model": {"name": o.model},
                 "dataset": {"name": o.dataset},
                 "simulation": {k: str(v) for k, v in asdict(o).items()},
+                **({"privacy": dp} if dp is not None else {}),
             },
         )
 
@@ -324,6 +331,13 @@ def wait_ready(
     raise TimeoutError(f"only some of {clients} devices registered within {timeout:.0f} s")
 
 
+def budget_spent(sessions: Any, run_id: str) -> str | None:
+    """Why the run stopped for its privacy budget (its latest version says), or None."""
+    with session_scope(sessions) as s:
+        mv = q.latest_model_version(s, run_id)
+        return None if mv is None else (mv.metrics.get("privacy") or {}).get("budget_spent")
+
+
 def follow(
     sessions: Any,
     run_id: str,
@@ -360,5 +374,9 @@ def follow(
                 and rounds
                 and all(r.state in (RoundState.DONE, RoundState.FAILED) for r in rounds)
             ):
+                spent = budget_spent(sessions, run_id)
+                if spent is not None:
+                    console.print(f"stopped after {len(done)} rounds: {spent}")
+                    return
                 raise RuntimeError("autorun stopped before all rounds were done (see events)")
             stop.wait(0.1)

@@ -75,6 +75,14 @@ def global_status() -> None:
         f"model version {ov.model_version} · loss "
         f"{'—' if ov.loss is None else f'{ov.loss:.4f}'} · updated {fmt.stamp(ov.last_updated)}"
     )
+    if ov.privacy is not None:
+        dp = ov.privacy
+        eps = "—" if dp["epsilon"] is None else f"{dp['epsilon']:.3f}"
+        budget = "" if dp["epsilon_budget"] is None else f" of budget {dp['epsilon_budget']}"
+        st.caption(
+            f"differential privacy ({dp['mode']}) · ε = **{eps}**{budget} at δ = {dp['delta']}"
+            + (f" · **{dp['budget_spent']}**" if dp["budget_spent"] else "")
+        )
     if ov.edge_body is not None:  # a split run: devices hold head and tail, the edge the body
         body = ov.edge_body
         size = "" if body["bytes"] is None else f", {body['bytes'] / 2**20:.2f} MiB"

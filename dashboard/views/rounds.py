@@ -47,6 +47,7 @@ def rounds() -> None:
                 "dropouts": r.dropped,
                 "bytes up": r.bytes_up,
                 "bytes down": r.bytes_down,
+                "ε": r.epsilon,
             }
             for r in stats
         ]
@@ -73,8 +74,12 @@ def rounds() -> None:
             "accuracy": st.column_config.NumberColumn(format="%.4f"),
             "loss": st.column_config.NumberColumn(format="%.4f"),
             "duration s": st.column_config.NumberColumn(format="%.2f"),
+            "ε": st.column_config.NumberColumn(format="%.3f"),
         },
     )
+    if frame["ε"].notna().any():
+        st.markdown("**Privacy spent: ε after each round**")
+        st.line_chart(frame[frame["ε"].notna()], x="round", y="ε", color="run")
 
 
 rounds()

@@ -63,6 +63,9 @@ class RunOverview:
     # Split runs: the edge body the newest version names (``split_body: {sha256, round}``),
     # with its stored size; None for plain runs.
     edge_body: dict[str, Any] | None = None
+    # A run with differential privacy: the newest version's ε, δ, budget and (when spent)
+    # why no round opens any more; None for runs without DP.
+    privacy: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class RoundStats:
     bytes_up: int
     bytes_down: int
     model_bytes: int | None
+    epsilon: float | None = None  # the run's ε after this round (DP runs)
 
 
 def run_overview(session: Session, run_id: str) -> RunOverview | None:
@@ -150,7 +154,22 @@ def run_overview(session: Session, run_id: str) -> RunOverview | None:
         model_version=version,
         last_updated=max(run.updated_at, last_event) if last_event else run.updated_at,
         edge_body=edge_body,
+        privacy=_privacy(run.config or {}, (newest[1] or {}) if newest else {}),
     )
+
+
+def _privacy(config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any] | None:
+    block = config.get("privacy")
+    if not isinstance(block, dict):
+        return None
+    ledger = metrics.get("privacy") or {}
+    return {
+        "mode": block.get("mode"),
+        "epsilon": _num(ledger.get("epsilon")),
+        "delta": block.get("delta"),
+        "epsilon_budget": block.get("epsilon_budget"),
+        "budget_spent": ledger.get("budget_spent"),
+    }
 
 
 def _edge_body(session: Session, metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -302,10 +321,12 @@ def round_stats(session: Session, run_ids: Sequence[str]) -> list[RoundStats]:
         .subquery()
     )
     base = aliased(ModelVersion)
+    made = aliased(ModelVersion)
     stmt = (
-        select(Round, parts, Blob.size)
+        select(Round, parts, Blob.size, made.metrics.label("version_metrics"))
         .outerjoin(parts, parts.c.round_id == Round.id)
         .outerjoin(base, base.id == Round.base_version_id)
+        .outerjoin(made, made.id == Round.model_version_id)
         .outerjoin(Blob, Blob.sha256 == base.blob_sha)
         .where(Round.run_id.in_(list(run_ids)))
         .order_by(Round.run_id, Round.number)
@@ -339,6 +360,7 @@ def round_stats(session: Session, run_ids: Sequence[str]) -> list[RoundStats]:
                 bytes_up=int(row.bytes_up or 0),
                 bytes_down=(row.size or 0) * selected,
                 model_bytes=row.size,
+                epsilon=_num(((row.version_metrics or {}).get("privacy") or {}).get("epsilon")),
             )
         )
     return out

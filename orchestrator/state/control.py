@@ -29,6 +29,8 @@ from protocol.messages import RoundState
 
 
 def on_autorun(tx: Tx, ev: Autorun) -> None:
+    if tx.stopped:
+        raise Refused(f"the run is stopped: {tx.stopped}")
     if ev.rounds < 1:
         raise Refused("autorun needs at least one round")
     tx.autorun_remaining = ev.rounds
@@ -56,6 +58,8 @@ def on_open(tx: Tx, _: OpenRound) -> None:
         raise Refused(f"round {rnd.number} is {rnd.state}")
     if tx.paused:
         raise Refused("the run is paused")
+    if tx.stopped and not (rnd is not None and rnd.retry_pending):
+        raise Refused(f"the run is stopped: {tx.stopped}")
     why_not = rounds.open_next(tx)
     if why_not is not None:
         raise Refused(why_not)
@@ -99,6 +103,8 @@ def on_aggregated(tx: Tx, ev: AggregationSucceeded) -> None:
         raise Refused(f"model version {ev.model_version} is not after {tx.model_version}")
     tx.set_round(state=RoundState.EVALUATING, model_version=ev.model_version)
     tx.model_version = ev.model_version
+    if ev.stop_reason:
+        tx.stopped = ev.stop_reason
     tx.emit(DispatchEvaluate(ev.round, ev.model_version))
 
 
@@ -132,4 +138,9 @@ def on_evaluated(tx: Tx, ev: EvaluationFinished) -> None:
     if tx.autorun_remaining:
         tx.autorun_remaining -= 1
         left = tx.autorun_remaining
-        tx.emit(AutorunChanged(left, "finished" if left == 0 else f"round {rnd.number} done"))
+        if tx.stopped:
+            # The privacy budget is spent: autorun ends here, whatever rounds it had left.
+            tx.autorun_remaining = None
+            tx.emit(AutorunChanged(None, tx.stopped))
+        else:
+            tx.emit(AutorunChanged(left, "finished" if left == 0 else f"round {rnd.number} done"))

@@ -103,6 +103,8 @@ class Resume:
 class AggregationSucceeded:
     round: int
     model_version: int
+    # Set when this version spent the run's privacy budget: no further round may open.
+    stop_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

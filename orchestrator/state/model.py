@@ -275,6 +275,8 @@ class Federation:
     # 0: it ran all its rounds.
     autorun_remaining: int | None = None
     paused: bool = False
+    # Why the run may open no more rounds (its privacy budget is spent); None: it may.
+    stopped: str | None = None
     last_completed_round: int = 0
     model_version: int = 0
     # SplitFed (docs/architecture.md, "Split learning"): every round attempt opens with an

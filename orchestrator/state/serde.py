@@ -112,6 +112,7 @@ def to_dict(fed: Federation) -> dict[str, Any]:
         "round": None if fed.round is None else round_to_dict(fed.round),
         "autorun_remaining": fed.autorun_remaining,
         "paused": fed.paused,
+        "stopped": fed.stopped,
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
         "split": fed.split,
@@ -128,6 +129,7 @@ def from_dict(d: dict[str, Any]) -> Federation:
         round=None if d["round"] is None else round_from_dict(d["round"]),
         autorun_remaining=d["autorun_remaining"],
         paused=d["paused"],
+        stopped=d.get("stopped"),
         last_completed_round=d["last_completed_round"],
         model_version=d["model_version"],
         split=bool(d.get("split", False)),  # saved before split runs existed: not split
@@ -164,6 +166,7 @@ def head_to_dict(fed: Federation) -> dict[str, Any]:
         "round": rnd,
         "autorun_remaining": fed.autorun_remaining,
         "paused": fed.paused,
+        "stopped": fed.stopped,
         "last_completed_round": fed.last_completed_round,
         "model_version": fed.model_version,
         "split": fed.split,
@@ -213,6 +216,7 @@ def join(head: Mapping[str, Any], parts: Iterable[tuple[str, Mapping[str, Any]]]
         round=rnd,
         autorun_remaining=head["autorun_remaining"],
         paused=head["paused"],
+        stopped=head.get("stopped"),
         last_completed_round=head["last_completed_round"],
         model_version=head["model_version"],
         split=bool(head.get("split", False)),
@@ -281,6 +285,7 @@ def _head_differs(old: Federation, new: Federation) -> bool:
         or old.policy != new.policy
         or old.autorun_remaining != new.autorun_remaining
         or old.paused != new.paused
+        or old.stopped != new.stopped
         or old.last_completed_round != new.last_completed_round
         or old.model_version != new.model_version
         or old.split != new.split

@@ -36,6 +36,7 @@ class Tx:
         self.round: Round | None = fed.round
         self.autorun_remaining = fed.autorun_remaining
         self.paused = fed.paused
+        self.stopped = fed.stopped
         self.last_completed_round = fed.last_completed_round
         self.model_version = fed.model_version
         self.buffer: Buffer = fed.buffer
@@ -52,6 +53,7 @@ class Tx:
             round=self.round,
             autorun_remaining=self.autorun_remaining,
             paused=self.paused,
+            stopped=self.stopped,
             last_completed_round=self.last_completed_round,
             model_version=self.model_version,
             buffer=self.buffer,

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import queries as q
 from db.engine import session_scope
-from learning.strategies import StrategyError
+from learning.strategies import Accumulator, StrategyError
 from workers.config import WorkerConfig
 from workers.fold import fold_updates, make_folder
 from workers.pipeline.device import DeviceUnavailable
@@ -64,6 +64,8 @@ from workers.tasks.plan import (
     record_failure,
     store_version,
 )
+from workers.tasks.privacy import KEY as PRIVACY_KEY
+from workers.tasks.privacy import UnitWeights, release
 from workers.tasks.split import SplitJob, fold_parts_here, usable_order
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,8 @@ def _aggregate_flat(
         folder = make_folder(plan.strategy, len(plan.updates), config.device)
     except (ValueError, DeviceUnavailable) as e:
         raise AggregationError(str(e)) from e
+    dp = plan.privacy
+    fold_into: Accumulator = UnitWeights(folder) if dp is not None and dp.central else folder
     try:
         result = fold_updates(
             plan.updates,
@@ -147,7 +151,7 @@ def _aggregate_flat(
             plan.base,
             plan.strategy,
             limits=config.decode_limits,
-            folder=folder,
+            folder=fold_into,
             after_each=(lambda _u: time.sleep(delay)) if delay > 0 else None,
             decode_ahead=DECODE_AHEAD,
         )
@@ -156,6 +160,10 @@ def _aggregate_flat(
     how: dict[str, Any] = {"fold": "flat"}
     if plan.fold_note:
         how["fold_note"] = plan.fold_note
+    if dp is not None:
+        how[PRIVACY_KEY] = release(
+            dp, result.delta, len(result.folded), result.clipped, run_id, round_number
+        )
     folded = Folded(
         delta=result.delta,
         counters=result.counters,

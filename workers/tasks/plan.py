@@ -26,9 +26,10 @@ from db.models import BlobKind, ModelVersion
 from learning.strategies import State, Strategy, StrategyError, strategy_from_config
 from protocol.codec import CodecError, DecodeLimits, Encoding, decode, encode
 from workers.config import WorkerConfig
-from workers.fold import GlobalModel, UpdateRef, split_refusal
+from workers.fold import GlobalModel, UpdateRef, folds_linearly, split_refusal
 from workers.partials import updates_digest
 from workers.tasks.common import AggregationError
+from workers.tasks.privacy import RoundPrivacy, plan_privacy
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Plan:
     parts: int = 0
     fold_note: str | None = None
     digest: str = field(default="")
+    privacy: RoundPrivacy | None = None
 
 
 def existing_result(s: Session, run_id: str, round_number: int) -> dict[str, Any] | None:
@@ -80,6 +82,8 @@ def result_of(mv: ModelVersion, *, created: bool) -> dict[str, Any]:
         "num_updates": int(mv.metrics.get("num_updates", 0)),
         "num_samples": int(mv.metrics.get("num_samples", 0)),
         "created": created,
+        # The orchestrator stops the run when this version spent its privacy budget.
+        "budget_spent": (mv.metrics.get("privacy") or {}).get("budget_spent"),
     }
 
 
@@ -153,9 +157,12 @@ def plan_round(
         raise AggregationError(str(e)) from e
     saved = base_mv.metrics.get(STATE_KEY) or {}
     state_sha = saved.get("sha256") if saved.get("strategy") == strategy.name else None
+    privacy = _central_privacy(plan_privacy(s, run, rnd, base_mv), strategy)
     split, note = 0, None
     if len(updates) > threshold:
         refusal = split_refusal(strategy)
+        if privacy is not None and privacy.central:
+            refusal = "central DP draws its noise once, where the whole sum is"
         if refusal is None:
             split = min(parts, len(updates))
         else:
@@ -173,7 +180,20 @@ def plan_round(
         parts=split,
         fold_note=note,
         digest=updates_digest(base_mv.blob_sha, updates),
+        privacy=privacy,
     )
+
+
+def _central_privacy(privacy: RoundPrivacy | None, strategy: Strategy) -> RoundPrivacy | None:
+    """Central DP: a weighted-mean strategy whose clip is DP-FedAvg's for this round (the
+    adaptive one moves from round to round)."""
+    if privacy is not None and privacy.central:
+        if not folds_linearly(strategy):
+            raise AggregationError(
+                f"run config: central DP needs a weighted-mean strategy, not {strategy.name}"
+            )
+        strategy.clip_norm = privacy.clip_norm
+    return privacy
 
 
 def split_settings(config: WorkerConfig, run_settings: Any) -> tuple[int, int]:
