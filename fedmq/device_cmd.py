@@ -46,6 +46,11 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         help="The orchestrator's public signing key to pin (default: FEDMQ_ORCHESTRATOR_KEY; "
         "unset: the key of the first registration reply)",
     ),
+    flower_client: str | None = typer.Option(
+        None,
+        help="Train with this unmodified Flower client, package.module:object (a ClientApp, "
+        "NumPyClient or client_fn; needs fedmq[flower]); --model names the run's model",
+    ),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     # Imported here: the device stack loads torch, which every other command can do without.
@@ -85,6 +90,7 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         runtime="wasm" if runtime == "wasm" else "torch",
         identity_file=identity,
         orchestrator_key=orchestrator_key or s.orchestrator_key,
+        flower_client=flower_client,
     )
     client = run_device(config)
     dropped = f", dropped out of {client.dropped_rounds}" if client.dropped_rounds else ""
