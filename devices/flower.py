@@ -27,7 +27,8 @@ training settings under Flower's names (``local-epochs``, ``lr``, ``momentum``,
 ``train_config`` as the run sets it (strategy values such as FedProx's ``proximal_mu``
 included), then ``server-round``. The ``Context``'s ``run_config`` holds the same but the
 round; its ``node_config`` is Flower simulation's ``partition-id`` / ``num-partitions``
-(this device's k and K); its ``state`` persists across rounds.
+(this device's k and K) and ``partition-seed`` (the seed fedmq's devices cut their
+partitions with); its ``state`` persists across rounds.
 
 Metrics: the client's fit metrics travel with the update (numbers only, names up to 64
 characters), and ``loss``/``accuracy`` are filled from ``train_loss``/``train_accuracy``
@@ -151,7 +152,11 @@ class FlowerTrainer(LocalTrainer):
         self.context: Context = Context(
             run_id=self._flwr_run_id,
             node_id=zlib.crc32(f"{run_id}:{client_index}".encode()),
-            node_config={"partition-id": client_index, "num-partitions": num_clients},
+            node_config={
+                "partition-id": client_index,
+                "num-partitions": num_clients,
+                "partition-seed": self.seed,
+            },
             state=RecordDict(),
             run_config={},
         )

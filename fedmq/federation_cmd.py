@@ -62,6 +62,11 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     split_pipeline: bool = typer.Option(
         False, "--split-pipeline", help="With --split: pipeline each device's micro-batches"
     ),
+    flower_client: str | None = typer.Option(
+        None,
+        help="Every device trains with this unmodified Flower client, package.module:object "
+        "(needs fedmq[flower]); --model is the run's model, as the ServerApp's",
+    ),
 ) -> None:
     """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
     common: dict[str, Any] = {
@@ -81,6 +86,8 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         "database": database,
         "deadline_s": deadline,
     }
+    if split and flower_client:
+        raise typer.BadParameter("Flower clients train whole models", param_hint="--split")
     if split:
         from simulation.split_sim import SplitSimOptions, run_split
 
@@ -116,6 +123,7 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         max_clients=max_clients,
         selection=selection,
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
+        flower_clients=(flower_client,) * clients if flower_client else (),
     )
     mode = (
         "full (RabbitMQ + database, worker and devices as processes)"
@@ -172,5 +180,6 @@ def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
         quorum=quorum,
         deadline_s=deadline,
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
+        flower_clients=(flower_client,) * clients if flower_client else (),
     )
     raise typer.Exit(fleet_mod.run(get_settings(), options, console, run_id=run))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +85,8 @@ def device_threads(
     encoding: str,
     stop: threading.Event,
     behaviours: list[Behaviour] | None = None,
+    *,
+    flower_clients: Sequence[str | None] = (),
 ) -> list[Handle]:
     import torch
 
@@ -117,6 +120,7 @@ def device_threads(
             dropout=b.dropout,
             join_delay_s=b.join_delay_s,
             outage_s=b.outage_s,
+            flower_client=_flower_client(flower_clients, k),
         )
         t = threading.Thread(
             target=run_device,
@@ -143,6 +147,8 @@ def device_processes(
     stop: threading.Event,
     logs: Path,
     behaviours: list[Behaviour] | None = None,
+    *,
+    flower_clients: Sequence[str | None] = (),
 ) -> list[ProcessHandle]:
     logs.mkdir(parents=True, exist_ok=True)
     handles: list[ProcessHandle] = []
@@ -173,10 +179,17 @@ def device_processes(
             encoding,
             *b.cli_args(),
         ]
+        if (flower := _flower_client(flower_clients, k)) is not None:
+            cmd += ["--flower-client", flower]
         log = (logs / f"device-{k}.log").open("wb")
         proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)
         handles.append(ProcessHandle(proc, stop))
     return handles
+
+
+def _flower_client(flower_clients: Sequence[str | None], k: int) -> str | None:
+    """Device k's Flower client, if it runs one (devices/flower.py)."""
+    return flower_clients[k] if k < len(flower_clients) else None
 
 
 def worker_process(

@@ -52,10 +52,14 @@ class SequentialNet(nn.Module):
         return self.net(x)
 
 
-def load_data(partition_id: int, num_partitions: int, batch_size: int = 32) -> tuple[Any, Any]:
-    """This partition's training set, and the held-out test set to evaluate on."""
+def load_data(node_config: dict[str, Any], batch_size: int = 32) -> tuple[Any, Any]:
+    """This node's partition of the training set, and the held-out test set."""
     data = load_dataset("digits")
-    idx = partition("iid", data.y_train, num_partitions, seed=0)[partition_id]
+    num_partitions = int(node_config["num-partitions"])
+    seed = int(node_config.get("partition-seed", 0))
+    idx = partition("iid", data.y_train, num_partitions, seed=seed)[
+        int(node_config["partition-id"])
+    ]
     train = TensorDataset(
         torch.as_tensor(data.x_train[idx], dtype=torch.float32),
         torch.as_tensor(data.y_train[idx], dtype=torch.int64),
@@ -141,9 +145,7 @@ class FlowerClient(NumPyClient):
 
 
 def client_fn(context: Context) -> Any:
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    trainloader, valloader = load_data(partition_id, num_partitions)
+    trainloader, valloader = load_data(context.node_config)
     local_epochs = int(context.run_config["local-epochs"])
     return FlowerClient(Net(), trainloader, valloader, local_epochs).to_client()
 
@@ -160,9 +162,7 @@ message_app = ClientApp()
 def train_fn(msg: Message, context: Context) -> Message:
     model = SequentialNet()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    trainloader, _ = load_data(partition_id, num_partitions)
+    trainloader, _ = load_data(context.node_config)
     config = msg.content["config"]
     train_loss = train(
         model,
@@ -191,9 +191,7 @@ def train_fn(msg: Message, context: Context) -> Message:
 def evaluate_fn(msg: Message, context: Context) -> Message:
     model = SequentialNet()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    _, valloader = load_data(
-        int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    )
+    _, valloader = load_data(context.node_config)
     loss, accuracy = test(model, valloader)
     metrics = {"loss": loss, "accuracy": accuracy, "num-examples": len(valloader.dataset)}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
