@@ -64,7 +64,7 @@ def federate(flower: tuple[str | None, ...], rounds: int, seed: int, out: Path) 
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f}"
+    return "-" if x is None else f"{100 * x:.2f}"
 
 
 def table(results: dict[str, dict[int, dict[str, Any]]], rounds: int) -> str:

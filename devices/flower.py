@@ -259,9 +259,7 @@ class FlowerTrainer(LocalTrainer):
                 raise FlowerError(f"the client's fit failed: {res.status.message}")
             trained = self._by_position(parameters_to_ndarrays(res.parameters))
             return trained, int(res.num_examples), res.metrics
-        content = RecordDict(
-            {"arrays": self._array_record(arrays), "config": ConfigRecord(config)}
-        )
+        content = RecordDict({"arrays": self._array_record(arrays), "config": ConfigRecord(config)})
         reply = self._call(MessageType.TRAIN, content, round_number)
         returned = reply.get("arrays")
         if not isinstance(returned, ArrayRecord):
@@ -303,9 +301,7 @@ class FlowerTrainer(LocalTrainer):
         if "evaluate.default" not in getattr(self.app, "_registered_funcs", {}):
             self.evaluate = False
             return {}
-        content = RecordDict(
-            {"arrays": self._array_record(arrays), "config": ConfigRecord(config)}
-        )
+        content = RecordDict({"arrays": self._array_record(arrays), "config": ConfigRecord(config)})
         reply = self._call(MessageType.EVALUATE, content, round_number)
         return _prefixed("eval_", dict(reply.get("metrics") or {}))
 
@@ -325,7 +321,11 @@ class FlowerTrainer(LocalTrainer):
             ttl=DEFAULT_TTL,
             message_type=message_type,
         )
-        reply: Message = self.app(Message(content=content, metadata=metadata), self.context)
+        # Received messages are built from their metadata, as the SuperNode builds them;
+        # Message's typed overloads are for messages a ServerApp creates (which need the
+        # process-wide TaskIdentity of a running Flower app).
+        build: Any = Message
+        reply: Message = self.app(build(content=content, metadata=metadata), self.context)
         if reply.has_error():
             raise FlowerError(f"the ClientApp's {message_type} failed: {reply.error.reason}")
         return reply.content

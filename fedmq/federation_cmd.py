@@ -180,6 +180,5 @@ def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
         quorum=quorum,
         deadline_s=deadline,
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
-        flower_clients=(flower_client,) * clients if flower_client else (),
     )
     raise typer.Exit(fleet_mod.run(get_settings(), options, console, run_id=run))
