@@ -27,6 +27,7 @@ import io
 import statistics
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,9 @@ def main() -> None:
         "Message-API `ClientApp`, run by `--flower-client`). Accuracy in % of the server's "
         "evaluation on the 360-image test set; the seed is the run's (model initialisation, "
         "partitions, training seeds). Flower clients shuffle with their own DataLoader, so "
-        "they match native devices up to batch order, not bit for bit.\n\n"
+        "they match native devices up to batch order, not bit for bit. Wall s is one run on a "
+        "shared machine (the first, native, also pays the process's imports and data loading)."
+        f" flwr {metadata.version('flwr')}.\n\n"
         f"{md}\n"
     )
     publish(
