@@ -35,7 +35,7 @@ characters), and ``loss``/``accuracy`` are filled from ``train_loss``/``train_ac
 when the client names them so, which is what the dashboard shows. With ``evaluate`` on (the
 default, as Flower's strategies evaluate every round) a client that implements evaluation
 is asked, before it trains, to evaluate the global model it was sent: its results travel as
-``eval_loss`` and ``eval_<metric>``.
+``eval_loss`` and ``eval_<metric>``, with ``eval_time_s`` (``train_time_s`` is ``fit``'s).
 
 flwr is imported here only, and only when a trainer is built: fedmq's packages never import
 it (tests/unit/test_flower_optional.py), and it is an optional extra (``fedmq[flower]``).
@@ -209,13 +209,16 @@ class FlowerTrainer(LocalTrainer):
     def train(
         self, global_weights: Mapping[str, np.ndarray], round_number: int, settings: TrainSettings
     ) -> tuple[Arrays, dict[str, float]]:
-        started = time.perf_counter()
         config = self.flower_config(settings, round_number)
         self.context.run_config = {k: v for k, v in config.items() if k != "server-round"}
         arrays = [np.asarray(global_weights[n]) for n in self.names]
         metrics: dict[str, float] = {}
         if self.evaluate:
+            started = time.perf_counter()
             metrics.update(self._evaluate(arrays, config, round_number))
+            if metrics:
+                metrics["eval_time_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         # Flower leaves shuffling to the client's own DataLoader (torch's global RNG);
         # seeding it per (seed, round, device) as native devices seed theirs makes a run
         # repeatable where the client does not seed itself.
