@@ -90,6 +90,10 @@ class FederatedClient:
             from devices.wasm_trainer import WasmTrainer  # wasmtime only where it is used
 
             trainer = WasmTrainer.from_config(config)
+        if trainer is None and config.flower_client is not None:
+            from devices.flower import FlowerTrainer  # flwr only where it is used
+
+            trainer = FlowerTrainer.from_config(config)
         self.trainer = trainer or LocalTrainer.from_config(config)
         self.models = ModelStore(
             expected=self.trainer.spec, limits=config.decode_limits, keep=config.keep_models

@@ -8,6 +8,7 @@ federation of K devices trains what the replica trains.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,9 @@ class TrainSettings:
     proximal_mu: float = 0.0
     # Local DP (the run's privacy block in local mode, sent as train_config["privacy"]).
     privacy: LocalPrivacy | None = None
+    # The round's train_config as announced, for a trainer that hands it on whole (a Flower
+    # client's fit config, devices/flower.py); the fields above are what fedmq reads of it.
+    train_config: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def with_overrides(self, train_config: dict[str, Any]) -> TrainSettings:
         """These settings with the known keys of ``train_config`` applied (others ignored).
@@ -69,7 +73,7 @@ class TrainSettings:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             values[name] = int(value) if name in ("epochs", "batch_size") else float(value)
-        return TrainSettings(**values)
+        return TrainSettings(**values, train_config=dict(train_config))
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class DeviceConfig:
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
     torch_threads: int | None = 1  # set by run_device (a process per device); None: leave
     runtime: Literal["torch", "wasm"] = "torch"  # wasm: train in devices/wasm (MLPs only)
+    # "package.module:object": train with this Flower client instead (devices/flower.py)
+    flower_client: str | None = None
     warm_up: bool = True  # one forward/backward pass before registering (see LocalTrainer)
     device_info: dict[str, Any] = field(default_factory=dict)
     # Where the device keeps its client id and token (devices/identity.py): a restart
@@ -138,6 +144,8 @@ class DeviceConfig:
             raise ValueError("slowdown_s, join_delay_s and outage_s must be >= 0")
         if self.runtime not in ("torch", "wasm"):
             raise ValueError(f"runtime {self.runtime!r} must be torch or wasm")
+        if self.flower_client is not None and self.runtime != "torch":
+            raise ValueError("a Flower client trains with its own code: runtime must be torch")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
         if self.orchestrator_key is not None:

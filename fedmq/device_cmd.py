@@ -60,6 +60,11 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
     split_pipeline: bool = typer.Option(
         False, "--split-pipeline", help="With --split: pipeline the micro-batches"
     ),
+    flower_client: str | None = typer.Option(
+        None,
+        help="Train with this unmodified Flower client, package.module:object (a ClientApp, "
+        "NumPyClient or client_fn; needs fedmq[flower]); --model names the run's model",
+    ),
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     # Imported here: the device stack loads torch, which every other command can do without.
@@ -104,6 +109,7 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         runtime="wasm" if runtime == "wasm" else "torch",
         identity_file=identity,
         orchestrator_key=orchestrator_key or s.orchestrator_key,
+        flower_client=flower_client,
     )
     trainer = _split_trainer(config, split_pipeline) if split else None
     client = run_device(config, trainer=trainer)

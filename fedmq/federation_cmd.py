@@ -91,6 +91,11 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     dp_seed: int | None = typer.Option(
         None, help="DP: seed the noise (reproducible, and no privacy against who knows it)"
     ),
+    flower_client: str | None = typer.Option(
+        None,
+        help="Every device trains with this unmodified Flower client, package.module:object "
+        "(needs fedmq[flower]); --model is the run's model, as the ServerApp's",
+    ),
 ) -> None:
     """Run a whole federation: orchestrator, aggregation and N devices over the real wire."""
     common: dict[str, Any] = {
@@ -110,6 +115,8 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         "database": database,
         "deadline_s": deadline,
     }
+    if split and flower_client:
+        raise typer.BadParameter("Flower clients train whole models", param_hint="--split")
     if split:
         from simulation.split_sim import SplitSimOptions, run_split
 
@@ -172,6 +179,7 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         concurrency=concurrency,
         staleness=staleness,
         server_lr=server_lr,
+        flower_clients=(flower_client,) * clients if flower_client else (),
     )
     mode = (
         "full (RabbitMQ + database, worker and devices as processes)"

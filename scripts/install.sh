@@ -23,6 +23,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 spec="."
 [ -n "${1:-}" ] && spec=".[$1]"
+# The test tools come with the optional extras whose tests CI runs (Flower clients).
+[ "${1:-}" = test ] && spec=".[test,flower]"
 # Stamp: skip pip when nothing that decides the install changed (keeps re-runs fast).
 stamp=".venv/.fedmq-install-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-${1:-base}"
 if [ ! -f "$stamp" ]; then

@@ -91,7 +91,7 @@ def run(
         stop,
         logs,
         h.behaviours(o.clients, o.seed, 2 * policy_for(o, s).heartbeat_timeout_s),
-        extra_args=("--split",) if split else (),
+        args_for=lambda k: ("--split",) if split else (),
     )
     console.print(f"device logs: {logs}/device-<k>.log")
     try:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +85,8 @@ def device_threads(
     encoding: str,
     stop: threading.Event,
     behaviours: list[Behaviour] | None = None,
+    *,
+    flower_clients: Sequence[str | None] = (),
 ) -> list[Handle]:
     import torch
 
@@ -117,6 +120,7 @@ def device_threads(
             dropout=b.dropout,
             join_delay_s=b.join_delay_s,
             outage_s=b.outage_s,
+            flower_client=_flower_client(flower_clients, k),
         )
         t = threading.Thread(
             target=run_device,
@@ -143,10 +147,11 @@ def device_processes(
     stop: threading.Event,
     logs: Path,
     behaviours: list[Behaviour] | None = None,
-    extra_args: tuple[str, ...] = (),
+    *,
+    args_for: Callable[[int], Sequence[str]] = lambda k: (),
 ) -> list[ProcessHandle]:
-    """``fedmq device`` processes, one per partition; ``extra_args`` go to each (a split
-    fleet's ``--split``)."""
+    """``fedmq device`` processes, one per partition; ``args_for(k)`` are device k's
+    extra options (a split fleet's ``--split``, a Flower client of its own)."""
     logs.mkdir(parents=True, exist_ok=True)
     handles: list[ProcessHandle] = []
     for k in range(clients):
@@ -175,12 +180,23 @@ def device_processes(
             "--encoding",
             encoding,
             *b.cli_args(),
-            *extra_args,
+            *args_for(k),
         ]
         log = (logs / f"device-{k}.log").open("wb")
         proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)
         handles.append(ProcessHandle(proc, stop))
     return handles
+
+
+def flower_args(flower_clients: Sequence[str | None], k: int) -> tuple[str, ...]:
+    """Device k's options to run its Flower client, if it has one (devices/flower.py)."""
+    flower = _flower_client(flower_clients, k)
+    return () if flower is None else ("--flower-client", flower)
+
+
+def _flower_client(flower_clients: Sequence[str | None], k: int) -> str | None:
+    """Device k's Flower client, if it runs one (devices/flower.py)."""
+    return flower_clients[k] if k < len(flower_clients) else None
 
 
 def worker_process(

@@ -79,6 +79,9 @@ class SimOptions:
     server_lr: float = 1.0
     # The run's privacy block (learning.privacy.PrivacyConfig); None: no DP.
     privacy: dict[str, Any] | None = None
+    # Device k trains with the Flower client flower_clients[k] ("package.module:object",
+    # devices/flower.py) where there is one and it is not None; the others are native.
+    flower_clients: tuple[str | None, ...] = ()
 
 
 @dataclass
@@ -144,12 +147,25 @@ def _start_fleet(s: Settings, run_id: str, o: SimOptions, stop: threading.Event)
     )
     if s.embedded:
         return fleet_local.device_threads(
-            *args, dict(o.partition_args), o.seed, o.encoding, stop, behaviours
+            *args,
+            dict(o.partition_args),
+            o.seed,
+            o.encoding,
+            stop,
+            behaviours,
+            flower_clients=o.flower_clients,
         )
     logs = o.out / "logs"
     worker = fleet_local.worker_process(s, logs)
     devices = fleet_local.device_processes(
-        *args, json.dumps(o.partition_args), o.seed, o.encoding, stop, logs, behaviours
+        *args,
+        json.dumps(o.partition_args),
+        o.seed,
+        o.encoding,
+        stop,
+        logs,
+        behaviours,
+        args_for=lambda k: fleet_local.flower_args(o.flower_clients, k),
     )
     return [*devices, worker]
 

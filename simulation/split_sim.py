@@ -289,7 +289,8 @@ def _device_processes(
     extra = ("--split", *(("--split-pipeline",) if o.pipeline else ()))
     return fleet_local.device_processes(
         s, run_id, o.clients, o.dataset, o.model, o.partition,
-        json.dumps(o.partition_args or {}), o.seed, o.encoding, stop, logs, extra_args=extra,
+        json.dumps(o.partition_args or {}), o.seed, o.encoding, stop, logs,
+        args_for=lambda k: extra,
     )  # fmt: skip
 
 
