@@ -156,6 +156,7 @@ def orchestrator(
     import logging
 
     from fedmq.ingest_processes import IngestProcesses
+    from fedmq.service_gc import tune_for_service
     from fedmq.wiring import orchestrator_service
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -177,12 +178,16 @@ def orchestrator(
         _ensure_sqlite_dir(s.database_url)
         migrations.upgrade(s.database_url)
     if ingest_only or s.ingest_processes == 0 or s.embedded:
-        orchestrator_service(s, ingest_only=ingest_only).run_forever()
+        service = orchestrator_service(s, ingest_only=ingest_only)
+        tune_for_service()
+        service.run_forever()
         return
     children = IngestProcesses(s.ingest_processes).start()
     try:
         # The children store the updates; this process signals, counts and sends.
-        orchestrator_service(s, ingest_consumers=0).run_forever()
+        service = orchestrator_service(s, ingest_consumers=0)
+        tune_for_service()
+        service.run_forever()
     finally:
         children.stop()
 
