@@ -871,6 +871,7 @@ def markdown_big(r: dict[str, Any], floor: dict[str, float]) -> list[str]:
         f"({r['mb_per_s'] / floor['db_large_write_mb_per_s']:.0%} of the database's "
         f"{floor['db_large_write_mb_per_s']:.1f} MB/s of 1 MiB rows, one commit each) |",
         f"| update → database latency p50 / p99 | {_ms(r, 'update_to_db')} |",
+        f"| orchestrator CPU per update (ms) | {r['updates_cpu_ms']:.1f} |",
         f"| last update counted → round done (aggregate {r['aggregated']} updates, evaluate) | "
         f"{r['last_update_to_round_done_s']:.1f} s |",
         f"| orchestrator peak memory (VmHWM) | {r['orchestrator_peak_rss_mb']:.0f} MB |",

@@ -157,6 +157,7 @@ def orchestrator(
 
     from fedmq import metrics_http
     from fedmq.ingest_processes import IngestProcesses
+    from fedmq.service_gc import tune_for_service
     from fedmq.wiring import orchestrator_service
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -181,6 +182,7 @@ def orchestrator(
         service = orchestrator_service(s, ingest_only=ingest_only)
         if not ingest_only:  # an ingest child serves none (docs/monitoring.md)
             metrics_http.serve_orchestrator(s, service.sessions)
+        tune_for_service()
         service.run_forever()
         return
     children = IngestProcesses(s.ingest_processes).start()
@@ -188,6 +190,7 @@ def orchestrator(
         # The children store the updates; this process signals, counts and sends.
         service = orchestrator_service(s, ingest_consumers=0)
         metrics_http.serve_orchestrator(s, service.sessions)
+        tune_for_service()
         service.run_forever()
     finally:
         children.stop()

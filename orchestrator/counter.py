@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from db import blobstore
 from db import queries as q
-from db.models import InboxUpdate
 from db.queries import orchestrator as oq
 from orchestrator.outbox import notify_device
 from orchestrator.state import Ignored, UpdateReceived
@@ -59,7 +58,7 @@ def count(
     inputs = [_input(r) for r in rows]
     results = step_many(s, run_id, [*inputs, *extra], now)
     accepted = accepted_bytes = 0
-    refused: list[tuple[InboxUpdate, str]] = []
+    refused: list[tuple[oq.Waiting, str]] = []
     for i, row in enumerate(rows):
         refusal = None if results is None else results[i].refusal
         if results is None:
@@ -87,7 +86,7 @@ def count(
     )
 
 
-def _input(row: InboxUpdate) -> StepInput:
+def _input(row: oq.Waiting) -> StepInput:
     event = UpdateReceived(row.client_id, row.round, row.update_sha, row.num_samples)
     info = UpdateInfo(row.bytes, row.message_id, dict(row.metrics))
     return StepInput(event, row.message_id, update=info)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import blobstore
 from db import queries as q
 from db.engine import session_scope
-from db.models import BlobKind, Client, Participation, ParticipationState, Round, RoundState
+from db.models import BlobKind, ParticipationState, RoundState
 from db.queries import orchestrator as oq
 from orchestrator.counter import notify_update, record_refused
 from orchestrator.store import record_and_publish
@@ -125,22 +125,19 @@ class Ingest:
             except Refuse as r:
                 no_spec[i] = str(r)
         with session_scope(self.sessions) as s:
-            clients = q.get_clients(s, (meta.client_id for _, _, meta in items))
-            rounds = {
-                key: q.get_round(s, *key)
-                for key in dict.fromkeys((meta.run_id, meta.round) for _, _, meta in items)
-            }
-            parts = oq.participations(
+            clients = oq.senders(s, (meta.client_id for _, _, meta in items))
+            rounds = oq.rounds_by_number(s, ((meta.run_id, meta.round) for _, _, meta in items))
+            parts = oq.participation_rows(
                 s,
                 [
                     (rnd.id, meta.client_id)
                     for _, _, meta in items
-                    if (rnd := rounds[(meta.run_id, meta.round)]) is not None
+                    if (rnd := rounds.get((meta.run_id, meta.round))) is not None
                 ],
             )
             ok: list[int] = []
             for i, (_, chunk, meta) in enumerate(items):
-                rnd = rounds[(meta.run_id, meta.round)]
+                rnd = rounds.get((meta.run_id, meta.round))
                 part = None if rnd is None else parts.get((rnd.id, meta.client_id))
                 try:
                     if not self._expected(s, clients.get(meta.client_id), rnd, part, chunk, meta):
@@ -207,10 +204,16 @@ class Ingest:
         until the update is stored, which is just as durable and writes it once, not twice.
         """
         with session_scope(self.sessions) as s:
-            client = q.get_client(s, meta.client_id)
-            rnd = q.get_round(s, meta.run_id, meta.round)
+            client = oq.senders(s, [meta.client_id]).get(meta.client_id)
+            rnd = oq.rounds_by_number(s, [(meta.run_id, meta.round)]).get((meta.run_id, meta.round))
             # One row by its key: listing the round's participations cost O(fleet) an update.
-            part = None if rnd is None or client is None else oq.participation(s, rnd.id, client.id)
+            part = (
+                None
+                if rnd is None or client is None
+                else oq.participation_rows(s, [(rnd.id, meta.client_id)]).get(
+                    (rnd.id, meta.client_id)
+                )
+            )
             if not self._expected(s, client, rnd, part, chunk, meta):
                 return False
             if chunk.count == 1:
@@ -236,9 +239,9 @@ class Ingest:
     def _expected(
         self,
         s: Session,
-        client: Client | None,
-        rnd: Round | None,
-        part: Participation | None,
+        client: oq.Sender | None,
+        rnd: oq.RoundRow | None,
+        part: oq.PartRow | None,
         chunk: chunking.Chunk,
         meta: UpdateMeta,
     ) -> bool:

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import pika
 import pika.exceptions as px
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils import io_services_utils as _pika_io
 
 from protocol.bus.base import (
     BatchHandler,
@@ -56,6 +57,15 @@ T = TypeVar("T")
 # line itself. Quiet unless someone set pika's level on purpose (DEBUG shows it all again).
 if logging.getLogger("pika").level == logging.NOTSET:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+
+# pika reads its socket 4 KiB at a time and appends each read to its frame buffer (a bytes
+# concatenation, which copies the buffer), so a 1 MB update took 256 trips through its
+# event loop and about 17 MB of copying: 2.5 ms of the consumer's CPU, against 1.4 ms with
+# reads of one whole frame (RabbitMQ's default frame_max, 128 KiB), consuming 200 messages
+# of 1 MiB; 550-byte messages cost the same either way. It is a class attribute of pika's
+# transport, with no public setting.
+RECV_BYTES = 128 << 10
+_pika_io._AsyncTransportBase._MAX_RECV_BYTES = RECV_BYTES
 
 
 class _Cancelled(Exception):
