@@ -13,13 +13,17 @@ from protocol.secagg.errors import SecAggError
 class SecAggConfig:
     """``degree``: neighbours per device (None: ``2 * ceil(log2 n)``, at least 4, the
     O(log n) of Bell et al.; n - 1 or more is plain all-pairs SecAgg). ``threshold``:
-    shares that reconstruct a secret, as a fraction of the degree (a strict majority by
-    default, so the server cannot collect both the self-mask and the key shares of one
-    device from disjoint honest majorities). ``clip``: each coordinate of an update is
+    shares that reconstruct a secret, as a fraction of the degree: ``floor(threshold *
+    degree) + 1``. The default 0.4 lets 40 % of a device's neighbours be gone and its
+    secrets still be rebuilt (K = 10: degree 8, threshold 4, so 30 % dropping after
+    masking and one more before still completes); above 0.5 a server that told disjoint
+    halves of the neighbours different survivor lists still could not collect both
+    secrets of one device, at the price of rounds that fail sooner (README, threat
+    model). ``clip``: each coordinate of an update is
     clipped to ``[-clip, clip]`` before quantisation."""
 
     degree: int | None = None
-    threshold: float = 0.5
+    threshold: float = 0.4
     clip: float = 4.0
 
     def __post_init__(self) -> None:

@@ -41,8 +41,9 @@ class RoundKeys:
 
     @classmethod
     def generate(cls) -> RoundKeys:
-        return cls(_raw_private(X25519PrivateKey.generate()),
-                   _raw_private(X25519PrivateKey.generate()))  # fmt: skip
+        return cls(
+            _raw_private(X25519PrivateKey.generate()), _raw_private(X25519PrivateKey.generate())
+        )
 
     @property
     def c_public(self) -> bytes:

@@ -73,8 +73,9 @@ def unmask_sum(
         s_private = shamir.combine(got, threshold)
         if keys.public_of(s_private) != roster[j][1]:
             raise SecAggError(f"the key shares of {j} do not rebuild its advertised key")
-        total = _remove_pair_masks(total, j, s_private, [i for i in near[j] if i in masked],
-                                   roster, context)  # fmt: skip
+        total = _remove_pair_masks(
+            total, j, s_private, [i for i in near[j] if i in masked], roster, context
+        )
     return total
 
 

@@ -285,8 +285,9 @@ def test_quantisation_clips_and_never_wraps_at_the_chosen_scale() -> None:
 
 def test_config_degree_and_threshold() -> None:
     cfg = SecAggConfig()
-    assert cfg.degree_for(10) == 8 and cfg.threshold_for(10) == 5
-    assert cfg.degree_for(5) == 4 and cfg.threshold_for(5) == 3
+    assert cfg.degree_for(10) == 8 and cfg.threshold_for(10) == 4
+    assert cfg.degree_for(5) == 4 and cfg.threshold_for(5) == 2
+    assert SecAggConfig(threshold=0.5).threshold_for(10) == 5
     assert cfg.degree_for(100) == 14
     assert SecAggConfig.from_dict({"degree": 6, "clip": 2.0}).degree == 6
     with pytest.raises(SecAggError, match="unknown"):
