@@ -10,7 +10,7 @@ sent their masked input (they never answer the unmasking request).
 
 What this does not do yet: run through the orchestrator service, the database and the
 AMQP/HTTP transports (``SimOptions`` runs do); the sub-state machine is not yet persisted
-with the round (docs/architecture.md, decision of 2026-05 on SecAgg).
+with the round (docs/architecture.md, "SecAgg+ as a pure protocol package").
 """
 
 from __future__ import annotations
