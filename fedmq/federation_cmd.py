@@ -91,6 +91,12 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     dp_seed: int | None = typer.Option(
         None, help="DP: seed the noise (reproducible, and no privacy against who knows it)"
     ),
+    secagg: bool = typer.Option(
+        False, "--secagg", help="SecAgg+ secure aggregation (embedded, digits MLP, FedAvg)"
+    ),
+    secagg_drop: float = typer.Option(
+        0.0, min=0, max=0.9, help="--secagg: share of devices that vanish after masking"
+    ),
     flower_client: str | None = typer.Option(
         None,
         help="Every device trains with this unmodified Flower client, package.module:object "
@@ -117,6 +123,11 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     }
     if split and flower_client:
         raise typer.BadParameter("Flower clients train whole models", param_hint="--split")
+    if secagg:
+        _simulate_secagg(
+            dataset, model, clients, rounds, local_epochs, batch_size, lr, seed, secagg_drop
+        )
+        return
     if split:
         from simulation.split_sim import SplitSimOptions, run_split
 
@@ -241,3 +252,40 @@ def fleet(  # noqa: PLR0913 (a typer command: each option is an argument)
         heterogeneity=Heterogeneity(slow_fraction, slowdown, dropout, late_joiners, join_delay),
     )
     raise typer.Exit(fleet_mod.run(get_settings(), options, console, run_id=run, split=split))
+
+
+def _simulate_secagg(
+    dataset: str,
+    model: str,
+    clients: int,
+    rounds: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    drop: float,
+) -> None:
+    """SecAgg+ rounds in one process (simulation/secagg_sim.py): not yet through the
+    orchestrator service, so --broker/--database and the strategy options do not apply."""
+    from simulation.secagg_sim import SecAggFederation, SecAggSimOptions
+
+    o = SecAggSimOptions(
+        clients=clients,
+        rounds=rounds,
+        drop_after=drop,
+        dataset=dataset,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
+    console.print(f"fedmq simulate --secagg: {clients} devices, {rounds} rounds, drop {drop}")
+    fed = SecAggFederation(o)
+    for n in range(1, rounds + 1):
+        r = fed.round(n)
+        state = r.failure or f"{len(r.survivors)} inputs summed"
+        console.print(
+            f"round {n}: {state}; accuracy {r.accuracy:.3f}; {r.seconds:.2f} s; "
+            f"{r.bytes_up} B up, {r.bytes_down} B down"
+        )

@@ -24,10 +24,22 @@ from protocol.messages.models import (
     registered_context,
 )
 from protocol.messages.parse import MESSAGE_TYPES, Message, encode_message, parse_as, parse_message
+from protocol.messages.secagg import (
+    SECAGG_TYPES,
+    PeerKeys,
+    RevealedShare,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggRoster,
+    SecAggShares,
+    SecAggUnmask,
+)
 
 __all__ = [
     "MESSAGE_TYPES",
     "SCHEMA_VERSION",
+    "SECAGG_TYPES",
     "ClientState",
     "Command",
     "CommandAction",
@@ -38,10 +50,18 @@ __all__ = [
     "Message",
     "MessageError",
     "ModelMeta",
+    "PeerKeys",
     "Register",
     "Registered",
+    "RevealedShare",
     "RoundAnnouncement",
     "RoundState",
+    "SecAggInbox",
+    "SecAggKeys",
+    "SecAggReveal",
+    "SecAggRoster",
+    "SecAggShares",
+    "SecAggUnmask",
     "Signal",
     "UpdateMeta",
     "encode_message",

@@ -20,6 +20,14 @@ from protocol.messages.models import (
     Signal,
     UpdateMeta,
 )
+from protocol.messages.secagg import (
+    SecAggInbox,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggRoster,
+    SecAggShares,
+    SecAggUnmask,
+)
 
 Message = Annotated[
     Register
@@ -30,7 +38,13 @@ Message = Annotated[
     | RoundAnnouncement
     | UpdateMeta
     | ModelMeta
-    | Event,
+    | Event
+    | SecAggKeys
+    | SecAggRoster
+    | SecAggShares
+    | SecAggInbox
+    | SecAggUnmask
+    | SecAggReveal,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
@@ -44,6 +58,12 @@ MESSAGE_TYPES: tuple[type[Envelope], ...] = (
     UpdateMeta,
     ModelMeta,
     Event,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggInbox,
+    SecAggUnmask,
+    SecAggReveal,
 )
 
 DEFAULT_MAX_BYTES = 1024 * 1024

@@ -22,9 +22,17 @@ from protocol.messages import (
     Heartbeat,
     MessageError,
     ModelMeta,
+    PeerKeys,
     Register,
     Registered,
+    RevealedShare,
     RoundAnnouncement,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggRoster,
+    SecAggShares,
+    SecAggUnmask,
     Signal,
     UpdateMeta,
     encode_message,
@@ -79,7 +87,62 @@ def examples() -> list[Envelope]:
             run_id="run1", round=2, model_version=2, blob_sha256=SHA, blob_bytes=5, encoding="bf16"
         ),
         Event(run_id="run1", kind="round.opened", round=2, detail={"selected": 5}),
+        *secagg_examples(),
     ]
+
+
+def secagg_examples() -> list[Envelope]:
+    keys = PeerKeys(c_pub=PUB, s_pub=sealing.new_keypair()[1], num_samples=30)
+    box = "A" * 60
+    return [
+        SecAggKeys(run_id="run1", client_id="a", round=2, keys=keys, mac=MAC),
+        SecAggRoster(
+            run_id="run1",
+            round=2,
+            keys={"a": keys, "b": keys, "c": keys},
+            graph_seed=SHA,
+            degree=2,
+            threshold=2,
+            clip=4.0,
+            scale=1000,
+        ),
+        SecAggShares(run_id="run1", client_id="a", round=2, boxes={"b": box}, mac=MAC),
+        SecAggInbox(run_id="run1", client_id="b", round=2, boxes={"a": box}),
+        SecAggUnmask(run_id="run1", round=2, survivors=["a", "b"], dropped=["c"]),
+        SecAggReveal(
+            run_id="run1",
+            client_id="a",
+            round=2,
+            mac=MAC,
+            shares={"b": RevealedShare(kind="b", share="0" * 132)},
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields", "why"),
+    [
+        (SecAggUnmask, {"survivors": ["a", "b"], "dropped": ["b"]}, "both a survivor and"),
+        (SecAggShares, {"client_id": "a", "boxes": {"a": "A" * 60}}, "no share box to itself"),
+        (
+            SecAggRoster,
+            {"keys": {}, "graph_seed": SHA, "degree": 1, "threshold": 1, "clip": 1.0, "scale": 1},
+            "keys",
+        ),
+        (
+            SecAggReveal,
+            {"client_id": "a", "shares": {"b": {"kind": "both", "share": "0"}}},
+            "kind",
+        ),
+    ],
+)
+def test_secagg_messages_refuse_what_breaks_the_protocol(
+    cls: type[Envelope], fields: dict[str, object], why: str
+) -> None:
+    raw = json.dumps({"schema_version": 1, "type": cls.model_fields["type"].default,
+                      "run_id": "run1", "round": 2, **fields})
+    with pytest.raises(MessageError, match=why):
+        parse_message(raw)
 
 
 def test_every_message_type_has_an_example() -> None:
