@@ -139,8 +139,15 @@ def secagg_examples() -> list[Envelope]:
 def test_secagg_messages_refuse_what_breaks_the_protocol(
     cls: type[Envelope], fields: dict[str, object], why: str
 ) -> None:
-    raw = json.dumps({"schema_version": 1, "type": cls.model_fields["type"].default,
-                      "run_id": "run1", "round": 2, **fields})
+    raw = json.dumps(
+        {
+            "schema_version": 1,
+            "type": cls.model_fields["type"].default,
+            "run_id": "run1",
+            "round": 2,
+            **fields,
+        }
+    )
     with pytest.raises(MessageError, match=why):
         parse_message(raw)
 
