@@ -7,7 +7,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from devices.config import TRAIN_CONFIG_KEYS
+from devices.config import (
+    TRAIN_CONFIG_KEYS,
+    DeviceConfig,
+    SimulatedBehaviour,
+    TrainingConfig,
+    WireConfig,
+)
 from fedmq.settings import Settings
 from learning.privacy import LOCAL, TRAIN_KEYS, PrivacyConfig
 from learning.strategies import strategy_from_config
@@ -69,6 +75,45 @@ def worker_config(s: Settings) -> WorkerConfig:
         split_parts=s.aggregate_parts,
         metrics_port=s.metrics_port,
         metrics_host=s.metrics_host,
+    )
+
+
+def device_config(
+    settings: Settings,
+    run_id: str,
+    client_index: int,
+    num_clients: int,
+    *,
+    training: TrainingConfig | None = None,
+    simulated: SimulatedBehaviour | None = None,
+    display_name: str = "",
+    stop_after_rounds: int | None = None,
+    **wire: Any,
+) -> DeviceConfig:
+    """Device ``client_index`` of ``num_clients`` in ``run_id``, reaching the platform as
+    ``settings`` say (broker, gateway, heartbeat, chunk size, bus and decode limits).
+    ``wire``: ``WireConfig`` fields that differ from the settings' (``broker_url``,
+    ``transport``, ``poll_s``, ``identity_file``, ``orchestrator_key`` ...)."""
+    link = WireConfig(
+        **{
+            "broker_url": settings.broker_url,
+            "gateway_url": settings.gateway_url,
+            "heartbeat_s": settings.heartbeat_interval_s,
+            "chunk_size": settings.chunk_size,
+            "bus": bus_config(settings),
+            "decode_limits": decode_limits(settings),
+            **wire,
+        }
+    )
+    return DeviceConfig(
+        run_id,
+        client_index,
+        num_clients,
+        display_name=display_name,
+        stop_after_rounds=stop_after_rounds,
+        wire=link,
+        training=training or TrainingConfig(),
+        simulated=simulated or SimulatedBehaviour(),
     )
 
 

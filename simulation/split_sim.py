@@ -34,10 +34,10 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models.enums import RoundState
 from devices.client import FederatedClient
-from devices.config import DeviceConfig, TrainSettings
+from devices.config import DeviceConfig, TrainingConfig
 from devices.split_trainer import SplitTrainer
 from fedmq.settings import Settings, get_settings
-from fedmq.wiring import bus_config, decode_limits, open_bus, orchestrator_service, run_configs
+from fedmq.wiring import device_config, open_bus, orchestrator_service, run_configs
 from learning.split.spec import model_config
 from protocol.bus import Bus, connect
 from simulation import fleet_local
@@ -261,24 +261,21 @@ def split_rounds(sessions: sessionmaker[Session], run_id: str) -> list[SplitRoun
 
 
 def _device_config(s: Settings, run_id: str, o: SplitSimOptions, k: int) -> DeviceConfig:
-    return DeviceConfig(
-        run_id=run_id,
-        client_index=k,
-        num_clients=o.clients,
-        broker_url=s.broker_url,
-        dataset=o.dataset,
-        model=o.model,
-        model_args=model_config(o.model),
-        partition=o.partition,
-        partition_args=dict(o.partition_args or {}),
-        seed=o.seed,
-        train=TrainSettings(),
-        encoding=o.encoding,
-        heartbeat_s=s.heartbeat_interval_s,
-        chunk_size=s.chunk_size,
-        bus=bus_config(s),
-        decode_limits=decode_limits(s),
-        torch_threads=None,
+    return device_config(
+        s,
+        run_id,
+        k,
+        o.clients,
+        training=TrainingConfig(
+            dataset=o.dataset,
+            model=o.model,
+            model_args=model_config(o.model),
+            partition=o.partition,
+            partition_args=dict(o.partition_args or {}),
+            seed=o.seed,
+            encoding=o.encoding,
+            torch_threads=None,
+        ),
     )
 
 
@@ -315,15 +312,15 @@ def _device_threads(
 
 def _run_device(config: DeviceConfig, pipeline: bool, stop: threading.Event) -> None:
     """One device: a ``FederatedClient`` whose trainer trains split over a link of its own."""
-    memory = config.broker_url.startswith("memory:")
+    memory = config.wire.broker_url.startswith("memory:")
     opened: list[Bus] = []
 
     def link() -> Bus:
-        bus = connect(config.broker_url, config.bus)
+        bus = connect(config.wire.broker_url, config.wire.bus)
         opened.append(bus)
         return bus
 
-    bus = connect(config.broker_url, config.bus)
+    bus = connect(config.wire.broker_url, config.wire.bus)
     trainer = SplitTrainer.from_device_config(config, link, pipeline=pipeline)
     try:
         FederatedClient(config, bus, trainer=trainer).run(stop)
