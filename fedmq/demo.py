@@ -49,13 +49,13 @@ def _rel_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def cross(
-    s: Settings,
+    settings: Settings,
     broker: str,
     weights: dict[str, np.ndarray],
     encodings: list[str],
     progress: Progress,
 ) -> list[Crossing]:
-    bus = open_bus(s, broker)
+    bus = open_bus(settings, broker)
     device = f"demo-{uuid.uuid4().hex[:8]}"
     try:
         topo.declare(bus)
@@ -65,9 +65,9 @@ def cross(
         for enc in encodings:
             task = progress.add_task(f"{enc:>5}", total=None)
             t0 = time.perf_counter()
-            blob = codec.encode(weights, enc, level=s.zstd_level if enc != "bf16" else 1)
+            blob = codec.encode(weights, enc, level=settings.zstd_level if enc != "bf16" else 1)
             t1 = time.perf_counter()
-            parts = chunking.split(blob, s.chunk_size)
+            parts = chunking.split(blob, settings.chunk_size)
             progress.update(task, total=len(parts))
             for c in parts:
                 bus.publish(
@@ -76,7 +76,7 @@ def cross(
                     c.data,
                     headers=chunking.to_headers(c),
                 )
-            joiner, got = reassembler(s), None
+            joiner, got = reassembler(settings), None
             while got is None:
                 d = bus.get(queue, timeout=30)
                 if d is None:
@@ -85,7 +85,7 @@ def cross(
                 d.ack()
                 progress.advance(task)
             t2 = time.perf_counter()
-            decoded = codec.decode(got, limits=decode_limits(s), expected=spec)
+            decoded = codec.decode(got, limits=decode_limits(settings), expected=spec)
             t3 = time.perf_counter()
             results.append(
                 Crossing(

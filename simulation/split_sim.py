@@ -118,29 +118,31 @@ def run_split(
     o = options
     o.out.mkdir(parents=True, exist_ok=True)
     sim = _sim_options(o)
-    s = sim_settings(base or get_settings(), sim, o.out)
-    s = s.model_copy(update={"worker_device": o.edge_device})
+    settings = sim_settings(base or get_settings(), sim, o.out)
+    settings = settings.model_copy(update={"worker_device": o.edge_device})
     from db import migrations
 
-    migrations.upgrade(s.database_url)
-    sessions = make_sessionmaker(make_engine(s.database_url))
-    run_id = _create_run(sessions, o, s)
-    bus = open_bus(s)
-    service = orchestrator_service(s, bus)
+    migrations.upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    run_id = _create_run(sessions, o, settings)
+    bus = open_bus(settings)
+    service = orchestrator_service(settings, bus)
     service.start()
     stop = threading.Event()
     handles: list[Handle] = []
     started = time.perf_counter()
     try:
-        if s.embedded:
-            handles.extend(_device_threads(s, run_id, o, stop))
+        if settings.embedded:
+            handles.extend(_device_threads(settings, run_id, o, stop))
         else:
             logs = o.out / "logs"
-            handles.append(fleet_local.worker_process(s, logs, queues="aggregate,evaluate"))
-            handles.append(fleet_local.worker_process(s, logs, queues="edge", name="edge-worker"))
-            handles.extend(_device_processes(s, run_id, o, stop, logs))
+            handles.append(fleet_local.worker_process(settings, logs, queues="aggregate,evaluate"))
+            handles.append(
+                fleet_local.worker_process(settings, logs, queues="edge", name="edge-worker")
+            )
+            handles.extend(_device_processes(settings, run_id, o, stop, logs))
         wait_ready(sessions, run_id, o.clients, timeout=180)
-        start_autorun(bus, s, run_id, o.rounds)
+        start_autorun(bus, settings, run_id, o.rounds)
         # Done when the run's last round is: evaluated by the orchestrator's task, its
         # accuracy in the round's metrics (issue 22: reporting before that left round N
         # "evaluating").
@@ -168,10 +170,10 @@ def run_split(
         )
         + "\n"
     )
-    return SplitSimResult(run_id, rounds, s.database_url)
+    return SplitSimResult(run_id, rounds, settings.database_url)
 
 
-def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, s: Settings) -> str:
+def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, settings: Settings) -> str:
     strategy, train = run_configs(
         {"name": "fedavg"},
         {
@@ -189,7 +191,7 @@ def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, s: Settings
             dataset=o.dataset,
             model=o.model,
             seed=o.seed,
-            policy=policy_for(_sim_options(o), s),
+            policy=policy_for(_sim_options(o), settings),
             strategy=strategy,
             train=train,
             extra_config={"simulation": {k: str(v) for k, v in asdict(o).items()}},
@@ -260,9 +262,9 @@ def split_rounds(sessions: sessionmaker[Session], run_id: str) -> list[SplitRoun
     return out
 
 
-def _device_config(s: Settings, run_id: str, o: SplitSimOptions, k: int) -> DeviceConfig:
+def _device_config(settings: Settings, run_id: str, o: SplitSimOptions, k: int) -> DeviceConfig:
     return device_config(
-        s,
+        settings,
         run_id,
         k,
         o.clients,
@@ -280,19 +282,19 @@ def _device_config(s: Settings, run_id: str, o: SplitSimOptions, k: int) -> Devi
 
 
 def _device_processes(
-    s: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event, logs: Path
+    settings: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event, logs: Path
 ) -> list[fleet_local.ProcessHandle]:
     """``fedmq device --split`` processes, one per partition."""
     extra = ("--split", *(("--split-pipeline",) if o.pipeline else ()))
     return fleet_local.device_processes(
-        s, run_id, o.clients, o.dataset, o.model, o.partition,
+        settings, run_id, o.clients, o.dataset, o.model, o.partition,
         json.dumps(o.partition_args or {}), o.seed, o.encoding, stop, logs,
         args_for=lambda k: extra,
     )  # fmt: skip
 
 
 def _device_threads(
-    s: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event
+    settings: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event
 ) -> list[Handle]:
     import torch
 
@@ -301,7 +303,7 @@ def _device_threads(
     for k in range(o.clients):
         t = threading.Thread(
             target=_run_device,
-            args=(_device_config(s, run_id, o, k), o.pipeline, stop),
+            args=(_device_config(settings, run_id, o, k), o.pipeline, stop),
             name=f"split-device-{k}",
             daemon=True,
         )
