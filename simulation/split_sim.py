@@ -43,8 +43,14 @@ from protocol.bus import Bus, connect
 from simulation import fleet_local
 from simulation.fleet_local import Handle
 from simulation.report import write_json
-from simulation.simulate import SimOptions, policy_for, round_rows, start_autorun, wait_ready
-from simulation.simulate import _settings as sim_settings
+from simulation.simulate import (
+    SimOptions,
+    policy_for,
+    round_rows,
+    sim_settings,
+    start_autorun,
+    wait_ready,
+)
 from simulation.split_run import create_split_run
 from workers.edge.bodies import body_ref
 from workers.edge.rounds import DONE as EDGE_DONE
