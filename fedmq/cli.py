@@ -238,9 +238,9 @@ def run_create(
     _ensure_sqlite_dir(settings.database_url)
     migrations.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
-    with session_scope(engine) as session:
+    with session_scope(engine) as s:
         rid = create_run(
-            session,
+            s,
             name,
             model.read_bytes(),
             policy=round_policy,
@@ -285,9 +285,9 @@ def run_create_split(
     _ensure_sqlite_dir(settings.database_url)
     migrations.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
-    with session_scope(engine) as session:
+    with session_scope(engine) as s:
         rid = create_split_run(
-            session,
+            s,
             name,
             dataset=dataset,
             model=model,

@@ -70,8 +70,8 @@ def run(
             run_id = create_sim_run(sessions, o, settings, prefix="fleet")
         console.print(f"created {'split ' if split else ''}run {run_id}")
     else:
-        with session_scope(sessions) as session:
-            if q.get_run(session, run_id) is None:
+        with session_scope(sessions) as s:
+            if q.get_run(s, run_id) is None:
                 console.print(f"[red]no run {run_id!r} in the database[/red]")
                 return 2
     h = o.heterogeneity
@@ -134,9 +134,9 @@ def _create_split_run(sessions: Any, o: SimOptions, settings: Settings) -> str:
             "encoding": o.encoding,
         },
     )
-    with session_scope(sessions) as session:
+    with session_scope(sessions) as s:
         return create_split_run(
-            session,
+            s,
             f"fleet-split-{uuid.uuid4().hex[:8]}",
             dataset=o.dataset,
             model=o.model,

@@ -190,9 +190,9 @@ def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, settings: S
             "encoding": o.encoding,
         },
     )
-    with session_scope(sessions) as session:
+    with session_scope(sessions) as s:
         return create_split_run(
-            session,
+            s,
             f"split-{uuid.uuid4().hex[:8]}",
             dataset=o.dataset,
             model=o.model,
