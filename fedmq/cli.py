@@ -1,4 +1,4 @@
-"""The one ``fedmq`` command. Subcommands are added as the parts they run land."""
+"""The one ``fedmq`` command; each subcommand starts one part of the platform or a tool."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """``fedmq demo``: a global model crosses the real wire in every encoding.
 
-Until ``fedmq simulate`` lands this is the most of fedmq that runs end to end: codec →
-chunks → the bus (in-process or RabbitMQ) → reassembly → a checked decode, as an
-orchestrator sending a model to a device would do it.
+The wire alone, without a federation (``fedmq simulate`` runs one): codec → chunks → the
+bus (in-process or RabbitMQ) → reassembly → a checked decode, as an orchestrator sending a
+model to a device does it.
 """
 
 from __future__ import annotations
