@@ -19,8 +19,7 @@ from rich.table import Table
 from fedmq.settings import Settings
 from fedmq.wiring import decode_limits, open_bus, reassembler
 from learning.models import resnet18, resnet50
-from protocol import chunking, codec
-from protocol import topology as topo
+from protocol import chunking, codec, topology
 
 MiB = 1024 * 1024
 
@@ -58,8 +57,8 @@ def cross(
     bus = open_bus(settings, broker)
     device = f"demo-{uuid.uuid4().hex[:8]}"
     try:
-        topo.declare(bus)
-        queue = topo.declare_device(bus, device)
+        topology.declare(bus)
+        queue = topology.declare_device(bus, device)
         spec = codec.spec_of(weights)
         results = []
         for enc in encodings:
@@ -71,8 +70,8 @@ def cross(
             progress.update(task, total=len(parts))
             for c in parts:
                 bus.publish(
-                    topo.DEVICES_EXCHANGE,
-                    topo.device_routing_key(device),
+                    topology.DEVICES_EXCHANGE,
+                    topology.device_routing_key(device),
                     c.data,
                     headers=chunking.to_headers(c),
                 )

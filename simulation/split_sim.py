@@ -53,7 +53,7 @@ from simulation.simulate import (
 )
 from simulation.split_run import create_split_run
 from workers.edge.bodies import body_ref
-from workers.edge.rounds import DONE as EDGE_DONE
+from workers.edge.rounds import SESSION_DONE
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def split_rounds(sessions: sessionmaker[Session], run_id: str) -> list[SplitRoun
     with session_scope(sessions) as s:
         sessions_done = {
             (e.round, e.detail.get("attempt")): e.detail
-            for e in q.list_events(s, run_id, kinds=[EDGE_DONE], limit=10_000)
+            for e in q.list_events(s, run_id, kinds=[SESSION_DONE], limit=10_000)
         }
         for r in q.list_rounds(s, run_id):
             if r.state != RoundState.DONE or r.model_version_id is None:
