@@ -1,7 +1,9 @@
 """The device SDK: a ``FederatedClient`` on the Bus, its local trainer, and ``run_device``.
 
-- ``devices.config``: ``DeviceConfig`` (run, broker, own partition, encoding, timings) and
-  ``TrainSettings`` (overridable per round by ``train_config``);
+- ``devices.config``: ``DeviceConfig`` (run and own partition) with its parts
+  ``WireConfig`` (broker or gateway, identity, timings), ``TrainingConfig`` (data, model,
+  encoding, runtime) and ``SimulatedBehaviour`` (a fleet's slow, dropping or late devices),
+  and ``TrainSettings`` (overridable per round by ``train_config``);
 - ``devices.local``: ``LocalTrainer``, the pure step (train with the replica's seeding,
   delta, error feedback for int8/top-k, encode against the announced version);
 - ``devices.store``: ``ModelStore``, global model versions from chunks (checked, decoded);
@@ -19,7 +21,10 @@ from typing import Any
 
 _EXPORTS = {
     "DeviceConfig": "devices.config",
+    "SimulatedBehaviour": "devices.config",
+    "TrainingConfig": "devices.config",
     "TrainSettings": "devices.config",
+    "WireConfig": "devices.config",
     "LocalTrainer": "devices.local",
     "LocalUpdate": "devices.local",
     "FederatedClient": "devices.client",

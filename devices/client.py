@@ -14,7 +14,7 @@ live state) and ``join`` (after offline) are always legal when sent. ``training`
 client through those states itself), and they race with its own moves: signals and updates
 travel on different queues with different consumers, so e.g. an ``update`` signal can be
 processed after the round already closed (client in ``finish``: refused and dead-lettered).
-So they are sent only with ``DeviceConfig.progress_signals`` (``training`` on selection,
+So they are sent only with ``WireConfig.progress_signals`` (``training`` on selection,
 ``update`` just before the chunks, ``finish`` on ``update.accepted``); heartbeats keep the
 client alive either way.
 
@@ -22,11 +22,11 @@ Local training runs on a thread of its own, so that the loop keeps heartbeating 
 its queue however long a round's training takes (the orchestrator writes off a device that
 is silent past its heartbeat timeout); the finished update is sent from the loop.
 
-Simulated heterogeneity (``DeviceConfig.slowdown_s`` / ``dropout``): a slow device's training
-takes ``slowdown_s`` longer; a device that drops out of a round trains nothing and
-goes silent (no heartbeats, no reads) for ``outage_s`` (at most until the round's deadline),
-then rejoins like a device whose network came back. The dice are seeded by (seed, device,
-round, attempt).
+Simulated heterogeneity (``DeviceConfig.simulated``: ``slowdown_s`` / ``dropout``): a slow
+device's training takes ``slowdown_s`` longer; a device that drops out of a round trains
+nothing and goes silent (no heartbeats, no reads) for ``outage_s`` (at most until the
+round's deadline), then rejoins like a device whose network came back. The dice are seeded
+by (seed, device, round, attempt).
 
 Everything read from the device queue is verified first (protocol/signing.py): signed by
 the orchestrator key pinned at registration (``Identity.signing_key``, kept in the identity
@@ -86,26 +86,28 @@ class FederatedClient:
         self.config, self.on_round = config, on_round
         # A bare Bus is the AMQP (or in-process) device; HttpTransport goes through the gateway.
         self.transport = link if isinstance(link, Transport) else BusTransport(link)
-        if trainer is None and config.runtime == "wasm":
+        if trainer is None and config.training.runtime == "wasm":
             from devices.wasm_trainer import WasmTrainer  # wasmtime only where it is used
 
             trainer = WasmTrainer.from_config(config)
-        if trainer is None and config.flower_client is not None:
+        if trainer is None and config.training.flower_client is not None:
             from devices.flower import FlowerTrainer  # flwr only where it is used
 
             trainer = FlowerTrainer.from_config(config)
         self.trainer = trainer or LocalTrainer.from_config(config)
         self.models = ModelStore(
-            expected=self.trainer.spec, limits=config.decode_limits, keep=config.keep_models
+            expected=self.trainer.spec,
+            limits=config.wire.decode_limits,
+            keep=config.wire.keep_models,
         )
         self.ident: Identity | None = None  # run id, client id and token once registered
         # The orchestrator's key: given beforehand, or pinned at registration and kept in
         # the identity file. Never replaced by a later registration's (``wire.register``).
-        self.pinned_key: str | None = config.orchestrator_key
+        self.pinned_key: str | None = config.wire.orchestrator_key
         self._verifier: Verifier | None = None
         self.dropped: list[str] = []  # why messages were dropped unverified (tests, people)
-        self.resumed = False  # went on as a kept identity (config.identity_file)
-        self.rounds = RoundTracker(config.model_wait_s)
+        self.resumed = False  # went on as a kept identity (config.wire.identity_file)
+        self.rounds = RoundTracker(config.wire.model_wait_s)
         self.notices: list[Event] = []
         self.announcements: list[RoundAnnouncement] = []
         self.signals_sent: list[ClientState] = []
@@ -189,7 +191,7 @@ class FederatedClient:
         """The device's loop on the calling thread, until stopped (or ``stop_after_rounds``)."""
         self._external = stop_event
         try:
-            if self.config.warm_up:
+            if self.config.training.warm_up:
                 log.info("%s: warmed up in %.2f s", self.config.name, self.trainer.warm_up())
             if self._register():
                 self._loop()
@@ -209,7 +211,7 @@ class FederatedClient:
             or (
                 limit is not None
                 and len(self.sent) >= limit
-                and self.rounds.settled(self.config.answer_wait_s)
+                and self.rounds.settled(self.config.wire.answer_wait_s)
             )
         )
 
@@ -233,9 +235,9 @@ class FederatedClient:
                 ident = self.transport.register(
                     self.config.run_id,
                     self.config.name,
-                    device_info=self.config.device_info,
-                    timeout_s=self.config.register_timeout_s,
-                    poll_s=self.config.poll_s,
+                    device_info=self.config.wire.device_info,
+                    timeout_s=self.config.wire.register_timeout_s,
+                    poll_s=self.config.wire.poll_s,
                     stopping=self._stopping,
                     expected_key=self.pinned_key,
                 )
@@ -249,8 +251,8 @@ class FederatedClient:
             else:
                 if ident is not None:
                     # Kept before ``start`` returns: the pinned key is on disk from then on.
-                    if self.config.identity_file is not None:
-                        save_identity(self.config.identity_file, ident)
+                    if self.config.wire.identity_file is not None:
+                        save_identity(self.config.wire.identity_file, ident)
                     self._registered_as(ident)
                 return ident is not None
             attempt += 1
@@ -260,7 +262,7 @@ class FederatedClient:
     def _resume(self) -> bool:
         """Go on as the client a kept identity names: the loop then rejoins (join + ready),
         which the orchestrator takes from a client it wrote off or saw leave."""
-        path = self.config.identity_file
+        path = self.config.wire.identity_file
         kept = None if path is None else load_identity(path, self.config.run_id)
         if path is None or kept is None:
             return False
@@ -331,14 +333,14 @@ class FederatedClient:
 
     def _tick(self) -> None:
         assert self.ident is not None
-        if time.monotonic() - self._last_beat >= self.config.heartbeat_s:
+        if time.monotonic() - self._last_beat >= self.config.wire.heartbeat_s:
             self._heartbeat()
         self._flush()
         self._maybe_train()
         # No longer than until the next heartbeat is due: a device that polls no more often
         # than it must (a long poll_s) still beats on time.
-        due = self._last_beat + self.config.heartbeat_s - time.monotonic()
-        wait = max(0.0, min(self.config.poll_s, due))
+        due = self._last_beat + self.config.wire.heartbeat_s - time.monotonic()
+        wait = max(0.0, min(self.config.wire.poll_s, due))
         if self.training.busy:
             # The update goes out as soon as training ends, not at the next poll timeout
             # (that wait was most of a small model's round); the queue is read without
@@ -348,7 +350,7 @@ class FederatedClient:
             wait = 0.0
         began = time.monotonic()
         d = self.transport.receive(self.ident, wait)
-        if time.monotonic() - began > self.config.rejoin_after_stall_s:
+        if time.monotonic() - began > self.config.wire.rejoin_after_stall_s:
             self._recover = True  # the bus reconnected on its own; we may be offline by now
         if d is not None:
             self._handle(d)
@@ -438,7 +440,9 @@ class FederatedClient:
             self.dropped_rounds.append(ann.round)
             log.info("%s: drops out of round %s (simulated)", self.config.name, ann.round)
             left = (ann.deadline - utcnow()).total_seconds()
-            self._silent_until = time.monotonic() + max(0.0, min(left, self.config.outage_s))
+            self._silent_until = time.monotonic() + max(
+                0.0, min(left, self.config.simulated.outage_s)
+            )
             return
         self._progress(ClientState.TRAINING)
         self.training.start(job)
@@ -462,7 +466,7 @@ class FederatedClient:
         publish failed is sent again, whole, after the loop recovered."""
         while self.rounds.outbox:
             meta, blob, _ = self.rounds.outbox[0]
-            self.transport.send_update(meta, blob, self.config.chunk_size)
+            self.transport.send_update(meta, blob, self.config.wire.chunk_size)
             sent = self.rounds.mark_sent()
             if self.on_round is not None:
                 try:
@@ -478,8 +482,8 @@ class FederatedClient:
         self.signals_sent.append(state)
 
     def _progress(self, state: ClientState) -> None:
-        """training/update/finish: only with ``config.progress_signals`` (see the module doc)."""
-        if self.config.progress_signals:
+        """training/update/finish: only with ``progress_signals`` (see the module doc)."""
+        if self.config.wire.progress_signals:
             self._signal(state)
 
     def _heartbeat(self) -> None:

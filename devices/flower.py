@@ -166,21 +166,21 @@ class FlowerTrainer(LocalTrainer):
     @classmethod
     def from_config(cls, config: DeviceConfig) -> FlowerTrainer:
         """The run's model (for its names and shapes; the client holds its own copy) and
-        the Flower client named by ``config.flower_client``."""
-        if config.flower_client is None:
-            raise FlowerError("DeviceConfig.flower_client is not set")
-        return cls.from_app(load_client_app(config.flower_client), config)
+        the Flower client named by ``config.training.flower_client``."""
+        if config.training.flower_client is None:
+            raise FlowerError("TrainingConfig.flower_client is not set")
+        return cls.from_app(load_client_app(config.training.flower_client), config)
 
     @classmethod
     def from_app(cls, app: ClientApp | object, config: DeviceConfig) -> FlowerTrainer:
         """The SDK's way in: a Flower client object (see ``load_client_app``) for ``config``."""
-        data = load_dataset(config.dataset, **config.dataset_args)
+        data = load_dataset(config.training.dataset, **config.training.dataset_args)
         model = build_model(
-            config.model,
+            config.training.model,
             num_classes=data.num_classes,
             input_shape=data.input_shape,
-            seed=config.seed,
-            **config.model_args,
+            seed=config.training.seed,
+            **config.training.model_args,
         )
         return cls(
             model,
@@ -188,10 +188,10 @@ class FlowerTrainer(LocalTrainer):
             run_id=config.run_id,
             num_clients=config.num_clients,
             client_index=config.client_index,
-            seed=config.seed,
-            encoding=config.encoding,
-            topk_fraction=config.topk_fraction,
-            limits=config.decode_limits,
+            seed=config.training.seed,
+            encoding=config.training.encoding,
+            topk_fraction=config.training.topk_fraction,
+            limits=config.wire.decode_limits,
         )
 
     @property

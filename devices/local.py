@@ -76,31 +76,31 @@ class LocalTrainer:
     @classmethod
     def from_config(cls, config: DeviceConfig) -> LocalTrainer:
         """Load this device's own partition and build its model, as the replica does."""
-        data = load_dataset(config.dataset, **config.dataset_args)
+        data = load_dataset(config.training.dataset, **config.training.dataset_args)
         parts = partition(
-            config.partition,
+            config.training.partition,
             data.y_train,
             config.num_clients,
-            seed=config.seed,
-            **config.partition_args,
+            seed=config.training.seed,
+            **config.training.partition_args,
         )
         idx = parts[config.client_index]
         model = build_model(
-            config.model,
+            config.training.model,
             num_classes=data.num_classes,
             input_shape=data.input_shape,
-            seed=config.seed,
-            **config.model_args,
+            seed=config.training.seed,
+            **config.training.model_args,
         )
         return cls(
             model,
             data.x_train[idx],
             data.y_train[idx],
             client_index=config.client_index,
-            seed=config.seed,
-            encoding=config.encoding,
-            topk_fraction=config.topk_fraction,
-            limits=config.decode_limits,
+            seed=config.training.seed,
+            encoding=config.training.encoding,
+            topk_fraction=config.training.topk_fraction,
+            limits=config.wire.decode_limits,
         )
 
     @property

@@ -1,8 +1,8 @@
 """``run_device``: one device as a process (what ``fedmq device`` calls).
 
-Connects to ``config.broker_url`` (``memory://<name>`` shares the in-process bus of that name
+Connects to ``config.wire.broker_url`` (``memory://<name>`` shares the in-process bus of that name
 with the rest of the process; ``amqp://`` is RabbitMQ), or with ``transport="http"`` talks to
-the REST gateway at ``config.gateway_url``; builds the device's model and loads
+the REST gateway at ``config.wire.gateway_url``; builds the device's model and loads
 its own partition, and runs a ``FederatedClient`` on the calling thread until
 ``stop_event`` is set, SIGTERM or Ctrl-C arrives, or ``config.stop_after_rounds`` rounds are
 trained; then it leaves cleanly (``offline`` signal, queue deleted) and closes its bus.
@@ -35,10 +35,10 @@ def run_device(
     """Run one device until stopped; returns the client (its ``sent``, ``errors`` ...).
     Devices run as threads of one process share ``compute`` (see ``TrainingSlot``);
     ``trainer``: one other than the config's (a split device's ``SplitTrainer``)."""
-    if config.torch_threads is not None:
+    if config.training.torch_threads is not None:
         import torch
 
-        torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(config.training.torch_threads)
     stop = stop_event or threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -48,9 +48,9 @@ def run_device(
 
         previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        if config.join_delay_s > 0:  # a late joiner: not even connected before its time
-            log.info("%s: joins in %.1f s", config.name, config.join_delay_s)
-            stop.wait(config.join_delay_s)
+        if config.simulated.join_delay_s > 0:  # a late joiner: not even connected before its time
+            log.info("%s: joins in %.1f s", config.name, config.simulated.join_delay_s)
+            stop.wait(config.simulated.join_delay_s)
         transport = _transport(config)
     except BaseException:
         if previous is not None:
@@ -67,23 +67,23 @@ def run_device(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if config.transport == "http" or not config.broker_url.startswith("memory:"):
+        if config.wire.transport == "http" or not config.wire.broker_url.startswith("memory:"):
             transport.close()  # a named in-process bus belongs to the whole process
     return client
 
 
 def _transport(config: DeviceConfig) -> Transport:
-    if config.transport == "http":
+    if config.wire.transport == "http":
         from devices.http import HttpTransport  # httpx is loaded only where it is used
 
-        assert config.gateway_url is not None
-        return HttpTransport(config.gateway_url, bus=config.bus)
-    bus = connect(config.broker_url, config.bus)
-    if config.broker_url.startswith("memory:"):
+        assert config.wire.gateway_url is not None
+        return HttpTransport(config.wire.gateway_url, bus=config.wire.bus)
+    bus = connect(config.wire.broker_url, config.wire.bus)
+    if config.wire.broker_url.startswith("memory:"):
         return BusTransport(bus)
 
     def connect_as(user: str, password: str) -> Bus:
-        return connect(with_credentials(config.broker_url, user, password), config.bus)
+        return connect(with_credentials(config.wire.broker_url, user, password), config.wire.bus)
 
     return BusTransport(bus, connect_as)
 

@@ -69,7 +69,7 @@ class SplitTrainer(LocalTrainer):
     def from_device_config(
         cls, config: DeviceConfig, bus: Callable[[], Bus], *, pipeline: bool = False
     ) -> SplitTrainer:
-        link = config.encoding if config.encoding in LINK_ENCODINGS else "bf16"
+        link = config.training.encoding if config.training.encoding in LINK_ENCODINGS else "bf16"
         base = LocalTrainer.from_config(config)
         return cls(base, config.run_id, bus, link_encoding=link, pipeline=pipeline)
 

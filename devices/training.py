@@ -9,7 +9,7 @@ made every one of them take the whole round (each op a contended GIL hand-off), 
 after another each is done in milliseconds and its update goes out while others train; a
 simulation engine bounds its clients the same way (Flower's ``client_resources``).
 The slot also plays the simulated device
-behaviour of ``DeviceConfig``: a slow device's training takes ``slowdown_s`` longer, and
+behaviour of ``DeviceConfig.simulated``: a slow device's training takes ``slowdown_s`` longer, and
 ``drops_out`` rolls a device's dice for a round, seeded by (seed, device, round, attempt)
 so that a fleet is reproducible.
 """
@@ -62,10 +62,10 @@ class TrainingSlot:
         return self._running is not None
 
     def drops_out(self, round_number: int, attempt: int) -> bool:
-        if self.config.dropout <= 0:
+        if self.config.simulated.dropout <= 0:
             return False
-        key = f"{self.config.seed}:{self.config.client_index}:{round_number}:{attempt}"
-        return random.Random(key).random() < self.config.dropout
+        key = f"{self.config.training.seed}:{self.config.client_index}:{round_number}:{attempt}"
+        return random.Random(key).random() < self.config.simulated.dropout
 
     def start(self, job: Job) -> None:
         assert self._running is None, "one training at a time"
@@ -101,10 +101,10 @@ class TrainingSlot:
     def _train(self, job: Job) -> LocalUpdate:
         """On the training thread: no bus calls here."""
         ann = job.announcement
-        end = time.monotonic() + self.config.slowdown_s
+        end = time.monotonic() + self.config.simulated.slowdown_s
         while time.monotonic() < end and not self.stopping():
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-        settings = self.config.train.with_overrides(ann.train_config)
+        settings = self.config.training.defaults.with_overrides(ann.train_config)
         args = (job.weights, ann.model_version, ann.round, settings)
         if self.compute is None:
             return self.trainer.step(*args, attempt=job.attempt)

@@ -53,15 +53,15 @@ def enrollment_user(vhost: str) -> str:
     return "fedmq-enroll" + ("" if vhost == "/" else "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", vhost))
 
 
-def prepare(s: Settings, console: Console) -> BrokerUsers | None:
+def prepare(settings: Settings, console: Console) -> BrokerUsers | None:
     """The enrollment user made (or its password reset to the kept one) and the URLs the
     services need; None, said why, where devices must share the broker URL's user."""
     url = (
-        s.broker_accounts_url.get_secret_value()
-        if s.broker_accounts_url
-        else management_url(s.broker_url)
+        settings.broker_accounts_url.get_secret_value()
+        if settings.broker_accounts_url
+        else management_url(settings.broker_url)
     )
-    vhost = vhost_of(s.broker_url)
+    vhost = vhost_of(settings.broker_url)
     user = enrollment_user(vhost)
     api = ManagementAccounts(url, vhost, timeout_s=5.0)
     try:
@@ -71,7 +71,7 @@ def prepare(s: Settings, console: Console) -> BrokerUsers | None:
                 "FEDMQ_BROKER_ACCOUNTS_URL): devices share the broker URL's user[/yellow]"
             )
             return None
-        password, _ = operator_token.load_or_create(s.data_dir / PASSWORD_FILE)
+        password, _ = operator_token.load_or_create(settings.data_dir / PASSWORD_FILE)
         api.provision_enrollment(user, password)
     except AccountError as e:
         console.print(f"[yellow]broker users not set up ({e}); devices share one user[/yellow]")
@@ -80,6 +80,6 @@ def prepare(s: Settings, console: Console) -> BrokerUsers | None:
         api.close()
     console.print(
         f"devices register as {user!r} and get broker users of their own "
-        f"(password in {(s.data_dir / PASSWORD_FILE).resolve()}, mode 0600)"
+        f"(password in {(settings.data_dir / PASSWORD_FILE).resolve()}, mode 0600)"
     )
-    return BrokerUsers(url, with_credentials(s.broker_url, user, password))
+    return BrokerUsers(url, with_credentials(settings.broker_url, user, password))

@@ -1,4 +1,4 @@
-"""The one ``fedmq`` command. Subcommands are added as the parts they run land."""
+"""The one ``fedmq`` command; each subcommand starts one part of the platform or a tool."""
 
 from __future__ import annotations
 
@@ -66,11 +66,11 @@ def demo(
 
     from fedmq import demo as d
 
-    s = get_settings()
+    settings = get_settings()
     weights = d.model_weights(model)
     raw = sum(a.nbytes for a in weights.values())
-    url = broker or s.broker_url
-    console.print(f"bus: {url.split('@')[-1]}, chunk size {s.chunk_size // 1024} KiB")
+    url = broker or settings.broker_url
+    console.print(f"bus: {url.split('@')[-1]}, chunk size {settings.chunk_size // 1024} KiB")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -78,7 +78,9 @@ def demo(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        results = d.cross(s, url, weights, [e.strip() for e in encodings.split(",")], progress)
+        results = d.cross(
+            settings, url, weights, [e.strip() for e in encodings.split(",")], progress
+        )
     d.render(results, model, raw, console)
 
 
@@ -96,16 +98,16 @@ def worker(
     from workers.app import configure
     from workers.pipeline.device import DeviceUnavailable, resolve_device
 
-    s = get_settings()
-    if s.embedded:
+    settings = get_settings()
+    if settings.embedded:
         raise typer.BadParameter("a worker needs a broker: set FEDMQ_BROKER_URL to amqp://...")
     try:
         # A worker set to a GPU it does not have would start and then fail every task.
-        resolve_device(s.worker_device)
+        resolve_device(settings.worker_device)
     except DeviceUnavailable as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
-    celery_app = configure(worker_config(s))
+    celery_app = configure(worker_config(settings))
     celery_app.worker_main(
         [
             "worker",
@@ -171,25 +173,25 @@ def orchestrator(
         )
         if v is not None
     }
-    s = get_settings().model_copy(update=overrides)
-    operator_token.or_exit(s, "orchestrator", None, console)
+    settings = get_settings().model_copy(update=overrides)
+    operator_token.or_exit(settings, "orchestrator", None, console)
     if upgrade:
         from db import migrations
 
-        _ensure_sqlite_dir(s.database_url)
-        migrations.upgrade(s.database_url)
-    if ingest_only or s.ingest_processes == 0 or s.embedded:
-        service = orchestrator_service(s, ingest_only=ingest_only)
+        _ensure_sqlite_dir(settings.database_url)
+        migrations.upgrade(settings.database_url)
+    if ingest_only or settings.ingest_processes == 0 or settings.embedded:
+        service = orchestrator_service(settings, ingest_only=ingest_only)
         if not ingest_only:  # an ingest child serves none (docs/monitoring.md)
-            metrics_http.serve_orchestrator(s, service.sessions)
+            metrics_http.serve_orchestrator(settings, service.sessions)
         tune_for_service()
         service.run_forever()
         return
-    children = IngestProcesses(s.ingest_processes).start()
+    children = IngestProcesses(settings.ingest_processes).start()
     try:
         # The children store the updates; this process signals, counts and sends.
-        service = orchestrator_service(s, ingest_consumers=0)
-        metrics_http.serve_orchestrator(s, service.sessions)
+        service = orchestrator_service(settings, ingest_consumers=0)
+        metrics_http.serve_orchestrator(settings, service.sessions)
         tune_for_service()
         service.run_forever()
     finally:
@@ -232,13 +234,13 @@ def run_create(
         round_policy = RoundPolicy.from_dict(json.loads(policy))
     except (ValueError, TypeError) as e:  # bad JSON, an unknown field or a bad value
         raise typer.BadParameter(str(e), param_hint="--policy") from e
-    s = get_settings()
-    _ensure_sqlite_dir(s.database_url)
-    migrations.upgrade(s.database_url)
-    engine = make_engine(s.database_url)
-    with session_scope(engine) as session:
+    settings = get_settings()
+    _ensure_sqlite_dir(settings.database_url)
+    migrations.upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    with session_scope(engine) as s:
         rid = create_run(
-            session,
+            s,
             name,
             model.read_bytes(),
             policy=round_policy,
@@ -279,13 +281,13 @@ def run_create_split(
         round_policy = RoundPolicy.from_dict(json.loads(policy))
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e), param_hint="--policy") from e
-    s = get_settings()
-    _ensure_sqlite_dir(s.database_url)
-    migrations.upgrade(s.database_url)
-    engine = make_engine(s.database_url)
-    with session_scope(engine) as session:
+    settings = get_settings()
+    _ensure_sqlite_dir(settings.database_url)
+    migrations.upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    with session_scope(engine) as s:
         rid = create_split_run(
-            session,
+            s,
             name,
             dataset=dataset,
             model=model,
@@ -305,18 +307,18 @@ def _send_command(run: str, action: str, **kw: object) -> None:
     from protocol.bus import Unroutable
     from protocol.messages import Command, CommandAction
 
-    s = get_settings()
-    token = operator_token.find(s)
+    settings = get_settings()
+    token = operator_token.find(settings)
     if token is None:
         console.print(
             "[red]no operator token: set FEDMQ_OPERATOR_TOKEN, or run this where `fedmq up` "
-            f"keeps it ({operator_token.token_path(s)})[/red]"
+            f"keeps it ({operator_token.token_path(settings)})[/red]"
         )
         raise typer.Exit(2)
     # Signed, never carrying the token: the control exchange may have other readers.
     cmd = auth.sign(Command(run_id=run, action=CommandAction(action), **kw), token)  # type: ignore[arg-type]
     try:
-        with open_bus(s) as bus:
+        with open_bus(settings) as bus:
             bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
     except Unroutable:
         console.print(
@@ -408,15 +410,15 @@ def dashboard(
 
     import dashboard as dash
 
-    s = get_settings()
-    token = operator_token.or_exit(s, "dashboard", host or s.dashboard_host, console)
+    settings = get_settings()
+    token = operator_token.or_exit(settings, "dashboard", host or settings.dashboard_host, console)
     # The app imports only protocol and db: it learns its URLs from these variables.
     env = {
         **os.environ,
-        "FEDMQ_DATABASE_URL": s.database_url,
-        "FEDMQ_BROKER_URL": s.broker_url,
+        "FEDMQ_DATABASE_URL": settings.database_url,
+        "FEDMQ_BROKER_URL": settings.broker_url,
         "FEDMQ_OPERATOR_TOKEN": token or "",
-        "FEDMQ_DASHBOARD_REFRESH_S": str(s.dashboard_refresh_s),
+        "FEDMQ_DASHBOARD_REFRESH_S": str(settings.dashboard_refresh_s),
     }
     app_file = Path(dash.__file__).parent / "app.py"
     argv = [
@@ -425,12 +427,14 @@ def dashboard(
         "streamlit",
         "run",
         str(app_file),
-        f"--server.address={host or s.dashboard_host}",
-        f"--server.port={port or s.dashboard_port}",
+        f"--server.address={host or settings.dashboard_host}",
+        f"--server.port={port or settings.dashboard_port}",
         "--server.headless=true",
         "--browser.gatherUsageStats=false",
     ]
-    console.print(f"dashboard on http://{host or s.dashboard_host}:{port or s.dashboard_port}")
+    console.print(
+        f"dashboard on http://{host or settings.dashboard_host}:{port or settings.dashboard_port}"
+    )
     sys.stdout.flush()
     # Replaced, not wrapped: Ctrl-C and SIGTERM reach Streamlit itself.
     os.execve(sys.executable, argv, env)

@@ -1,8 +1,8 @@
 """``fedmq demo``: a global model crosses the real wire in every encoding.
 
-Until ``fedmq simulate`` lands this is the most of fedmq that runs end to end: codec →
-chunks → the bus (in-process or RabbitMQ) → reassembly → a checked decode, as an
-orchestrator sending a model to a device would do it.
+The wire alone, without a federation (``fedmq simulate`` runs one): codec → chunks → the
+bus (in-process or RabbitMQ) → reassembly → a checked decode, as an orchestrator sending a
+model to a device does it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from rich.table import Table
 from fedmq.settings import Settings
 from fedmq.wiring import decode_limits, open_bus, reassembler
 from learning.models import resnet18, resnet50
-from protocol import chunking, codec
-from protocol import topology as topo
+from protocol import chunking, codec, topology
 
 MiB = 1024 * 1024
 
@@ -49,34 +48,34 @@ def _rel_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def cross(
-    s: Settings,
+    settings: Settings,
     broker: str,
     weights: dict[str, np.ndarray],
     encodings: list[str],
     progress: Progress,
 ) -> list[Crossing]:
-    bus = open_bus(s, broker)
+    bus = open_bus(settings, broker)
     device = f"demo-{uuid.uuid4().hex[:8]}"
     try:
-        topo.declare(bus)
-        queue = topo.declare_device(bus, device)
+        topology.declare(bus)
+        queue = topology.declare_device(bus, device)
         spec = codec.spec_of(weights)
         results = []
         for enc in encodings:
             task = progress.add_task(f"{enc:>5}", total=None)
             t0 = time.perf_counter()
-            blob = codec.encode(weights, enc, level=s.zstd_level if enc != "bf16" else 1)
+            blob = codec.encode(weights, enc, level=settings.zstd_level if enc != "bf16" else 1)
             t1 = time.perf_counter()
-            parts = chunking.split(blob, s.chunk_size)
+            parts = chunking.split(blob, settings.chunk_size)
             progress.update(task, total=len(parts))
             for c in parts:
                 bus.publish(
-                    topo.DEVICES_EXCHANGE,
-                    topo.device_routing_key(device),
+                    topology.DEVICES_EXCHANGE,
+                    topology.device_routing_key(device),
                     c.data,
                     headers=chunking.to_headers(c),
                 )
-            joiner, got = reassembler(s), None
+            joiner, got = reassembler(settings), None
             while got is None:
                 d = bus.get(queue, timeout=30)
                 if d is None:
@@ -85,7 +84,7 @@ def cross(
                 d.ack()
                 progress.advance(task)
             t2 = time.perf_counter()
-            decoded = codec.decode(got, limits=decode_limits(s), expected=spec)
+            decoded = codec.decode(got, limits=decode_limits(settings), expected=spec)
             t3 = time.perf_counter()
             results.append(
                 Crossing(

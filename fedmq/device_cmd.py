@@ -68,9 +68,9 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
 ) -> None:
     """Join a run as a device: register, train when selected, send updates, until Ctrl-C."""
     # Imported here: the device stack loads torch, which every other command can do without.
-    from devices.config import DeviceConfig, TrainSettings
+    from devices.config import SimulatedBehaviour, TrainingConfig
     from devices.run import run_device
-    from fedmq.wiring import bus_config, decode_limits
+    from fedmq.wiring import device_config
     from learning.split.spec import model_config
 
     if runtime not in ("torch", "wasm"):
@@ -79,37 +79,34 @@ def device(  # noqa: PLR0913 (a typer command: each option is an argument)
         raise typer.BadParameter("--split trains with torch over amqp (the edge link is AMQP)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO is every (re)connect step
-    s = get_settings()
-    config = DeviceConfig(
-        run_id=run,
-        client_index=index,
-        num_clients=clients,
-        broker_url=broker or s.broker_url,
-        transport=_transport(transport),
-        gateway_url=gateway or s.gateway_url,
+    settings = get_settings()
+    config = device_config(
+        settings,
+        run,
+        index,
+        clients,
+        training=TrainingConfig(
+            dataset=dataset,
+            model=model,
+            # A split run's model is built as the run's spec builds it (learning.split.spec).
+            model_args=model_config(model) if split else {},
+            partition=partition,
+            partition_args=json.loads(partition_args),
+            seed=seed,
+            encoding=encoding or settings.encoding,
+            runtime="wasm" if runtime == "wasm" else "torch",
+            flower_client=flower_client,
+        ),
+        simulated=SimulatedBehaviour(
+            slowdown_s=slowdown, dropout=dropout, join_delay_s=join_delay, outage_s=outage
+        ),
         display_name=name,
-        dataset=dataset,
-        model=model,
-        # A split run's model is built as the run's spec builds it (learning.split.spec).
-        model_args=model_config(model) if split else {},
-        partition=partition,
-        partition_args=json.loads(partition_args),
-        seed=seed,
-        train=TrainSettings(),
-        encoding=encoding or s.encoding,
-        heartbeat_s=s.heartbeat_interval_s,
-        chunk_size=s.chunk_size,
         stop_after_rounds=rounds,
-        bus=bus_config(s),
-        decode_limits=decode_limits(s),
-        slowdown_s=slowdown,
-        dropout=dropout,
-        join_delay_s=join_delay,
-        outage_s=outage,
-        runtime="wasm" if runtime == "wasm" else "torch",
+        broker_url=broker or settings.broker_url,
+        transport=_transport(transport),
+        gateway_url=gateway or settings.gateway_url,
         identity_file=identity,
-        orchestrator_key=orchestrator_key or s.orchestrator_key,
-        flower_client=flower_client,
+        orchestrator_key=orchestrator_key or settings.orchestrator_key,
     )
     trainer = _split_trainer(config, split_pipeline) if split else None
     client = run_device(config, trainer=trainer)
@@ -123,7 +120,7 @@ def _split_trainer(config: DeviceConfig, pipeline: bool) -> SplitTrainer:
     from protocol.bus import connect
 
     def link() -> Bus:
-        return connect(config.broker_url, config.bus)
+        return connect(config.wire.broker_url, config.wire.bus)
 
     return SplitTrainer.from_device_config(config, link, pipeline=pipeline)
 

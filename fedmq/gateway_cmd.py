@@ -18,21 +18,21 @@ if TYPE_CHECKING:
 SHUTDOWN_S = 5
 
 
-def gateway_config(s: Settings, operator_token: str | None) -> GatewayConfig:
+def gateway_config(settings: Settings, operator_token: str | None) -> GatewayConfig:
     from fedmq.wiring import decode_limits
     from gateway import GatewayConfig
 
     return GatewayConfig(
         operator_token=operator_token,
-        default_run=s.gateway_run,
-        max_upload_bytes=s.gateway_max_upload_bytes,
-        chunk_size=s.chunk_size,
-        decode_limits=decode_limits(s),
-        register_rate_per_s=s.gateway_register_rate_per_s,
-        register_burst=s.gateway_register_burst,
-        max_device_info_bytes=s.max_device_info_bytes,
-        device_queue_expires_s=s.device_queue_expires_s,
-        metrics=s.metrics_port is not None,
+        default_run=settings.gateway_run,
+        max_upload_bytes=settings.gateway_max_upload_bytes,
+        chunk_size=settings.chunk_size,
+        decode_limits=decode_limits(settings),
+        register_rate_per_s=settings.gateway_register_rate_per_s,
+        register_burst=settings.gateway_register_burst,
+        max_device_info_bytes=settings.max_device_info_bytes,
+        device_queue_expires_s=settings.device_queue_expires_s,
+        metrics=settings.metrics_port is not None,
     )
 
 
@@ -50,16 +50,18 @@ def gateway(
     from gateway import create_app
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    s = get_settings()
+    settings = get_settings()
     if run is not None:
-        s = s.model_copy(update={"gateway_run": run})
+        settings = settings.model_copy(update={"gateway_run": run})
     # Checked before anything opens: listening beyond loopback needs a token of one's own.
-    token = operator_token.or_exit(s, "gateway", host or s.gateway_host, Console(stderr=True))
-    engine = make_engine(s.database_url)
-    bus = open_bus(s)
+    token = operator_token.or_exit(
+        settings, "gateway", host or settings.gateway_host, Console(stderr=True)
+    )
+    engine = make_engine(settings.database_url)
+    bus = open_bus(settings)
     sessions = make_sessionmaker(engine)
     health = None
-    if not s.embedded:
+    if not settings.embedded:
         import os
 
         from db.health import HealthReporter
@@ -73,7 +75,7 @@ def gateway(
             lambda: summary(bus.health()),
         ).start()
     try:
-        config = gateway_config(s, token)
+        config = gateway_config(settings, token)
         app = create_app(config, bus, sessions)
         # The browser device page (issue 8): served beside the API, talks to it like a device.
         from devices.browser import browser_router
@@ -81,8 +83,8 @@ def gateway(
         app.include_router(browser_router(config.decode_limits, config.max_upload_bytes))
         uvicorn.run(
             app,
-            host=host or s.gateway_host,
-            port=port or s.gateway_port,
+            host=host or settings.gateway_host,
+            port=port or settings.gateway_port,
             log_level=loglevel.lower(),
             access_log=False,
             # SIGTERM must stop it in bounded time; long-polling devices would hold it open.

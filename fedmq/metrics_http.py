@@ -24,20 +24,22 @@ log = logging.getLogger(__name__)
 UP_OFFSETS = {"orchestrator": 1, "worker": 2, "edge-worker": 3}
 
 
-def serve(s: Settings, registry: CollectorRegistry = REGISTRY, port: int | None = None) -> int:
+def serve(
+    settings: Settings, registry: CollectorRegistry = REGISTRY, port: int | None = None
+) -> int:
     """Serve ``registry`` at ``http://FEDMQ_METRICS_HOST:<port>/metrics``; the port."""
-    port = port or s.metrics_port
+    port = port or settings.metrics_port
     assert port is not None, "serve() needs FEDMQ_METRICS_PORT or a port"
-    start_http_server(port, addr=s.metrics_host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", s.metrics_host, port)
+    start_http_server(port, addr=settings.metrics_host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     return port
 
 
-def serve_orchestrator(s: Settings, sessions: sessionmaker[Session]) -> int | None:
+def serve_orchestrator(settings: Settings, sessions: sessionmaker[Session]) -> int | None:
     """The orchestrator's counters and the database's state gauges, when a port is set."""
-    if s.metrics_port is None:
+    if settings.metrics_port is None:
         return None
     from orchestrator.metrics import StateCollector
 
     REGISTRY.register(StateCollector(sessions))
-    return serve(s)
+    return serve(settings)

@@ -39,15 +39,15 @@ class TokenError(RuntimeError):
     """A service may not start with this operator token; the text says what to do."""
 
 
-def token_path(s: Settings) -> Path:
-    return s.data_dir / TOKEN_FILE
+def token_path(settings: Settings) -> Path:
+    return settings.data_dir / TOKEN_FILE
 
 
-def configured(s: Settings) -> str | None:
+def configured(settings: Settings) -> str | None:
     """The explicitly set token (``FEDMQ_OPERATOR_TOKEN``), None when unset or empty."""
-    if s.operator_token is None:
+    if settings.operator_token is None:
         return None
-    return s.operator_token.get_secret_value() or None
+    return settings.operator_token.get_secret_value() or None
 
 
 def is_loopback(host: str) -> bool:
@@ -59,12 +59,12 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def require(s: Settings, service: str, host: str | None = None) -> str | None:
+def require(settings: Settings, service: str, host: str | None = None) -> str | None:
     """The token ``service`` may run with (None: no operator), or ``TokenError``.
 
     ``host``: the address it listens on; None for a service that listens on nothing but
     takes commands from the broker (the orchestrator)."""
-    token = configured(s)
+    token = configured(settings)
     if token is not None:
         if token in PUBLIC_TOKENS:
             raise TokenError(
@@ -109,14 +109,14 @@ def load_or_create(path: Path) -> tuple[str, bool]:
     return token, True
 
 
-def find(s: Settings) -> str | None:
+def find(settings: Settings) -> str | None:
     """The token an operator's command on this machine uses: the one set, else the one
     ``fedmq up`` keeps under the data dir, else None."""
-    token = configured(s)
+    token = configured(settings)
     if token is not None:
         return token
     try:
-        return _read(token_path(s))
+        return _read(token_path(settings))
     except FileNotFoundError:
         return None
 
@@ -134,15 +134,15 @@ def _read(path: Path) -> str:
     return token
 
 
-def or_exit(s: Settings, service: str, host: str | None, console: Console) -> str | None:
+def or_exit(settings: Settings, service: str, host: str | None, console: Console) -> str | None:
     """``require`` for a command line: the token, or exit 2 saying why. A service with its
     own in-process bus and no listening socket is reachable by nobody else: anything goes."""
     import typer
 
-    if s.embedded and host is None:
-        return configured(s)
+    if settings.embedded and host is None:
+        return configured(settings)
     try:
-        token = require(s, service, host)
+        token = require(settings, service, host)
     except TokenError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None

@@ -107,14 +107,14 @@ def services(o: StackOptions) -> list[Service]:
 
 
 def run(
-    s: Settings,
+    settings: Settings,
     logs: Path,
     console: Console,
     options: StackOptions | None = None,
     stop: threading.Event | None = None,
     policy: RestartPolicy | None = None,
 ) -> int:
-    token_env = _preflight(s, console)
+    token_env = _preflight(settings, console)
     if token_env is None:
         return 2
     stop = stop or threading.Event()
@@ -122,16 +122,16 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     logs.mkdir(parents=True, exist_ok=True)
-    migrations.upgrade(s.database_url)  # once, before any service reads the schema
+    migrations.upgrade(settings.database_url)  # once, before any service reads the schema
     env = {
         **os.environ,
-        "FEDMQ_BROKER_URL": s.broker_url,
-        "FEDMQ_DATABASE_URL": s.database_url,
+        "FEDMQ_BROKER_URL": settings.broker_url,
+        "FEDMQ_DATABASE_URL": settings.database_url,
         **token_env,
     }
     opts = options or StackOptions()
     started = services(opts)
-    watch = _metrics(s, started, env, console)
+    watch = _metrics(settings, started, env, console)
     if opts.split:
         # A split device's edge link publishes through the broker's default exchange and
         # declares reply queues that per-device users may not (docs/architecture.md,
@@ -141,8 +141,8 @@ def run(
             "do not cover the edge link yet)[/yellow]"
         )
     else:
-        _with_broker_users(started, broker_users.prepare(s, console))
-    board = _HealthBoard(s.database_url)
+        _with_broker_users(started, broker_users.prepare(settings, console))
+    board = _HealthBoard(settings.database_url)
     for svc in started:
         if svc.job:
             svc.argv = [*svc.argv, "--out", str(logs / svc.name)]
@@ -150,13 +150,15 @@ def run(
         console.print(f"started {svc.name} (pid {_pid(svc)}), log {logs / svc.name}.log")
         board.write(svc, "running")
     console.print(
-        f"broker {s.broker_url.split('@')[-1]}, database "
-        f"{s.database_url.split('@')[-1]}; Ctrl-C stops everything"
+        f"broker {settings.broker_url.split('@')[-1]}, database "
+        f"{settings.database_url.split('@')[-1]}; Ctrl-C stops everything"
     )
     if opts.gateway:
-        console.print(f"gateway on http://{s.gateway_host}:{s.gateway_port} (OpenAPI at /docs)")
+        console.print(
+            f"gateway on http://{settings.gateway_host}:{settings.gateway_port} (OpenAPI at /docs)"
+        )
     if opts.dashboard:
-        console.print(f"dashboard on http://{s.dashboard_host}:{s.dashboard_port}")
+        console.print(f"dashboard on http://{settings.dashboard_host}:{settings.dashboard_port}")
     try:
         code = _supervise(
             started, env, logs, console, stop, policy or RestartPolicy(), board, watch
@@ -228,7 +230,7 @@ def _supervise(
 
 
 def _metrics(
-    s: Settings, started: list[Service], env: dict[str, str], console: Console
+    settings: Settings, started: list[Service], env: dict[str, str], console: Console
 ) -> Counter | None:
     """With FEDMQ_METRICS_PORT: serve the stack's own metrics there and give the
     orchestrator and workers the next ports (``metrics_http.UP_OFFSETS``); the gateway
@@ -236,13 +238,13 @@ def _metrics(
     process of its own (a fleet's worker) would take one of theirs. Returns the restart
     counter (None: no metrics)."""
     env.pop("FEDMQ_METRICS_PORT", None)
-    if s.metrics_port is None:
+    if settings.metrics_port is None:
         return None
     from fedmq import metrics_http
 
     registry = CollectorRegistry()
     restarts = up_metrics(registry, started)
-    base = metrics_http.serve(s, registry)
+    base = metrics_http.serve(settings, registry)
     urls = [f"up :{base}"]
     for svc in started:
         offset = metrics_http.UP_OFFSETS.get(svc.name)
@@ -251,8 +253,8 @@ def _metrics(
             urls.append(f"{svc.name} :{base + offset}")
         elif svc.name == "gateway":
             svc.env["FEDMQ_METRICS_PORT"] = str(base)  # on: at /metrics of its own port
-            urls.append(f"gateway :{s.gateway_port}")
-    console.print(f"metrics on http://{s.metrics_host}: " + ", ".join(urls) + " (/metrics)")
+            urls.append(f"gateway :{settings.gateway_port}")
+    console.print(f"metrics on http://{settings.metrics_host}: " + ", ".join(urls) + " (/metrics)")
     return restarts
 
 
@@ -341,29 +343,29 @@ class _HealthBoard:
             self._engine.dispose()
 
 
-def _preflight(s: Settings, console: Console) -> dict[str, str] | None:
+def _preflight(settings: Settings, console: Console) -> dict[str, str] | None:
     """What the services' environment needs beyond the URLs; None (said why) if they
     cannot start."""
-    if s.embedded:
+    if settings.embedded:
         console.print(
             "[red]fedmq up needs real services: set FEDMQ_BROKER_URL (amqp://...) "
             "and FEDMQ_DATABASE_URL (postgresql+psycopg://...)[/red]"
         )
         return None
     try:
-        return operator_env(s, console)
+        return operator_env(settings, console)
     except operator_token.TokenError as e:
         console.print(f"[red]{e}[/red]")
         return None
 
 
-def operator_env(s: Settings, console: Console) -> dict[str, str]:
+def operator_env(settings: Settings, console: Console) -> dict[str, str]:
     """``FEDMQ_OPERATOR_TOKEN`` for the services: the one set, else the one kept in
     ``<data_dir>/operator-token``, generated (0600) on the first start. Never a value
     printed in fedmq's source: that was how an outsider took over a stack started bare."""
-    token = operator_token.require(s, "fedmq up")
+    token = operator_token.require(settings, "fedmq up")
     if token is None:
-        path = operator_token.token_path(s)
+        path = operator_token.token_path(settings)
         token, made = operator_token.load_or_create(path)
         what = "generated a new operator token in" if made else "operator token from"
         console.print(

@@ -7,7 +7,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from devices.config import TRAIN_CONFIG_KEYS
+from devices.config import (
+    TRAIN_CONFIG_KEYS,
+    DeviceConfig,
+    SimulatedBehaviour,
+    TrainingConfig,
+    WireConfig,
+)
 from fedmq.settings import Settings
 from learning.privacy import LOCAL, TRAIN_KEYS, PrivacyConfig
 from learning.strategies import strategy_from_config
@@ -31,44 +37,85 @@ from workers.config import WorkerConfig
 from workers.fold import folds_linearly
 
 
-def bus_config(s: Settings) -> BusConfig:
+def bus_config(settings: Settings) -> BusConfig:
     return BusConfig(
-        prefetch=s.prefetch,
-        publish_timeout_s=s.publish_timeout_s,
-        reconnect_attempts=s.reconnect_attempts,
-        reconnect_backoff_s=s.reconnect_backoff_s,
-        reconnect_backoff_max_s=s.reconnect_backoff_max_s,
+        prefetch=settings.prefetch,
+        publish_timeout_s=settings.publish_timeout_s,
+        reconnect_attempts=settings.reconnect_attempts,
+        reconnect_backoff_s=settings.reconnect_backoff_s,
+        reconnect_backoff_max_s=settings.reconnect_backoff_max_s,
     )
 
 
-def open_bus(s: Settings, url: str | None = None) -> Bus:
-    return connect(url or s.broker_url, bus_config(s))
+def open_bus(settings: Settings, url: str | None = None) -> Bus:
+    return connect(url or settings.broker_url, bus_config(settings))
 
 
-def decode_limits(s: Settings) -> DecodeLimits:
+def decode_limits(settings: Settings) -> DecodeLimits:
     return DecodeLimits(
-        max_compressed_bytes=s.max_blob_bytes,
-        max_decompressed_bytes=s.max_decompressed_bytes,
+        max_compressed_bytes=settings.max_blob_bytes,
+        max_decompressed_bytes=settings.max_decompressed_bytes,
     )
 
 
-def reassembler(s: Settings) -> Reassembler:
-    return Reassembler(max_blob_bytes=s.max_blob_bytes, timeout_s=s.reassembly_timeout_s)
+def reassembler(settings: Settings) -> Reassembler:
+    return Reassembler(
+        max_blob_bytes=settings.max_blob_bytes, timeout_s=settings.reassembly_timeout_s
+    )
 
 
-def worker_config(s: Settings) -> WorkerConfig:
+def worker_config(settings: Settings) -> WorkerConfig:
     return WorkerConfig(
-        database_url=s.database_url,
-        broker_url=s.broker_url,
-        result_backend=s.result_backend,
-        decode_limits=decode_limits(s),
-        max_aggregation_bytes=s.max_aggregation_bytes,
-        task_time_limit_s=s.task_timeout_s,
-        device=s.worker_device,
-        split_threshold=s.aggregate_split_threshold,
-        split_parts=s.aggregate_parts,
-        metrics_port=s.metrics_port,
-        metrics_host=s.metrics_host,
+        database_url=settings.database_url,
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        decode_limits=decode_limits(settings),
+        max_aggregation_bytes=settings.max_aggregation_bytes,
+        task_time_limit_s=settings.task_timeout_s,
+        device=settings.worker_device,
+        split_threshold=settings.aggregate_split_threshold,
+        split_parts=settings.aggregate_parts,
+        metrics_port=settings.metrics_port,
+        metrics_host=settings.metrics_host,
+    )
+
+
+def device_config(
+    settings: Settings,
+    run_id: str,
+    client_index: int,
+    num_clients: int,
+    *,
+    training: TrainingConfig | None = None,
+    simulated: SimulatedBehaviour | None = None,
+    display_name: str = "",
+    stop_after_rounds: int | None = None,
+    **wire: Any,
+) -> DeviceConfig:
+    """Device ``client_index`` of ``num_clients`` in ``run_id``, reaching the platform as
+    ``settings`` say (broker, gateway, heartbeat, chunk size, bus and decode limits).
+    ``wire``: ``WireConfig`` fields that differ from the settings' (``broker_url``,
+    ``transport``, ``poll_s``, ``identity_file``, ``orchestrator_key`` ...)."""
+    link = WireConfig(
+        **{
+            "broker_url": settings.broker_url,
+            "gateway_url": settings.gateway_url,
+            "heartbeat_s": settings.heartbeat_interval_s,
+            "chunk_size": settings.chunk_size,
+            "bus": bus_config(settings),
+            "decode_limits": decode_limits(settings),
+            **wire,
+        }
+    )
+    return DeviceConfig(
+        run_id,
+        client_index,
+        num_clients,
+        display_name=display_name,
+        stop_after_rounds=stop_after_rounds,
+        wire=link,
+        training=training or TrainingConfig(),
+        simulated=simulated or SimulatedBehaviour(),
     )
 
 
@@ -137,10 +184,10 @@ class EagerTaskRunner:
     the task's body, not Celery's eager mode: eager tasks of two threads share Celery's task
     stack, and the orchestrator's own tasks would fail."""
 
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         from workers.app import configure
 
-        self.config = worker_config(s)
+        self.config = worker_config(settings)
         self.app = configure(self.config)
         self._results: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -182,59 +229,65 @@ class EagerTaskRunner:
         return TaskStatus("pending")
 
 
-def task_runner(s: Settings) -> TaskRunner:
-    if s.embedded:
-        return EagerTaskRunner(s)
-    backend = s.result_backend or result_backend_url(s.database_url)
-    return CeleryTaskRunner(s.broker_url, backend)
+def task_runner(settings: Settings) -> TaskRunner:
+    if settings.embedded:
+        return EagerTaskRunner(settings)
+    backend = settings.result_backend or result_backend_url(settings.database_url)
+    return CeleryTaskRunner(settings.broker_url, backend)
 
 
-def orchestrator_config(s: Settings) -> ServiceConfig:
+def orchestrator_config(settings: Settings) -> ServiceConfig:
     return ServiceConfig(
-        operator_token=operator_token(s),
-        decode_limits=decode_limits(s),
-        chunk_size=s.chunk_size,
-        max_message_bytes=s.max_message_bytes,
-        task_timeout_s=s.task_timeout_s,
-        reassembly_timeout_s=s.reassembly_timeout_s,
-        prefetch=s.prefetch,
-        replica_id=s.replica_id,
-        lease_ttl_s=s.lease_ttl_s,
-        lease_renew_s=s.lease_renew_s,
+        operator_token=operator_token(settings),
+        decode_limits=decode_limits(settings),
+        chunk_size=settings.chunk_size,
+        max_message_bytes=settings.max_message_bytes,
+        task_timeout_s=settings.task_timeout_s,
+        reassembly_timeout_s=settings.reassembly_timeout_s,
+        prefetch=settings.prefetch,
+        replica_id=settings.replica_id,
+        lease_ttl_s=settings.lease_ttl_s,
+        lease_renew_s=settings.lease_renew_s,
         # Devices come back within their own largest reconnect delay, then heartbeat.
-        outage_grace_s=s.reconnect_backoff_max_s + 5.0,
-        health_period_s=None if s.embedded else 5.0,
+        outage_grace_s=settings.reconnect_backoff_max_s + 5.0,
+        health_period_s=None if settings.embedded else 5.0,
         registration=RegistrationLimits(
-            rate_per_s=s.register_rate_per_s,
-            burst=s.register_burst,
-            max_clients_per_run=s.max_clients_per_run,
-            max_device_info_bytes=s.max_device_info_bytes,
+            rate_per_s=settings.register_rate_per_s,
+            burst=settings.register_burst,
+            max_clients_per_run=settings.max_clients_per_run,
+            max_device_info_bytes=settings.max_device_info_bytes,
         ),
         dead_letters=DeadLetterBounds(
-            max_length=s.dead_letters_max_length,
-            max_bytes=s.dead_letters_max_bytes,
-            ttl_s=s.dead_letters_ttl_s,
+            max_length=settings.dead_letters_max_length,
+            max_bytes=settings.dead_letters_max_bytes,
+            ttl_s=settings.dead_letters_ttl_s,
         ),
         retention=Retention(
-            outbox_s=s.outbox_retention_s,
-            events_s=s.events_retention_s,
-            events_per_run=s.events_max_per_run,
-            processed_s=s.processed_retention_s,
-            interval_s=s.retention_interval_s,
+            outbox_s=settings.outbox_retention_s,
+            events_s=settings.events_retention_s,
+            events_per_run=settings.events_max_per_run,
+            processed_s=settings.processed_retention_s,
+            interval_s=settings.retention_interval_s,
         ),
-        auth_window_s=s.auth_window_s,
+        auth_window_s=settings.auth_window_s,
     )
 
 
-def operator_token(s: Settings) -> str | None:
+def operator_token(settings: Settings) -> str | None:
     """The orchestrator's operator token; a public example value is refused (TokenError)
     unless the bus is this process's own."""
     from fedmq import operator_token as tokens
 
-    return tokens.configured(s) if s.embedded else tokens.require(s, "orchestrator")
+    return (
+        tokens.configured(settings)
+        if settings.embedded
+        else tokens.require(settings, "orchestrator")
+    )
 
 
-def orchestrator_service(s: Settings, bus: Bus | None = None, **config: Any) -> OrchestratorService:
+def orchestrator_service(
+    settings: Settings, bus: Bus | None = None, **config: Any
+) -> OrchestratorService:
     """The orchestrator of settings ``s``; ``config``: ``ServiceConfig`` fields to override
     (an ingest process's ``ingest_only``, a parent's ``ingest_consumers=0``)."""
     import dataclasses
@@ -244,20 +297,22 @@ def orchestrator_service(s: Settings, bus: Bus | None = None, **config: Any) -> 
     # No ping per checkout (a round trip before every transaction): the orchestrator's
     # handlers run again when a connection turns out dead (OrchestratorService._patient),
     # and a failed tick is retried on the next one.
-    sessions = make_sessionmaker(make_engine(s.database_url, pool_pre_ping=False))
+    sessions = make_sessionmaker(make_engine(settings.database_url, pool_pre_ping=False))
     return OrchestratorService(
-        bus or open_bus(s),
+        bus or open_bus(settings),
         sessions,
-        task_runner(s),
-        dataclasses.replace(orchestrator_config(s), **config),
-        accounts=broker_accounts(s),
+        task_runner(settings),
+        dataclasses.replace(orchestrator_config(settings), **config),
+        accounts=broker_accounts(settings),
     )
 
 
-def broker_accounts(s: Settings) -> BrokerAccounts | None:
+def broker_accounts(settings: Settings) -> BrokerAccounts | None:
     """Per-device broker users, when ``FEDMQ_BROKER_ACCOUNTS_URL`` names a management API."""
-    if s.broker_accounts_url is None or s.embedded:
+    if settings.broker_accounts_url is None or settings.embedded:
         return None
     from orchestrator.accounts import ManagementAccounts, vhost_of
 
-    return ManagementAccounts(s.broker_accounts_url.get_secret_value(), vhost_of(s.broker_url))
+    return ManagementAccounts(
+        settings.broker_accounts_url.get_secret_value(), vhost_of(settings.broker_url)
+    )

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from db import queries as q
-from db.models import ClientState as DbClientState
 from db.models import ParticipationState, RoundState, RunStatus
 from db.queries import orchestrator as oq
 from orchestrator import edge
@@ -37,7 +36,6 @@ from orchestrator.state import (
     UpdateAccepted,
     VersionStepOpened,
 )
-from protocol.messages import RoundState as MachineRoundState
 from protocol.tasks import AGGREGATE_QUEUE, AGGREGATE_TASK, EVALUATE_QUEUE, EVALUATE_TASK
 
 if TYPE_CHECKING:
@@ -69,7 +67,7 @@ def run_status(fed: Federation) -> RunStatus:
         return RunStatus.RUNNING
     if rnd is None:
         return RunStatus.CREATED
-    if rnd.state is MachineRoundState.FAILED:
+    if rnd.state is RoundState.FAILED:
         return RunStatus.FAILED
     return RunStatus.FINISHED
 
@@ -291,7 +289,7 @@ def project_clients(
         before = old.clients.get(cid)
         state = None
         if before is None or before.state is not rec.state:
-            state = DbClientState(rec.state.value)
+            state = rec.state
         seen = None
         if before is None or before.last_seen != rec.last_seen:
             seen = ts(rec.last_seen)

@@ -34,11 +34,13 @@ from protocol.messages import (
     MessageError,
     Register,
     Registered,
+    Signal,
     parse_message,
     registered_context,
 )
+
+# The wire's heartbeat; ``Heartbeat`` is the machine's input made from it.
 from protocol.messages import Heartbeat as HeartbeatMsg
-from protocol.messages import Signal as SignalMsg
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class Signals:
             return
         if isinstance(msg, Register):
             reason = self._register(msg, d.user_id)
-        elif isinstance(msg, SignalMsg | HeartbeatMsg):
+        elif isinstance(msg, Signal | HeartbeatMsg):
             reason = self._signal(msg)
         else:
             reason = f"unexpected message type {msg.type!r} on the signals queue"
@@ -101,7 +103,7 @@ class Signals:
     def _batch(self, ds: list[Delivery]) -> list[str | None]:
         """Each message's refusal reason (None: acknowledge it), committed together."""
         reasons: list[str | None] = [None] * len(ds)
-        msgs: dict[int, Register | SignalMsg | HeartbeatMsg] = {}
+        msgs: dict[int, Register | Signal | HeartbeatMsg] = {}
         self._public_key()
         with session_scope(self.sessions) as s:
             for i, d in enumerate(ds):
@@ -111,7 +113,7 @@ class Signals:
                     reasons[i] = f"malformed message: {e}"
                     record_and_publish(s, None, "signal.refused", detail={"reason": reasons[i]})
                     continue
-                if isinstance(msg, Register | SignalMsg | HeartbeatMsg):
+                if isinstance(msg, Register | Signal | HeartbeatMsg):
                     msgs[i] = msg
                 else:
                     reasons[i] = f"unexpected message type {msg.type!r} on the signals queue"
@@ -157,7 +159,7 @@ class Signals:
                         joining.setdefault(msg.run_id, []).append(i)
                     continue
                 runs.setdefault(msg.run_id, []).append(
-                    (i, StepInput(_machine_event(msg), msg.message_id))
+                    (i, StepInput(_machine_input(msg), msg.message_id))
                 )
             # New clients in one INSERT a run; they join before the run's other messages
             # (none of which can be theirs: a device learns its id from the reply).
@@ -192,7 +194,7 @@ class Signals:
     def _settled(
         self,
         s: Session,
-        msg: Register | SignalMsg | HeartbeatMsg,
+        msg: Register | Signal | HeartbeatMsg,
         inp: StepInput,
         res: StepResult | None,
         token: str | None,
@@ -353,8 +355,8 @@ class Signals:
             res = step_many(s, msg.run_id, [joined], self.clock())
             return self._settled(s, msg, joined, None if res is None else res[0], token)
 
-    def _signal(self, msg: SignalMsg | HeartbeatMsg) -> str | None:
-        event = _machine_event(msg)
+    def _signal(self, msg: Signal | HeartbeatMsg) -> str | None:
+        machine_input = _machine_input(msg)
         with session_scope(self.sessions) as s:
             refused: list[str | None] = [None]
             _authenticate(s, {0: msg}, refused, self.clock(), self.auth_window_s)
@@ -365,7 +367,7 @@ class Signals:
                 s, msg.message_id
             ):
                 return None
-            inp = StepInput(event, msg.message_id)
+            inp = StepInput(machine_input, msg.message_id)
             res = step_many(s, msg.run_id, [inp], self.clock())
             return self._settled(s, msg, inp, None if res is None else res[0], None)
 
@@ -382,7 +384,7 @@ class Signals:
 
 def _authenticate(
     s: Session,
-    msgs: dict[int, Register | SignalMsg | HeartbeatMsg],
+    msgs: dict[int, Register | Signal | HeartbeatMsg],
     reasons: list[str | None],
     now: float,
     window_s: float,
@@ -416,7 +418,7 @@ def _authenticate(
 REJOIN = "client.rejoin"
 
 
-def _machine_event(msg: SignalMsg | HeartbeatMsg) -> Input:
+def _machine_input(msg: Signal | HeartbeatMsg) -> Input:
     if isinstance(msg, HeartbeatMsg):
         return Heartbeat(msg.client_id)
     if msg.state is ClientState.OFFLINE:

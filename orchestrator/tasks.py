@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery
-from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.exceptions import OperationalError
 
 from db.engine import normalize_url
 from protocol.bus import ConnectionLost
@@ -66,7 +66,7 @@ class CeleryTaskRunner:
     def send(self, name: str, args: list[Any], task_id: str, queue: str) -> None:
         try:
             self.app.send_task(name, args=args, task_id=task_id, queue=queue)
-        except (KombuOperationalError, OSError) as e:
+        except (OperationalError, OSError) as e:
             # Before: dropped as a bad item, so a round closed while the broker was away
             # waited out task_timeout_s (10 min) before its aggregation was sent again.
             raise BrokerUnavailable(f"sending {name} ({task_id}): {describe(e)}") from None

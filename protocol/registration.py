@@ -82,7 +82,7 @@ def registered_key(
     ``expected_key`` (when one is pinned). ``SignatureError`` otherwise.
 
     Without a pinned key this is trust on first use: a reply forged by someone who saw the
-    ``Register`` and answered first would be believed. ``DeviceConfig.orchestrator_key``
+    ``Register`` and answered first would be believed. ``DeviceConfig.wire.orchestrator_key``
     pins the key beforehand and closes that (docs/architecture.md, "Signed control plane")."""
     if msg.signing_key is None:
         raise SignatureError("the registration reply names no orchestrator signing key")

@@ -43,7 +43,7 @@ STOP_DEVICES_S = 8.0
 
 
 def run(
-    s: Settings,
+    settings: Settings,
     o: SimOptions,
     console: Console,
     run_id: str | None = None,
@@ -52,7 +52,7 @@ def run(
 ) -> int:
     """``split``: the run is a split one (created so, or joined) and the devices are
     ``fedmq device --split``; the stack needs an edge worker (``fedmq up --split``)."""
-    if s.embedded:
+    if settings.embedded:
         console.print(
             "[red]fedmq fleet needs a running stack: set FEDMQ_BROKER_URL (amqp://...) and "
             "FEDMQ_DATABASE_URL, and start the services (fedmq up)[/red]"
@@ -62,16 +62,16 @@ def run(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    sessions = make_sessionmaker(make_engine(s.database_url))
+    sessions = make_sessionmaker(make_engine(settings.database_url))
     if run_id is None:
         if split:
-            run_id = _create_split_run(sessions, o, s)
+            run_id = _create_split_run(sessions, o, settings)
         else:
-            run_id = create_sim_run(sessions, o, s, prefix="fleet")
+            run_id = create_sim_run(sessions, o, settings, prefix="fleet")
         console.print(f"created {'split ' if split else ''}run {run_id}")
     else:
-        with session_scope(sessions) as session:
-            if q.get_run(session, run_id) is None:
+        with session_scope(sessions) as s:
+            if q.get_run(s, run_id) is None:
                 console.print(f"[red]no run {run_id!r} in the database[/red]")
                 return 2
     h = o.heterogeneity
@@ -79,7 +79,7 @@ def run(
     logs = o.out / "logs"
     started = time.perf_counter()
     devices = fleet_local.device_processes(
-        s,
+        settings,
         run_id,
         o.clients,
         o.dataset,
@@ -90,7 +90,7 @@ def run(
         o.encoding,
         stop,
         logs,
-        h.behaviours(o.clients, o.seed, 2 * policy_for(o, s).heartbeat_timeout_s),
+        h.behaviours(o.clients, o.seed, 2 * policy_for(o, settings).heartbeat_timeout_s),
         args_for=lambda k: ("--split",) if split else (),
     )
     console.print(f"device logs: {logs}/device-<k>.log")
@@ -98,9 +98,9 @@ def run(
         if o.rounds > 0:
             wait_ready(sessions, run_id, o.clients - h.late_joiners, timeout=120, stop=stop)
             if not stop.is_set():
-                bus = open_bus(s)
+                bus = open_bus(settings)
                 try:
-                    start_autorun(bus, s, run_id, o.rounds)
+                    start_autorun(bus, settings, run_id, o.rounds)
                 finally:
                     bus.close()
             follow(sessions, run_id, o.rounds, console, stop=stop)
@@ -123,7 +123,7 @@ def run(
     return 0
 
 
-def _create_split_run(sessions: Any, o: SimOptions, s: Settings) -> str:
+def _create_split_run(sessions: Any, o: SimOptions, settings: Settings) -> str:
     strategy, train = run_configs(
         strategy_config(o),
         {
@@ -134,14 +134,14 @@ def _create_split_run(sessions: Any, o: SimOptions, s: Settings) -> str:
             "encoding": o.encoding,
         },
     )
-    with session_scope(sessions) as session:
+    with session_scope(sessions) as s:
         return create_split_run(
-            session,
+            s,
             f"fleet-split-{uuid.uuid4().hex[:8]}",
             dataset=o.dataset,
             model=o.model,
             seed=o.seed,
-            policy=policy_for(o, s),
+            policy=policy_for(o, settings),
             strategy=strategy,
             train=train,
         )

@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from devices.config import DeviceConfig, TrainSettings
+from devices.config import SimulatedBehaviour, TrainingConfig
 from devices.run import run_device
 from fedmq.settings import Settings
-from fedmq.wiring import bus_config, decode_limits
-from simulation.heterogeneity import Behaviour
+from fedmq.wiring import device_config
+from simulation.heterogeneity import cli_args
 
 
 class Handle(Protocol):
@@ -55,17 +55,21 @@ def stop_processes(handles: list[ProcessHandle], timeout: float) -> None:
             h.proc.wait()
 
 
-def device_broker_url(s: Settings) -> str:
+def device_broker_url(settings: Settings) -> str:
     """The URL devices connect with: the enrollment user's under `fedmq up` with broker
     users (they register through it and go on as their own users), else the stack's."""
-    return s.device_broker_url.get_secret_value() if s.device_broker_url else s.broker_url
+    return (
+        settings.device_broker_url.get_secret_value()
+        if settings.device_broker_url
+        else settings.broker_url
+    )
 
 
-def _env(s: Settings) -> dict[str, str]:
+def _env(settings: Settings) -> dict[str, str]:
     env = {
         **os.environ,
-        "FEDMQ_BROKER_URL": device_broker_url(s),
-        "FEDMQ_DATABASE_URL": s.database_url,
+        "FEDMQ_BROKER_URL": device_broker_url(settings),
+        "FEDMQ_DATABASE_URL": settings.database_url,
     }
     # Devices need no operator token, nor the management API's credentials.
     for name in ("FEDMQ_OPERATOR_TOKEN", "FEDMQ_BROKER_ACCOUNTS_URL", "FEDMQ_DEVICE_BROKER_URL"):
@@ -74,7 +78,7 @@ def _env(s: Settings) -> dict[str, str]:
 
 
 def device_threads(
-    s: Settings,
+    settings: Settings,
     run_id: str,
     clients: int,
     dataset: str,
@@ -84,7 +88,7 @@ def device_threads(
     seed: int,
     encoding: str,
     stop: threading.Event,
-    behaviours: list[Behaviour] | None = None,
+    behaviours: list[SimulatedBehaviour] | None = None,
     *,
     flower_clients: Sequence[str | None] = (),
 ) -> list[Handle]:
@@ -94,33 +98,27 @@ def device_threads(
     compute = threading.Semaphore(os.cpu_count() or 1)  # ... and train that many at a time
     handles: list[Handle] = []
     for k in range(clients):
-        b = behaviours[k] if behaviours else Behaviour()
-        config = DeviceConfig(
-            run_id=run_id,
-            client_index=k,
-            num_clients=clients,
-            broker_url=device_broker_url(s),
-            dataset=dataset,
-            model=model,
-            partition=partition,
-            partition_args=dict(partition_args),
-            seed=seed,
-            train=TrainSettings(),
-            encoding=encoding,
-            heartbeat_s=s.heartbeat_interval_s,
+        config = device_config(
+            settings,
+            run_id,
+            k,
+            clients,
+            training=TrainingConfig(
+                dataset=dataset,
+                model=model,
+                partition=partition,
+                partition_args=dict(partition_args),
+                seed=seed,
+                encoding=encoding,
+                torch_threads=None,
+                flower_client=_flower_client(flower_clients, k),
+            ),
+            simulated=behaviours[k] if behaviours else None,
+            broker_url=device_broker_url(settings),
             # The in-process bus wakes a waiting device the moment a message comes; a short
             # poll only woke 1,000 idle devices 10,000 times a second to check the time
             # (a second still bounds how long a stopped device takes to notice).
             poll_s=1.0,
-            chunk_size=s.chunk_size,
-            bus=bus_config(s),
-            decode_limits=decode_limits(s),
-            torch_threads=None,
-            slowdown_s=b.slowdown_s,
-            dropout=b.dropout,
-            join_delay_s=b.join_delay_s,
-            outage_s=b.outage_s,
-            flower_client=_flower_client(flower_clients, k),
         )
         t = threading.Thread(
             target=run_device,
@@ -135,7 +133,7 @@ def device_threads(
 
 
 def device_processes(
-    s: Settings,
+    settings: Settings,
     run_id: str,
     clients: int,
     dataset: str,
@@ -146,7 +144,7 @@ def device_processes(
     encoding: str,
     stop: threading.Event,
     logs: Path,
-    behaviours: list[Behaviour] | None = None,
+    behaviours: list[SimulatedBehaviour] | None = None,
     *,
     args_for: Callable[[int], Sequence[str]] = lambda k: (),
 ) -> list[ProcessHandle]:
@@ -155,7 +153,7 @@ def device_processes(
     logs.mkdir(parents=True, exist_ok=True)
     handles: list[ProcessHandle] = []
     for k in range(clients):
-        b = behaviours[k] if behaviours else Behaviour()
+        behaviour = behaviours[k] if behaviours else SimulatedBehaviour()
         cmd = [
             sys.executable,
             "-m",
@@ -179,11 +177,11 @@ def device_processes(
             str(seed),
             "--encoding",
             encoding,
-            *b.cli_args(),
+            *cli_args(behaviour),
             *args_for(k),
         ]
         log = (logs / f"device-{k}.log").open("wb")
-        proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=_env(settings), stdout=log, stderr=subprocess.STDOUT)
         handles.append(ProcessHandle(proc, stop))
     return handles
 
@@ -200,12 +198,12 @@ def _flower_client(flower_clients: Sequence[str | None], k: int) -> str | None:
 
 
 def worker_process(
-    s: Settings, logs: Path, queues: str = "aggregate,evaluate", name: str = "worker"
+    settings: Settings, logs: Path, queues: str = "aggregate,evaluate", name: str = "worker"
 ) -> Handle:
     logs.mkdir(parents=True, exist_ok=True)
     log = (logs / f"{name}.log").open("wb")
     cmd = [sys.executable, "-m", "fedmq.cli", "worker", "--queues", queues]
     if name != "worker":  # a second worker on this host needs a node name of its own
         cmd.append(f"--hostname={name}@%h")
-    proc = subprocess.Popen(cmd, env=_env(s), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=_env(settings), stdout=log, stderr=subprocess.STDOUT)
     return ProcessHandle(proc, threading.Event())

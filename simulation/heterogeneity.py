@@ -3,7 +3,7 @@
 Which devices are slow and which join late is drawn once from the run's seed (a
 permutation of the device indices: the first ``slow_fraction`` of it are slow, the last
 ``late_joiners`` join late), so a fleet is reproducible; whether a device drops out of a
-given round is drawn by the device itself (``DeviceConfig.dropout``), seeded by round.
+given round is drawn by the device itself (``SimulatedBehaviour.dropout``), seeded by round.
 """
 
 from __future__ import annotations
@@ -13,27 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from devices.config import SimulatedBehaviour
 
-@dataclass(frozen=True)
-class Behaviour:
-    """One device's simulated behaviour (what ``DeviceConfig`` takes)."""
 
-    slowdown_s: float = 0.0
-    dropout: float = 0.0
-    join_delay_s: float = 0.0
-    outage_s: float = 10.0
-
-    def cli_args(self) -> list[str]:
-        return [
-            "--slowdown",
-            str(self.slowdown_s),
-            "--dropout",
-            str(self.dropout),
-            "--join-delay",
-            str(self.join_delay_s),
-            "--outage",
-            str(self.outage_s),
-        ]
+def cli_args(behaviour: SimulatedBehaviour) -> list[str]:
+    """``behaviour`` as ``fedmq device`` options (a fleet's device processes)."""
+    return [
+        "--slowdown",
+        str(behaviour.slowdown_s),
+        "--dropout",
+        str(behaviour.dropout),
+        "--join-delay",
+        str(behaviour.join_delay_s),
+        "--outage",
+        str(behaviour.outage_s),
+    ]
 
 
 @dataclass(frozen=True)
@@ -67,8 +61,10 @@ class Heterogeneity:
             or (self.late_joiners and self.join_delay_s)
         )
 
-    def behaviours(self, clients: int, seed: int, outage_s: float = 10.0) -> list[Behaviour]:
-        """Each device's behaviour, index k -> Behaviour. A dropped device is silent for
+    def behaviours(
+        self, clients: int, seed: int, outage_s: float = 10.0
+    ) -> list[SimulatedBehaviour]:
+        """Each device's behaviour, index k -> SimulatedBehaviour. A dropped device is silent for
         ``outage_s``: longer than the run's heartbeat timeout, so that the orchestrator
         notices it gone instead of waiting for the round's deadline."""
         if self.late_joiners >= clients:
@@ -79,7 +75,7 @@ class Heterogeneity:
         slow = set(order[: math.ceil(round(self.slow_fraction * clients, 9))])
         late = set(order[clients - self.late_joiners :]) if self.late_joiners else set()
         return [
-            Behaviour(
+            SimulatedBehaviour(
                 slowdown_s=self.slowdown_s if k in slow else 0.0,
                 dropout=self.dropout,
                 join_delay_s=self.join_delay_s if k in late else 0.0,

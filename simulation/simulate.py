@@ -101,7 +101,7 @@ def _initial_model(o: SimOptions) -> bytes:
     return codec.encode(to_numpy(model), codec.Encoding.FP32)
 
 
-def _settings(base: Settings, o: SimOptions, out: Path) -> Settings:
+def sim_settings(base: Settings, o: SimOptions, out: Path) -> Settings:
     broker = o.broker or f"memory://sim-{uuid.uuid4().hex[:8]}"
     database = o.database or f"sqlite:///{out / 'fedmq.sqlite'}"
     token = SecretStr(secrets.token_urlsafe(24))  # child processes inherit it through env
@@ -140,12 +140,14 @@ def round_rows(sessions: Any, run_id: str) -> list[RoundRow]:
     return rows
 
 
-def _start_fleet(s: Settings, run_id: str, o: SimOptions, stop: threading.Event) -> list[Handle]:
-    args = (s, run_id, o.clients, o.dataset, o.model, o.partition)
+def _start_fleet(
+    settings: Settings, run_id: str, o: SimOptions, stop: threading.Event
+) -> list[Handle]:
+    args = (settings, run_id, o.clients, o.dataset, o.model, o.partition)
     behaviours = o.heterogeneity.behaviours(
-        o.clients, o.seed, 2 * policy_for(o, s).heartbeat_timeout_s
+        o.clients, o.seed, 2 * policy_for(o, settings).heartbeat_timeout_s
     )
-    if s.embedded:
+    if settings.embedded:
         return fleet_local.device_threads(
             *args,
             dict(o.partition_args),
@@ -156,7 +158,7 @@ def _start_fleet(s: Settings, run_id: str, o: SimOptions, stop: threading.Event)
             flower_clients=o.flower_clients,
         )
     logs = o.out / "logs"
-    worker = fleet_local.worker_process(s, logs)
+    worker = fleet_local.worker_process(settings, logs)
     devices = fleet_local.device_processes(
         *args,
         json.dumps(o.partition_args),
@@ -170,7 +172,7 @@ def _start_fleet(s: Settings, run_id: str, o: SimOptions, stop: threading.Event)
     return [*devices, worker]
 
 
-def policy_for(o: SimOptions, s: Settings) -> RoundPolicy:
+def policy_for(o: SimOptions, settings: Settings) -> RoundPolicy:
     """The run's rules: all devices in every round unless some may drop out (then half of
     them make a quorum, and a silent device is written off after 3 missed heartbeats), or
     at most ``max_clients`` of them, drawn as ``selection`` says."""
@@ -179,7 +181,7 @@ def policy_for(o: SimOptions, s: Settings) -> RoundPolicy:
     timeout = o.heartbeat_timeout_s
     if timeout is None:
         beats = 3 if h.dropout else 6
-        timeout = max(3.0 if h.dropout else 30.0, beats * s.heartbeat_interval_s)
+        timeout = max(3.0 if h.dropout else 30.0, beats * settings.heartbeat_interval_s)
     min_clients = o.min_clients or max(1, o.clients - h.late_joiners)
     if o.max_clients is not None and o.min_clients is None:
         # The default waits for the whole fleet; with a cap a round takes only so many, so
@@ -213,7 +215,7 @@ def strategy_config(o: SimOptions) -> dict[str, Any]:
     return {"name": o.strategy, **params}
 
 
-def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim") -> str:
+def create_sim_run(sessions: Any, o: SimOptions, settings: Settings, prefix: str = "sim") -> str:
     """A new run for these options, version 0 built as the replica builds it."""
     strategy, train = run_configs(
         strategy_config(o),
@@ -231,7 +233,7 @@ def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim
             session,
             f"{prefix}-{uuid.uuid4().hex[:8]}",
             _initial_model(o),
-            policy=policy_for(o, s),
+            policy=policy_for(o, settings),
             strategy=strategy,
             train=train,
             extra_config={
@@ -248,12 +250,12 @@ def create_sim_run(sessions: Any, o: SimOptions, s: Settings, prefix: str = "sim
         )
 
 
-def start_autorun(bus: Any, s: Settings, run_id: str, rounds: int) -> None:
-    token = operator_token.find(s)
+def start_autorun(bus: Any, settings: Settings, run_id: str, rounds: int) -> None:
+    token = operator_token.find(settings)
     if token is None:
         raise operator_token.TokenError(
             "autorun needs the operator token: set FEDMQ_OPERATOR_TOKEN (or run where "
-            f"`fedmq up` keeps it, {operator_token.token_path(s)})"
+            f"`fedmq up` keeps it, {operator_token.token_path(settings)})"
         )
     cmd = auth.sign(Command(run_id=run_id, action=CommandAction.AUTORUN, rounds=rounds), token)
     bus.publish(topology.CONTROL_EXCHANGE, topology.CONTROL_ROUTING_KEY, cmd.to_json())
@@ -262,23 +264,23 @@ def start_autorun(bus: Any, s: Settings, run_id: str, rounds: int) -> None:
 def run(o: SimOptions, base: Settings, console: Console) -> SimResult:
     out = o.out
     out.mkdir(parents=True, exist_ok=True)
-    s = _settings(base, o, out)
-    migrations.upgrade(s.database_url)
-    sessions = make_sessionmaker(make_engine(s.database_url))
-    run_id = create_sim_run(sessions, o, s)
-    bus = open_bus(s)
-    service = orchestrator_service(s, bus)
+    settings = sim_settings(base, o, out)
+    migrations.upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    run_id = create_sim_run(sessions, o, settings)
+    bus = open_bus(settings)
+    service = orchestrator_service(settings, bus)
     service.start()
     stop = threading.Event()
     started = time.perf_counter()
     devices: list[Handle] = []
     restore: Callable[[], None] | None = None
     try:
-        devices = _start_fleet(s, run_id, o, stop)
+        devices = _start_fleet(settings, run_id, o, stop)
         wait_ready(sessions, run_id, o.clients - o.heterogeneity.late_joiners, timeout=120)
-        if s.embedded:
+        if settings.embedded:
             restore = _settle_for_rounds()
-        start_autorun(bus, s, run_id, o.rounds)
+        start_autorun(bus, settings, run_id, o.rounds)
         follow(sessions, run_id, o.rounds, console)
     finally:
         stop.set()

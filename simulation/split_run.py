@@ -19,7 +19,7 @@ from protocol import codec
 
 
 def create_split_run(
-    session: Session,
+    s: Session,
     name: str,
     *,
     dataset: str,
@@ -34,7 +34,7 @@ def create_split_run(
     """A new split run of ``model`` on ``dataset``; returns its id."""
     spec = model_spec(dataset, model, seed)
     return create_run(
-        session,
+        s,
         name,
         codec.encode(device_part(spec), codec.Encoding.FP32),
         policy=policy,

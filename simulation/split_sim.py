@@ -34,20 +34,26 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models.enums import RoundState
 from devices.client import FederatedClient
-from devices.config import DeviceConfig, TrainSettings
+from devices.config import DeviceConfig, TrainingConfig
 from devices.split_trainer import SplitTrainer
 from fedmq.settings import Settings, get_settings
-from fedmq.wiring import bus_config, decode_limits, open_bus, orchestrator_service, run_configs
+from fedmq.wiring import device_config, open_bus, orchestrator_service, run_configs
 from learning.split.spec import model_config
 from protocol.bus import Bus, connect
 from simulation import fleet_local
 from simulation.fleet_local import Handle
 from simulation.report import write_json
-from simulation.simulate import SimOptions, policy_for, round_rows, start_autorun, wait_ready
-from simulation.simulate import _settings as sim_settings
+from simulation.simulate import (
+    SimOptions,
+    policy_for,
+    round_rows,
+    sim_settings,
+    start_autorun,
+    wait_ready,
+)
 from simulation.split_run import create_split_run
 from workers.edge.bodies import body_ref
-from workers.edge.rounds import DONE as EDGE_DONE
+from workers.edge.rounds import SESSION_DONE
 
 
 @dataclass(frozen=True)
@@ -118,29 +124,31 @@ def run_split(
     o = options
     o.out.mkdir(parents=True, exist_ok=True)
     sim = _sim_options(o)
-    s = sim_settings(base or get_settings(), sim, o.out)
-    s = s.model_copy(update={"worker_device": o.edge_device})
+    settings = sim_settings(base or get_settings(), sim, o.out)
+    settings = settings.model_copy(update={"worker_device": o.edge_device})
     from db import migrations
 
-    migrations.upgrade(s.database_url)
-    sessions = make_sessionmaker(make_engine(s.database_url))
-    run_id = _create_run(sessions, o, s)
-    bus = open_bus(s)
-    service = orchestrator_service(s, bus)
+    migrations.upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    run_id = _create_run(sessions, o, settings)
+    bus = open_bus(settings)
+    service = orchestrator_service(settings, bus)
     service.start()
     stop = threading.Event()
     handles: list[Handle] = []
     started = time.perf_counter()
     try:
-        if s.embedded:
-            handles.extend(_device_threads(s, run_id, o, stop))
+        if settings.embedded:
+            handles.extend(_device_threads(settings, run_id, o, stop))
         else:
             logs = o.out / "logs"
-            handles.append(fleet_local.worker_process(s, logs, queues="aggregate,evaluate"))
-            handles.append(fleet_local.worker_process(s, logs, queues="edge", name="edge-worker"))
-            handles.extend(_device_processes(s, run_id, o, stop, logs))
+            handles.append(fleet_local.worker_process(settings, logs, queues="aggregate,evaluate"))
+            handles.append(
+                fleet_local.worker_process(settings, logs, queues="edge", name="edge-worker")
+            )
+            handles.extend(_device_processes(settings, run_id, o, stop, logs))
         wait_ready(sessions, run_id, o.clients, timeout=180)
-        start_autorun(bus, s, run_id, o.rounds)
+        start_autorun(bus, settings, run_id, o.rounds)
         # Done when the run's last round is: evaluated by the orchestrator's task, its
         # accuracy in the round's metrics (issue 22: reporting before that left round N
         # "evaluating").
@@ -168,10 +176,10 @@ def run_split(
         )
         + "\n"
     )
-    return SplitSimResult(run_id, rounds, s.database_url)
+    return SplitSimResult(run_id, rounds, settings.database_url)
 
 
-def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, s: Settings) -> str:
+def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, settings: Settings) -> str:
     strategy, train = run_configs(
         {"name": "fedavg"},
         {
@@ -182,14 +190,14 @@ def _create_run(sessions: sessionmaker[Session], o: SplitSimOptions, s: Settings
             "encoding": o.encoding,
         },
     )
-    with session_scope(sessions) as session:
+    with session_scope(sessions) as s:
         return create_split_run(
-            session,
+            s,
             f"split-{uuid.uuid4().hex[:8]}",
             dataset=o.dataset,
             model=o.model,
             seed=o.seed,
-            policy=policy_for(_sim_options(o), s),
+            policy=policy_for(_sim_options(o), settings),
             strategy=strategy,
             train=train,
             extra_config={"simulation": {k: str(v) for k, v in asdict(o).items()}},
@@ -235,7 +243,7 @@ def split_rounds(sessions: sessionmaker[Session], run_id: str) -> list[SplitRoun
     with session_scope(sessions) as s:
         sessions_done = {
             (e.round, e.detail.get("attempt")): e.detail
-            for e in q.list_events(s, run_id, kinds=[EDGE_DONE], limit=10_000)
+            for e in q.list_events(s, run_id, kinds=[SESSION_DONE], limit=10_000)
         }
         for r in q.list_rounds(s, run_id):
             if r.state != RoundState.DONE or r.model_version_id is None:
@@ -260,42 +268,39 @@ def split_rounds(sessions: sessionmaker[Session], run_id: str) -> list[SplitRoun
     return out
 
 
-def _device_config(s: Settings, run_id: str, o: SplitSimOptions, k: int) -> DeviceConfig:
-    return DeviceConfig(
-        run_id=run_id,
-        client_index=k,
-        num_clients=o.clients,
-        broker_url=s.broker_url,
-        dataset=o.dataset,
-        model=o.model,
-        model_args=model_config(o.model),
-        partition=o.partition,
-        partition_args=dict(o.partition_args or {}),
-        seed=o.seed,
-        train=TrainSettings(),
-        encoding=o.encoding,
-        heartbeat_s=s.heartbeat_interval_s,
-        chunk_size=s.chunk_size,
-        bus=bus_config(s),
-        decode_limits=decode_limits(s),
-        torch_threads=None,
+def _device_config(settings: Settings, run_id: str, o: SplitSimOptions, k: int) -> DeviceConfig:
+    return device_config(
+        settings,
+        run_id,
+        k,
+        o.clients,
+        training=TrainingConfig(
+            dataset=o.dataset,
+            model=o.model,
+            model_args=model_config(o.model),
+            partition=o.partition,
+            partition_args=dict(o.partition_args or {}),
+            seed=o.seed,
+            encoding=o.encoding,
+            torch_threads=None,
+        ),
     )
 
 
 def _device_processes(
-    s: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event, logs: Path
+    settings: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event, logs: Path
 ) -> list[fleet_local.ProcessHandle]:
     """``fedmq device --split`` processes, one per partition."""
     extra = ("--split", *(("--split-pipeline",) if o.pipeline else ()))
     return fleet_local.device_processes(
-        s, run_id, o.clients, o.dataset, o.model, o.partition,
+        settings, run_id, o.clients, o.dataset, o.model, o.partition,
         json.dumps(o.partition_args or {}), o.seed, o.encoding, stop, logs,
         args_for=lambda k: extra,
     )  # fmt: skip
 
 
 def _device_threads(
-    s: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event
+    settings: Settings, run_id: str, o: SplitSimOptions, stop: threading.Event
 ) -> list[Handle]:
     import torch
 
@@ -304,7 +309,7 @@ def _device_threads(
     for k in range(o.clients):
         t = threading.Thread(
             target=_run_device,
-            args=(_device_config(s, run_id, o, k), o.pipeline, stop),
+            args=(_device_config(settings, run_id, o, k), o.pipeline, stop),
             name=f"split-device-{k}",
             daemon=True,
         )
@@ -315,15 +320,15 @@ def _device_threads(
 
 def _run_device(config: DeviceConfig, pipeline: bool, stop: threading.Event) -> None:
     """One device: a ``FederatedClient`` whose trainer trains split over a link of its own."""
-    memory = config.broker_url.startswith("memory:")
+    memory = config.wire.broker_url.startswith("memory:")
     opened: list[Bus] = []
 
     def link() -> Bus:
-        bus = connect(config.broker_url, config.bus)
+        bus = connect(config.wire.broker_url, config.wire.bus)
         opened.append(bus)
         return bus
 
-    bus = connect(config.broker_url, config.bus)
+    bus = connect(config.wire.broker_url, config.wire.bus)
     trainer = SplitTrainer.from_device_config(config, link, pipeline=pipeline)
     try:
         FederatedClient(config, bus, trainer=trainer).run(stop)

@@ -192,11 +192,6 @@ def project_clients(session: Session, rows: list[dict[str, Any]]) -> None:
         bulk_update(session, Client, group, ("id",))
 
 
-def client_states(session: Session, run_id: str) -> dict[str, str]:
-    rows = session.execute(select(Client.id, Client.state).where(Client.run_id == run_id))
-    return {cid: str(state) for cid, state in rows}
-
-
 # --- outbox ---------------------------------------------------------------------------------
 
 
@@ -290,11 +285,6 @@ def mark_sent(session: Session, item_ids: Iterable[int]) -> None:
     if ids:
         pg = session.get_bind().dialect.name == "postgresql"
         session.execute(_MARK_SENT_PG if pg else _MARK_SENT, {"ids": ids, "now": utcnow()})
-
-
-def outbox_sent(session: Session, run_id: str, kind: str) -> list[OutboxItem]:
-    stmt = select(OutboxItem).where(OutboxItem.run_id == run_id, OutboxItem.kind == kind)
-    return list(session.scalars(stmt.order_by(OutboxItem.id)))
 
 
 # --- staged upload chunks -------------------------------------------------------------------

@@ -79,7 +79,7 @@ class GatewayEnv:
 def gateway_env(tmp_path: Path, policy: RoundPolicy | None = None) -> Iterator[GatewayEnv]:
     url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
     migrations.upgrade(url)
-    s = Settings(
+    settings = Settings(
         broker_url=f"memory://gw-{uuid.uuid4().hex[:8]}",
         database_url=url,
         operator_token=OPERATOR,  # type: ignore[arg-type]
@@ -93,8 +93,8 @@ def gateway_env(tmp_path: Path, policy: RoundPolicy | None = None) -> Iterator[G
             encode(base, Encoding.FP32),
             policy=policy or RoundPolicy(min_clients=1, quorum_fraction=0.5),
         )
-    bus = connect(s.broker_url)
-    service = orchestrator_service(s, bus)
+    bus = connect(settings.broker_url)
+    service = orchestrator_service(settings, bus)
     service.start()
     config = GatewayConfig(
         operator_token=OPERATOR,

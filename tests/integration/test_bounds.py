@@ -68,20 +68,21 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) ->
 
 
 @contextmanager
-def federation(amqp_url: str, pg_url: str, **settings: Any) -> Iterator[tuple[Bus, Any, str]]:
-    """A migrated database with one run, and the real orchestrator service on the broker."""
+def federation(amqp_url: str, pg_url: str, **changes: Any) -> Iterator[tuple[Bus, Any, str]]:
+    """A migrated database with one run, and the real orchestrator service on the broker;
+    ``changes``: settings other than the defaults."""
     migrations.upgrade(pg_url)
-    s = Settings(
+    settings = Settings(
         broker_url=amqp_url,
         database_url=pg_url,
         operator_token=OPERATOR,  # type: ignore[arg-type]
-        **settings,
+        **changes,
     )
     sessions = make_sessionmaker(make_engine(pg_url))
     with session_scope(sessions) as session:
         run_id = create_run(session, "bounds", encode(tiny_model(), Encoding.FP32))
     bus = connect(amqp_url)
-    service = orchestrator_service(s)
+    service = orchestrator_service(settings)
     service.start()
     try:
         yield bus, sessions, run_id

@@ -21,7 +21,7 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from devices.browser import browser_router
 from devices.client import FederatedClient
-from devices.config import DeviceConfig
+from devices.config import DeviceConfig, WireConfig
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
 from gateway import GatewayConfig, create_app
@@ -89,7 +89,12 @@ def test_the_browser_device_trains_in_wasm_and_its_updates_are_aggregated(
     serving = threading.Thread(target=server.run, name="gateway", daemon=True)
     serving.start()
     python_device = FederatedClient(
-        DeviceConfig(run_id=run_id, client_index=0, num_clients=K, heartbeat_s=0.5, poll_s=0.05),
+        DeviceConfig(
+            run_id=run_id,
+            client_index=0,
+            num_clients=K,
+            wire=WireConfig(heartbeat_s=0.5, poll_s=0.05),
+        ),
         bus,
     ).start()
 

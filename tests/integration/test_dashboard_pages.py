@@ -74,22 +74,22 @@ def recorded(services: Services, tmp_path_factory: pytest.TempPathFactory) -> It
     # A live orchestrator on this process's in-process bus, for the Controls page; a
     # heartbeat with a wrong token gives the Events page a real refusal to show.
     token = secrets.token_urlsafe(24)
-    s = Settings(
+    settings = Settings(
         broker_url=f"memory://dash-{uuid.uuid4().hex[:8]}",
         database_url=url,
         operator_token=SecretStr(token),
     )
-    service = orchestrator_service(s)
+    service = orchestrator_service(settings)
     service.start()
     sessions = make_sessionmaker(make_engine(url))
     with session_scope(sessions) as ses:
         intruder = q.list_clients(ses, result.run_id)[0].id
-    bus = open_bus(s)
+    bus = open_bus(settings)
     bad = auth.sign(Heartbeat(run_id=result.run_id, client_id=intruder), "x" * 32)
     bus.publish(topology.SIGNALS_EXCHANGE, topology.signal_routing_key(intruder), bad.to_json())
     _until(lambda: _refusals(sessions, result.run_id) > 0)
     try:
-        yield Recorded(url, s.broker_url, token, result.run_id, other.run_id, sessions)
+        yield Recorded(url, settings.broker_url, token, result.run_id, other.run_id, sessions)
     finally:
         service.stop()
         bus.close()

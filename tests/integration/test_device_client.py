@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from devices.client import FederatedClient
-from devices.config import DeviceConfig, TrainSettings
+from devices.config import DeviceConfig, TrainingConfig, TrainSettings, WireConfig
 from devices.local import LocalTrainer
 from devices.run import run_device
 from devices.wire import SentUpdate
@@ -238,10 +238,7 @@ def _start(bus: Bus) -> tuple[FederatedClient, FakeOrchestrator]:
         run_id=RUN,
         client_index=1,
         num_clients=3,
-        heartbeat_s=0.2,
-        poll_s=0.05,
-        chunk_size=4096,
-        progress_signals=True,
+        wire=WireConfig(heartbeat_s=0.2, poll_s=0.05, chunk_size=4096, progress_signals=True),
     )
     fake = FakeOrchestrator(bus)
     client = FederatedClient(config, bus)
@@ -339,11 +336,9 @@ def test_run_device_trains_its_rounds_then_leaves() -> None:
         run_id=RUN,
         client_index=1,
         num_clients=3,
-        broker_url=f"memory://{name}",
-        heartbeat_s=0.2,
-        poll_s=0.05,
         stop_after_rounds=1,
-        torch_threads=None,
+        wire=WireConfig(broker_url=f"memory://{name}", heartbeat_s=0.2, poll_s=0.05),
+        training=TrainingConfig(torch_threads=None),
     )
     rounds: list[SentUpdate] = []
     result: list[FederatedClient] = []
@@ -420,10 +415,8 @@ def test_the_pinned_key_survives_a_restart_and_a_new_one_is_not_taken(
         run_id=RUN,
         client_index=1,
         num_clients=3,
-        heartbeat_s=0.2,
-        poll_s=0.05,
-        identity_file=identity,
-        warm_up=False,
+        wire=WireConfig(heartbeat_s=0.2, poll_s=0.05, identity_file=identity),
+        training=TrainingConfig(warm_up=False),
     )
     fake = FakeOrchestrator(bus)
     first = FederatedClient(config, bus)
@@ -457,10 +450,10 @@ def test_the_pinned_key_survives_a_restart_and_a_new_one_is_not_taken(
         run_id=RUN,
         client_index=1,
         num_clients=3,
-        poll_s=0.05,
-        register_timeout_s=1.0,
-        orchestrator_key=fake.signer.public_key,
-        warm_up=False,
+        wire=WireConfig(
+            poll_s=0.05, register_timeout_s=1.0, orchestrator_key=fake.signer.public_key
+        ),
+        training=TrainingConfig(warm_up=False),
     )
     stranger = FederatedClient(pinned, bus)
     answering = threading.Thread(target=impostor.register)

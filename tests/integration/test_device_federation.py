@@ -17,7 +17,7 @@ from db import blobstore, migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from devices.client import FederatedClient
-from devices.config import DeviceConfig
+from devices.config import DeviceConfig, WireConfig
 from devices.identity import load_identity
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
@@ -85,7 +85,12 @@ def test_two_devices_two_rounds_match_the_replica(settings: Settings) -> None:
     service.start()
     bus = connect(settings.broker_url)
     configs = [
-        DeviceConfig(run_id=run_id, client_index=k, num_clients=K, heartbeat_s=0.5, poll_s=0.05)
+        DeviceConfig(
+            run_id=run_id,
+            client_index=k,
+            num_clients=K,
+            wire=WireConfig(heartbeat_s=0.5, poll_s=0.05),
+        )
         for k in range(K)
     ]
     clients = [FederatedClient(c, bus).start() for c in configs]
@@ -148,9 +153,7 @@ def test_a_restarted_device_resumes_as_the_same_client(settings: Settings, tmp_p
         run_id=run_id,
         client_index=0,
         num_clients=1,
-        heartbeat_s=0.5,
-        poll_s=0.05,
-        identity_file=path,
+        wire=WireConfig(heartbeat_s=0.5, poll_s=0.05, identity_file=path),
     )
 
     def done_rounds() -> list[tuple[int, int]]:

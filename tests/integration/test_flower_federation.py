@@ -22,7 +22,7 @@ from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models import ClientState
 from devices.client import FederatedClient
-from devices.config import DeviceConfig
+from devices.config import DeviceConfig, TrainingConfig, WireConfig
 from fedmq.settings import Settings
 from learning.data import load_dataset
 from learning.models import build_model
@@ -112,9 +112,8 @@ def test_flower_device_processes_over_amqp_and_http_join_a_full_federation(
                 run_id=h.run_id,
                 client_index=0,
                 num_clients=k,
-                heartbeat_s=1.0,
-                poll_s=0.05,
-                torch_threads=None,
+                wire=WireConfig(heartbeat_s=1.0, poll_s=0.05),
+                training=TrainingConfig(torch_threads=None),
             ),
             bus,
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from devices.client import FederatedClient
-from devices.config import DeviceConfig
+from devices.config import DeviceConfig, TrainingConfig, WireConfig
 from learning.models import build_model
 from learning.params import to_numpy
 from learning.replica import ReplicaConfig, federation_data
@@ -82,9 +82,8 @@ def test_a_forged_announcement_changes_nothing_and_the_round_completes_on_time(
                 run_id=h.run_id,
                 client_index=k,
                 num_clients=2,
-                heartbeat_s=0.5,
-                poll_s=0.05,
-                warm_up=False,
+                wire=WireConfig(heartbeat_s=0.5, poll_s=0.05),
+                training=TrainingConfig(warm_up=False),
             ),
             bus,
         )

@@ -14,7 +14,7 @@ from db import queries as q
 from db.engine import session_scope
 from db.models import ClientState
 from devices.client import FederatedClient
-from devices.config import DeviceConfig
+from devices.config import DeviceConfig, TrainingConfig, WireConfig
 from devices.http import HttpTransport
 from learning.data import load_dataset
 from learning.models import build_model
@@ -63,24 +63,23 @@ def test_two_amqp_and_two_http_devices_share_every_round(
         )
         wait_http(f"{gateway}/openapi.json")
 
-        def config(k: int, **kw: object) -> DeviceConfig:
+        def config(k: int, wire: WireConfig) -> DeviceConfig:
             return DeviceConfig(
                 run_id=run_id,
                 client_index=k,
                 num_clients=K,
-                heartbeat_s=1.0,
-                poll_s=0.05,
-                torch_threads=None,
-                **kw,  # type: ignore[arg-type]
+                wire=wire,
+                training=TrainingConfig(torch_threads=None),
             )
+
+        amqp = WireConfig(heartbeat_s=1.0, poll_s=0.05)
+        http = WireConfig(heartbeat_s=1.0, poll_s=0.05, transport="http", gateway_url=gateway)
 
         bus = connect(amqp_url)
         clients = [
-            FederatedClient(config(0), bus),
-            FederatedClient(config(1), bus),
-            FederatedClient(
-                config(2, transport="http", gateway_url=gateway), HttpTransport(gateway, wait_s=0.5)
-            ),
+            FederatedClient(config(0, amqp), bus),
+            FederatedClient(config(1, amqp), bus),
+            FederatedClient(config(2, http), HttpTransport(gateway, wait_s=0.5)),
         ]
         try:
             for c in clients:

@@ -19,7 +19,7 @@ from db.engine import make_engine, make_sessionmaker, session_scope
 from db.models.enums import RoundState
 from orchestrator.edge import is_split
 from workers.edge.bodies import body_ref
-from workers.edge.rounds import DONE as EDGE_DONE
+from workers.edge.rounds import SESSION_DONE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 
@@ -90,7 +90,7 @@ def test_fedmq_up_runs_a_split_run_with_device_processes_and_records_accuracy(
                 assert mv.metrics["accuracy"] == r.metrics["accuracy"]
             sessions = sorted(
                 (e.round, e.detail["attempt"], e.detail["resumed"], e.detail["devices_seen"])
-                for e in q.list_events(s, run.id, kinds=[EDGE_DONE])
+                for e in q.list_events(s, run.id, kinds=[SESSION_DONE])
             )
             # One session per round, each serving both devices, the second from the first's body.
             assert sessions == [(1, 1, False, 2), (2, 1, True, 2)]

@@ -17,7 +17,7 @@ from db import blobstore, migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from devices.client import FederatedClient
-from devices.config import DeviceConfig
+from devices.config import DeviceConfig, TrainingConfig, WireConfig
 from devices.wasm_trainer import WasmTrainer
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
@@ -66,9 +66,8 @@ def test_two_wasm_and_two_pytorch_devices_match_all_pytorch_after_20_rounds(
             run_id=run_id,
             client_index=k,
             num_clients=K,
-            heartbeat_s=0.5,
-            poll_s=0.05,
-            runtime=runtime,  # type: ignore[arg-type]
+            wire=WireConfig(heartbeat_s=0.5, poll_s=0.05),
+            training=TrainingConfig(runtime=runtime),  # type: ignore[arg-type]
         )
         for k, runtime in enumerate(RUNTIMES)
     ]

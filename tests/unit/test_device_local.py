@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from devices.config import DeviceConfig, TrainSettings
+from devices.config import DeviceConfig, TrainingConfig, TrainSettings
 from devices.local import LocalTrainer
 from learning.params import Arrays, delta, load_numpy, to_numpy
 from learning.replica import ReplicaConfig, client_seed, federation_data, initial_model
@@ -17,7 +17,9 @@ K, k = 3, 1
 
 @pytest.fixture(scope="module")
 def config() -> DeviceConfig:
-    return DeviceConfig(run_id="run1", client_index=k, num_clients=K, seed=0)
+    return DeviceConfig(
+        run_id="run1", client_index=k, num_clients=K, training=TrainingConfig(seed=0)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
-from devices.config import DeviceConfig, TrainSettings
+from devices.config import DeviceConfig, TrainingConfig, TrainSettings
 from devices.flower import FlowerError, FlowerTrainer, load_client_app
 from learning.params import to_numpy
 from protocol.codec import decode
@@ -25,8 +25,13 @@ from protocol.codec import decode
 K = 3
 
 
-def _config(k: int = 1, **kw: Any) -> DeviceConfig:
-    return DeviceConfig(run_id="run-1", client_index=k, num_clients=K, encoding="fp32", **kw)
+def _config(k: int = 1, **training: Any) -> DeviceConfig:
+    return DeviceConfig(
+        run_id="run-1",
+        client_index=k,
+        num_clients=K,
+        training=TrainingConfig(encoding="fp32", **training),
+    )
 
 
 class Recording(NumPyClient):

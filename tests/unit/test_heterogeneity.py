@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from devices.config import DeviceConfig
-from simulation.heterogeneity import Behaviour, Heterogeneity
+from devices.config import SimulatedBehaviour
+from simulation.heterogeneity import Heterogeneity, cli_args
 
 
 def test_homogeneous_by_default() -> None:
     h = Heterogeneity()
     assert not h.active
-    assert h.behaviours(4, seed=0) == [Behaviour()] * 4
+    assert h.behaviours(4, seed=0) == [SimulatedBehaviour()] * 4
     assert h.describe(4, 0) == "homogeneous devices"
 
 
@@ -43,15 +43,15 @@ def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
 
 
 def test_behaviour_becomes_device_command_flags() -> None:
-    args = Behaviour(slowdown_s=1.5, dropout=0.2, join_delay_s=3, outage_s=4).cli_args()
+    args = cli_args(SimulatedBehaviour(slowdown_s=1.5, dropout=0.2, join_delay_s=3, outage_s=4))
     assert args == [
         *("--slowdown", "1.5", "--dropout", "0.2"),
         *("--join-delay", "3", "--outage", "4"),
     ]
 
 
-def test_device_config_checks_its_simulated_behaviour() -> None:
+def test_simulated_behaviour_checks_its_ranges() -> None:
     with pytest.raises(ValueError, match="dropout"):
-        DeviceConfig(run_id="r", client_index=0, num_clients=1, dropout=1.0)
+        SimulatedBehaviour(dropout=1.0)
     with pytest.raises(ValueError, match="slowdown"):
-        DeviceConfig(run_id="r", client_index=0, num_clients=1, slowdown_s=-1)
+        SimulatedBehaviour(slowdown_s=-1)

@@ -45,10 +45,10 @@ def test_a_token_file_others_may_read_is_refused(tmp_path: Path) -> None:
 
 def test_there_is_no_built_in_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FEDMQ_OPERATOR_TOKEN", raising=False)
-    s = Settings(data_dir=tmp_path)
-    assert s.operator_token is None
-    assert tokens.configured(s) is None
-    assert tokens.find(s) is None  # nothing generated yet either
+    settings = Settings(data_dir=tmp_path)
+    assert settings.operator_token is None
+    assert tokens.configured(settings) is None
+    assert tokens.find(settings) is None  # nothing generated yet either
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "gateway.example"])

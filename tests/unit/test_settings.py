@@ -16,18 +16,18 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_defaults_are_the_embedded_mode_and_need_no_server() -> None:
-    s = Settings(_env_file=None)
-    assert s.embedded
-    assert s.database_url.startswith("sqlite")
-    assert s.chunk_size == 4 * 1024 * 1024
+    settings = Settings(_env_file=None)
+    assert settings.embedded
+    assert settings.database_url.startswith("sqlite")
+    assert settings.chunk_size == 4 * 1024 * 1024
 
 
 def test_fedmq_variables_override_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDMQ_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     monkeypatch.setenv("FEDMQ_CHUNK_SIZE", "1024")
-    s = Settings(_env_file=None)
-    assert not s.embedded
-    assert s.chunk_size == 1024
+    settings = Settings(_env_file=None)
+    assert not settings.embedded
+    assert settings.chunk_size == 1024
 
 
 def test_nonsense_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import numpy as np
 
-from devices.config import DeviceConfig
+from devices.config import DeviceConfig, SimulatedBehaviour
 from devices.local import LocalUpdate
 from devices.rounds import Job
 from devices.training import TrainingSlot
@@ -72,7 +72,11 @@ def test_a_job_runs_off_thread_and_is_collected_once() -> None:
 
 
 def test_a_slow_device_takes_its_slowdown_longer() -> None:
-    slot = TrainingSlot(FakeTrainer(), DeviceConfig("r", 0, 1, slowdown_s=0.3), lambda: False)
+    slot = TrainingSlot(
+        FakeTrainer(),
+        DeviceConfig("r", 0, 1, simulated=SimulatedBehaviour(slowdown_s=0.3)),
+        lambda: False,
+    )
     began = time.monotonic()
     slot.start(_job())
     _wait(slot)
@@ -90,7 +94,11 @@ def test_a_failed_training_is_handed_back() -> None:
 
 def test_dropout_dice_are_reproducible_and_near_their_probability() -> None:
     def rolls(index: int) -> list[bool]:
-        slot = TrainingSlot(FakeTrainer(), DeviceConfig("r", index, 4, dropout=0.3), lambda: False)
+        slot = TrainingSlot(
+            FakeTrainer(),
+            DeviceConfig("r", index, 4, simulated=SimulatedBehaviour(dropout=0.3)),
+            lambda: False,
+        )
         return [slot.drops_out(r, 1) for r in range(1, 401)]
 
     assert rolls(1) == rolls(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from devices.config import DeviceConfig, TrainSettings
+from devices.config import DeviceConfig, TrainingConfig, TrainSettings
 from devices.local import LocalTrainer
 from devices.wasm_trainer import WasmTrainer
 from learning.params import to_numpy
@@ -30,11 +30,13 @@ def test_a_wasm_round_matches_a_pytorch_round() -> None:
 
 
 def test_only_mlps_run_in_wasm() -> None:
-    config = DeviceConfig(run_id="r", client_index=0, num_clients=5, model="cnn")
+    config = DeviceConfig(
+        run_id="r", client_index=0, num_clients=5, training=TrainingConfig(model="cnn")
+    )
     with pytest.raises(ValueError, match="trains MLPs only"):
         WasmTrainer.from_config(config)
 
 
 def test_runtime_is_checked() -> None:
     with pytest.raises(ValueError, match="runtime"):
-        DeviceConfig(run_id="r", client_index=0, num_clients=1, runtime="jvm")  # type: ignore[arg-type]
+        TrainingConfig(runtime="jvm")  # type: ignore[arg-type]

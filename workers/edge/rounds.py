@@ -30,8 +30,8 @@ from db.models.enums import RoundState
 
 log = logging.getLogger(__name__)
 
-STARTED = "edge.session.started"
-DONE = "edge.session.done"
+SESSION_STARTED = "edge.session.started"
+SESSION_DONE = "edge.session.done"
 
 
 def claim(
@@ -46,13 +46,13 @@ def claim(
         row = s.get_one(Round, rnd.id, with_for_update=True, populate_existing=True)
         if row.attempt != attempt or row.state != RoundState.OPEN:
             return f"attempt {attempt} of round {round_number} is over ({row.state.value})"
-        started = q.list_events(s, run_id, kinds=[STARTED], limit=1000)
+        started = q.list_events(s, run_id, kinds=[SESSION_STARTED], limit=1000)
         if any(e.round == round_number and e.detail.get("session_id") == session_id
                for e in started):  # fmt: skip
             return f"session {session_id} was started already"
         q.record_event(
             s,
-            STARTED,
+            SESSION_STARTED,
             run_id=run_id,
             round=round_number,
             detail={"session_id": session_id, "attempt": attempt, "pid": os.getpid()},
@@ -68,7 +68,7 @@ def record_done(
         k: v for k, v in result.items() if v is None or isinstance(v, str | int | float | bool)
     }
     with session_scope(factory) as s:
-        q.record_event(s, DONE, run_id=run_id, round=round_number, detail=detail)
+        q.record_event(s, SESSION_DONE, run_id=run_id, round=round_number, detail=detail)
 
 
 def attempt_open(

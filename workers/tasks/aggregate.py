@@ -50,7 +50,7 @@ from workers.config import WorkerConfig
 from workers.fold import fold_updates, make_folder
 from workers.pipeline.device import DeviceUnavailable
 from workers.pipeline.folder import TorchFolder
-from workers.pipeline.readahead import DEFAULT_DEPTH as DECODE_AHEAD
+from workers.pipeline.readahead import DEFAULT_DEPTH
 from workers.tasks.buffered import fold_version_step, is_async_run
 from workers.tasks.common import AggregationError, blob_loader, sessions
 from workers.tasks.plan import (
@@ -64,8 +64,7 @@ from workers.tasks.plan import (
     record_failure,
     store_version,
 )
-from workers.tasks.privacy import KEY as PRIVACY_KEY
-from workers.tasks.privacy import UnitWeights, release
+from workers.tasks.privacy import PRIVACY_KEY, UnitWeights, release
 from workers.tasks.split import SplitJob, fold_parts_here, usable_order
 
 log = logging.getLogger(__name__)
@@ -153,7 +152,7 @@ def _aggregate_flat(
             limits=config.decode_limits,
             folder=fold_into,
             after_each=(lambda _u: time.sleep(delay)) if delay > 0 else None,
-            decode_ahead=DECODE_AHEAD,
+            decode_ahead=DEFAULT_DEPTH,
         )
     except StrategyError as e:
         raise AggregationError(str(e)) from e

@@ -46,7 +46,7 @@ from db import queries as q
 from db.engine import session_scope
 from db.models import ModelVersion
 from learning.data import has_dataset, load_dataset
-from learning.evaluate import evaluate as torch_evaluate
+from learning.evaluate import evaluate
 from learning.models import build_model, model_names
 from learning.params import load_numpy, to_numpy
 from learning.split.spec import build_full
@@ -163,7 +163,7 @@ def _torch_evaluator(name: str, params: Mapping[str, Any], test: _TestData) -> M
             load_numpy(model, weights)
         except (KeyError, TypeError, ValueError) as e:
             raise EvaluationError(f"{name}: {e}") from e
-        loss, accuracy = torch_evaluate(model, x, y)
+        loss, accuracy = evaluate(model, x, y)
         return {"loss": loss, "accuracy": accuracy, "num_samples": float(len(y))}
 
     return run
@@ -239,7 +239,7 @@ def evaluate_split(
         load_numpy(model, {**to_numpy(model), **weights})
     except (KeyError, TypeError, ValueError) as e:
         raise EvaluationError(f"split model {spec.get('name')!r}: {e}") from e
-    loss, accuracy = torch_evaluate(model, test.x, test.y)
+    loss, accuracy = evaluate(model, test.x, test.y)
     return {"loss": loss, "accuracy": accuracy, "num_samples": float(len(test.y))}
 
 

@@ -49,7 +49,7 @@ from learning.privacy.mechanism import default_count_noise_std
 from learning.strategies import Accumulator
 from workers.tasks.common import AggregationError
 
-KEY = "privacy"
+PRIVACY_KEY = "privacy"
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,14 @@ class RoundPrivacy:
 
 def plan_privacy(s: Session, run: Run, rnd: Round, base: ModelVersion) -> RoundPrivacy | None:
     """The round's privacy plan from the run's config and the base version's ledger."""
-    block = run.config.get(KEY)
+    block = run.config.get(PRIVACY_KEY)
     if block is None:
         return None
     try:
         cfg = PrivacyConfig.from_dict(block)
     except PrivacyError as e:
         raise AggregationError(f"run config: {e}") from e
-    ledger = base.metrics.get(KEY) or {}
+    ledger = base.metrics.get(PRIVACY_KEY) or {}
     history = tuple(RoundEvent(float(a), float(b)) for a, b in ledger.get("events", []))
     clip = float(ledger.get("next_clip_norm") or cfg.clip_norm)
     selected = len(q.list_participations(s, rnd.id))

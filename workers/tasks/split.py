@@ -55,7 +55,7 @@ from workers.partials import (
 )
 from workers.pipeline.device import DeviceUnavailable
 from workers.pipeline.folder import TorchFolder
-from workers.pipeline.readahead import DEFAULT_DEPTH as DECODE_AHEAD
+from workers.pipeline.readahead import DEFAULT_DEPTH
 from workers.tasks.common import AggregationError, blob_loader, sessions
 from workers.tasks.plan import (
     COMBINE_STARTED,
@@ -162,7 +162,7 @@ def partial_round(
                 limits=config.decode_limits,
                 folder=folder,
                 after_each=(lambda _u: time.sleep(delay)) if delay > 0 else None,
-                decode_ahead=DECODE_AHEAD,
+                decode_ahead=DEFAULT_DEPTH,
             )
         except StrategyError as e:
             raise AggregationError(str(e)) from e
