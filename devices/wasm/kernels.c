@@ -48,11 +48,10 @@ INLINE vf vsplat(float x) { return wasm_f32x4_splat(x); }
 INLINE vf vadd(vf a, vf b) { return wasm_f32x4_add(a, b); }
 INLINE vf vsub(vf a, vf b) { return wasm_f32x4_sub(a, b); }
 INLINE vf vmul(vf a, vf b) { return wasm_f32x4_mul(a, b); }
-#else /* native: the same width through vector extensions (VW 8 for a 256-bit comparison) */
-#ifndef VW
+#define VLANE(v, i) wasm_i32x4_shuffle(v, v, i, i, i, i) /* lane i in all four */
+#else /* native: the same width through GCC/clang vector extensions */
 #define VW 4
-#endif
-typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vf __attribute__((vector_size(16)));
 INLINE vf vload(const float *p) {
   vf v;
   __builtin_memcpy(&v, p, sizeof v);
@@ -67,6 +66,7 @@ INLINE vf vsplat(float x) {
 INLINE vf vadd(vf a, vf b) { return a + b; }
 INLINE vf vsub(vf a, vf b) { return a - b; }
 INLINE vf vmul(vf a, vf b) { return a * b; }
+#define VLANE(v, i) __builtin_shufflevector(v, v, i, i, i, i)
 #endif
 
 /* ---- memory: a bump allocator over the module's own linear memory ---------------------- */
@@ -121,7 +121,10 @@ static double fm_exp(double x) {
   int64_t k = (int64_t)kf;
   /* 2^k by building the double's exponent; split so that k near -1022 stays normal. */
   double scale = 1.0;
-  while (k < -1000) { scale *= 0x1p-1000; k += 1000; }
+  if (k < -1000) { /* x >= -745 bounds k below by -1075: one split is enough */
+    scale = 0x1p-1000;
+    k += 1000;
+  }
   union { double d; uint64_t u; } two_k = {.u = (uint64_t)(k + 1023) << 52};
   return sum * two_k.d * scale;
 }
@@ -141,76 +144,152 @@ static double fm_log(double x) { /* x > 0 */
 
 /* ---- GEMM: C (M, N) = [C +] A (M, K) B (K, N) ------------------------------------------ */
 
-/* A[m, k] is a[m * ars + k * aks] (any layout, so that A can be a transpose in place); B
- * and C are row-major with row strides ldb and ldc. */
-#define MR 4        /* rows of C per register tile */
-#define NR (2 * VW) /* columns of C per register tile: two vectors */
-#define KC 128      /* k per panel: a KC x NC panel of B (<= 128 KiB) stays in L2 */
+/* A[m, k] is a[m * ams + k * aks] and B[k, n] is b[k * bks + n * bns] (any layout, so that
+ * transposes are read in place); C is row-major with row stride ldc.
+ * Blocking as in GotoBLAS: for each KC x NC panel of B, a register tile of MR x NR of C
+ * accumulates over the panel's k while the panel stays in cache. The tile reads A's MR
+ * rows at one k as one vector and B's NR columns at one k as two: operands that are not
+ * laid out so (a transposed A or B, or a ragged edge) are first packed into that layout,
+ * padded with zeros; an edge tile of C goes through a scratch tile. Each C element is
+ * summed over k in order, as a plain loop would, so blocking changes no result. */
+#define MR 4        /* rows of C per register tile: one vector of A */
+#define NR (2 * VW) /* columns of C per register tile: two vectors of B */
+#define KC 128
 #define NC 256
 
-/* One tile of C: rows [0, mr) x vectors [0, nv) from k = 0..kc. mr and nv are constants
- * where it is inlined, so the accumulators live in registers. */
-INLINE void tile(const int mr, const int nv, int kc, const float *restrict a, int ars, int aks,
-                 const float *restrict b, int ldb, float *restrict c, int ldc, int load) {
-  vf acc[MR][2];
-  for (int r = 0; r < mr; ++r)
-    for (int v = 0; v < nv; ++v) acc[r][v] = load ? vload(c + r * ldc + v * VW) : vsplat(0.0f);
-  for (int k = 0; k < kc; ++k) {
-    const float *bk = b + k * ldb;
-    vf bv[2];
-    for (int v = 0; v < nv; ++v) bv[v] = vload(bk + v * VW);
-    for (int r = 0; r < mr; ++r) {
-      const vf av = vsplat(a[r * ars + k * aks]);
-      for (int v = 0; v < nv; ++v) acc[r][v] = vadd(acc[r][v], vmul(av, bv[v]));
+static float packed_b[KC * NC] __attribute__((aligned(16)));
+static float packed_a[KC * MR] __attribute__((aligned(16)));
+
+/* B's panel (kc, nc) into NR-wide strips, each (kc, NR) row-major. Whole strips and
+ * slivers copy with constant trip counts (unrolled: no loop, so no runtime guard, per k). */
+static void pack_b(int kc, int nc, const float *restrict b, int bks, int bns) {
+  float *restrict out = packed_b;
+  for (int j = 0; j < nc; j += NR) {
+    const int w = nc - j < NR ? nc - j : NR;
+    const float *col = b + j * bns;
+    if (w == NR) {
+      for (int k = 0; k < kc; ++k, out += NR)
+        for (int q = 0; q < NR; ++q) out[q] = col[k * bks + q * bns];
+      continue;
+    }
+    for (int k = 0; k < kc; ++k, out += NR) {
+      int q = 0;
+      for (; q < w; ++q) out[q] = col[k * bks + q * bns];
+      for (; q < NR; ++q) out[q] = 0.0f;
     }
   }
-  for (int r = 0; r < mr; ++r)
-    for (int v = 0; v < nv; ++v) vstore(c + r * ldc + v * VW, acc[r][v]);
 }
 
-/* Columns past the last whole vector, one at a time, in the same order of k. */
-static void tile_tail(int mr, int nr, int kc, const float *restrict a, int ars, int aks,
-                      const float *restrict b, int ldb, float *restrict c, int ldc, int load) {
-  for (int r = 0; r < mr; ++r)
-    for (int j = 0; j < nr; ++j) {
-      float s = load ? c[r * ldc + j] : 0.0f;
-      for (int k = 0; k < kc; ++k) s += a[r * ars + k * aks] * b[k * ldb + j];
-      c[r * ldc + j] = s;
-    }
+/* A's sliver (mr, kc) into (kc, MR) row-major: MR rows at one k side by side. */
+static void pack_a(int mr, int kc, const float *restrict a, int ams, int aks) {
+  float *restrict out = packed_a;
+  if (mr == MR) {
+    for (int k = 0; k < kc; ++k, out += MR)
+      for (int r = 0; r < MR; ++r) out[r] = a[r * ams + k * aks];
+    return;
+  }
+  for (int k = 0; k < kc; ++k, out += MR) {
+    int r = 0;
+    for (; r < mr; ++r) out[r] = a[r * ams + k * aks];
+    for (; r < MR; ++r) out[r] = 0.0f;
+  }
 }
 
-#define TILE_ROWS(mr)                                                                       \
-  do {                                                                                      \
-    int j = 0;                                                                              \
-    for (; j + NR <= nc; j += NR) tile(mr, 2, kc, ap, ars, aks, bp + j, ldb, cp + j, ldc, load); \
-    if (j + VW <= nc) {                                                                     \
-      tile(mr, 1, kc, ap, ars, aks, bp + j, ldb, cp + j, ldc, load);                        \
-      j += VW;                                                                              \
-    }                                                                                       \
-    if (j < nc) tile_tail(mr, nc - j, kc, ap, ars, aks, bp + j, ldb, cp + j, ldc, load);    \
+/* One k of a tile: A's MR rows at this k are one vector, each broadcast from its lane. */
+#define MICRO_STEP()                                                                  \
+  do {                                                                                \
+    const vf av = vload(ap);                                                          \
+    const vf b0 = vload(bp), b1 = vload(bp + VW);                                     \
+    vf s = VLANE(av, 0);                                                              \
+    acc[0][0] = vadd(acc[0][0], vmul(s, b0));                                         \
+    acc[0][1] = vadd(acc[0][1], vmul(s, b1));                                         \
+    s = VLANE(av, 1);                                                                 \
+    acc[1][0] = vadd(acc[1][0], vmul(s, b0));                                         \
+    acc[1][1] = vadd(acc[1][1], vmul(s, b1));                                         \
+    s = VLANE(av, 2);                                                                 \
+    acc[2][0] = vadd(acc[2][0], vmul(s, b0));                                         \
+    acc[2][1] = vadd(acc[2][1], vmul(s, b1));                                         \
+    s = VLANE(av, 3);                                                                 \
+    acc[3][0] = vadd(acc[3][0], vmul(s, b0));                                         \
+    acc[3][1] = vadd(acc[3][1], vmul(s, b1));                                         \
+    ap += as;                                                                         \
+    bp += bs;                                                                         \
   } while (0)
 
-static void gemm(int M, int N, int K, const float *restrict a, int ars, int aks,
-                 const float *restrict b, int ldb, float *restrict c, int ldc, int accumulate) {
+/* c (MR, NR) = [c +] A (MR rows a vector at ap, as floats apart per k) x B (NR columns at
+ * bp, bs floats apart per k), k = 0..kc. Unrolled by two: Cranelift computes a loop
+ * body's arithmetic after all its loads, so a longer body would keep every step's
+ * operands live at once and spill past x86's 16 vector registers (8 accumulators + 6
+ * operands fit); a runtime's guard at each loop header (wasmtime's epoch or fuel check,
+ * whose slow path is a call) is paid once per two steps. */
+#ifndef UNROLL
+#define UNROLL 3
+#endif
+INLINE void micro(int kc, const float *restrict ap, int as, const float *restrict bp, int bs,
+                  float *restrict c, int ldc, int load) {
+  vf acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = load ? vload(c + r * ldc) : vsplat(0.0f);
+    acc[r][1] = load ? vload(c + r * ldc + VW) : vsplat(0.0f);
+  }
+  int k = 0;
+#ifdef __clang__
+#pragma clang loop unroll(disable)
+#endif
+  for (; k + UNROLL <= kc; k += UNROLL) {
+    MICRO_STEP();
+    MICRO_STEP();
+#if UNROLL > 2
+    MICRO_STEP();
+#endif
+#if UNROLL > 3
+    MICRO_STEP();
+#endif
+  }
+#pragma clang loop unroll(disable)
+  for (; k < kc; ++k) MICRO_STEP();
+  for (int r = 0; r < MR; ++r) {
+    vstore(c + r * ldc, acc[r][0]);
+    vstore(c + r * ldc + VW, acc[r][1]);
+  }
+}
+
+static void gemm(int M, int N, int K, const float *restrict a, int ams, int aks,
+                 const float *restrict b, int bks, int bns, float *restrict c, int ldc,
+                 int accumulate) {
+  float edge[MR * NR] __attribute__((aligned(16)));
+  /* B is read in place when its rows are contiguous and whole tiles cover them. */
+  const int direct_b = bns == 1 && N % NR == 0;
   for (int k0 = 0; k0 < K; k0 += KC) {
     const int kc = K - k0 < KC ? K - k0 : KC;
     const int load = accumulate || k0 > 0;
     for (int j0 = 0; j0 < N; j0 += NC) {
       const int nc = N - j0 < NC ? N - j0 : NC;
-      const float *bp = b + k0 * ldb + j0;
-      int i = 0;
-      for (; i + MR <= M; i += MR) {
-        const float *ap = a + i * ars + k0 * aks;
-        float *cp = c + i * ldc + j0;
-        TILE_ROWS(MR);
-      }
-      const float *ap = a + i * ars + k0 * aks;
-      float *cp = c + i * ldc + j0;
-      switch (M - i) {
-        case 3: TILE_ROWS(3); break;
-        case 2: TILE_ROWS(2); break;
-        case 1: TILE_ROWS(1); break;
-        default: break;
+      const float *panel = b + k0 * bks + j0 * bns;
+      if (!direct_b) pack_b(kc, nc, panel, bks, bns);
+      for (int i = 0; i < M; i += MR) {
+        const int mr = M - i < MR ? M - i : MR;
+        const float *ai = a + i * ams + k0 * aks;
+        /* A is read in place when its MR rows at one k are contiguous (A = a transpose). */
+        const int direct_a = ams == 1 && mr == MR;
+        if (!direct_a) pack_a(mr, kc, ai, ams, aks);
+        const float *ap = direct_a ? ai : packed_a;
+        const int as = direct_a ? aks : MR;
+        float *ci = c + i * ldc + j0;
+        for (int j = 0; j < nc; j += NR) {
+          const float *bp = direct_b ? panel + j : packed_b + j * kc;
+          const int bs = direct_b ? bks : NR;
+          const int nr = nc - j < NR ? nc - j : NR;
+          if (mr == MR && nr == NR) {
+            micro(kc, ap, as, bp, bs, ci + j, ldc, load);
+            continue;
+          }
+          for (int r = 0; r < mr; ++r)
+            for (int q = 0; q < nr; ++q) edge[r * NR + q] = load ? ci[r * ldc + j + q] : 0.0f;
+          micro(kc, ap, as, bp, bs, edge, NR, 1);
+          for (int r = 0; r < mr; ++r)
+            for (int q = 0; q < nr; ++q) ci[r * ldc + j + q] = edge[r * NR + q];
+        }
       }
     }
   }
@@ -218,25 +297,13 @@ static void gemm(int M, int N, int K, const float *restrict a, int ars, int aks,
 
 /* ---- kernels --------------------------------------------------------------------------- */
 
-/* dst (cols, rows) = src (rows, cols).T, in square blocks so both sides stay in cache. */
-static void transpose(const float *restrict src, float *restrict dst, int rows, int cols) {
-  enum { B = 16 };
-  for (int r0 = 0; r0 < rows; r0 += B)
-    for (int c0 = 0; c0 < cols; c0 += B) {
-      const int r1 = r0 + B < rows ? r0 + B : rows, c1 = c0 + B < cols ? c0 + B : cols;
-      for (int r = r0; r < r1; ++r)
-        for (int q = c0; q < c1; ++q) dst[q * rows + r] = src[r * cols + q];
-    }
-}
-
-/* y (n, out) = x (n, in) @ w.T + b, with w (out, in); wt is scratch (in, out). */
+/* y (n, out) = x (n, in) @ w.T + b, with w (out, in), read transposed as it is packed. */
 EXPORT("dense_forward")
 void dense_forward(const float *restrict x, const float *restrict w, const float *restrict b,
-                   float *restrict y, float *restrict wt, int n, int in, int out) {
-  transpose(w, wt, out, in);
+                   float *restrict y, int n, int in, int out) {
   for (int i = 0; i < n; ++i)
     for (int o = 0; o < out; ++o) y[i * out + o] = b[o];
-  gemm(n, out, in, x, in, 1, wt, out, y, out, 1);
+  gemm(n, out, in, x, in, 1, w, 1, in, y, out, 1);
 }
 
 /* From dy (n, out): gw (out, in) = dy.T @ x, gb (out) = sum dy, dx (n, in) = dy @ w
@@ -248,8 +315,8 @@ void dense_backward(const float *restrict x, const float *restrict w, const floa
   for (int o = 0; o < out; ++o) gb[o] = 0.0f;
   for (int i = 0; i < n; ++i)
     for (int o = 0; o < out; ++o) gb[o] += dy[i * out + o];
-  gemm(out, in, n, dy, 1, out, x, in, gw, in, 0); /* A = dy.T, read in place */
-  if (dx) gemm(n, in, out, dy, out, 1, w, in, dx, in, 0);
+  gemm(out, in, n, dy, 1, out, x, in, 1, gw, in, 0); /* A = dy.T, read in place */
+  if (dx) gemm(n, in, out, dy, out, 1, w, in, 1, dx, in, 0);
 }
 
 EXPORT("relu_forward") void relu_forward(float *restrict y, int count) {
@@ -268,6 +335,8 @@ void relu_backward(const float *restrict y, float *restrict dy, int count) {
 EXPORT("softmax_xent")
 double softmax_xent(const float *restrict z, const int32_t *restrict labels, float *restrict dz,
                     int n, int c, int32_t *restrict correct) {
+  enum { KEEP = 1024 }; /* up to this many classes, each exp is computed once */
+  static double e[KEEP];
   double total = 0.0;
   int32_t hits = 0;
   for (int i = 0; i < n; ++i) {
@@ -278,13 +347,17 @@ double softmax_xent(const float *restrict z, const int32_t *restrict labels, flo
       if (zi[j] > zi[arg]) arg = j;
     const double m = zi[arg];
     double sum = 0.0;
-    for (int j = 0; j < c; ++j) sum += fm_exp((double)zi[j] - m);
+    for (int j = 0; j < c; ++j) {
+      const double ej = fm_exp((double)zi[j] - m);
+      if (j < KEEP) e[j] = ej;
+      sum += ej;
+    }
     const int y = labels[i];
     total += m + fm_log(sum) - (double)zi[y];
     hits += arg == y;
     const double inv = 1.0 / sum;
     for (int j = 0; j < c; ++j) {
-      const double p = fm_exp((double)zi[j] - m) * inv;
+      const double p = (j < KEEP ? e[j] : fm_exp((double)zi[j] - m)) * inv;
       dzi[j] = (float)((p - (j == y ? 1.0 : 0.0)) / n);
     }
   }
@@ -330,7 +403,7 @@ typedef struct {
   float *params, *grads, *velocity, *anchor, *x;
   int32_t *labels;
   float *acts[MAX_LAYERS]; /* output of layer l (after ReLU but for the last) */
-  float *delta_a, *delta_b, *wt;
+  float *delta_a, *delta_b;
 } mlp_t;
 
 static uintptr_t falloc(uint32_t floats) { return fm_alloc(floats * 4u); }
@@ -342,16 +415,13 @@ EXPORT("mlp_create") uintptr_t mlp_create(int layers, const int32_t *widths, int
   if (!m) return 0;
   m->layers = layers;
   m->max_batch = max_batch;
-  int32_t params = 0, widest = 0, widest_w = 0;
+  int32_t params = 0, widest = 0;
   for (int l = 0; l <= layers; ++l) {
     if (widths[l] < 1) return 0;
     m->widths[l] = widths[l];
     if (widths[l] > widest) widest = widths[l];
   }
-  for (int l = 0; l < layers; ++l) {
-    params += widths[l + 1] * widths[l] + widths[l + 1];
-    if (widths[l + 1] * widths[l] > widest_w) widest_w = widths[l + 1] * widths[l];
-  }
+  for (int l = 0; l < layers; ++l) params += widths[l + 1] * widths[l] + widths[l + 1];
   m->num_params = params;
   m->max_width = widest;
   if (!(m->params = (float *)falloc(params)) || !(m->grads = (float *)falloc(params)) ||
@@ -359,7 +429,7 @@ EXPORT("mlp_create") uintptr_t mlp_create(int layers, const int32_t *widths, int
       !(m->x = (float *)falloc(max_batch * widths[0])) ||
       !(m->labels = (int32_t *)falloc(max_batch)) ||
       !(m->delta_a = (float *)falloc(max_batch * widest)) ||
-      !(m->delta_b = (float *)falloc(max_batch * widest)) || !(m->wt = (float *)falloc(widest_w)))
+      !(m->delta_b = (float *)falloc(max_batch * widest)))
     return 0;
   for (int l = 0; l < layers; ++l)
     if (!(m->acts[l] = (float *)falloc(max_batch * widths[l + 1]))) return 0;
@@ -390,7 +460,7 @@ EXPORT("mlp_forward_backward") double mlp_forward_backward(mlp_t *m, int n) {
   const float *in = m->x;
   float *p = m->params;
   for (int l = 0; l < m->layers; ++l) {
-    dense_forward(in, p, p + w[l + 1] * w[l], m->acts[l], m->wt, n, w[l], w[l + 1]);
+    dense_forward(in, p, p + w[l + 1] * w[l], m->acts[l], n, w[l], w[l + 1]);
     if (l + 1 < m->layers) relu_forward(m->acts[l], n * w[l + 1]);
     in = m->acts[l];
     p += w[l + 1] * w[l] + w[l + 1];
