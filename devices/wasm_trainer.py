@@ -2,11 +2,12 @@
 
 Everything but the arithmetic is ``LocalTrainer``'s: the partition, the delta, its encoding
 and error feedback. The arithmetic is ``devices/wasm/kernels.wasm`` in the wasmtime sandbox
-of ``devices.wasm_runtime``, fed the very batches ``learning.train.train_local`` would use
-(the partition is copied into the module once; an epoch is a few exported calls of
-``WasmMLP.train_epoch``, which gathers the batches in the module): the shuffle order of each epoch is ``torch.randperm`` on a generator seeded with the round's
+of ``devices.wasm_runtime``, fed the very batches ``learning.train.train_local`` would use:
+the shuffle order of each epoch is ``torch.randperm`` on a generator seeded with the round's
 client seed, and the momentum buffer starts at zero every round (a fresh optimizer). So a
-WASM device computes what a PyTorch device computes, up to float rounding.
+WASM device computes what a PyTorch device computes, up to float rounding. The partition is
+copied into the module once; an epoch is then a few exported calls
+(``WasmMLP.train_epoch``), the module gathering each batch itself.
 
 Only ``learning.models.MLP`` (Linear/ReLU) models run here; others are refused at start.
 """

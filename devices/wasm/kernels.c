@@ -49,6 +49,7 @@ INLINE vf vadd(vf a, vf b) { return wasm_f32x4_add(a, b); }
 INLINE vf vsub(vf a, vf b) { return wasm_f32x4_sub(a, b); }
 INLINE vf vmul(vf a, vf b) { return wasm_f32x4_mul(a, b); }
 #define VLANE(v, i) wasm_i32x4_shuffle(v, v, i, i, i, i) /* lane i in all four */
+#define VSHUF(a, b, i, j, k, l) wasm_i32x4_shuffle(a, b, i, j, k, l) /* lanes of a then b */
 #else /* native: the same width through GCC/clang vector extensions */
 #define VW 4
 typedef float vf __attribute__((vector_size(16)));
@@ -67,6 +68,7 @@ INLINE vf vadd(vf a, vf b) { return a + b; }
 INLINE vf vsub(vf a, vf b) { return a - b; }
 INLINE vf vmul(vf a, vf b) { return a * b; }
 #define VLANE(v, i) __builtin_shufflevector(v, v, i, i, i, i)
+#define VSHUF(a, b, i, j, k, l) __builtin_shufflevector(a, b, i, j, k, l)
 #endif
 
 /* ---- memory: a bump allocator over the module's own linear memory ---------------------- */
@@ -160,6 +162,16 @@ static double fm_log(double x) { /* x > 0 */
 static float packed_b[KC * NC] __attribute__((aligned(16)));
 static float packed_a[KC * MR] __attribute__((aligned(16)));
 
+/* Rows r0..r3 (4 floats each) written as columns: dst[i * ld + j] = r_j[i]. */
+INLINE void transpose4(vf r0, vf r1, vf r2, vf r3, float *dst, int ld) {
+  const vf t0 = VSHUF(r0, r1, 0, 4, 1, 5), t1 = VSHUF(r0, r1, 2, 6, 3, 7);
+  const vf t2 = VSHUF(r2, r3, 0, 4, 1, 5), t3 = VSHUF(r2, r3, 2, 6, 3, 7);
+  vstore(dst, VSHUF(t0, t2, 0, 1, 4, 5));
+  vstore(dst + ld, VSHUF(t0, t2, 2, 3, 6, 7));
+  vstore(dst + 2 * ld, VSHUF(t1, t3, 0, 1, 4, 5));
+  vstore(dst + 3 * ld, VSHUF(t1, t3, 2, 3, 6, 7));
+}
+
 /* B's panel (kc, nc) into NR-wide strips, each (kc, NR) row-major. Whole strips and
  * slivers copy with constant trip counts (unrolled: no loop, so no runtime guard, per k). */
 static void pack_b(int kc, int nc, const float *restrict b, int bks, int bns) {
@@ -167,6 +179,15 @@ static void pack_b(int kc, int nc, const float *restrict b, int bks, int bns) {
   for (int j = 0; j < nc; j += NR) {
     const int w = nc - j < NR ? nc - j : NR;
     const float *col = b + j * bns;
+    if (w == NR && bks == 1 && kc % 4 == 0) { /* B = a transpose: 4 x 4 blocks in vectors */
+      for (int k = 0; k < kc; k += 4, out += 4 * NR)
+        for (int h = 0; h < NR; h += 4) {
+          const float *src = col + k + h * bns;
+          transpose4(vload(src), vload(src + bns), vload(src + 2 * bns), vload(src + 3 * bns),
+                     out + h, NR);
+        }
+      continue;
+    }
     if (w == NR) {
       for (int k = 0; k < kc; ++k, out += NR)
         for (int q = 0; q < NR; ++q) out[q] = col[k * bks + q * bns];
@@ -183,6 +204,12 @@ static void pack_b(int kc, int nc, const float *restrict b, int bks, int bns) {
 /* A's sliver (mr, kc) into (kc, MR) row-major: MR rows at one k side by side. */
 static void pack_a(int mr, int kc, const float *restrict a, int ams, int aks) {
   float *restrict out = packed_a;
+  if (mr == MR && aks == 1 && kc % 4 == 0) { /* rows contiguous in k: 4 x 4 transposes */
+    for (int k = 0; k < kc; k += 4, out += 4 * MR)
+      transpose4(vload(a + k), vload(a + ams + k), vload(a + 2 * ams + k),
+                 vload(a + 3 * ams + k), out, MR);
+    return;
+  }
   if (mr == MR) {
     for (int k = 0; k < kc; ++k, out += MR)
       for (int r = 0; r < MR; ++r) out[r] = a[r * ams + k * aks];
