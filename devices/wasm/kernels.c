@@ -50,6 +50,8 @@ INLINE vf vsub(vf a, vf b) { return wasm_f32x4_sub(a, b); }
 INLINE vf vmul(vf a, vf b) { return wasm_f32x4_mul(a, b); }
 #define VLANE(v, i) wasm_i32x4_shuffle(v, v, i, i, i, i) /* lane i in all four */
 #define VSHUF(a, b, i, j, k, l) wasm_i32x4_shuffle(a, b, i, j, k, l) /* lanes of a then b */
+/* d where y > 0, else +0 (also where y is NaN, as the scalar y > 0 ? d : 0) */
+INLINE vf vwhere_pos(vf y, vf d) { return wasm_v128_and(d, wasm_f32x4_gt(y, vsplat(0.0f))); }
 #else /* native: the same width through GCC/clang vector extensions */
 #define VW 4
 typedef float vf __attribute__((vector_size(16)));
@@ -69,6 +71,8 @@ INLINE vf vsub(vf a, vf b) { return a - b; }
 INLINE vf vmul(vf a, vf b) { return a * b; }
 #define VLANE(v, i) __builtin_shufflevector(v, v, i, i, i, i)
 #define VSHUF(a, b, i, j, k, l) __builtin_shufflevector(a, b, i, j, k, l)
+typedef int32_t vi __attribute__((vector_size(16)));
+INLINE vf vwhere_pos(vf y, vf d) { return (vf)((vi)d & (vi)(y > vsplat(0.0f))); }
 #endif
 
 /* ---- memory: a bump allocator over the module's own linear memory ---------------------- */
@@ -252,7 +256,7 @@ static void pack_a(int mr, int kc, const float *restrict a, int ams, int aks) {
 #ifndef UNROLL
 #define UNROLL 3
 #endif
-INLINE void micro(int kc, const float *restrict ap, int as, const float *restrict bp, int bs,
+static __attribute__((noinline)) void micro(int kc, const float *restrict ap, int as, const float *restrict bp, int bs,
                   float *restrict c, int ldc, int load) {
   vf acc[MR][2];
   for (int r = 0; r < MR; ++r) {
@@ -273,7 +277,9 @@ INLINE void micro(int kc, const float *restrict ap, int as, const float *restric
     MICRO_STEP();
 #endif
   }
+#ifdef __clang__
 #pragma clang loop unroll(disable)
+#endif
   for (; k < kc; ++k) MICRO_STEP();
   for (int r = 0; r < MR; ++r) {
     vstore(c + r * ldc, acc[r][0]);
@@ -346,14 +352,22 @@ void dense_backward(const float *restrict x, const float *restrict w, const floa
   if (dx) gemm(n, in, out, dy, out, 1, w, in, 1, dx, in, 0);
 }
 
+/* Vectorised by hand: clang compiles the scalar select to a branch per element. */
 EXPORT("relu_forward") void relu_forward(float *restrict y, int count) {
-  for (int j = 0; j < count; ++j) y[j] = y[j] > 0.0f ? y[j] : 0.0f;
+  int j = 0;
+  for (; j + VW <= count; j += VW) {
+    const vf v = vload(y + j);
+    vstore(y + j, vwhere_pos(v, v));
+  }
+  for (; j < count; ++j) y[j] = y[j] > 0.0f ? y[j] : 0.0f;
 }
 
 /* dy *= (y > 0), y being ReLU's output (y > 0 exactly where its input was). */
 EXPORT("relu_backward")
 void relu_backward(const float *restrict y, float *restrict dy, int count) {
-  for (int j = 0; j < count; ++j) dy[j] = y[j] > 0.0f ? dy[j] : 0.0f;
+  int j = 0;
+  for (; j + VW <= count; j += VW) vstore(dy + j, vwhere_pos(vload(y + j), vload(dy + j)));
+  for (; j < count; ++j) dy[j] = y[j] > 0.0f ? dy[j] : 0.0f;
 }
 
 /* Mean cross-entropy of logits z (n, c) against labels; dz = (softmax(z) - onehot) / n.
@@ -392,23 +406,52 @@ double softmax_xent(const float *restrict z, const int32_t *restrict labels, flo
   return total / n;
 }
 
+/* One vector of the update; the flags are constants where it is inlined. */
+INLINE void sgd_vec(const int has_anchor, const int has_decay, const int has_momentum,
+                    float *restrict p, const float *restrict g, float *restrict v,
+                    const float *restrict anchor, vf lr, vf momentum, vf decay, vf mu) {
+  const vf pj = vload(p);
+  vf gj = vload(g);
+  if (has_anchor) gj = vadd(gj, vmul(mu, vsub(pj, vload(anchor))));
+  if (has_decay) gj = vadd(gj, vmul(decay, pj));
+  const vf vj = has_momentum ? vadd(vmul(momentum, vload(v)), gj) : gj;
+  vstore(v, vj);
+  vstore(p, vsub(pj, vmul(lr, vj)));
+}
+
+/* The vector part of the update, specialised per flag combination: a test inside the loop
+ * would be one more branch per vector, and keeps the broadcast constants off registers. */
+INLINE int sgd_body(const int has_anchor, const int has_decay, const int has_momentum,
+                    float *restrict p, const float *restrict g, float *restrict v,
+                    const float *restrict anchor, int count, float lr, float momentum,
+                    float weight_decay, float proximal_mu) {
+  const vf lr_v = vsplat(lr), mom_v = vsplat(momentum), wd_v = vsplat(weight_decay),
+           mu_v = vsplat(proximal_mu);
+  int j = 0;
+  for (; j + 2 * VW <= count; j += 2 * VW) {
+    sgd_vec(has_anchor, has_decay, has_momentum, p + j, g + j, v + j, anchor + j, lr_v, mom_v,
+            wd_v, mu_v);
+    sgd_vec(has_anchor, has_decay, has_momentum, p + j + VW, g + j + VW, v + j + VW,
+            anchor + j + VW, lr_v, mom_v, wd_v, mu_v);
+  }
+  return j;
+}
+
 /* torch.optim.SGD's update, with the FedProx term when anchor is given. */
 EXPORT("sgd_momentum")
 void sgd_momentum(float *restrict p, const float *restrict g, float *restrict v,
                   const float *restrict anchor, int count, float lr, float momentum,
                   float weight_decay, float proximal_mu) {
-  const vf lr_v = vsplat(lr), mom_v = vsplat(momentum), wd_v = vsplat(weight_decay),
-           mu_v = vsplat(proximal_mu);
-  int j = 0;
-  for (; j + VW <= count; j += VW) {
-    const vf pj = vload(p + j);
-    vf gj = vload(g + j);
-    if (anchor) gj = vadd(gj, vmul(mu_v, vsub(pj, vload(anchor + j))));
-    if (weight_decay != 0.0f) gj = vadd(gj, vmul(wd_v, pj));
-    const vf vj = momentum != 0.0f ? vadd(vmul(mom_v, vload(v + j)), gj) : gj;
-    vstore(v + j, vj);
-    vstore(p + j, vsub(pj, vmul(lr_v, vj)));
-  }
+  const int a = anchor != 0, d = weight_decay != 0.0f, m = momentum != 0.0f;
+  const float *an = a ? anchor : g; /* never read without an anchor */
+#define SGD_CASE(A, D, M) \
+  sgd_body(A, D, M, p, g, v, an, count, lr, momentum, weight_decay, proximal_mu)
+  int j;
+  if (a)
+    j = d ? (m ? SGD_CASE(1, 1, 1) : SGD_CASE(1, 1, 0)) : (m ? SGD_CASE(1, 0, 1) : SGD_CASE(1, 0, 0));
+  else
+    j = d ? (m ? SGD_CASE(0, 1, 1) : SGD_CASE(0, 1, 0)) : (m ? SGD_CASE(0, 0, 1) : SGD_CASE(0, 0, 0));
+#undef SGD_CASE
   for (; j < count; ++j) {
     float gj = g[j];
     if (anchor) gj += proximal_mu * (p[j] - anchor[j]);
