@@ -352,13 +352,15 @@ void dense_backward(const float *restrict x, const float *restrict w, const floa
   if (dx) gemm(n, in, out, dy, out, 1, w, in, 1, dx, in, 0);
 }
 
-/* Vectorised by hand: clang compiles the scalar select to a branch per element. */
+/* Vectorised by hand (clang compiles the scalar select to a branch per element), four
+ * vectors a turn so that a runtime's per-iteration guard is paid once per 16 floats. */
 EXPORT("relu_forward") void relu_forward(float *restrict y, int count) {
   int j = 0;
-  for (; j + VW <= count; j += VW) {
-    const vf v = vload(y + j);
-    vstore(y + j, vwhere_pos(v, v));
-  }
+  for (; j + 4 * VW <= count; j += 4 * VW)
+    for (int u = 0; u < 4 * VW; u += VW) {
+      const vf v = vload(y + j + u);
+      vstore(y + j + u, vwhere_pos(v, v));
+    }
   for (; j < count; ++j) y[j] = y[j] > 0.0f ? y[j] : 0.0f;
 }
 
@@ -366,7 +368,9 @@ EXPORT("relu_forward") void relu_forward(float *restrict y, int count) {
 EXPORT("relu_backward")
 void relu_backward(const float *restrict y, float *restrict dy, int count) {
   int j = 0;
-  for (; j + VW <= count; j += VW) vstore(dy + j, vwhere_pos(vload(y + j), vload(dy + j)));
+  for (; j + 4 * VW <= count; j += 4 * VW)
+    for (int u = 0; u < 4 * VW; u += VW)
+      vstore(dy + j + u, vwhere_pos(vload(y + j + u), vload(dy + j + u)));
   for (; j < count; ++j) dy[j] = y[j] > 0.0f ? dy[j] : 0.0f;
 }
 
