@@ -10,8 +10,11 @@ surfaces as a ``WasmError`` with a reason.
 
 ``WasmMLP`` drives ``devices/wasm/kernels.wasm``: weights, batches and labels are copied into
 the module's memory, one exported call runs forward, fused softmax cross-entropy, backward
-and the SGD-with-momentum update, and the weights are copied back out. Shapes and layouts
-follow ``learning.models.MLP`` (``net.<i>.weight`` (out, in), ``net.<i>.bias``).
+and the SGD-with-momentum update, and the weights are copied back out. ``train_epoch`` holds
+the whole data set in module memory and runs up to ``steps_per_call`` steps per exported
+call (the module gathers each batch itself), so the host's per-call costs and the runaway
+guard's per-call set-up are paid once per many steps. Shapes and layouts follow
+``learning.models.MLP`` (``net.<i>.weight`` (out, in), ``net.<i>.bias``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ import wasmtime
 from devices.wasm import MODULE_PATH
 
 DEFAULT_MEMORY_CAP = 256 * 1024 * 1024
-DEFAULT_TIME_LIMIT_S = 30.0  # one exported call (one training step) may run this long
+DEFAULT_TIME_LIMIT_S = 30.0  # one exported call (up to STEPS_PER_CALL steps) may run this long
+# Steps one exported call of train_epoch runs: a digits step is ~0.1 ms, a 784-256-10 one
+# ~5 ms, so a call stays far below the time limit and the per-call cost (~10 µs) vanishes.
+STEPS_PER_CALL = 64
 EPOCH_TICK_S = 0.01
 
 
@@ -172,11 +178,17 @@ class WasmMLP:
         *,
         limits: SandboxLimits | None = None,
         wasm: bytes | None = None,
+        steps_per_call: int = STEPS_PER_CALL,
     ) -> None:
         if len(widths) < 2:
             raise ValueError("an MLP needs at least an input and an output width")
         self.widths = [int(w) for w in widths]
         self.max_batch = int(max_batch)
+        if steps_per_call < 1:
+            raise ValueError("steps_per_call must be at least 1")
+        self.steps_per_call = int(steps_per_call)
+        self._data: tuple[int, int, int, int] | None = None  # x, labels, order; capacity
+        self._rows_loaded = 0
         self.sandbox = Sandbox(wasm if wasm is not None else MODULE_PATH.read_bytes(), limits)
         sb = self.sandbox
         sb.call("fm_reset")
@@ -242,16 +254,21 @@ class WasmMLP:
 
     # -- steps --------------------------------------------------------------------------
 
+    def _rows(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(y)
+        xs = np.asarray(x, dtype=np.float32).reshape(n, -1 if n else self.widths[0])
+        if xs.shape[1] != self.widths[0]:
+            raise ValueError(f"rows of {xs.shape[1]} features; this model takes {self.widths[0]}")
+        labels = np.asarray(y, dtype=np.int32)
+        if n and (labels.min() < 0 or labels.max() >= self.widths[-1]):
+            raise ValueError(f"labels must be within 0..{self.widths[-1] - 1}")
+        return xs, labels
+
     def _load_batch(self, x: np.ndarray, y: np.ndarray) -> int:
         n = len(y)
         if not 0 < n <= self.max_batch:
             raise ValueError(f"batch of {n} rows; this model takes 1..{self.max_batch}")
-        xs = np.asarray(x, dtype=np.float32).reshape(n, -1)
-        if xs.shape[1] != self.widths[0]:
-            raise ValueError(f"rows of {xs.shape[1]} features; this model takes {self.widths[0]}")
-        labels = np.asarray(y, dtype=np.int32)
-        if labels.min() < 0 or labels.max() >= self.widths[-1]:
-            raise ValueError(f"labels must be within 0..{self.widths[-1] - 1}")
+        xs, labels = self._rows(x, y)
         self.sandbox.write(self._ptr["x"], xs)
         self.sandbox.write(self._ptr["labels"], labels)
         return n
@@ -288,3 +305,79 @@ class WasmMLP:
         return StepResult(
             float(loss or 0.0), int(self.sandbox.call("mlp_correct", self.handle) or 0)
         )
+
+    # -- whole epochs -------------------------------------------------------------------
+
+    def load_data(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Copy a data set into module memory for ``train_epoch``. The module's allocator
+        does not free: a later, larger data set takes new memory (within the cap)."""
+        xs, labels = self._rows(x, y)
+        rows = len(labels)
+        if self._data is None or self._data[3] < rows:
+            self._data = (
+                self._alloc(max(xs.nbytes, 4)),
+                self._alloc(max(labels.nbytes, 4)),
+                self._alloc(max(4 * rows, 4)),
+                rows,
+            )
+        if rows:
+            self.sandbox.write(self._data[0], xs)
+            self.sandbox.write(self._data[1], labels)
+        self._rows_loaded = rows
+
+    def train_epoch(
+        self,
+        order: np.ndarray,
+        *,
+        batch_size: int,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        proximal_mu: float = 0.0,
+    ) -> StepResult:
+        """SGD over rows ``order`` of the loaded data, ``batch_size`` at a time (the last
+        batch may be shorter): what ``train_step`` on ``x[order[i:i + batch_size]]`` does
+        batch after batch, in ``steps_per_call`` steps per exported call. Returns the mean
+        loss over the rows and the rows predicted right (before each step's update)."""
+        if self._data is None:
+            raise WasmError("no data loaded: call load_data first")
+        if not 0 < batch_size <= self.max_batch:
+            raise ValueError(f"batch of {batch_size} rows; this model takes 1..{self.max_batch}")
+        x_ptr, y_ptr, order_ptr, capacity = self._data
+        rows = self._rows_loaded
+        idx = np.asarray(order, dtype=np.int64).reshape(-1)
+        count = len(idx)
+        if count > capacity:
+            raise ValueError(f"{count} indices; one epoch takes at most {capacity}")
+        if count and (idx.min() < 0 or idx.max() >= rows):
+            raise ValueError(f"order must index the {rows} loaded rows")
+        if count == 0:
+            return StepResult(float("nan"), 0)
+        self.sandbox.write(order_ptr, idx.astype(np.int32))
+        chunk = batch_size * self.steps_per_call
+        loss_sum, correct = 0.0, 0
+        for start in range(0, count, chunk):
+            n = min(chunk, count - start)
+            out = float(
+                self.sandbox.call(
+                    "mlp_train_steps",
+                    self.handle,
+                    x_ptr,
+                    y_ptr,
+                    rows,
+                    order_ptr + 4 * start,
+                    n,
+                    batch_size,
+                    float(lr),
+                    float(momentum),
+                    float(weight_decay),
+                    float(proximal_mu),
+                    int(proximal_mu > 0),
+                )
+                or 0.0
+            )
+            if out < 0:
+                raise WasmError("mlp_train_steps refused its arguments")
+            loss_sum += out
+            correct += int(self.sandbox.call("mlp_correct", self.handle) or 0)
+        return StepResult(loss_sum / count, correct)

@@ -5,7 +5,9 @@ and error feedback. The arithmetic is ``devices/wasm/kernels.wasm`` in the wasmt
 of ``devices.wasm_runtime``, fed the very batches ``learning.train.train_local`` would use:
 the shuffle order of each epoch is ``torch.randperm`` on a generator seeded with the round's
 client seed, and the momentum buffer starts at zero every round (a fresh optimizer). So a
-WASM device computes what a PyTorch device computes, up to float rounding.
+WASM device computes what a PyTorch device computes, up to float rounding. The partition is
+copied into the module once; an epoch is then a few exported calls
+(``WasmMLP.train_epoch``), the module gathering each batch itself.
 
 Only ``learning.models.MLP`` (Linear/ReLU) models run here; others are refused at start.
 """
@@ -59,6 +61,13 @@ class WasmTrainer(LocalTrainer):
     def _module(self, batch_size: int) -> WasmMLP:
         if self._wasm is None or self._wasm.max_batch < batch_size:
             self._wasm = WasmMLP(self.widths, batch_size, limits=self.sandbox_limits)
+            # The partition lives in module memory from now on: each epoch sends only its
+            # shuffle order, and the module gathers the batches itself.
+            n = self.num_samples
+            self._wasm.load_data(
+                np.ascontiguousarray(self.x, dtype=np.float32).reshape(n, self.widths[0]),
+                np.asarray(self.y, dtype=np.int32),
+            )
         return self._wasm
 
     def warm_up(self, batch: int = 8) -> float:
@@ -77,27 +86,21 @@ class WasmTrainer(LocalTrainer):
         wasm.reset_momentum()
         if settings.proximal_mu > 0:
             wasm.set_anchor(global_weights)
-        x = np.ascontiguousarray(self.x, dtype=np.float32).reshape(n, -1)
-        y = np.asarray(self.y, dtype=np.int32)
         shuffle = torch.Generator().manual_seed(
             client_seed(self.seed, round_number, self.client_index)
         )
         loss_sum, correct = float("nan"), 0
         for _ in range(max(settings.epochs, 0) if n else 0):
-            loss_sum, correct = 0.0, 0
             order = torch.randperm(n, generator=shuffle).numpy()
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                step = wasm.train_step(
-                    x[idx],
-                    y[idx],
-                    lr=settings.lr,
-                    momentum=settings.momentum,
-                    weight_decay=settings.weight_decay,
-                    proximal_mu=settings.proximal_mu,
-                )
-                loss_sum += step.loss * len(idx)
-                correct += step.correct
+            step = wasm.train_epoch(
+                order,
+                batch_size=bs,
+                lr=settings.lr,
+                momentum=settings.momentum,
+                weight_decay=settings.weight_decay,
+                proximal_mu=settings.proximal_mu,
+            )
+            loss_sum, correct = step.loss * n, step.correct
         trained = wasm.weights() if n and settings.epochs > 0 else dict(global_weights)
         load_numpy(self.model, trained)  # the torch twin stays in step (spec, inspection)
         metrics = {

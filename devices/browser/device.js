@@ -106,6 +106,10 @@ async function api(method, path, { body, headers = {}, raw = false } = {}) {
 
 // --- the module ---------------------------------------------------------------------------
 
+// Steps per exported call of trainEpoch: the module gathers each batch from the data set
+// held in its memory, so a call costs the page one crossing per this many steps.
+const STEPS_PER_CALL = 64;
+
 class WasmMLP {
   static async load(widths, maxBatch) {
     const { instance } = await WebAssembly.instantiateStreaming(
@@ -116,6 +120,7 @@ class WasmMLP {
     this.ex = ex;
     this.widths = widths;
     this.maxBatch = maxBatch;
+    this.data = null; // {x, y, order, rows}: pointers into module memory
     ex.fm_reset();
     const wp = ex.fm_alloc(4 * widths.length);
     new Int32Array(ex.memory.buffer, wp, widths.length).set(widths);
@@ -124,14 +129,39 @@ class WasmMLP {
     this.numParams = ex.mlp_num_params(this.h);
   }
   f32(ptr, n) { return new Float32Array(this.ex.memory.buffer, ptr, n); }
+  alloc(bytes) {
+    const ptr = this.ex.fm_alloc(Math.max(bytes, 4));
+    if (!ptr) throw new Error("out of module memory");
+    return ptr;
+  }
   setWeights(flat) { this.f32(this.ex.mlp_params(this.h), this.numParams).set(flat); }
   weights() { return this.f32(this.ex.mlp_params(this.h), this.numParams).slice(); }
-  step(x, y, n, s) {
-    const feat = this.widths[0];
-    this.f32(this.ex.mlp_x(this.h), n * feat).set(x);
-    new Int32Array(this.ex.memory.buffer, this.ex.mlp_labels(this.h), n).set(y);
-    const loss = this.ex.mlp_train_step(this.h, n, s.lr, s.momentum, s.weight_decay, 0, 0);
-    return { loss, correct: this.ex.mlp_correct(this.h) };
+  // The partition, copied into module memory once (views are made after every
+  // allocation: growing memory replaces the buffer).
+  loadData(x, y, rows) {
+    const at = {
+      x: this.alloc(x.length * 4), y: this.alloc(rows * 4), order: this.alloc(rows * 4),
+    };
+    this.f32(at.x, x.length).set(x);
+    new Int32Array(this.ex.memory.buffer, at.y, rows).set(y);
+    this.data = { ...at, rows };
+  }
+  // One epoch over the rows in `order`, batchSize at a time (the last batch may be short):
+  // mlp_train_steps runs up to STEPS_PER_CALL steps per call.
+  trainEpoch(order, batchSize, s) {
+    const d = this.data;
+    new Int32Array(this.ex.memory.buffer, d.order, order.length).set(order);
+    let lossSum = 0, correct = 0;
+    const chunk = batchSize * STEPS_PER_CALL;
+    for (let start = 0; start < order.length; start += chunk) {
+      const n = Math.min(chunk, order.length - start);
+      const out = this.ex.mlp_train_steps(this.h, d.x, d.y, d.rows, d.order + 4 * start, n,
+        batchSize, s.lr, s.momentum, s.weight_decay, 0, 0);
+      if (out < 0) throw new Error("mlp_train_steps refused its arguments");
+      lossSum += out;
+      correct += this.ex.mlp_correct(this.h);
+    }
+    return { lossSum, correct };
   }
 }
 
@@ -216,27 +246,15 @@ async function train(ann) {
   if (!model || model.maxBatch < settings.batch_size ||
       model.widths.join() !== widths.join()) {
     model = await WasmMLP.load(widths, settings.batch_size);
+    model.loadData(data.x, data.y, data.rows);
   }
   model.setWeights(globalFlat);
   model.ex.mlp_reset_velocity(model.h);
   const started = performance.now();
-  const bs = settings.batch_size, feat = data.features;
   let lossSum = 0, correct = 0;
   for (let e = 0; e < settings.epochs; e++) {
-    lossSum = 0; correct = 0;
     const order = shuffled(data.rows, cfg.seed * 1000003 + ann.round * 1009 + cfg.index + e);
-    for (let s = 0; s < data.rows; s += bs) {
-      const idx = order.slice(s, s + bs);
-      const xb = new Float32Array(idx.length * feat);
-      const yb = new Int32Array(idx.length);
-      idx.forEach((r, i) => {
-        xb.set(data.x.subarray(r * feat, (r + 1) * feat), i * feat);
-        yb[i] = data.y[r];
-      });
-      const out = model.step(xb, yb, idx.length, settings);
-      lossSum += out.loss * idx.length;
-      correct += out.correct;
-    }
+    ({ lossSum, correct } = model.trainEpoch(order, settings.batch_size, settings));
   }
   const seconds = (performance.now() - started) / 1000;
   // The delta (trained - global) in the decoded layout's order, for the encode route.

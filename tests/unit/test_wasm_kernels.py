@@ -1,6 +1,9 @@
 """The WASM kernels against PyTorch: the same weights and batch give the same loss,
-gradients and SGD-with-momentum update to 1e-5 relative, for several layer sizes; and the
-committed kernels.wasm is what scripts/build-wasm.sh builds from kernels.c."""
+gradients and SGD-with-momentum update to 1e-5 relative, for several layer sizes (including
+ones that are no multiple of the SIMD width, the register tile or the cache blocks, so that
+every edge path of the blocked GEMM runs); a whole epoch in one call trains what PyTorch's
+loop over the same batches trains; and the committed kernels.wasm is what
+scripts/build-wasm.sh builds from kernels.c."""
 
 from __future__ import annotations
 
@@ -38,7 +41,17 @@ def _pair(widths: list[int], seed: int) -> tuple[MLP, WasmMLP]:
 
 @pytest.mark.parametrize(
     "widths,batch",
-    [([64, 128, 10], 32), ([64, 10], 7), ([784, 200, 10], 64), ([5, 33, 17, 3], 1)],
+    [
+        ([64, 128, 10], 32),
+        ([64, 10], 7),
+        ([784, 200, 10], 64),
+        ([5, 33, 17, 3], 1),
+        # k past one cache block (KC 128) and columns past one panel (NC 256), ragged rows
+        # (batch 13: no multiple of the 4-row tile) and ragged columns (37, 6: no multiple
+        # of the 8-column tile or the 4-float vector)
+        ([300, 301, 37, 6], 13),
+        ([3, 4, 8, 2], 5),
+    ],
 )
 def test_one_step_matches_pytorch_loss_gradients_and_weights(widths: list[int], batch: int):
     model, wasm = _pair(widths, seed=len(widths) * 100 + batch)
@@ -64,6 +77,55 @@ def test_one_step_matches_pytorch_loss_gradients_and_weights(widths: list[int], 
         weights = wasm.weights()
         for name, p in model.named_parameters():
             assert _rel(weights[name], p.detach().numpy()) <= RTOL, (step, name)
+
+
+@pytest.mark.parametrize("widths,batch,rows", [([64, 128, 10], 32, 100), ([9, 13, 3], 4, 30)])
+def test_an_epoch_in_few_calls_matches_the_pytorch_loop(
+    widths: list[int], batch: int, rows: int
+) -> None:
+    model = MLP(MLPConfig(widths[0], tuple(widths[1:-1]), widths[-1]))
+    torch.manual_seed(7)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    wasm = WasmMLP(widths, max_batch=batch, steps_per_call=2)  # several calls per epoch
+    wasm.set_weights({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    rng = np.random.default_rng(rows)
+    x = rng.normal(size=(rows, widths[0])).astype(np.float32)
+    y = rng.integers(0, widths[-1], size=rows)
+    wasm.load_data(x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for epoch in range(2):
+        order = rng.permutation(rows)  # the last batch is short: rows % batch != 0
+        loss_sum, correct = 0.0, 0
+        for start in range(0, rows, batch):
+            idx = torch.as_tensor(order[start : start + batch])
+            logits = model(torch.as_tensor(x)[idx])
+            loss = F.cross_entropy(logits, torch.as_tensor(y)[idx])
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == torch.as_tensor(y)[idx]).sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        got = wasm.train_epoch(order, batch_size=batch, lr=0.05, momentum=0.9, weight_decay=1e-3)
+        assert got.correct == correct, epoch
+        assert got.loss == pytest.approx(loss_sum / rows, rel=RTOL), epoch
+    weights = wasm.weights()
+    for name, p in model.named_parameters():
+        assert _rel(weights[name], p.detach().numpy()) <= 10 * RTOL, name
+
+
+def test_an_epoch_refuses_rows_outside_the_data() -> None:
+    _, wasm = _pair([4, 3], seed=0)
+    wasm.load_data(np.zeros((5, 4), np.float32), np.zeros(5, np.int64))
+    with pytest.raises(ValueError, match="loaded rows"):
+        wasm.train_epoch(np.array([0, 5]), batch_size=2, lr=0.1)
+    with pytest.raises(ValueError, match="at most 5"):
+        wasm.train_epoch(np.zeros(6, np.int64), batch_size=2, lr=0.1)
+    # The module checks too: an index past the data is refused there, not read.
+    sb, (x_ptr, y_ptr, order_ptr, _) = wasm.sandbox, wasm._data or (0, 0, 0, 0)
+    sb.write(order_ptr, np.array([0, 9], np.int32))
+    args = (wasm.handle, x_ptr, y_ptr, 5, order_ptr, 2, 2, 0.1, 0.0, 0.0, 0.0, 0)
+    assert sb.call("mlp_train_steps", *args) == -1.0
 
 
 def test_fedprox_step_matches_pytorch() -> None:
