@@ -5,7 +5,12 @@
 # torch is left out on purpose: the GPU machine has its CUDA build, and pip must not
 # replace it with a CPU one.
 #
-#   scripts/gpu-wheels.sh [DIR]
+# The whole set is about 82 MB, scipy (34 MB, for scikit-learn and dp-accounting) and numpy
+# (16 MB) the largest; a run that may carry less (64 MiB on this project's lent machines)
+# drops what the GPU image already has: FEDMQ_GPU_HAS="numpy scipy" removes those wheels
+# (pip on the GPU machine then takes them from its system site-packages).
+#
+#   [FEDMQ_GPU_HAS="numpy scipy"] scripts/gpu-wheels.sh [DIR]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=${1:-$ROOT/.gpu-wheels}
@@ -25,4 +30,7 @@ if ls "$DIR" | grep -qiE '^(torch|nvidia_)'; then
   echo "a dependency pulled in torch or CUDA wheels: remove them from $DIR" >&2
   exit 1
 fi
+for name in ${FEDMQ_GPU_HAS:-}; do
+  rm -f "$DIR/${name//-/_}"-[0-9]*.whl
+done
 du -sh "$DIR"
