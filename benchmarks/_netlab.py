@@ -48,10 +48,11 @@ class Link:
     jitter_ms: float
     loss_pct: float
 
-    def describe(self) -> str:
+    def describe(self, netem: bool = True) -> str:
+        loss = f"{self.loss_pct:g}% loss" if netem else "no loss (no netem in this kernel)"
         return (
             f"{self.rate_mbit:g} Mbit/s, {self.delay_ms:g} ms one way (+/- {self.jitter_ms:g} "
-            f"ms), {self.loss_pct:g}% loss"
+            f"ms), {loss}"
         )
 
 
