@@ -30,6 +30,7 @@ that started it).
 
     .venv/bin/python benchmarks/split_scenarios.py          # writes docs/benchmarks.md + JSON
     .venv/bin/python benchmarks/split_scenarios.py --quick  # tiny, prints, writes nothing
+    .venv/bin/python benchmarks/split_scenarios.py --tiny --json out.json  # gpu-check dry run
 """
 
 from __future__ import annotations
