@@ -25,10 +25,12 @@ fold does the same work for each whichever blob it is.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,8 +48,11 @@ DISTINCT = 8
 REPEATS = 3
 
 
-def base_weights() -> dict[str, np.ndarray]:
+def base_weights(tiny: bool = False) -> dict[str, np.ndarray]:
     torch.manual_seed(0)
+    if tiny:  # a smoke-sized stand-in (scripts/gpu-check.sh --dry-run): 0.1 M parameters
+        gen = np.random.default_rng(0)
+        return {f"layer{i}.weight": gen.standard_normal((128, 256), np.float32) for i in range(3)}
     model = resnet18(num_classes=1000)
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
@@ -209,20 +214,25 @@ def split_costs(model: GlobalModel, blobs: list[bytes]) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="K = 10 only; print, write nothing")
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke sizes (K = 2, 0.1 M parameters); print only"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here (gpu-check)")
     args = parser.parse_args()
-    ks = [10] if args.quick else [10, 100]
+    ks = [2] if args.tiny else [10] if args.quick else [10, 100]
     cuda = torch.cuda.is_available()
+    buffer = 16 * 2**20 if args.tiny else 256 * 2**20
 
-    base = base_weights()
+    base = base_weights(args.tiny)
     model = GlobalModel.from_tensors(base, "0")
     blobs = client_blobs(base)
     params = sum(v.size for v in model.floats.values())
     model_bytes = model.nbytes
     blob_mib = float(np.mean([len(b) for b in blobs])) / 2**20
-    memcpy = memcpy_gbps()
+    memcpy = memcpy_gbps(buffer)
     decode_s, fold_s = split_costs(model, blobs)
     deltas = decoded(model, blobs)
-    h2d = h2d_gbps() if cuda else None
+    h2d = h2d_gbps(buffer) if cuda else None
 
     rows, pipe_rows, gpu_rows, results = [], [], [], {}
     for k in ks:
@@ -281,7 +291,8 @@ def main() -> int:
     lines = [
         "## Aggregation (streaming FedAvg, CPU)",
         "",
-        f"ResNet-18 ImageNet head: {params / 1e6:.1f} M parameters, "
+        f"{'A smoke-sized model' if args.tiny else 'ResNet-18 ImageNet head'}: "
+        f"{params / 1e6:.1f} M parameters, "
         f"{model_bytes / 2**20:.1f} MiB fp32; updates are bf16 deltas + zstd, "
         f"{blob_mib:.1f} MiB each. One core folds (numpy); memcpy on this machine: "
         f"**{memcpy:.1f} GB/s** (256 MiB `np.copyto`, same run).",
@@ -339,7 +350,9 @@ def main() -> int:
             "run on a GPU yet either; its CPU path and staging rotation run in CI.",
         ]
     table = "\n".join(lines)
-    if args.quick:
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    if args.quick or args.tiny:
         print(table)
         print(machine_line(machine()))
         return 0

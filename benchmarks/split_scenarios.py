@@ -30,11 +30,13 @@ that started it).
 
     .venv/bin/python benchmarks/split_scenarios.py          # writes docs/benchmarks.md + JSON
     .venv/bin/python benchmarks/split_scenarios.py --quick  # tiny, prints, writes nothing
+    .venv/bin/python benchmarks/split_scenarios.py --tiny --json out.json  # gpu-check dry run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -134,6 +136,8 @@ class Setup:
 QUICK = Setup(
     devices=2, epochs=1, batch_size=64, dim=32, depth=2, heads=2, repeats=1, profile_batches=2
 )
+
+TINY = replace(QUICK, samples_per_device=96, profile_batches=1)
 
 
 def _model(setup: Setup) -> torch.nn.Module:
@@ -417,18 +421,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--broker", help="amqp://... to run over RabbitMQ")
     parser.add_argument("--devices", type=int)
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--tiny", action="store_true", help="smoke sizes (gpu-check --dry-run)")
+    parser.add_argument("--json", type=Path, help="also write the figures here (gpu-check)")
     args = parser.parse_args(argv)
-    setup = QUICK if args.quick else Setup()
+    setup = TINY if args.tiny else QUICK if args.quick else Setup()
     overrides = {
         k: v
-        for k, v in {"broker": args.broker, "devices": args.devices, "epochs": args.epochs}.items()
+        for k, v in {
+            "broker": args.broker,
+            "devices": args.devices,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+        }.items()
         if v is not None
     }
     setup = replace(setup, **overrides)
     torch.manual_seed(setup.seed)
     rows = run(setup)
     text = markdown(rows, setup)
-    if args.quick:
+    if args.json is not None:
+        payload = {"machine": machine(), "setup": asdict(setup), "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=2, default=float))
+    if args.quick or args.tiny or args.json is not None:
         print(text)
         print(machine_line(machine()))
     else:
