@@ -119,6 +119,7 @@ def aggregate_secure(
     how: dict[str, Any] = {
         "fold": "secagg",
         "secagg": {
+            "material": material_sha,  # what it was unmasked with: the round's audit trail
             "survivors": len(survivors),
             "dropped": len(sharers) - len(survivors),
             "advertised": len(material["keys"]),

@@ -1,0 +1,207 @@
+"""SecAgg+ in full mode: RabbitMQ, Postgres, the orchestrator service, a Celery worker
+process and devices on AMQP.
+
+Ten devices (threads of this process, each with its own AMQP connection, so that the test
+can read the quantised updates that never leave them) run four secure rounds:
+
+1. all ten take part;
+2. one vanishes after sharing its keys (before its masked input) and three (30 %) after
+   sending their masked input (they never answer the unmask request): the round
+   completes with the survivors' sum;
+3. the six left take part;
+4. four of the six vanish after sharing keys: two masked inputs are below the threshold
+   of three, and the round fails with the reason.
+
+Every stored update is the masked uint32 vector and nothing else; every round's ring sum,
+unmasked again from the stored blobs and material, is exactly the sum of its survivors'
+quantised updates; and the model version is FedAvg's step on its dequantised mean.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db import blobstore, migrations
+from db import queries as q
+from db.engine import make_engine, make_sessionmaker, session_scope
+from devices.client import FederatedClient
+from devices.config import TrainingConfig
+from fedmq.settings import Settings
+from fedmq.wiring import device_config, open_bus, orchestrator_service
+from orchestrator.runs import create_run
+from orchestrator.state import Autorun, RoundPolicy
+from orchestrator.store import step_run
+from protocol import codec
+from protocol.bus import connect
+from protocol.secagg import dequantize_mean, layout_of, unflatten, unmask_sum
+from protocol.secagg.blob import MASKED
+from protocol.secagg.ring import add
+from simulation import fleet_local
+from simulation.simulate import SimOptions, _initial_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+K = 10
+ROUNDS = 4
+
+
+def _wait(what: str, check, timeout: float = 300.0):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_secure_rounds_survive_dropouts_and_fail_below_the_threshold(
+    tmp_path: Path, amqp_url: str, pg_url: str
+) -> None:
+    migrations.upgrade(pg_url)
+    settings = Settings(broker_url=amqp_url, database_url=pg_url, heartbeat_interval_s=1.0)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    policy = RoundPolicy(
+        min_clients=6, quorum_fraction=0.3, heartbeat_timeout_s=6.0, max_attempts=1
+    )
+    with session_scope(sessions) as s:
+        run_id = create_run(
+            s,
+            "secagg",
+            _initial_model(SimOptions()),
+            policy=policy,
+            strategy={"name": "fedavg"},
+            train={"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+            extra_config={"model": {"name": "mlp"}, "dataset": {"name": "digits"}},
+            secagg={"stage_s": 30.0},
+        )
+    service = orchestrator_service(settings, open_bus(settings))
+    service.start()
+    worker = fleet_local.worker_process(settings, tmp_path / "logs")
+    clients = [
+        FederatedClient(
+            device_config(
+                settings,
+                run_id,
+                k,
+                K,
+                training=TrainingConfig(encoding="fp32", torch_threads=None),
+                poll_s=0.1,
+            ),
+            connect(amqp_url),
+        )
+        for k in range(K)
+    ]
+    # Round 2: 30 % vanish after masking, one before; round 4: four of six after sharing.
+    for c in clients[1:4]:
+        c.vanish = {2: "masked"}
+    clients[4].vanish = {2: "shares"}
+    for c in clients[5:9]:
+        c.vanish = {4: "shares"}
+    try:
+        for c in clients:
+            c.start(timeout=120)
+
+        def ready() -> bool:
+            with session_scope(sessions) as s:
+                return sum(c.state == "ready" for c in q.list_clients(s, run_id)) == K
+
+        _wait("ten ready devices", ready)
+        with session_scope(sessions) as s:
+            step_run(s, run_id, Autorun(ROUNDS), time.time())
+
+        def settled() -> list[tuple[int, str]] | None:
+            with session_scope(sessions) as s:
+                rows = [(r.number, str(r.state)) for r in q.list_rounds(s, run_id)]
+            final = {"done", "failed"}
+            return rows if len(rows) == ROUNDS and rows[-1][1] in final else None
+
+        rows = _wait("four rounds", settled, timeout=700)
+        assert rows == [(1, "done"), (2, "done"), (3, "done"), (4, "failed")]
+        _check_rounds(sessions, run_id, clients)
+    finally:
+        for c in clients:
+            c.stop(leave=True, timeout=10)
+        service.stop()
+        worker.join(timeout=15)
+        engine.dispose()
+
+
+def _check_rounds(sessions, run_id: str, clients: list[FederatedClient]) -> None:  # type: ignore[no-untyped-def]
+    by_id = {c.client_id: c for c in clients}
+    accuracy = []
+    with session_scope(sessions) as s:
+        for r in q.list_rounds(s, run_id):
+            survivors = {
+                p.client_id: p.update_sha for p in q.received_updates(s, r.id) if p.update_sha
+            }
+            if r.number == 4:
+                failed = [
+                    e for e in q.list_events(s, run_id, kinds=["round.failed"]) if e.round == 4
+                ]
+                assert failed and "fewer than the threshold" in failed[0].detail["reason"]
+                assert q.get_model_version(s, run_id, 4) is None
+                continue
+            want = {1: K, 2: K - 1, 3: K - 4}[r.number]
+            assert len(survivors) == want, (r.number, sorted(survivors))
+            mv = q.get_model_version_by_id(s, r.model_version_id)
+            base = q.get_model_version_by_id(s, r.base_version_id)
+            assert mv is not None and base is not None
+            assert mv.metrics["fold"] == "secagg"
+            assert mv.metrics["num_updates"] == want
+            # No stored update is anything but the masked vector.
+            masked = {}
+            for cid, sha in survivors.items():
+                tensors = codec.decode(blobstore.get(s, sha)).tensors
+                assert list(tensors) == [MASKED] and tensors[MASKED].dtype == np.uint32
+                masked[cid] = tensors[MASKED]
+            # The ring sum the stored material unmasks is exactly the survivors' quantised
+            # updates summed (which only the devices ever held).
+            material = _material(s, mv)
+            assert set(material["masked"]) == set(survivors)
+            total = _unmask(masked, material)
+            expected = None
+            for cid in survivors:
+                qv = by_id[cid].secure.quantized[(r.number, 1)]
+                expected = qv if expected is None else add(expected, qv)
+            assert np.array_equal(total, expected)
+            # ... and the version is FedAvg's step on its dequantised mean.
+            samples = sum(int(material["keys"][c][2]) for c in survivors)
+            assert samples == sum(by_id[c].trainer.num_samples for c in survivors)
+            base_w = codec.decode(blobstore.get(s, base.blob_sha)).tensors
+            new_w = codec.decode(blobstore.get(s, mv.blob_sha)).tensors
+            mean = unflatten(
+                dequantize_mean(expected, samples, int(material["scale"])), layout_of(base_w)
+            )
+            for name, d in mean.items():
+                np.testing.assert_allclose(new_w[name], base_w[name] + d, rtol=0, atol=1e-6)
+            accuracy.append(float((r.metrics or {}).get("accuracy", 0.0)))
+    assert accuracy[-1] > 0.5 and accuracy[-1] >= accuracy[0], accuracy
+
+
+def _material(s, mv) -> dict:  # type: ignore[no-untyped-def]
+    """The material the version names as the one it was unmasked with."""
+    return json.loads(blobstore.get(s, mv.metrics["secagg"]["material"]))
+
+
+def _unmask(masked: dict, material: dict) -> np.ndarray:  # type: ignore[type-arg]
+    keys = material["keys"]
+    return unmask_sum(
+        masked,
+        {c: (bytes.fromhex(k[0]), bytes.fromhex(k[1])) for c, k in keys.items()},
+        material["sharers"],
+        {
+            rep: {o: (ks[0], bytes.fromhex(ks[1])) for o, ks in sh.items()}
+            for rep, sh in material["revealed"].items()
+        },
+        graph_seed=bytes.fromhex(material["graph_seed"]),
+        degree=int(material["degree"]),
+        threshold=int(material["threshold"]),
+        context=str(material["context"]).encode(),
+    )
