@@ -205,3 +205,93 @@ def _unmask(masked: dict, material: dict) -> np.ndarray:  # type: ignore[type-ar
         threshold=int(material["threshold"]),
         context=str(material["context"]).encode(),
     )
+
+
+@pytest.mark.timeout(300)
+def test_amqp_and_http_devices_share_secure_rounds(
+    amqp_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """Two AMQP devices and two HTTP devices (one a ``fedmq device --transport http``
+    process) through ``fedmq gateway``, with the orchestrator and a worker as processes:
+    both secure rounds sum all four masked inputs."""
+    from devices.config import DeviceConfig, WireConfig
+    from devices.http import HttpTransport
+    from protocol.messages import CommandAction
+    from tests.integration.orchestrator_harness import harness
+    from tests.net import free_port, wait_http
+
+    k, rounds = 4, 2
+    port = free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    with harness(amqp_url, pg_url, tmp_path) as h:
+        with session_scope(h.sessions) as s:
+            h.run_id = create_run(
+                s,
+                "secagg-mixed",
+                _initial_model(SimOptions()),
+                policy=RoundPolicy(min_clients=k, quorum_fraction=1.0, max_attempts=1),
+                extra_config={"model": {"name": "mlp"}, "dataset": {"name": "digits"}},
+                secagg={"stage_s": 60.0},
+            )
+        h.procs.orchestrator()
+        h.procs.start("gateway", "-m", "fedmq.cli", "gateway", "--port", str(port))
+        h.procs.start(
+            "device-http-3",
+            *("-m", "fedmq.cli", "device", "--run", h.run_id, "--index", "3"),
+            *("--clients", str(k), "--transport", "http", "--gateway", gateway),
+            *("--rounds", str(rounds)),
+        )
+        wait_http(f"{gateway}/openapi.json")
+
+        def config(i: int, wire: WireConfig) -> DeviceConfig:
+            return DeviceConfig(
+                run_id=h.run_id,
+                client_index=i,
+                num_clients=k,
+                wire=wire,
+                training=TrainingConfig(torch_threads=None),
+            )
+
+        amqp = WireConfig(heartbeat_s=1.0, poll_s=0.05)
+        http = WireConfig(heartbeat_s=1.0, poll_s=0.05, transport="http", gateway_url=gateway)
+        bus = connect(amqp_url)
+        clients = [
+            FederatedClient(config(0, amqp), bus),
+            FederatedClient(config(1, amqp), bus),
+            FederatedClient(config(2, http), HttpTransport(gateway, wait_s=0.5)),
+        ]
+        try:
+            for c in clients:
+                c.start(timeout=60)
+
+            def ready() -> bool:
+                with session_scope(h.sessions) as s:
+                    return sum(c.state == "ready" for c in q.list_clients(s, h.run_id)) == k
+
+            _wait("four ready devices", ready, timeout=120)
+            h.command(CommandAction.AUTORUN, rounds=rounds)
+            h.wait(
+                lambda: sum(r.state == "done" for r in h.rounds()) == rounds,
+                240,
+                f"{rounds} secure rounds to be done",
+            )
+            assert [(r.number, r.received, r.attempt) for r in h.rounds()] == [
+                (n, k, 1) for n in range(1, rounds + 1)
+            ], h.procs.output()
+            with session_scope(h.sessions) as s:
+                for n in range(1, rounds + 1):
+                    mv = q.get_model_version(s, h.run_id, n)
+                    assert mv is not None and mv.metrics["fold"] == "secagg"
+                    assert mv.metrics["secagg"]["survivors"] == k
+                    rnd = q.get_round(s, h.run_id, n)
+                    assert rnd is not None
+                    for p in q.received_updates(s, rnd.id):
+                        blob = blobstore.get(s, p.update_sha)
+                        assert list(codec.decode(blob).tensors) == [MASKED]
+            for c in clients:
+                assert len(c.secure.quantized) == rounds, (c.config.name, c.errors)
+            assert h.events("update.refused") == []
+        finally:
+            for c in clients:
+                c.stop()
+            bus.close()
