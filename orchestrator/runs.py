@@ -67,7 +67,7 @@ def create_run(
         except SecAggError as e:
             raise ValueError(f"secagg: {e}") from None
         config["secagg"] = secure
-        config["train"] = {**config["train"], "secagg": True}
+        config["train"] = {**config["train"], "secagg": True, **_central_dp(config)}
     if split is not None:
         config["split"] = split
         if not is_split(config):
@@ -78,3 +78,19 @@ def create_run(
     fed = Federation(run_id=run.id, policy=policy, split=split is not None, secagg=secure)
     oq.save_machine(s, run.id, to_dict(fed))
     return run.id
+
+
+def _central_dp(config: dict[str, Any]) -> dict[str, Any]:
+    """What devices of a secure run with central DP do before masking (the worker cannot
+    clip an update it never sees): clip the delta's L2 norm to the run's clip norm, and
+    weigh 1 (DP-FedAvg's uniform average, so one device moves the mean by at most C/m).
+    The noise is the worker's, once, after unmasking (docs/architecture.md)."""
+    privacy = config.get("privacy")
+    if not isinstance(privacy, dict) or privacy.get("mode") != "central":
+        return {}
+    if privacy.get("adaptive"):
+        raise ValueError(
+            "secure aggregation with adaptive clipping is not supported: it needs each "
+            "update's clipped bit in the clear"
+        )
+    return {"secagg_l2_clip": float(privacy["clip_norm"]), "secagg_unit_weight": True}

@@ -295,3 +295,44 @@ def test_amqp_and_http_devices_share_secure_rounds(
             for c in clients:
                 c.stop()
             bus.close()
+
+
+@pytest.mark.timeout(400)
+def test_fedmq_simulate_secagg_with_central_dp_in_full_mode_records_epsilon(
+    tmp_path: Path, amqp_url: str, pg_url: str
+) -> None:
+    """``fedmq simulate --secagg --broker --database`` (device processes, a worker process)
+    with central DP: devices clip to C and weigh 1 before masking, the worker adds the
+    noise once after unmasking, and every version records ε as the accountant says."""
+    from typer.testing import CliRunner
+
+    from fedmq.cli import app
+    from learning.privacy import RoundEvent, epsilon_after
+
+    clip, z = 0.5, 1.0
+    args = ["simulate", "--secagg", "--clients", "4", "--rounds", "2", "--out", str(tmp_path)]
+    args += ["--broker", amqp_url, "--database", pg_url, "--dp-noise", str(z)]
+    args += ["--dp-clip", str(clip), "--dp-seed", "3"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    rounds = data["rounds"]
+    want = [epsilon_after([RoundEvent(1.0, z)] * r, 1e-5) for r in (1, 2)]
+    assert [r["epsilon"] for r in rounds] == pytest.approx(want)
+    run_id = data["config"]["run_id"]
+    engine = make_engine(pg_url)
+    with session_scope(engine) as s:
+        run = q.get_run(s, run_id)
+        assert run is not None and run.config["train"]["secagg_l2_clip"] == clip
+        for n in (1, 2):
+            mv = q.get_model_version(s, run_id, n)
+            assert mv is not None and mv.metrics["fold"] == "secagg"
+            dp = mv.metrics["privacy"]
+            assert dp["mode"] == "central" and dp["noise_std"] == pytest.approx(z * clip / 4)
+            material = _material(s, mv)
+            assert all(k[2] == 1 for k in material["keys"].values())  # unit weights
+            rnd = q.get_round(s, run_id, n)
+            assert rnd is not None
+            for p in q.received_updates(s, rnd.id):
+                assert list(codec.decode(blobstore.get(s, p.update_sha)).tensors) == [MASKED]
+    engine.dispose()

@@ -35,6 +35,7 @@ from workers.config import WorkerConfig
 from workers.fold import folds_linearly
 from workers.tasks.common import AggregationError, blob_loader
 from workers.tasks.plan import Folded, Plan, store_version
+from workers.tasks.privacy import PRIVACY_KEY, release
 
 
 def unmask_mean(
@@ -130,8 +131,19 @@ def aggregate_secure(
             "unmask_s": round(time.perf_counter() - started, 3),
         },
     }
+    delta = {n: v.astype(np.float64) for n, v in mean.items()}
+    if plan.privacy is not None:
+        # Central DP: the devices clipped to C and weighed 1, so this is the mean of m
+        # clipped updates; N(0, (z·C/m)²) is added once, here, before the server step.
+        if plan.privacy.config.adaptive:
+            raise AggregationError("run config: adaptive clipping cannot be secure")
+        heavy = sorted(c for c in survivors if int(material["keys"][c][2]) != 1)
+        if plan.privacy.central and heavy:
+            # Weights are public: one above 1 would let its device move the mean further.
+            raise AggregationError(f"central DP needs unit weights; {heavy} announced more")
+        how[PRIVACY_KEY] = release(plan.privacy, delta, len(survivors), 0, run_id, round_number)
     folded = Folded(
-        delta={n: v.astype(np.float64) for n, v in mean.items()},
+        delta=delta,
         counters=dict(plan.base.others),
         num_updates=len(survivors),
         num_samples=samples,
