@@ -342,3 +342,38 @@ def test_fedmq_simulate_secagg_with_central_dp_in_full_mode_records_epsilon(
             for p in q.received_updates(s, rnd.id):
                 assert list(codec.decode(blobstore.get(s, p.update_sha)).tensors) == [MASKED]
     engine.dispose()
+
+
+def test_create_run_refuses_what_secure_rounds_cannot_do(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.sqlite'}"
+    migrations.upgrade(url)
+    engine = make_engine(url)
+    model = _initial_model(SimOptions())
+    central = {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5}
+    cases = [
+        ({"secagg": {"threshold": 1.5}}, "threshold"),
+        ({"secagg": {"stage_s": 0}}, "stage_s"),
+        ({"secagg": {"rounds": 3}}, "unknown secagg settings"),
+        ({"secagg": {}, "policy": RoundPolicy(mode="async")}, "async"),
+        ({"secagg": {}, "split": {"model": {"name": "mlp"}}}, "split"),
+        (
+            {"secagg": {}, "extra_config": {"privacy": {**central, "adaptive": {"q": 0.5}}}},
+            "adaptive",
+        ),
+    ]
+    with session_scope(engine) as s:
+        for kw, why in cases:
+            with pytest.raises(ValueError, match=why):
+                create_run(s, "bad", model, **kw)  # type: ignore[arg-type]
+        run_id = create_run(
+            s, "ok", model, secagg={"stage_s": 5}, extra_config={"privacy": central}
+        )
+        run = q.get_run(s, run_id)
+        assert run is not None
+        assert run.config["secagg"]["stage_s"] == 5.0
+        assert run.config["train"] == {
+            "secagg": True,
+            "secagg_l2_clip": 0.5,
+            "secagg_unit_weight": True,
+        }
+    engine.dispose()
