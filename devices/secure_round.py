@@ -46,7 +46,6 @@ from protocol.secagg import SecAggError
 SECAGG_KEY = "secagg"
 L2_CLIP_KEY = "secagg_l2_clip"
 UNIT_WEIGHT_KEY = "secagg_unit_weight"
-KEEP_QUANTIZED = 16
 # How long a device that is done with its rounds still waits to be asked for its shares.
 UNMASK_WAIT_S = 300.0
 
@@ -78,9 +77,11 @@ class SecureRounds:
     def __init__(self, run_id: str, trainer: Trainer, defaults: TrainSettings) -> None:
         self.run_id, self.trainer, self.defaults = run_id, trainer, defaults
         self.current: SecureRound | None = None
-        # (round, attempt) -> the quantised update before masking, the latest few: it
-        # never leaves the device; tests compare the server's unmasked sums with it.
+        # (round, attempt) -> the quantised update before masking, the latest ``keep``
+        # (none by default: a model-sized copy each): it never leaves the device; tests
+        # compare the server's unmasked sums with it.
         self.quantized: dict[tuple[int, int], np.ndarray] = {}
+        self.keep = 0
 
     def start(self, job: Job, client_id: str) -> SecAggKeys:
         ann = job.announcement
@@ -136,9 +137,9 @@ class SecureRounds:
         ann = cur.job.announcement
         meta, blob = cur.device.on_inbox(msg, cur.job.weights, ann.model_version)
         cur.stage, cur.masked_at = "masked", time.monotonic()
-        if cur.device.last_quantized is not None:
+        if self.keep > 0 and cur.device.last_quantized is not None:
             self.quantized[(ann.round, cur.job.attempt)] = cur.device.last_quantized
-            while len(self.quantized) > KEEP_QUANTIZED:
+            while len(self.quantized) > self.keep:
                 del self.quantized[next(iter(self.quantized))]
         return meta, blob
 

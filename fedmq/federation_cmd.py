@@ -101,7 +101,10 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         60.0, min=1, help="--secagg (full mode): each SecAgg+ stage's time limit, seconds"
     ),
     secagg_drop: float = typer.Option(
-        0.0, min=0, max=0.9, help="--secagg: share of devices that vanish after masking"
+        0.0,
+        min=0,
+        max=0.9,
+        help="--secagg without --broker/--database: share of devices that vanish after masking",
     ),
     flower_client: str | None = typer.Option(
         None,
@@ -272,8 +275,8 @@ def _simulate_secagg(
     seed: int,
     drop: float,
 ) -> None:
-    """SecAgg+ rounds in one process (simulation/secagg_sim.py): not yet through the
-    orchestrator service, so --broker/--database and the strategy options do not apply."""
+    """SecAgg+ rounds in one process (simulation/secagg_sim.py), the embedded form; with
+    --broker/--database, ``run`` drives secure rounds through the platform instead."""
     from simulation.secagg_sim import SecAggFederation, SecAggSimOptions
 
     o = SecAggSimOptions(

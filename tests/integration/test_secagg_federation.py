@@ -99,6 +99,8 @@ def test_secure_rounds_survive_dropouts_and_fail_below_the_threshold(
         )
         for k in range(K)
     ]
+    for c in clients:
+        c.secure.keep = ROUNDS  # the quantised updates, for the exact comparison
     # Round 2: 30 % vanish after masking, one before; round 4: four of six after sharing.
     for c in clients[1:4]:
         c.vanish = {2: "masked"}
@@ -266,6 +268,8 @@ def test_amqp_and_http_devices_share_secure_rounds(
             FederatedClient(config(1, amqp), bus),
             FederatedClient(config(2, http), HttpTransport(gateway, wait_s=0.5)),
         ]
+        for c in clients:
+            c.secure.keep = rounds
         try:
             for c in clients:
                 c.start(timeout=60)
