@@ -119,6 +119,12 @@ def fail_attempt(tx: Tx, reason: str) -> None:
     tx.emit(RoundFailed(rnd.number, rnd.attempt, reason, final=not retry))
     for cid in rnd.expected:
         tx.move(cid, ClientState.READY, f"round {rnd.number} attempt {rnd.attempt} failed")
+    if rnd.secagg is not None and retry:
+        # A masked input is not carried into a retry (masks are per attempt): its device
+        # may be selected again, and must be ready for it.
+        for u in rnd.received:
+            if tx.clients[u.client_id].state is ClientState.UPDATE:
+                tx.move(u.client_id, ClientState.READY, "its masked input dies with the attempt")
     if not retry:
         fail_for_good(tx)
 

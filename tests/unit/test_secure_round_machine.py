@@ -153,3 +153,19 @@ def test_below_the_threshold_the_attempt_fails_with_the_reason() -> None:
     sim.now += 6  # the share stage's deadline passes with one sharer
     failed = [e for e in sim(Tick()) if isinstance(e, RoundFailed)]
     assert failed and "fewer than the threshold" in failed[0].reason
+
+
+def test_a_failed_secure_attempt_is_retried_with_everyone_and_carries_nothing() -> None:
+    sim = Secure(5, stage_s=5)
+    sim(OpenRound())
+    (roster,) = sim.sends(sim.keys(sim.ids), "roster")
+    inboxes = sim.sends(sim.shares(roster, sim.ids), "inbox")
+    sim.masked(inboxes, sim.ids[:1])  # one masked input: below the threshold of 2
+    sim.now += 6
+    effects = sim(Tick())
+    failed = [e for e in effects if isinstance(e, RoundFailed)]
+    assert failed and not failed[0].final and "fewer than the threshold" in failed[0].reason
+    rnd = sim.fed.round
+    assert rnd is not None and rnd.attempt == 2 and rnd.secagg is not None
+    assert rnd.selected == tuple(sim.ids) and not rnd.received  # c0 trains again
+    assert rnd.secagg.attempt == 2 and rnd.secagg.stage is sm.Stage.ADVERTISE
