@@ -381,3 +381,33 @@ def test_create_run_refuses_what_secure_rounds_cannot_do(tmp_path: Path) -> None
             "secagg_unit_weight": True,
         }
     engine.dispose()
+
+
+def test_fedmq_run_create_takes_a_secagg_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedmq.cli import app
+    from fedmq.settings import get_settings
+    from orchestrator.store import load
+
+    url = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    monkeypatch.setenv("FEDMQ_DATABASE_URL", url)
+    get_settings.cache_clear()
+    model = tmp_path / "model.bin"
+    model.write_bytes(_initial_model(SimOptions()))
+    create = ["run", "create", "--name", "secure", "--model", str(model), "--secagg"]
+    try:
+        done = CliRunner().invoke(app, [*create, '{"stage_s": 20}'], catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        run_id = done.stdout.strip().splitlines()[-1]
+        refused = CliRunner().invoke(app, [*create, '{"threshold": 2}'])
+        assert refused.exit_code == 2 and "threshold" in refused.output
+    finally:
+        get_settings.cache_clear()
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        fed = load(s, run_id)
+        assert fed is not None and fed.secagg is not None and fed.secagg["stage_s"] == 20.0
+    engine.dispose()
