@@ -178,6 +178,10 @@ def _check_rounds(sessions, run_id: str, clients: list[FederatedClient]) -> None
             for cid in survivors:
                 qv = by_id[cid].secure.quantized[(r.number, 1)]
                 expected = qv if expected is None else add(expected, qv)
+                # The stored blob is independent of the update it hides (5 sigma apart).
+                y = masked[cid].astype(np.float64)
+                corr = abs(np.corrcoef(y, qv.view(np.int32).astype(np.float64))[0, 1])
+                assert corr < 5 / np.sqrt(y.size), (cid, corr)
             assert np.array_equal(total, expected)
             # ... and the version is FedAvg's step on its dequantised mean.
             samples = sum(int(material["keys"][c][2]) for c in survivors)
