@@ -415,3 +415,46 @@ def test_fedmq_run_create_takes_a_secagg_block(
         fed = load(s, run_id)
         assert fed is not None and fed.secagg is not None and fed.secagg["stage_s"] == 20.0
     engine.dispose()
+
+
+def test_the_ingest_refuses_an_update_in_the_clear_for_a_secure_run(tmp_path: Path) -> None:
+    """What a secure run's ingest stores is the masked vector or nothing: a blob of the
+    model's own tensors (an update in the clear) is refused before it is stored."""
+    import hashlib
+
+    from orchestrator.ingest import Ingest, Refuse
+    from protocol.codec import DecodeLimits
+    from protocol.messages import UpdateMeta
+    from protocol.secagg.blob import masked_spec
+
+    url = f"sqlite:///{tmp_path / 'ingest.sqlite'}"
+    migrations.upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    initial = _initial_model(SimOptions())
+    with session_scope(sessions) as s:
+        run_id = create_run(s, "secure", initial, secagg={})
+    ingest = Ingest(sessions, DecodeLimits(), lambda: None)
+    model = codec.decode(initial).tensors
+    spec = ingest._spec(run_id, 0)
+    assert spec == masked_spec(codec.peek_header(initial).tensors)
+    clear = codec.encode({k: v * 0.01 for k, v in model.items()}, codec.Encoding.FP32)
+    size = spec[MASKED].shape[0]
+    masked = codec.encode({MASKED: np.arange(size, dtype=np.uint32)}, codec.Encoding.FP32)
+    for blob, ok in ((clear, False), (masked, True)):
+        meta = UpdateMeta(
+            run_id=run_id,
+            client_id="c1",
+            round=1,
+            base_model_version=0,
+            num_samples=10,
+            encoding=codec.Encoding.FP32,
+            blob_sha256=hashlib.sha256(blob).hexdigest(),
+            blob_bytes=len(blob),
+        )
+        if ok:
+            ingest._check(blob, meta)
+        else:
+            with pytest.raises(Refuse, match="bad update blob"):
+                ingest._check(blob, meta)
+    engine.dispose()
