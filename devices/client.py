@@ -126,7 +126,7 @@ class FederatedClient:
         # Secure rounds (devices/secure_round.py), and the simulated SecAgg+ dropouts of
         # tests and benchmarks: round -> the stage ("keys", "shares", "masked") after which
         # this device vanishes (stops without a word, as a device whose link died).
-        self.secure = SecureRounds(config.run_id, self.trainer, config.training.defaults)
+        self.secure = SecureRounds(config.run_id, self.trainer, config.training.defaults, compute)
         self.vanish: dict[int, str] = {}
         self._stop = threading.Event()
         self._registered = threading.Event()
@@ -211,6 +211,7 @@ class FederatedClient:
                     self._leave()
             finally:
                 self.training.shutdown()
+                self.secure.shutdown()
                 self._done.set()
 
     def _stopping(self) -> bool:
@@ -348,6 +349,7 @@ class FederatedClient:
             self._heartbeat()
         self._flush()
         self._maybe_train()
+        self._secure_collect()
         # No longer than until the next heartbeat is due: a device that polls no more often
         # than it must (a long poll_s) still beats on time.
         due = self._last_beat + self.config.wire.heartbeat_s - time.monotonic()
@@ -358,6 +360,10 @@ class FederatedClient:
             # waiting meanwhile, so notices and announcements still come in every pass.
             if self.training.wait(wait):
                 self._collect()
+            wait = 0.0
+        elif self.secure.busy:
+            if self.secure.wait(wait):  # the masked input goes out as soon as it is made
+                self._secure_collect()
             wait = 0.0
         began = time.monotonic()
         d = self.transport.receive(self.ident, wait)
@@ -482,18 +488,28 @@ class FederatedClient:
                     self.transport.send_stage(self.ident, shares)
                     self._vanish_after(msg.round, "shares")
             elif isinstance(msg, SecAggInbox):
-                masked = self.secure.on_inbox(msg)
-                if masked is not None:
-                    meta, blob = masked
-                    self.rounds.queue(auth.sign(meta, self.ident.token), blob, msg.attempt)
-                    self._flush()
-                    self._vanish_after(msg.round, "masked")
+                self.secure.on_inbox(msg)  # trains on its thread; _secure_collect sends
             else:
                 reveal = self.secure.on_unmask(msg)
                 if reveal is not None:
                     self.transport.send_stage(self.ident, reveal)
         except SecAggError as e:
             self._error(f"round {msg.round}: secure aggregation: {e}")
+
+    def _secure_collect(self) -> None:
+        """Send the masked input of a finished secure training (from the loop's thread)."""
+        assert self.ident is not None
+        try:
+            done = self.secure.collect()
+        except Exception as e:  # a device must not die of one round
+            self._error(f"secure round: training or masking failed: {e!r}")
+            return
+        if done is None:
+            return
+        cur, meta, blob = done
+        self.rounds.queue(auth.sign(meta, self.ident.token), blob, cur.job.attempt)
+        self._flush()
+        self._vanish_after(meta.round, "masked")
 
     def _vanish_after(self, round_number: int | None, stage: str) -> None:
         if round_number is not None and self.vanish.get(round_number) == stage:

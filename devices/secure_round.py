@@ -12,15 +12,18 @@ the delta is clipped to that L2 norm before quantisation, and with unit weight t
 announces weight 1 instead of its sample count (DP-FedAvg's uniform average; the noise is
 the worker's, after unmasking).
 
-Training happens on the loop's thread when the inbox arrives: between the inbox and the
-masked input the device has nothing else to do, and a model this platform trains in a
-secure round trains in seconds, well inside the heartbeat timeout.
+Training (with the shares' decryption and the masking) runs on a thread of its own when
+the inbox arrives, as ``TrainingSlot``'s does: the loop keeps heartbeating and reading its
+queue, and collects the masked input (``collect``) to send it. Nothing else touches the
+session meanwhile: the unmask request can only follow the masked input.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,14 +72,27 @@ class Trainer(Protocol):
 class SecureRound:
     job: Job
     device: SecAggDevice
-    stage: str = "keys"  # the last stage this device answered: keys, shares, masked, revealed
+    # The last stage this device answered: keys, shares, (training), masked, revealed.
+    stage: str = "keys"
     masked_at: float = 0.0
 
 
+Masked = tuple[SecureRound, UpdateMeta, bytes]
+
+
 class SecureRounds:
-    def __init__(self, run_id: str, trainer: Trainer, defaults: TrainSettings) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        trainer: Trainer,
+        defaults: TrainSettings,
+        compute: threading.Semaphore | None = None,
+    ) -> None:
         self.run_id, self.trainer, self.defaults = run_id, trainer, defaults
+        self.compute = compute  # training slots shared with the process's other devices
         self.current: SecureRound | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="secure-train")
+        self._pending: tuple[SecureRound, Future[tuple[UpdateMeta, bytes]]] | None = None
         # (round, attempt) -> the quantised update before masking, the latest ``keep``
         # (none by default: a model-sized copy each): it never leaves the device; tests
         # compare the server's unmasked sums with it.
@@ -130,18 +146,62 @@ class SecureRounds:
         cur.stage = "shares"
         return shares
 
-    def on_inbox(self, msg: SecAggInbox) -> tuple[UpdateMeta, bytes] | None:
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None
+
+    def on_inbox(self, msg: SecAggInbox) -> bool:
+        """Start training and masking on the training thread; False when the inbox is not
+        this device's current round's, or came twice."""
         cur = self._mine(msg.round, msg.attempt)
-        if cur is None or cur.stage != "shares":
+        if cur is None or cur.stage != "shares" or self._pending is not None:
+            return False
+        cur.stage = "training"
+        self._pending = (cur, self._pool.submit(self._train, cur, msg))
+        return True
+
+    def _train(self, cur: SecureRound, msg: SecAggInbox) -> tuple[UpdateMeta, bytes]:
+        """On the training thread: no I/O."""
+        version = cur.job.announcement.model_version
+        if self.compute is None:
+            return cur.device.on_inbox(msg, cur.job.weights, version)
+        with self.compute:
+            return cur.device.on_inbox(msg, cur.job.weights, version)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the training to end; True once it has."""
+        if self._pending is None:
+            return False
+        try:
+            self._pending[1].exception(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def collect(self) -> Masked | None:
+        """The masked input once trained (None while it trains, or for a round that is no
+        longer current); raises what training raised (``SecAggError`` among others)."""
+        if self._pending is None or not self._pending[1].done():
             return None
-        ann = cur.job.announcement
-        meta, blob = cur.device.on_inbox(msg, cur.job.weights, ann.model_version)
+        cur, future = self._pending
+        self._pending = None
+        try:
+            meta, blob = future.result()
+        except BaseException:
+            cur.stage = "failed"
+            raise
+        if cur is not self.current:
+            return None
         cur.stage, cur.masked_at = "masked", time.monotonic()
         if self.keep > 0 and cur.device.last_quantized is not None:
-            self.quantized[(ann.round, cur.job.attempt)] = cur.device.last_quantized
+            key = (cur.job.announcement.round, cur.job.attempt)
+            self.quantized[key] = cur.device.last_quantized
             while len(self.quantized) > self.keep:
                 del self.quantized[next(iter(self.quantized))]
-        return meta, blob
+        return cur, meta, blob
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def on_unmask(self, msg: SecAggUnmask) -> SecAggReveal | None:
         cur = self._mine(msg.round, msg.attempt)
