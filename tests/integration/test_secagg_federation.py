@@ -458,3 +458,62 @@ def test_the_ingest_refuses_an_update_in_the_clear_for_a_secure_run(tmp_path: Pa
             with pytest.raises(Refuse, match="bad update blob"):
                 ingest._check(blob, meta)
     engine.dispose()
+
+
+@pytest.mark.timeout(300)
+def test_secure_rounds_run_embedded_too(tmp_path: Path) -> None:
+    """The same path on the embedded stack (SQLite, the in-process bus, eager tasks)."""
+    from devices.config import DeviceConfig, WireConfig
+    from workers.app import configure
+    from workers.config import WorkerConfig
+
+    url = f"sqlite:///{tmp_path / 'fedmq.sqlite'}"
+    migrations.upgrade(url)
+    settings = Settings(broker_url=f"memory://secagg-{tmp_path.name}", database_url=url)
+    sessions = make_sessionmaker(make_engine(url))
+    k = 4
+    with session_scope(sessions) as s:
+        run_id = create_run(
+            s,
+            "embedded",
+            _initial_model(SimOptions()),
+            policy=RoundPolicy(min_clients=k),
+            extra_config={"model": {"name": "mlp"}, "dataset": {"name": "digits"}},
+            secagg={"stage_s": 60},
+        )
+    service = orchestrator_service(settings)
+    service.start()
+    bus = connect(settings.broker_url)
+    wire = WireConfig(heartbeat_s=0.5, poll_s=0.05)
+    clients = [
+        FederatedClient(DeviceConfig(run_id=run_id, client_index=i, num_clients=k, wire=wire), bus)
+        for i in range(k)
+    ]
+    try:
+        for c in clients:
+            c.start()
+
+        def ready() -> bool:
+            with session_scope(sessions) as s:
+                return sum(c.state == "ready" for c in q.list_clients(s, run_id)) == k
+
+        _wait("four ready devices", ready, timeout=60)
+        with session_scope(sessions) as s:
+            step_run(s, run_id, Autorun(2), time.time())
+
+        def done() -> bool:
+            with session_scope(sessions) as s:
+                return [str(r.state) for r in q.list_rounds(s, run_id)] == ["done", "done"]
+
+        _wait("two secure rounds", done, timeout=200)
+        with session_scope(sessions) as s:
+            for n in (1, 2):
+                mv = q.get_model_version(s, run_id, n)
+                assert mv is not None and mv.metrics["fold"] == "secagg"
+                assert mv.metrics["secagg"]["survivors"] == k
+        assert all(not c.errors for c in clients), [c.errors for c in clients]
+    finally:
+        for c in clients:
+            c.stop()
+        service.stop()
+        configure(WorkerConfig.from_env())  # the eager runner configured the shared worker app
