@@ -51,21 +51,26 @@ from devices import wire
 from devices.config import DeviceConfig
 from devices.identity import forget_identity, load_identity, save_identity
 from devices.local import LocalTrainer
-from devices.rounds import RoundSkipped, RoundTracker
+from devices.rounds import Job, RoundSkipped, RoundTracker
+from devices.secure_round import SecureRounds, is_secure
 from devices.store import ModelError, ModelStore
 from devices.training import TrainingSlot
 from devices.transport import BusTransport, Inbound, Transport, TrustError
 from devices.wire import Identity, SentUpdate
-from protocol import chunking, signing
+from protocol import auth, chunking, signing
 from protocol.bus import Bus, BusError
 from protocol.messages import (
     ClientState,
     Event,
     MessageError,
     RoundAnnouncement,
+    SecAggInbox,
+    SecAggRoster,
+    SecAggUnmask,
     parse_message,
     utcnow,
 )
+from protocol.secagg import SecAggError
 from protocol.signing import SignatureError, Verifier
 
 log = logging.getLogger(__name__)
@@ -118,6 +123,11 @@ class FederatedClient:
         self._silent_until = 0.0
         # ``compute``: training slots shared with the process's other devices (TrainingSlot).
         self.training = TrainingSlot(self.trainer, config, self._stopping, compute)
+        # Secure rounds (devices/secure_round.py), and the simulated SecAgg+ dropouts of
+        # tests and benchmarks: round -> the stage ("keys", "shares", "masked") after which
+        # this device vanishes (stops without a word, as a device whose link died).
+        self.secure = SecureRounds(config.run_id, self.trainer, config.training.defaults, compute)
+        self.vanish: dict[int, str] = {}
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._done = threading.Event()
@@ -201,6 +211,7 @@ class FederatedClient:
                     self._leave()
             finally:
                 self.training.shutdown()
+                self.secure.shutdown()
                 self._done.set()
 
     def _stopping(self) -> bool:
@@ -212,6 +223,7 @@ class FederatedClient:
                 limit is not None
                 and len(self.sent) >= limit
                 and self.rounds.settled(self.config.wire.answer_wait_s)
+                and not self.secure.owes_shares()
             )
         )
 
@@ -337,6 +349,7 @@ class FederatedClient:
             self._heartbeat()
         self._flush()
         self._maybe_train()
+        self._secure_collect()
         # No longer than until the next heartbeat is due: a device that polls no more often
         # than it must (a long poll_s) still beats on time.
         due = self._last_beat + self.config.wire.heartbeat_s - time.monotonic()
@@ -347,6 +360,10 @@ class FederatedClient:
             # waiting meanwhile, so notices and announcements still come in every pass.
             if self.training.wait(wait):
                 self._collect()
+            wait = 0.0
+        elif self.secure.busy:
+            if self.secure.wait(wait):  # the masked input goes out as soon as it is made
+                self._secure_collect()
             wait = 0.0
         began = time.monotonic()
         d = self.transport.receive(self.ident, wait)
@@ -378,6 +395,8 @@ class FederatedClient:
             self._on_notice(msg)
         elif isinstance(msg, RoundAnnouncement):
             self._on_announcement(msg)
+        elif isinstance(msg, SecAggRoster | SecAggInbox | SecAggUnmask):
+            self._on_stage(msg)
 
     def _verify(self, kind: str, d: Inbound) -> None:
         """Raises ``SignatureError`` unless ``d`` is signed by the pinned orchestrator key
@@ -436,6 +455,9 @@ class FederatedClient:
         if self.trainer.num_samples < 1:
             self._error(f"round {ann.round}: no local training data")
             return
+        if is_secure(ann.train_config):
+            self._secure_start(job)
+            return
         if self.training.drops_out(ann.round, job.attempt):
             self.dropped_rounds.append(ann.round)
             log.info("%s: drops out of round %s (simulated)", self.config.name, ann.round)
@@ -446,6 +468,55 @@ class FederatedClient:
             return
         self._progress(ClientState.TRAINING)
         self.training.start(job)
+
+    # --- secure rounds -----------------------------------------------------------------------
+
+    def _secure_start(self, job: Job) -> None:
+        assert self.ident is not None
+        keys = self.secure.start(job, self.ident.client_id)
+        self.transport.send_stage(self.ident, keys)
+        self._vanish_after(keys.round, "keys")
+
+    def _on_stage(self, msg: SecAggRoster | SecAggInbox | SecAggUnmask) -> None:
+        assert self.ident is not None
+        if msg.run_id != self.config.run_id:
+            return
+        try:
+            if isinstance(msg, SecAggRoster):
+                shares = self.secure.on_roster(msg)
+                if shares is not None:
+                    self.transport.send_stage(self.ident, shares)
+                    self._vanish_after(msg.round, "shares")
+            elif isinstance(msg, SecAggInbox):
+                self.secure.on_inbox(msg)  # trains on its thread; _secure_collect sends
+            else:
+                reveal = self.secure.on_unmask(msg)
+                if reveal is not None:
+                    self.transport.send_stage(self.ident, reveal)
+        except SecAggError as e:
+            self._error(f"round {msg.round}: secure aggregation: {e}")
+
+    def _secure_collect(self) -> None:
+        """Send the masked input of a finished secure training (from the loop's thread)."""
+        assert self.ident is not None
+        try:
+            done = self.secure.collect()
+        except Exception as e:  # a device must not die of one round
+            self._error(f"secure round: training or masking failed: {e!r}")
+            return
+        if done is None:
+            return
+        cur, meta, blob = done
+        self.rounds.queue(auth.sign(meta, self.ident.token), blob, cur.job.attempt)
+        self._flush()
+        self._vanish_after(meta.round, "masked")
+
+    def _vanish_after(self, round_number: int | None, stage: str) -> None:
+        if round_number is not None and self.vanish.get(round_number) == stage:
+            log.info("%s: vanishes after %s in round %s (simulated)", self.config.name,
+                     stage, round_number)  # fmt: skip
+            self._leave_on_stop = False
+            self._stop.set()
 
     def _collect(self) -> None:
         """Send the update of a finished training (from the loop's thread)."""

@@ -31,7 +31,7 @@ from devices.wire import Identity
 from protocol import chunking, enveloped
 from protocol.bus import BusConfig, BusError
 from protocol.codec import CodecError, Encoding, peek_header
-from protocol.messages import ClientState, Event, ModelMeta, UpdateMeta
+from protocol.messages import ClientState, Envelope, Event, ModelMeta, UpdateMeta
 from protocol.signing import BROADCAST, SIGNATURE_HEADER, SignatureError, Verifier
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,12 @@ class HttpTransport(Transport):
     def heartbeat(self, ident: Identity) -> None:
         path = f"/api/v1/clients/{ident.client_id}/heartbeat"
         self._expect(self._call("POST", path, ident), "heartbeat")
+
+    def send_stage(self, ident: Identity, msg: Envelope) -> None:
+        """The stage message without a MAC: the gateway adds it (the token is on this link)."""
+        body = json.loads(msg.to_json())
+        path = f"/api/v1/clients/{ident.client_id}/secagg"
+        self._expect(self._call("POST", path, ident, json=body), "secagg")
 
     def send_update(self, meta: UpdateMeta, blob: bytes, chunk_size: int) -> None:
         params: dict[str, Any] = {

@@ -19,7 +19,7 @@ from devices import wire
 from devices.wire import Identity
 from protocol import topology
 from protocol.bus import Bus, BusError
-from protocol.messages import ClientState, UpdateMeta
+from protocol.messages import ClientState, Envelope, UpdateMeta
 
 
 class LinkError(BusError):
@@ -74,6 +74,11 @@ class Transport(ABC):
 
     @abstractmethod
     def heartbeat(self, ident: Identity) -> None: ...
+
+    def send_stage(self, ident: Identity, msg: Envelope) -> None:
+        """A SecAgg+ stage message (keys, share boxes, revealed shares), signed with the
+        device's MAC, to the orchestrator."""
+        raise LinkError(f"{type(self).__name__} cannot take part in secure rounds")
 
     @abstractmethod
     def send_update(self, meta: UpdateMeta, blob: bytes, chunk_size: int) -> None:
@@ -159,6 +164,9 @@ class BusTransport(Transport):
 
     def heartbeat(self, ident: Identity) -> None:
         wire.send_heartbeat(self.bus, ident)
+
+    def send_stage(self, ident: Identity, msg: Envelope) -> None:
+        wire.send_stage(self.bus, ident, msg)
 
     def send_update(self, meta: UpdateMeta, blob: bytes, chunk_size: int) -> None:
         wire.publish_update(self.bus, meta, blob, chunk_size)

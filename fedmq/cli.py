@@ -213,6 +213,11 @@ def run_create(
         help='Differential privacy as JSON, e.g. {"mode": "central", "noise_multiplier": 1.0, '
         '"clip_norm": 1.0, "epsilon_budget": 8}',
     ),
+    secagg: str = typer.Option(
+        "null",
+        help='SecAgg+ secure aggregation as JSON, e.g. {"threshold": 0.4, "clip": 4.0, '
+        '"stage_s": 60} ({} for the defaults): every round of the run is secure',
+    ),
     run_id: str | None = typer.Option(None, help="Wire id (default: a fresh uuid)"),
 ) -> None:
     """Create a run with model version 0 from MODEL; prints the run id."""
@@ -238,18 +243,26 @@ def run_create(
     _ensure_sqlite_dir(settings.database_url)
     migrations.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
-    with session_scope(engine) as s:
-        rid = create_run(
-            s,
-            name,
-            model.read_bytes(),
-            policy=round_policy,
-            strategy=strategy_config,
-            train=train_config,
-            run_id=run_id,
-            extra_config={"privacy": dp} if dp is not None else None,
-        )
-    engine.dispose()
+    secure = json.loads(secagg)
+    if secure is not None and not isinstance(secure, dict):
+        raise typer.BadParameter("an object of settings, or null", param_hint="--secagg")
+    try:
+        with session_scope(engine) as s:
+            rid = create_run(
+                s,
+                name,
+                model.read_bytes(),
+                policy=round_policy,
+                strategy=strategy_config,
+                train=train_config,
+                run_id=run_id,
+                extra_config={"privacy": dp} if dp is not None else None,
+                secagg=secure,
+            )
+    except ValueError as e:  # what secure rounds cannot do, or a bad secagg block
+        raise typer.BadParameter(str(e), param_hint="--secagg") from e
+    finally:
+        engine.dispose()
     print(rid)
 
 

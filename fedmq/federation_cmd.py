@@ -92,10 +92,19 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         None, help="DP: seed the noise (reproducible, and no privacy against who knows it)"
     ),
     secagg: bool = typer.Option(
-        False, "--secagg", help="SecAgg+ secure aggregation (embedded, digits MLP, FedAvg)"
+        False,
+        "--secagg",
+        help="SecAgg+ secure aggregation: with --broker/--database through the orchestrator, "
+        "a worker and device processes; else in one process",
+    ),
+    secagg_stage: float = typer.Option(
+        60.0, min=1, help="--secagg (full mode): each SecAgg+ stage's time limit, seconds"
     ),
     secagg_drop: float = typer.Option(
-        0.0, min=0, max=0.9, help="--secagg: share of devices that vanish after masking"
+        0.0,
+        min=0,
+        max=0.9,
+        help="--secagg without --broker/--database: share of devices that vanish after masking",
     ),
     flower_client: str | None = typer.Option(
         None,
@@ -123,7 +132,7 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
     }
     if split and flower_client:
         raise typer.BadParameter("Flower clients train whole models", param_hint="--split")
-    if secagg:
+    if secagg and not (broker or database):
         _simulate_secagg(
             dataset, model, clients, rounds, local_epochs, batch_size, lr, seed, secagg_drop
         )
@@ -191,6 +200,7 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         staleness=staleness,
         server_lr=server_lr,
         flower_clients=(flower_client,) * clients if flower_client else (),
+        secagg={"stage_s": secagg_stage} if secagg else None,
     )
     mode = (
         "full (RabbitMQ + database, worker and devices as processes)"
@@ -265,8 +275,8 @@ def _simulate_secagg(
     seed: int,
     drop: float,
 ) -> None:
-    """SecAgg+ rounds in one process (simulation/secagg_sim.py): not yet through the
-    orchestrator service, so --broker/--database and the strategy options do not apply."""
+    """SecAgg+ rounds in one process (simulation/secagg_sim.py), the embedded form; with
+    --broker/--database, ``run`` drives secure rounds through the platform instead."""
     from simulation.secagg_sim import SecAggFederation, SecAggSimOptions
 
     o = SecAggSimOptions(

@@ -4,9 +4,9 @@ a long-poll for the next round, and the client's own message queue as a long-pol
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 
 from gateway.deps import (
     BLOB_BODY,
@@ -63,6 +63,18 @@ def signal(gw: GatewayDep, caller: CallerDep, client_id: ClientPath, body: Signa
 @router.post("/clients/{client_id}/heartbeat", status_code=202, response_model=Sent)
 def heartbeat(gw: GatewayDep, caller: CallerDep, client_id: ClientPath) -> Sent:
     return gw.signal(caller, "heartbeat", client_id)
+
+
+@router.post("/clients/{client_id}/secagg", status_code=202, response_model=Sent)
+def secagg_stage(
+    gw: GatewayDep,
+    caller: CallerDep,
+    client_id: ClientPath,
+    body: Annotated[dict[str, Any], Body(description="secagg_keys, _shares or _reveal")],
+) -> Sent:
+    """A SecAgg+ stage message of a secure round (the envelope as on the bus, without its
+    ``mac``): sent on with a MAC under the caller's token."""
+    return gw.stage(caller, client_id, body)
 
 
 @router.get("/clients/{client_id}/messages", response_model=Messages)

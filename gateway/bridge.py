@@ -30,6 +30,9 @@ from protocol.messages import (
     Heartbeat,
     MessageError,
     Register,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
     Signal,
     UpdateMeta,
     parse_message,
@@ -159,6 +162,26 @@ class Bridge:
         key = topology.signal_routing_key(client_id)
         _bus_call("signal", lambda: self.bus.publish(topology.SIGNALS_EXCHANGE, key, msg.to_json()))
         return msg.message_id
+
+    def stage(self, run_id: str, client_id: str, token: str, body: dict[str, Any]) -> str:
+        """A SecAgg+ stage message of the client (keys, share boxes, revealed shares), as
+        an AMQP device sends it: validated as the orchestrator will, with a MAC under the
+        token in place of the token. The boxes are sealed for their recipients: the gateway
+        relays what it cannot read."""
+        try:
+            msg = parse_message(json.dumps(body).encode())
+        except (MessageError, TypeError, ValueError) as e:
+            raise GatewayError(422, f"invalid SecAgg+ message: {e}") from None
+        if not isinstance(msg, SecAggKeys | SecAggShares | SecAggReveal):
+            raise GatewayError(422, f"not a device's SecAgg+ message: {msg.type}")
+        if msg.run_id != run_id or msg.client_id != client_id:
+            raise GatewayError(403, "a SecAgg+ message must be the caller's own, in its run")
+        signed = auth.sign(msg, token)
+        key = topology.signal_routing_key(client_id)
+        _bus_call(
+            "secagg", lambda: self.bus.publish(topology.SIGNALS_EXCHANGE, key, signed.to_json())
+        )
+        return signed.message_id
 
     def leave(self, run_id: str, client_id: str, token: str) -> str:
         message_id = self.signal(run_id, client_id, token, ClientState.OFFLINE.value)

@@ -26,6 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.schemas import RoundInfo
 from protocol.codec import CodecError, TensorSpec, peek_header
+from protocol.secagg.blob import masked_spec
 from protocol.signing import encode_key
 
 K = TypeVar("K")
@@ -280,6 +281,14 @@ class Ledger:
             elif q.get_model_version(s, client.run_id, base_version) is None:
                 raise GatewayError(404, f"run {client.run_id} has no model version {base_version}")
             number = rnd.number
+            run = q.get_run(s, client.run_id)
+            secure = run is not None and (run.config or {}).get("secagg") is not None
+        spec = self.spec(client.run_id, base_version)
+        # A secure run's update is the masked vector and nothing else (as the ingest says).
         return UploadPlan(
-            client.run_id, client.id, number, base_version, self.spec(client.run_id, base_version)
+            client.run_id,
+            client.id,
+            number,
+            base_version,
+            masked_spec(spec) if secure else spec,
         )

@@ -88,6 +88,11 @@ class Gateway:
             status="sent", message_id=self.bridge.signal(ref.run_id, ref.id, caller.token, state)
         )
 
+    def stage(self, caller: Caller, client_id: str, body: dict[str, Any]) -> Sent:
+        ref = self.client(caller, client_id)
+        mid = self.bridge.stage(ref.run_id, ref.id, caller.token, body)
+        return Sent(status="sent", message_id=mid)
+
     # --- operator -----------------------------------------------------------------------------
 
     def command(self, caller: Caller, run_id: str | None, action: CommandAction, **kw: Any) -> Sent:

@@ -32,6 +32,7 @@ from protocol import auth, chunking, enveloped, topology
 from protocol.bus import Delivery
 from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, peek_header
 from protocol.messages import UpdateMeta
+from protocol.secagg.blob import masked_spec
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,13 @@ class Ingest:
                 mv = q.get_model_version(s, run_id, version)
                 if mv is None:
                     raise Refuse(f"run {run_id} has no model version {version}")
-                self._specs[key] = dict(peek_header(blobstore.get(s, mv.blob_sha)).tensors)
+                spec = dict(peek_header(blobstore.get(s, mv.blob_sha)).tensors)
+                run = q.get_run(s, run_id)
+                if run is not None and (run.config or {}).get("secagg") is not None:
+                    # A secure run's update is the masked vector, and nothing else: a blob
+                    # of the model's own tensors (an update in the clear) is refused.
+                    spec = masked_spec(spec)
+                self._specs[key] = spec
         return self._specs[key]
 
     def _refuse(

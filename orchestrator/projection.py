@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from db import queries as q
 from db.models import ParticipationState, RoundState, RunStatus
 from db.queries import orchestrator as oq
-from orchestrator import edge
+from orchestrator import edge, secagg_wire
 from orchestrator.state import (
     ClientStateChanged,
     DispatchAggregate,
@@ -33,6 +33,7 @@ from orchestrator.state import (
     Round,
     RoundDone,
     RoundFailed,
+    SecAggSend,
     UpdateAccepted,
     VersionStepOpened,
 )
@@ -140,15 +141,21 @@ def project(
             )
         elif isinstance(e, VersionStepOpened):
             _project_version_step(s, run_id, e, now)
+        elif isinstance(e, SecAggSend):
+            secagg_wire.queue_send(s, new, e)
         elif isinstance(e, DispatchAggregate):
             tid = aggregate_task_id(run_id, e.round, e.attempt, e.retry)
+            args: list[Any] = [run_id, e.round, e.attempt]
+            material = secagg_wire.store_material(s, new, e.round, e.attempt)
+            if material is not None:
+                args.append(material)  # a secure round: what the worker unmasks with
             oq.add_outbox(
                 s,
                 run_id,
                 "task",
                 {
                     "name": AGGREGATE_TASK,
-                    "args": [run_id, e.round, e.attempt],
+                    "args": args,
                     "task_id": tid,
                     "queue": AGGREGATE_QUEUE,
                 },

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import queries as q
 from db.engine import session_scope
 from db.queries import orchestrator as oq
+from orchestrator import secagg_wire
 from orchestrator.accounts import AccountError, BrokerAccounts
 from orchestrator.keys import SigningKeys
 from orchestrator.outbox import notify_device, send_to_device
@@ -34,6 +35,9 @@ from protocol.messages import (
     MessageError,
     Register,
     Registered,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggShares,
     Signal,
     parse_message,
     registered_context,
@@ -41,6 +45,9 @@ from protocol.messages import (
 
 # The wire's heartbeat; ``Heartbeat`` is the machine's input made from it.
 from protocol.messages import Heartbeat as HeartbeatMsg
+
+# A device's SecAgg+ stage messages: authenticated, de-duplicated and stepped like signals.
+StageMessage = SecAggKeys | SecAggShares | SecAggReveal
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ class Signals:
             return
         if isinstance(msg, Register):
             reason = self._register(msg, d.user_id)
-        elif isinstance(msg, Signal | HeartbeatMsg):
+        elif isinstance(msg, Signal | HeartbeatMsg | StageMessage):
             reason = self._signal(msg)
         else:
             reason = f"unexpected message type {msg.type!r} on the signals queue"
@@ -103,7 +110,7 @@ class Signals:
     def _batch(self, ds: list[Delivery]) -> list[str | None]:
         """Each message's refusal reason (None: acknowledge it), committed together."""
         reasons: list[str | None] = [None] * len(ds)
-        msgs: dict[int, Register | Signal | HeartbeatMsg] = {}
+        msgs: dict[int, Register | Signal | HeartbeatMsg | StageMessage] = {}
         self._public_key()
         with session_scope(self.sessions) as s:
             for i, d in enumerate(ds):
@@ -113,7 +120,7 @@ class Signals:
                     reasons[i] = f"malformed message: {e}"
                     record_and_publish(s, None, "signal.refused", detail={"reason": reasons[i]})
                     continue
-                if isinstance(msg, Register | Signal | HeartbeatMsg):
+                if isinstance(msg, Register | Signal | HeartbeatMsg | StageMessage):
                     msgs[i] = msg
                 else:
                     reasons[i] = f"unexpected message type {msg.type!r} on the signals queue"
@@ -194,7 +201,7 @@ class Signals:
     def _settled(
         self,
         s: Session,
-        msg: Register | Signal | HeartbeatMsg,
+        msg: Register | Signal | HeartbeatMsg | StageMessage,
         inp: StepInput,
         res: StepResult | None,
         token: str | None,
@@ -355,7 +362,7 @@ class Signals:
             res = step_many(s, msg.run_id, [joined], self.clock())
             return self._settled(s, msg, joined, None if res is None else res[0], token)
 
-    def _signal(self, msg: Signal | HeartbeatMsg) -> str | None:
+    def _signal(self, msg: Signal | HeartbeatMsg | StageMessage) -> str | None:
         machine_input = _machine_input(msg)
         with session_scope(self.sessions) as s:
             refused: list[str | None] = [None]
@@ -384,7 +391,7 @@ class Signals:
 
 def _authenticate(
     s: Session,
-    msgs: dict[int, Register | Signal | HeartbeatMsg],
+    msgs: dict[int, Register | Signal | HeartbeatMsg | StageMessage],
     reasons: list[str | None],
     now: float,
     window_s: float,
@@ -418,7 +425,9 @@ def _authenticate(
 REJOIN = "client.rejoin"
 
 
-def _machine_input(msg: Signal | HeartbeatMsg) -> Input:
+def _machine_input(msg: Signal | HeartbeatMsg | StageMessage) -> Input:
+    if isinstance(msg, StageMessage):
+        return secagg_wire.machine_input(msg)
     if isinstance(msg, HeartbeatMsg):
         return Heartbeat(msg.client_id)
     if msg.state is ClientState.OFFLINE:

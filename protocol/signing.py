@@ -43,7 +43,8 @@ DOMAIN = b"fedmq-orchestrator-signature/1"
 BROADCAST = "*"  # the recipient of what goes to every device of a run
 MODEL_KIND = "model"  # a model chunk (raw bytes; its envelope is a header)
 # What travels on ``broadcast.<run>``: signed for the whole run, not for one device.
-BROADCAST_KINDS = frozenset({MODEL_KIND, "round"})
+# A secure round's roster and unmask request are the same for all its devices (SecAgg+).
+BROADCAST_KINDS = frozenset({MODEL_KIND, "round", "secagg_roster", "secagg_unmask"})
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 

@@ -82,6 +82,9 @@ class SimOptions:
     # Device k trains with the Flower client flower_clients[k] ("package.module:object",
     # devices/flower.py) where there is one and it is not None; the others are native.
     flower_clients: tuple[str | None, ...] = ()
+    # The run's SecAgg+ block (orchestrator.state.secagg.RunSecAgg); None: updates in the
+    # clear.
+    secagg: dict[str, Any] | None = None
 
 
 @dataclass
@@ -236,6 +239,7 @@ def create_sim_run(sessions: Any, o: SimOptions, settings: Settings, prefix: str
             policy=policy_for(o, settings),
             strategy=strategy,
             train=train,
+            secagg=o.secagg,
             extra_config={
                 **(
                     {"async": {"staleness": o.staleness, "server_lr": o.server_lr}}

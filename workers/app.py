@@ -131,8 +131,11 @@ _RETRY: dict[str, Any] = {
 
 
 @app.task(name=AGGREGATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, **_RETRY)
-def aggregate(self: Task, run_id: str, round_number: int, attempt: int) -> dict[str, Any]:
+def aggregate(
+    self: Task, run_id: str, round_number: int, attempt: int, secagg: str | None = None
+) -> dict[str, Any]:
     """Aggregate a round into a new model version; see workers.tasks.aggregate.
+    ``secagg``: a secure round's unmasking material (the sha256 of its blob).
 
     A round split into parts replaces this task with a chord (its partial tasks, then the
     combine) that inherits this task's id, so whoever follows the id gets the combine's
@@ -152,7 +155,13 @@ def aggregate(self: Task, run_id: str, round_number: int, attempt: int) -> dict[
         return result
 
     return aggregate_round(
-        _config, run_id, round_number, attempt, task_id=self.request.id, fan_out=fan_out
+        _config,
+        run_id,
+        round_number,
+        attempt,
+        task_id=self.request.id,
+        fan_out=fan_out,
+        secagg=secagg,
     )
 
 

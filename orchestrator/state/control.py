@@ -69,6 +69,11 @@ def on_close(tx: Tx, _: CloseRound) -> None:
     rnd = tx.round
     if rnd is None or rnd.state is not RoundState.OPEN:
         raise Refused("no round is open")
+    if rnd.secagg is not None:
+        raise Refused(
+            f"round {rnd.number} is secure: it closes when its survivors' sum can be unmasked "
+            f"(stage {rnd.secagg.stage})"
+        )
     if not rnd.has_quorum:
         raise Refused(f"round {rnd.number} has {len(rnd.received)} of {rnd.quorum} updates")
     rounds.close(tx, "closed by operator")

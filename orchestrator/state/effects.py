@@ -183,6 +183,44 @@ class DispatchEvaluate(Effect):
     model_version: int
 
 
+# --- secure aggregation (``orchestrator.state.secure``) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggSend(Effect):
+    """Send a SecAgg+ stage message of round ``round`` attempt ``attempt`` to devices
+    ``to``: ``what`` is "roster", "inbox" (one device's share boxes) or "unmask";
+    ``payload`` the message's fields. Its record names only who got what: a roster or
+    an inbox would make an event of kilobytes."""
+
+    kind: ClassVar[str] = "secagg.send"
+    round: int
+    attempt: int
+    what: str
+    to: tuple[str, ...]
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    def detail(self) -> dict[str, Scalar | list[Scalar]]:
+        return {
+            "round": self.round,
+            "attempt": self.attempt,
+            "what": self.what,
+            "to": list(self.to[:64]),
+            "recipients": len(self.to),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggStage(Effect):
+    """A secure round moved to ``stage`` (advertise, share, collect, unmask, done, failed)."""
+
+    kind: ClassVar[str] = "secagg.stage"
+    round: int
+    attempt: int
+    stage: str
+    reason: str = ""
+
+
 # --- run ------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.state.secagg import KeysIn, RevealIn, SharesIn
 from protocol.messages import ClientState, CommandAction
 
 # --- from clients ---------------------------------------------------------------------------
@@ -48,6 +49,17 @@ class UpdateReceived:
     round: int
     ref: str
     num_samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggMessage:
+    """A device's SecAgg+ stage message (keys, share boxes, revealed shares) for round
+    ``round`` attempt ``attempt``; ``event`` is the sub-machine's input made from it."""
+
+    client_id: str
+    round: int
+    attempt: int
+    event: KeysIn | SharesIn | RevealIn
 
 
 # --- time -----------------------------------------------------------------------------------
@@ -127,6 +139,7 @@ Input = (
     | Heartbeat
     | ClientLeft
     | UpdateReceived
+    | SecAggMessage
     | Tick
     | ClientKicked
     | Autorun

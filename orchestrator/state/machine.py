@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.state import buffered, control, rounds
+from orchestrator.state import buffered, control, rounds, secure
 from orchestrator.state.effects import (
     ClientStateChanged,
     ClientWentOffline,
@@ -30,6 +30,7 @@ from orchestrator.state.inputs import (
     OpenRound,
     Pause,
     Resume,
+    SecAggMessage,
     StopAutorun,
     Tick,
     UpdateReceived,
@@ -148,6 +149,9 @@ def _on_update(tx: Tx, ev: UpdateReceived) -> None:
     tx.round = rnd.with_update(update)
     tx.move(ev.client_id, S.UPDATE, f"update for round {ev.round} stored", last_seen=tx.now)
     tx.emit(UpdateAccepted(ev.round, ev.client_id, ev.ref, ev.num_samples))
+    if rnd.secagg is not None:
+        # Counted only as the sub-machine's masked input (a refusal undoes the lot).
+        secure.masked(tx, ev.client_id, ev.ref, ev.num_samples)
     rounds.check_complete(tx)
 
 
@@ -214,6 +218,7 @@ _HANDLERS: dict[type, Callable[[Tx, Any], None]] = {
     ClientSignal: lambda tx, ev: _signal(tx, ev.client_id, ev.state),
     Heartbeat: _on_heartbeat,
     UpdateReceived: _on_update,
+    SecAggMessage: secure.on_message,
     ClientKicked: _on_kick,
     Tick: _on_tick,
     Autorun: control.on_autorun,

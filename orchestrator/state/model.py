@@ -11,9 +11,10 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
-from typing import NamedTuple, cast, overload
+from typing import Any, NamedTuple, cast, overload
 
 from orchestrator.state.policy import AVAILABILITY_PRIOR, RoundPolicy
+from orchestrator.state.secagg import SecAggRound
 from protocol.messages import ClientState, RoundState
 
 # Clients a new round may select: ready ones, and those whose part in the last round is over.
@@ -149,6 +150,8 @@ class Round:
     # Set on a failed attempt that will be tried again as soon as it can open.
     retry_pending: bool = False
     failure: str | None = None
+    # A secure round's SecAgg+ stages (``orchestrator.state.secure``); None in a plain run.
+    secagg: SecAggRound | None = None
 
     # The selected client ids as a set, made on first use: every update asks whether its
     # client is selected, and scanning the tuple made each update cost O(fleet). Not a field
@@ -283,6 +286,10 @@ class Federation:
     # edge session for its devices (``DispatchEdgeSession``). Set when the run is created.
     split: bool = False
     buffer: Buffer = field(default_factory=Buffer)
+    # SecAgg+ (docs/architecture.md, "SecAgg+ wired into the round"): the run's ``secagg``
+    # block (``secagg.RunSecAgg.to_dict``); every round attempt then runs the SecAgg+
+    # stages and closes only once the survivors' sum can be unmasked. Set at creation.
+    secagg: Mapping[str, Any] | None = None
 
     @property
     def active_clients(self) -> int:

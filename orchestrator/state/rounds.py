@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator.state import secure
 from orchestrator.state.effects import (
     AutorunChanged,
     DispatchAggregate,
@@ -29,6 +30,8 @@ def open_next(tx: Tx) -> str | None:
         number, attempt, carried = rnd.number, rnd.attempt + 1, rnd.received
     else:
         number, attempt, carried = next_round_number(rnd), 1, ()
+    if tx.base.secagg is not None:
+        carried = ()  # masks are per attempt: an earlier attempt's input cannot be unmasked
     carried_ids = {u.client_id for u in carried}
     eligible = [
         cid
@@ -49,6 +52,7 @@ def open_next(tx: Tx) -> str | None:
     )
     selected = tuple(sorted(carried_ids.union(fresh)))
     offline = ClientState.OFFLINE
+    deadline = secure.attempt_deadline(tx) or tx.now + tx.policy.deadline_s
     tx.round = Round(
         number=number,
         attempt=attempt,
@@ -56,10 +60,11 @@ def open_next(tx: Tx) -> str | None:
         selected=selected,
         quorum=tx.policy.quorum_for(len(selected)),
         opened_at=tx.now,
-        deadline=tx.now + tx.policy.deadline_s,
+        deadline=deadline,
         base_model_version=tx.model_version,
         received=carried,
         dropped=tuple(sorted(c for c in carried_ids if tx.clients[c].state is offline)),
+        secagg=secure.start(tx, number, attempt, selected),
     )
     if attempt > 1:
         tx.emit(RoundRetried(number, attempt))
@@ -114,6 +119,12 @@ def fail_attempt(tx: Tx, reason: str) -> None:
     tx.emit(RoundFailed(rnd.number, rnd.attempt, reason, final=not retry))
     for cid in rnd.expected:
         tx.move(cid, ClientState.READY, f"round {rnd.number} attempt {rnd.attempt} failed")
+    if rnd.secagg is not None and retry:
+        # A masked input is not carried into a retry (masks are per attempt): its device
+        # may be selected again, and must be ready for it.
+        for u in rnd.received:
+            if tx.clients[u.client_id].state is ClientState.UPDATE:
+                tx.move(u.client_id, ClientState.READY, "its masked input dies with the attempt")
     if not retry:
         fail_for_good(tx)
 
@@ -135,6 +146,9 @@ def fail_for_good(tx: Tx) -> None:
 def check_complete(tx: Tx) -> None:
     """Nobody left to wait for (all reported, or the rest dropped out): end the attempt now."""
     rnd = tx.round
+    if rnd is not None and rnd.secagg is not None:
+        secure.sync(tx)  # a secure round ends when its stages do
+        return
     if rnd is None or rnd.state is not RoundState.OPEN or rnd.anyone_expected:
         return
     if rnd.has_quorum:
@@ -145,6 +159,9 @@ def check_complete(tx: Tx) -> None:
 
 def check_deadline(tx: Tx) -> None:
     rnd = tx.round
+    if rnd is not None and rnd.secagg is not None:
+        secure.sync(tx)  # its stages have deadlines of their own, within the attempt's
+        return
     if rnd is None or rnd.state is not RoundState.OPEN or tx.now < rnd.deadline:
         return
     if rnd.has_quorum:

@@ -355,11 +355,12 @@ def _to_collect(r: SecAggRound, now: float, out: list[SecAggEffect]) -> SecAggRo
         return _fail(
             r, f"{len(sharers)} devices shared keys, fewer than the threshold {r.threshold}", out
         )
-    r = replace(r, stage=Stage.COLLECT, deadline=now + r.stage_s, sharers=sharers)
     for cid in sharers:
         inbox = {s: r.boxes[s][cid] for s in sharers if s != cid and cid in r.boxes[s]}
         out.append(SendInbox(cid, inbox))
-    return r
+    # The boxes are in the inboxes now (the service's outbox keeps them until sent): the
+    # snapshot, rewritten at every later step of the round, no longer carries them.
+    return replace(r, stage=Stage.COLLECT, deadline=now + r.stage_s, sharers=sharers, boxes={})
 
 
 def _to_unmask(r: SecAggRound, now: float, out: list[SecAggEffect]) -> SecAggRound:
@@ -410,3 +411,87 @@ def material(r: SecAggRound) -> dict[str, Any]:
             for rep, sh in sorted(r.revealed.items())
         },
     }
+
+
+# --- the run's settings and the snapshot --------------------------------------------------
+
+# Each stage's time limit when the run's ``secagg`` block names none.
+DEFAULT_STAGE_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunSecAgg:
+    """A run's ``secagg`` block: the protocol's settings and each stage's time limit."""
+
+    config: SecAggConfig
+    stage_s: float = DEFAULT_STAGE_S
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> RunSecAgg:
+        """Raises ``SecAggError`` naming what is wrong (unknown keys included)."""
+        rest = dict(raw)
+        stage_s = rest.pop("stage_s", DEFAULT_STAGE_S)
+        if isinstance(stage_s, bool) or not isinstance(stage_s, int | float) or stage_s <= 0:
+            raise SecAggError("secagg stage_s is a positive number of seconds")
+        return cls(SecAggConfig.from_dict(rest), float(stage_s))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "stage_s": self.stage_s}
+
+
+def round_to_dict(r: SecAggRound) -> dict[str, Any]:
+    return {
+        "run_id": r.run_id,
+        "round": r.round,
+        "attempt": r.attempt,
+        "selected": list(r.selected),
+        "config": r.config.to_dict(),
+        "graph_seed": r.graph_seed,
+        "stage_s": r.stage_s,
+        "stage": r.stage.value,
+        "deadline": r.deadline,
+        "offline": sorted(r.offline),
+        "keys": {c: [k.c_pub, k.s_pub, k.num_samples] for c, k in sorted(r.keys.items())},
+        "degree": r.degree,
+        "threshold": r.threshold,
+        "scale": r.scale,
+        "boxes": {s: dict(b) for s, b in sorted(r.boxes.items())},
+        "sharers": list(r.sharers),
+        "masked": dict(sorted(r.masked.items())),
+        "survivors": list(r.survivors),
+        "dropped": list(r.dropped),
+        "revealed": {
+            rep: {o: list(ks) for o, ks in sorted(sh.items())}
+            for rep, sh in sorted(r.revealed.items())
+        },
+        "failure": r.failure,
+    }
+
+
+def round_from_dict(d: Mapping[str, Any]) -> SecAggRound:
+    return SecAggRound(
+        run_id=str(d["run_id"]),
+        round=int(d["round"]),
+        attempt=int(d["attempt"]),
+        selected=tuple(d["selected"]),
+        config=SecAggConfig.from_dict(d["config"]),
+        graph_seed=str(d["graph_seed"]),
+        stage_s=float(d["stage_s"]),
+        stage=Stage(d["stage"]),
+        deadline=float(d["deadline"]),
+        offline=frozenset(d["offline"]),
+        keys={c: Keys(str(k[0]), str(k[1]), int(k[2])) for c, k in d["keys"].items()},
+        degree=int(d["degree"]),
+        threshold=int(d["threshold"]),
+        scale=int(d["scale"]),
+        boxes={s: dict(b) for s, b in d["boxes"].items()},
+        sharers=tuple(d["sharers"]),
+        masked=dict(d["masked"]),
+        survivors=tuple(d["survivors"]),
+        dropped=tuple(d["dropped"]),
+        revealed={
+            rep: {o: (str(ks[0]), str(ks[1])) for o, ks in sh.items()}
+            for rep, sh in d["revealed"].items()
+        },
+        failure=d.get("failure"),
+    )

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from orchestrator.state import secagg as sa
 from orchestrator.state.clientmap import changed_since
 from orchestrator.state.model import (
     Buffer,
@@ -67,6 +68,7 @@ def round_to_dict(r: Round) -> dict[str, Any]:
         "metrics": dict(r.metrics),
         "retry_pending": r.retry_pending,
         "failure": r.failure,
+        "secagg": None if r.secagg is None else sa.round_to_dict(r.secagg),
     }
 
 
@@ -79,6 +81,8 @@ def round_from_dict(d: dict[str, Any]) -> Round:
             "received": tuple(Update(**u) for u in d["received"]),
             "dropped": tuple(d["dropped"]),
             "metrics": dict(d["metrics"]),
+            # Saved before secure rounds existed: none.
+            "secagg": None if d.get("secagg") is None else sa.round_from_dict(d["secagg"]),
         }
     )
 
@@ -117,6 +121,7 @@ def to_dict(fed: Federation) -> dict[str, Any]:
         "model_version": fed.model_version,
         "split": fed.split,
         "buffer": buffer_to_dict(fed.buffer),
+        "secagg": None if fed.secagg is None else dict(fed.secagg),
     }
 
 
@@ -134,6 +139,7 @@ def from_dict(d: dict[str, Any]) -> Federation:
         model_version=d["model_version"],
         split=bool(d.get("split", False)),  # saved before split runs existed: not split
         buffer=buffer_from_dict(d.get("buffer")),
+        secagg=d.get("secagg"),
     )
 
 
@@ -171,6 +177,7 @@ def head_to_dict(fed: Federation) -> dict[str, Any]:
         "model_version": fed.model_version,
         "split": fed.split,
         "buffer": buffer_to_dict(fed.buffer),
+        "secagg": None if fed.secagg is None else dict(fed.secagg),
     }
 
 
@@ -221,6 +228,7 @@ def join(head: Mapping[str, Any], parts: Iterable[tuple[str, Mapping[str, Any]]]
         model_version=head["model_version"],
         split=bool(head.get("split", False)),
         buffer=buffer_from_dict(head.get("buffer")),
+        secagg=head.get("secagg"),
     )
 
 
@@ -290,6 +298,7 @@ def _head_differs(old: Federation, new: Federation) -> bool:
         or old.model_version != new.model_version
         or old.split != new.split
         or old.buffer != new.buffer
+        or old.secagg != new.secagg
     ):
         return True
     a, b = old.round, new.round

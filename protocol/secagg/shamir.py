@@ -40,10 +40,23 @@ def _evaluate(coeffs: list[int], x: int) -> int:
 
 
 def combine(shares: Mapping[int, int], threshold: int) -> bytes:
-    """The secret from at least ``threshold`` shares (Lagrange interpolation at 0)."""
+    """The secret from at least ``threshold`` shares (Lagrange interpolation at 0).
+
+    With more than ``threshold`` shares the secret is also rebuilt from the last
+    ``threshold`` of them, and the two must agree: one share crafted to shift the secret
+    (a malicious holder knows the public Lagrange weights) is then refused with a reason
+    instead of silently corrupting the sum. A random wrong share is refused anyway: the
+    secret it gives almost surely falls outside 256 bits."""
     if len(shares) < threshold:
         raise SecAggError(f"{len(shares)} shares, fewer than the threshold {threshold}")
-    points = sorted(shares.items())[:threshold]
+    ordered = sorted(shares.items())
+    secret = _interpolate(ordered[:threshold])
+    if len(ordered) > threshold and _interpolate(ordered[-threshold:]) != secret:
+        raise SecAggError("the shares are inconsistent: one of them was altered")
+    return secret
+
+
+def _interpolate(points: list[tuple[int, int]]) -> bytes:
     secret = 0
     for i, (xi, yi) in enumerate(points):
         num, den = 1, 1

@@ -7,6 +7,9 @@
 2. Every closed round's global model is the aggregate of exactly the updates recorded for
    it: FedAvg recomputed here, independently of the worker (its own decode of the stored
    blobs, float64, ``base + sum(n_k * delta_k) / sum(n_k)``), equals the stored version.
+   A secure round (SecAgg+): the material the version names unmasks exactly the recorded
+   updates (the same clients, the same blobs), and base + their dequantised ring sum is
+   the stored version (when central DP noised it, only the survivors are checked).
 3. No round is stuck: each is done or failed, or open with its deadline still ahead.
 
 Rounds are verified once, when first seen closed, and remembered: the orchestrator prunes
@@ -16,6 +19,7 @@ after each round rather than only at the end.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -31,6 +35,8 @@ from db import queries as q
 from db.engine import session_scope
 from db.models import ModelVersion, Participation, ParticipationState, Round, RoundState
 from protocol.codec import decode
+from protocol.secagg import dequantize_mean, layout_of, unflatten, unmask_sum
+from protocol.secagg.blob import MASKED
 
 CLOSED = {RoundState.EVALUATING, RoundState.DONE}
 SETTLED = {RoundState.DONE, RoundState.FAILED}
@@ -125,6 +131,8 @@ def _check_round(s: Session, rnd: Round) -> int:
     rows = q.received_updates(s, rnd.id)
     if not rows:
         raise InvariantViolation(f"round {rnd.number} closed with no recorded update")
+    if mv.metrics.get("fold") == "secagg":
+        return _check_secure_round(s, rnd, mv, base_mv, rows)
     if mv.metrics.get("num_updates") != len(rows) or mv.metrics.get("skipped"):
         raise InvariantViolation(
             f"round {rnd.number}: {len(rows)} recorded updates, the version says "
@@ -150,5 +158,61 @@ def _check_round(s: Session, rnd: Round) -> int:
             raise InvariantViolation(
                 f"round {rnd.number}: {k} differs from FedAvg of its {len(rows)} recorded "
                 f"updates by up to {err:.3g}"
+            )
+    return len(rows)
+
+
+def _check_secure_round(
+    s: Session, rnd: Round, mv: ModelVersion, base_mv: ModelVersion, rows: list[Participation]
+) -> int:
+    """A secure round: unmasked again here from the stored masked blobs and the material."""
+    info = mv.metrics["secagg"]
+    material = json.loads(blobstore.get(s, info["material"]))
+    recorded = {p.client_id: p.update_sha for p in rows}
+    if recorded != material["masked"] or mv.metrics.get("num_updates") != len(rows):
+        raise InvariantViolation(
+            f"round {rnd.number}: recorded updates {sorted(recorded)} are not the survivors "
+            f"{sorted(material['masked'])} the version was unmasked from"
+        )
+    keys = material["keys"]
+    for p in rows:
+        if int(keys[p.client_id][2]) != int(p.num_samples or 0):
+            raise InvariantViolation(
+                f"round {rnd.number}: {p.client_id} recorded {p.num_samples} samples, "
+                f"announced {keys[p.client_id][2]} with its keys"
+            )
+    masked = {}
+    for cid, sha in recorded.items():
+        tensors = decode(blobstore.get(s, str(sha))).tensors
+        if list(tensors) != [MASKED]:
+            raise InvariantViolation(f"round {rnd.number}: {cid}'s stored update is not masked")
+        masked[cid] = tensors[MASKED]
+    total = unmask_sum(
+        masked,
+        {c: (bytes.fromhex(k[0]), bytes.fromhex(k[1])) for c, k in keys.items()},
+        material["sharers"],
+        {
+            rep: {o: (ks[0], bytes.fromhex(ks[1])) for o, ks in sh.items()}
+            for rep, sh in material["revealed"].items()
+        },
+        graph_seed=bytes.fromhex(material["graph_seed"]),
+        degree=int(material["degree"]),
+        threshold=int(material["threshold"]),
+        context=str(material["context"]).encode(),
+    )
+    if (mv.metrics.get("privacy") or {}).get("noise_std"):
+        return len(rows)  # noised once after unmasking: the sum itself is not released
+    base, _ = _tensors(s, base_mv.blob_sha)
+    samples = sum(int(p.num_samples or 0) for p in rows)
+    mean = unflatten(
+        dequantize_mean(total, samples, int(material["scale"])).astype(np.float64),
+        layout_of({k: v for k, v in base.items() if v.dtype.kind == "f"}),
+    )
+    got, _ = _tensors(s, mv.blob_sha)
+    for k, d in mean.items():
+        want = base[k].astype(np.float64) + d
+        if not np.allclose(got[k], want, rtol=1e-5, atol=1e-6):
+            raise InvariantViolation(
+                f"round {rnd.number}: {k} differs from the unmasked sum of its survivors"
             )
     return len(rows)

@@ -348,3 +348,26 @@ def test_what_the_gateway_puts_on_the_bus_never_carries_a_bearer_token(env: Gate
     for secret in (token, OPERATOR):
         for form in (secret, q.hash_token(secret)):
             assert not [c for c in captured if form.encode() in c], form
+
+
+def test_secagg_stage_messages_are_the_callers_own_and_of_a_device_kind(env: GatewayEnv) -> None:
+    """``POST /api/v1/clients/{id}/secagg`` relays only a device's own stage message."""
+    cid, auth = env.register("a")
+    other, _ = env.register("b")
+    keys = {"c_pub": "11" * 32, "s_pub": "22" * 32, "num_samples": 5}
+    msg = {"schema_version": 1, "type": "secagg_keys", "run_id": env.run_id,
+           "client_id": cid, "round": 1, "keys": keys}  # fmt: skip
+    path = f"/api/v1/clients/{cid}/secagg"
+    res = env.http.post(path, json=msg, headers=auth)
+    assert res.status_code == 202, res.text
+    forged = {**msg, "client_id": other}
+    assert "caller's own" in _reason(env.http.post(path, json=forged, headers=auth), 403)
+    unmask = {"schema_version": 1, "type": "secagg_unmask", "run_id": env.run_id,
+              "round": 1, "survivors": [cid], "dropped": []}  # fmt: skip
+    assert "not a device's" in _reason(env.http.post(path, json=unmask, headers=auth), 422)
+    bad = {**msg, "keys": {**keys, "c_pub": "zz"}}
+    assert "invalid" in _reason(env.http.post(path, json=bad, headers=auth), 422)
+    assert env.http.post(f"/api/v1/clients/{other}/secagg", json=msg, headers=auth).status_code in (
+        403,
+        404,
+    )

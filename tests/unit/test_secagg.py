@@ -292,3 +292,22 @@ def test_config_degree_and_threshold() -> None:
     assert SecAggConfig.from_dict({"degree": 6, "clip": 2.0}).degree == 6
     with pytest.raises(SecAggError, match="unknown"):
         SecAggConfig.from_dict({"degre": 6})
+
+
+def test_a_share_crafted_to_shift_the_secret_is_caught_when_a_spare_share_exists() -> None:
+    from protocol.secagg import shamir
+
+    secret = bytes(range(32))
+    shares = shamir.split(secret, 3, [1, 2, 3, 4, 5])
+    # The holder of x = 2 knows its Lagrange weight for {1, 2, 3} (public points) and
+    # moves the rebuilt secret by delta.
+    weight = (-1) * (-3) * pow((2 - 1) * (2 - 3), -1, shamir.PRIME) % shamir.PRIME
+    delta = 7
+    crafted = dict(shares)
+    crafted[2] = (shares[2] + delta * pow(weight, -1, shamir.PRIME)) % shamir.PRIME
+    exact = {x: crafted[x] for x in (1, 2, 3)}
+    shifted = int.from_bytes(shamir.combine(exact, 3), "big")
+    assert shifted == int.from_bytes(secret, "big") + delta  # t shares cannot tell
+    with pytest.raises(SecAggError, match="inconsistent"):
+        shamir.combine(crafted, 3)
+    assert shamir.combine(shares, 3) == secret  # honest spares agree

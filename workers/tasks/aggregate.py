@@ -65,6 +65,7 @@ from workers.tasks.plan import (
     store_version,
 )
 from workers.tasks.privacy import PRIVACY_KEY, UnitWeights, release
+from workers.tasks.secagg import aggregate_secure
 from workers.tasks.split import SplitJob, fold_parts_here, usable_order
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,15 @@ def aggregate_round(
     *,
     task_id: str | None = None,
     fan_out: FanOut | None = None,
+    secagg: str | None = None,
 ) -> dict[str, Any]:
     """Aggregate round ``round_number`` of ``run_id``; see the module docstring.
 
     Returns ``{"model_version", "blob_sha256", "num_updates", "num_samples", "created"}``.
     Raises AggregationError for what a retry cannot fix; database errors propagate (the
     Celery task retries them). ``fan_out`` runs a split round's parts (default: here, one
-    after the other).
+    after the other). ``secagg``: a secure round's unmasking material (the sha256 of its
+    blob, ``workers.tasks.secagg``); a secure run's round without it is refused.
     """
     factory = sessions(config.database_url)
     began = time.time()
@@ -102,6 +105,7 @@ def aggregate_round(
             plan = plan_round(s, config, run_id, round_number, attempt)
             run = q.get_run(s, run_id)
             buffered = run is not None and is_async_run(run.config or {})
+            secure = run is not None and (run.config or {}).get("secagg") is not None
             check_starts(
                 s, config, run_id, round_number, STARTED, {"attempt": attempt},
                 f"round {round_number} attempt {attempt}",
@@ -110,6 +114,9 @@ def aggregate_round(
             if plan.parts:
                 detail["parts"] = plan.parts
             q.record_event(s, STARTED, run_id=run_id, round=round_number, detail=detail)
+        if secure:
+            return aggregate_secure(config, factory, plan, run_id, round_number, attempt,
+                                    secagg, began)  # fmt: skip
         if buffered:
             # An async run's version step: staleness-weighted, never split.
             return fold_version_step(config, factory, plan, run_id, round_number, attempt, began)
