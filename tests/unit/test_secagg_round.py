@@ -57,7 +57,10 @@ def test_no_stored_blob_reveals_an_update(federation: SecAggFederation) -> None:
             for d in federation.devices.values()
             if d.last_quantized is not None
         )
-        assert best < 4 / np.sqrt(y.size)
+        # The max over every blob x device pair of |r| of independent vectors is ~N(0, 1/n)
+        # each; 6 sigma keeps the test meaningful (a revealing blob has r near 1) without
+        # flaking on the multiple comparisons (4 sigma failed about 1 run in 200).
+        assert best < 6 / np.sqrt(y.size)
 
 
 def test_below_the_threshold_the_round_fails_with_a_reason_and_keeps_the_model() -> None:
