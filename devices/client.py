@@ -54,7 +54,7 @@ from devices.local import LocalTrainer
 from devices.rounds import Job, RoundSkipped, RoundTracker
 from devices.secure_round import SecureRounds, is_secure
 from devices.store import ModelError, ModelStore
-from devices.training import TrainingSlot
+from devices.training import SharedCompute, TrainingSlot
 from devices.transport import BusTransport, Inbound, Transport, TrustError
 from devices.wire import Identity, SentUpdate
 from protocol import auth, chunking, signing
@@ -86,7 +86,7 @@ class FederatedClient:
         *,
         trainer: LocalTrainer | None = None,
         on_round: RoundCallback | None = None,
-        compute: threading.Semaphore | None = None,
+        compute: SharedCompute | None = None,
     ) -> None:
         self.config, self.on_round = config, on_round
         # A bare Bus is the AMQP (or in-process) device; HttpTransport goes through the gateway.

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from devices.client import FederatedClient, RoundCallback
 from devices.config import DeviceConfig
 from devices.local import LocalTrainer
+from devices.training import SharedCompute
 from devices.transport import BusTransport, Transport
 from protocol.bus import Bus, connect
 
@@ -29,7 +30,7 @@ def run_device(
     config: DeviceConfig,
     stop_event: threading.Event | None = None,
     on_round: RoundCallback | None = None,
-    compute: threading.Semaphore | None = None,
+    compute: SharedCompute | None = None,
     trainer: LocalTrainer | None = None,
 ) -> FederatedClient:
     """Run one device until stopped; returns the client (its ``sent``, ``errors`` ...).

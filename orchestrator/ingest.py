@@ -30,7 +30,7 @@ from orchestrator.counter import notify_update, record_refused
 from orchestrator.store import record_and_publish
 from protocol import auth, chunking, enveloped, topology
 from protocol.bus import Delivery
-from protocol.codec import CodecError, DecodeLimits, TensorSpec, decode, peek_header
+from protocol.codec import CodecError, DecodeLimits, TensorSpec, peek_header, validate
 from protocol.messages import UpdateMeta
 from protocol.secagg.blob import masked_spec
 
@@ -51,6 +51,11 @@ class Ingest:
     # carries the envelope, so it must outlast a slow upload: keep it above
     # ``reassembly_timeout_s``.
     auth_window_s: float = auth.DEFAULT_WINDOW_S
+    # Called after a commit that queued outbox items (refusals, duplicates' notices): those
+    # want a drain. A stored update does not: the counter drains after it counts it, and
+    # waking the drainer for every stored batch as well cost a drain per batch.
+    # None: ``after_commit`` is all there is.
+    after_outbox: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self._specs: dict[tuple[str, int], dict[str, TensorSpec]] = {}
@@ -106,15 +111,18 @@ class Ingest:
                 self._handle_parsed(d, chunk, meta)
         if not whole:
             return
-        reasons = self._store_many(whole)
+        reasons, queued = self._store_many(whole)
         for (d, _, _), reason in zip(whole, reasons, strict=True):
             d.settle(reason)
         self.after_commit()
+        if queued:
+            self._outbox_written()
 
     def _store_many(
         self, items: list[tuple[Delivery, chunking.Chunk, UpdateMeta]]
-    ) -> list[str | None]:
-        """Each update's refusal reason (None: acknowledge it), committed together."""
+    ) -> tuple[list[str | None], bool]:
+        """Each update's refusal reason (None: acknowledge it), committed together, and
+        whether outbox items were queued (refusals, duplicates)."""
         reasons: list[str | None] = [None] * len(items)
         refused: list[tuple[int, bool]] = []  # (index, tell the device)
         # The base models' specs are read first, in their own sessions: inside the batch's
@@ -137,11 +145,13 @@ class Ingest:
                 ],
             )
             ok: list[int] = []
+            duplicates = False  # of counted updates: recorded, their devices told again
             for i, (_, chunk, meta) in enumerate(items):
                 rnd = rounds.get((meta.run_id, meta.round))
                 part = None if rnd is None else parts.get((rnd.id, meta.client_id))
                 try:
                     if not self._expected(s, clients.get(meta.client_id), rnd, part, chunk, meta):
+                        duplicates = True
                         continue
                 except Refuse as r:
                     reasons[i] = str(r)
@@ -185,7 +195,7 @@ class Ingest:
                 reason = reasons[i]
                 assert reason is not None
                 _refused(s, meta, reason, notify=notify, routing_key=d.routing_key)
-        return reasons
+        return reasons, bool(refused or waiting or duplicates)
 
     def _parse(self, d: Delivery) -> tuple[chunking.Chunk, UpdateMeta]:
         try:
@@ -299,21 +309,30 @@ class Ingest:
             self._refuse(d, str(r), notify=True, meta=meta)
             return
         with session_scope(self.sessions) as s:
+            queued = False
             if q.mark_message_processed(s, meta.message_id):
                 sha = blobstore.put(s, blob, BlobKind.UPDATE)
                 if not oq.put_inbox(s, [_inbox_row(meta, len(blob), sha)]):
                     _waiting_duplicate(s, meta)
                     blobstore.discard_unreferenced(s, [sha])
+                    queued = True
             oq.delete_staged(s, chunk.blob_id)
         d.ack()
         self.after_commit()
+        if queued:
+            self._outbox_written()
+
+    def _outbox_written(self) -> None:
+        if self.after_outbox is not None:
+            self.after_outbox()
 
     def _check(self, blob: bytes, meta: UpdateMeta) -> None:
         if hashlib.sha256(blob).hexdigest() != meta.blob_sha256 or len(blob) != meta.blob_bytes:
             raise Refuse("the reassembled blob does not match its SHA-256 or size")
         try:
-            # decode refuses NaN and Inf itself (every float tensor decodes as float32).
-            decode(
+            # What decode refuses (NaN and Inf included), without building the tensors:
+            # the blob is only stored here.
+            validate(
                 blob, limits=self.limits, expected=self._spec(meta.run_id, meta.base_model_version)
             )
         except CodecError as e:
@@ -353,6 +372,7 @@ class Ingest:
         finally:
             d.reject(reason)
         self.after_commit()
+        self._outbox_written()
 
 
 def _refused(s: Session, meta: UpdateMeta, reason: str, *, notify: bool, **detail: str) -> None:

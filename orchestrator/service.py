@@ -22,12 +22,13 @@ and is retried) at the first tick. Consumers never give up on the broker (``prot
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -80,6 +81,9 @@ class ServiceConfig:
     max_message_bytes: int = 1 << 20
     tick_s: float = 0.5
     follow_s: float = 0.1
+    # After a counting pass that counted something, the next one waits this long for more
+    # stored updates (``_count_loop``): fewer, larger passes under a stream of updates.
+    count_gap_s: float = 0.02
     task_timeout_s: float = 600.0
     reassembly_timeout_s: float = 300.0
     ingest_consumers: int = 2
@@ -92,6 +96,11 @@ class ServiceConfig:
     # each), so ingest holds at most ``prefetch`` chunks per consumer in memory.
     batching: Batching | None = field(default_factory=Batching)
     signal_prefetch: int = 128
+    # How long an update batch waits for more (``Batching.linger_s``). Longer than the
+    # signals' 2 ms: a 1 MB update takes about a millisecond to arrive, so 2 ms gathered two
+    # or three a transaction, and a transaction's fixed statements cost as much CPU as
+    # validating and storing one of them; 10 ms took five to eight (docs/benchmarks.md).
+    update_linger_s: float = 0.01
     # How long a consumer retries a message while the database is away before the bus's
     # requeue-once-then-dead-letter policy takes over.
     db_patience_s: float = 30.0
@@ -156,7 +165,14 @@ class OrchestratorService:
         )
         self.dead_letters = DeadLetters(sessions)
         self.pruner = Pruner(sessions, config.retention)
-        self.ingest = Ingest(sessions, config.decode_limits, self._count_soon, clock, window)
+        self.ingest = Ingest(
+            sessions,
+            config.decode_limits,
+            self._count_soon,
+            clock,
+            window,
+            after_outbox=self._drain_soon,
+        )
         self.control = Control(sessions, config.operator_token, drain, clock, window)
         self._consumers: list[Consumer] = []
         self._stop = threading.Event()
@@ -277,6 +293,8 @@ class OrchestratorService:
         """A consumer of ``queue``: batched (group commit) unless batching is off."""
         patient = self._patient(one)
         batching = self.config.batching
+        if batching is not None and queue == topology.UPDATES_QUEUE:
+            batching = replace(batching, linger_s=self.config.update_linger_s)
         if batching is None:
             return self.bus.consume(queue, self._observed(queue, patient), prefetch=prefetch)
 
@@ -398,22 +416,31 @@ class OrchestratorService:
     # --- counter ------------------------------------------------------------------------
 
     def _count_soon(self) -> None:
-        """Ingest stored updates (or refused some: their notices wait in the outbox)."""
+        """Updates were stored: count them (the counter drains what counting queued)."""
         self._counting.set()
-        self._kick.set()
 
     def _count_loop(self) -> None:
         # Cleared before the inbox is read: an update stored after that sets it again, so
         # none waits for the next tick. The timeout counts what another process stored.
+        last_counted = -math.inf
         while not self._stop.is_set():
             self._counting.wait(self.config.tick_s)
+            # A pass costs the same few milliseconds of statements whether it counts one
+            # update or fifty; under a stream of updates, passes back to back each took the
+            # one or two stored meanwhile. After a pass that counted, the next one gathers
+            # for ``count_gap_s`` first (an idle counter's first pass starts at once).
+            gather = last_counted + self.config.count_gap_s - time.monotonic()
+            if gather > 0:
+                self._stop.wait(gather)
             self._counting.clear()
             if self._stop.is_set():
                 return
             try:
-                self.count_waiting()
+                counted = self.count_waiting()
             except Exception:
                 log.exception("counting stored updates failed; retrying")
+                counted = 0
+            last_counted = time.monotonic() if counted else -math.inf
 
     def count_waiting(self) -> int:
         """Count the stored updates of the runs this replica holds; returns how many were
@@ -441,6 +468,7 @@ class OrchestratorService:
         is counted and their tasks followed now, not at the next poll; the next tick (within
         ``tick_s``) ticks them."""
         self._count_soon()
+        self._kick.set()
 
     def _tally(self, what: str, n: int) -> None:
         with self._handled_lock:

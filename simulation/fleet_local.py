@@ -13,6 +13,7 @@ from typing import Protocol
 
 from devices.config import SimulatedBehaviour, TrainingConfig
 from devices.run import run_device
+from devices.training import SharedCompute
 from fedmq.settings import Settings
 from fedmq.wiring import device_config
 from simulation.heterogeneity import cli_args
@@ -95,7 +96,7 @@ def device_threads(
     import torch
 
     torch.set_num_threads(1)  # K devices share this machine's cores ...
-    compute = threading.Semaphore(os.cpu_count() or 1)  # ... and train that many at a time
+    compute = SharedCompute(os.cpu_count() or 1)  # ... and train that many at a time
     handles: list[Handle] = []
     for k in range(clients):
         config = device_config(

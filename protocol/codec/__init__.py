@@ -6,7 +6,7 @@ sparse; optional byte-plane shuffling; deltas against a base model version. Deco
 bounded by ``DecodeLimits`` and every failure raises ``CodecError``.
 """
 
-from protocol.codec.api import DecodedBlob, apply_delta, decode, encode, peek_header
+from protocol.codec.api import DecodedBlob, apply_delta, decode, encode, peek_header, validate
 from protocol.codec.arrays import TensorSpec, spec_of
 from protocol.codec.bf16 import bf16_to_f32, f32_to_bf16
 from protocol.codec.container import FORMAT_VERSION, MAGIC
@@ -31,4 +31,5 @@ __all__ = [
     "f32_to_bf16",
     "peek_header",
     "spec_of",
+    "validate",
 ]

@@ -88,3 +88,25 @@ def test_keys_are_32_bytes_of_base64() -> None:
             decode_public_key(bad)
     with pytest.raises(ValueError):
         signing.signed_bytes("event", "run\0x", "c-1", BODY)
+
+
+def test_a_verified_broadcast_vouches_for_nothing_else() -> None:
+    """Broadcasts verified once are remembered by this process (every device of an
+    embedded fleet gets the same ones): a remembered signature still refuses any other
+    byte, context or key, and a refused one is never remembered."""
+    ann = b'{"type":"round","round":7}'
+    headers = SIGNER.signed_headers("round", "run-1", BROADCAST, ann)
+    for _ in range(2):  # the second is answered from what the first verified
+        VERIFIER.verify("round", "run-1", BROADCAST, ann, headers)
+        Verifier(SIGNER.public_key).verify("round", "run-1", BROADCAST, ann, headers)
+    for kind, run, body in (("round", "run-1", ann + b" "), ("round", "run-2", ann)):
+        with pytest.raises(SignatureError, match="not signed by the pinned"):
+            VERIFIER.verify(kind, run, BROADCAST, body, headers)
+    other = Verifier(Signer(generate_key()[0]).public_key)
+    with pytest.raises(SignatureError, match="not signed by the pinned"):
+        other.verify("round", "run-1", BROADCAST, ann, headers)
+    forged = {SIGNATURE_HEADER: headers[SIGNATURE_HEADER]}
+    fake = b'{"type":"round","round":8}'
+    for _ in range(2):
+        with pytest.raises(SignatureError, match="not signed by the pinned"):
+            VERIFIER.verify("round", "run-1", BROADCAST, fake, forged)

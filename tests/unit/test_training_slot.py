@@ -3,6 +3,7 @@ longer, dropout dice are reproducible, and a failed training is handed back, not
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
@@ -11,7 +12,7 @@ import numpy as np
 from devices.config import DeviceConfig, SimulatedBehaviour
 from devices.local import LocalUpdate
 from devices.rounds import Job
-from devices.training import TrainingSlot
+from devices.training import SharedCompute, TrainingSlot
 from protocol.messages import RoundAnnouncement, utcnow
 
 
@@ -106,3 +107,60 @@ def test_dropout_dice_are_reproducible_and_near_their_probability() -> None:
     assert 0.22 < sum(rolls(1)) / 400 < 0.38
     never = TrainingSlot(FakeTrainer(), DeviceConfig("r", 0, 1), lambda: False)
     assert not any(never.drops_out(r, 1) for r in range(1, 100))
+
+
+class CountingTrainer(FakeTrainer):
+    """Records how many of the devices sharing it train at once."""
+
+    lock = threading.Lock()
+
+    def __init__(self, gauge: dict[str, int]) -> None:
+        super().__init__()
+        self.gauge = gauge
+
+    def step(  # type: ignore[no-untyped-def]
+        self, global_weights, model_version, round_number, settings, *, attempt=1
+    ) -> LocalUpdate:
+        with self.lock:
+            self.gauge["now"] += 1
+            self.gauge["most"] = max(self.gauge["most"], self.gauge["now"])
+        time.sleep(0.02)
+        with self.lock:
+            self.gauge["now"] -= 1
+        return super().step(global_weights, model_version, round_number, settings)
+
+
+def test_devices_sharing_compute_train_at_most_its_slots_at_once() -> None:
+    compute = SharedCompute(2)
+    gauge = {"now": 0, "most": 0}
+    slots = [
+        TrainingSlot(CountingTrainer(gauge), DeviceConfig("r", i, 8), lambda: False, compute)
+        for i in range(8)
+    ]
+    for slot in slots:
+        slot.start(_job())
+    for slot in slots:
+        _, upd = _wait(slot)
+        assert isinstance(upd, LocalUpdate)
+        slot.shutdown()
+    assert gauge["most"] == 2
+
+
+def test_a_slow_device_holds_no_shared_slot_while_it_is_slow() -> None:
+    compute = SharedCompute(1)
+    slow = TrainingSlot(
+        FakeTrainer(),
+        DeviceConfig("r", 0, 2, simulated=SimulatedBehaviour(slowdown_s=0.5)),
+        lambda: False,
+        compute,
+    )
+    fast = TrainingSlot(FakeTrainer(), DeviceConfig("r", 1, 2), lambda: False, compute)
+    began = time.monotonic()
+    slow.start(_job())
+    fast.start(_job())
+    _wait(fast)
+    assert time.monotonic() - began < 0.5  # the one slot was free while the slow one slept
+    _wait(slow)
+    assert time.monotonic() - began >= 0.5
+    for slot in (slow, fast):
+        slot.shutdown()
