@@ -20,7 +20,6 @@ session meanwhile: the unmask request can only follow the masked input.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,7 @@ import numpy as np
 from devices.config import TrainSettings
 from devices.rounds import Job
 from devices.secagg import SecAggDevice
+from devices.training import SharedCompute
 from learning.params import Arrays, delta
 from learning.privacy import privatize_update
 from learning.privacy.mechanism import noise_generator
@@ -86,7 +86,7 @@ class SecureRounds:
         run_id: str,
         trainer: Trainer,
         defaults: TrainSettings,
-        compute: threading.Semaphore | None = None,
+        compute: SharedCompute | None = None,
     ) -> None:
         self.run_id, self.trainer, self.defaults = run_id, trainer, defaults
         self.compute = compute  # training slots shared with the process's other devices
@@ -165,8 +165,8 @@ class SecureRounds:
         version = cur.job.announcement.model_version
         if self.compute is None:
             return cur.device.on_inbox(msg, cur.job.weights, version)
-        with self.compute:
-            return cur.device.on_inbox(msg, cur.job.weights, version)
+        # On the process's shared training threads, so that at most their number train.
+        return self.compute.pool.submit(cur.device.on_inbox, msg, cur.job.weights, version).result()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the training to end; True once it has."""
