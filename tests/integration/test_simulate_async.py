@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
+import pytest
 from typer.testing import CliRunner
 
-from db import blobstore
 from db import queries as q
-from db.engine import make_engine, session_scope
+from db.engine import make_engine, make_sessionmaker, session_scope
 from fedmq.cli import app
 from orchestrator.store import load
-from protocol import codec
+from tests.faults.async_invariants import AsyncInvariants
 from workers.config import WorkerConfig
 from workers.tasks.aggregate import aggregate_round
-from workers.tasks.buffered import buffered_delta
 
 
 def test_an_async_federation_folds_each_update_into_one_version(tmp_path: Path) -> None:
@@ -57,27 +55,44 @@ def test_an_async_federation_folds_each_update_into_one_version(tmp_path: Path) 
     assert accuracy[-1] is not None and accuracy[-1] > 0.3  # chance is 0.1
 
     # Every version is its base plus the staleness-weighted buffered deltas, recomputed
-    # here from the stored blobs (the invariant in its async form).
-    with session_scope(engine) as s:
-        for r in rounds:
-            mv = q.get_model_version_by_id(s, r.model_version_id)
-            base_mv = q.get_model_version_by_id(s, r.base_version_id)
-            assert mv is not None and base_mv is not None
-            base = codec.decode(blobstore.get(s, base_mv.blob_sha)).tensors
-            updates = []
-            for p in q.list_participations(s, r.id):
-                if p.update_sha:
-                    d = codec.decode(blobstore.get(s, p.update_sha))
-                    assert d.delta and d.base_version is not None
-                    updates.append((p.client_id, p.num_samples, int(d.base_version), d.tensors))
-            delta, stalenesses = buffered_delta(updates, base_mv.version, "poly", 1.0)
-            assert stalenesses == mv.metrics["staleness"]
-            stored = codec.decode(blobstore.get(s, mv.blob_sha)).tensors
-            for name, w in base.items():
-                np.testing.assert_allclose(stored[name], w + delta[name], rtol=1e-5, atol=1e-6)
+    # from the stored blobs (the invariant in its async form).
+    sessions = make_sessionmaker(engine)
+    inv = AsyncInvariants(sessions, run_id)
+    assert inv.check() == len(buffered)
+    assert inv.stored == len(folded)
 
     # A re-run of a step's aggregation changes nothing and finds the same version.
     config = WorkerConfig(database_url=url)
     again = aggregate_round(config, run_id, rounds[0].number, 1)
     assert again["created"] is False and again["model_version"] == versions[0].version
+    engine.dispose()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_full_mode_async_federation_is_recomputed_from_its_stored_blobs(
+    tmp_path: Path, amqp_url: str, pg_url: str
+) -> None:
+    """RabbitMQ, Postgres, a Celery worker and six device processes: every version is the
+    previous plus its weighted buffered deltas, every buffered update in exactly one."""
+    args = ["--mode", "async", "--clients", "6", "--rounds", "4", "--buffer-size", "3"]
+    args += ["--concurrency", "4", "--max-staleness", "3", "--out", str(tmp_path)]
+    args += ["--broker", amqp_url, "--database", pg_url]
+    result = CliRunner().invoke(app, ["simulate", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_id = json.loads((tmp_path / "metrics.json").read_text())["config"]["run_id"]
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    inv = AsyncInvariants(sessions, run_id)
+    buffered = inv.check()
+    with session_scope(sessions) as s:
+        versions = q.list_model_versions(s, run_id)[1:]
+        clients = {p.client_id for r in q.list_rounds(s, run_id) for p in
+                   q.list_participations(s, r.id)}  # fmt: skip
+    assert len(versions) >= 4 and inv.stored == 3 * len(versions)
+    assert buffered >= inv.stored
+    assert all(v.metrics["fold"] == "buffered" for v in versions)
+    assert len(clients) >= 3  # the slots went round the fleet, not to one device
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == [*(f"device-{k}.log" for k in range(6)), "worker.log"]
     engine.dispose()
