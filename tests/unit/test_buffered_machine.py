@@ -27,6 +27,7 @@ from orchestrator.state import (
     Ignored,
     OpenRound,
     Rejected,
+    StaleDropped,
     Tick,
     UpdateBuffered,
     UpdateReceived,
@@ -128,6 +129,26 @@ def test_refusals_name_their_reason() -> None:
     assert isinstance(eff[0], Rejected)
 
 
+def test_an_update_too_stale_by_its_step_is_dropped_with_why() -> None:
+    """Arrived fresh enough, then waited behind a step in flight: not folded staler than
+    the bound, but dropped with the reason, and its client may train again."""
+    fed = _fed(4, buffer_size=1, max_staleness=0, concurrency=4)
+    fed, _ = step(fed, Autorun(5), 1.0)
+    t = fed.buffer.training
+    fed, _ = step(fed, UpdateReceived(t[0].client_id, t[0].ticket, "s0", 10), 2.0)
+    assert fed.round is not None and fed.round.in_flight  # step 1 folds s0
+    fed, eff = step(fed, UpdateReceived(t[1].client_id, t[1].ticket, "s1", 10), 2.5)
+    assert any(isinstance(e, UpdateBuffered) for e in eff)  # 0 versions stale on arrival
+    effects: list[object] = []
+    fed = _finish_step(fed, 3.0, effects)
+    (gone,) = [e for e in effects if isinstance(e, StaleDropped)]
+    assert (gone.client_id, gone.ref, gone.staleness) == (t[1].client_id, "s1", 1)
+    assert "max_staleness 0" in gone.reason
+    assert all(u.ref != "s1" for u in fed.buffer.updates)
+    assert not any(isinstance(e, VersionStepOpened) for e in effects)
+    assert t[1].client_id in {x.client_id for x in fed.buffer.training}  # trains again
+
+
 def test_duplicate_of_a_buffered_update_is_ignored() -> None:
     fed = _fed(2, buffer_size=5)
     fed, _ = step(fed, Autorun(1), 1.0)
@@ -174,6 +195,7 @@ class Replica:
         self.outstanding: dict[tuple[str, int], int] = {}  # (client, ticket) -> base
         self.buffer: list[tuple[str, int]] = []  # (client, base)
         self.steps: list[tuple[int, list[int]]] = []  # (base version, stalenesses)
+        self.dropped: list[tuple[str, int]] = []  # (client, base) too stale to fold
 
     def handed(self, client: str, ticket: int, version: int) -> None:
         assert version == self.version  # always the newest
@@ -200,6 +222,10 @@ class Replica:
         for key, base in list(self.outstanding.items()):
             if self.version - base > self.max_staleness:
                 del self.outstanding[key]
+        # ... and so are buffered updates: they would be folded staler than the bound.
+        keep = [(c, b) for c, b in self.buffer if self.version - b <= self.max_staleness]
+        self.dropped += [(c, b) for c, b in self.buffer if (c, b) not in keep]
+        self.buffer = keep
         self.maybe_step()
 
 
@@ -222,6 +248,8 @@ def test_machine_matches_replica_and_counts_each_update_once(
     fed, eff = step(fed, Autorun(10**6), 0.0)
     accepted: list[tuple[str, str]] = []
     in_steps: list[tuple[str, str]] = []
+    dropped: list[tuple[str, str]] = []
+    step_staleness: list[int] = []
     sent: list[tuple[str, int, str]] = []
     arrival_staleness: list[int] = []
 
@@ -231,8 +259,11 @@ def test_machine_matches_replica_and_counts_each_update_once(
                 rep.handed(e.client_id, e.ticket, e.model_version)
             elif isinstance(e, VersionStepOpened):
                 in_steps.extend((u.client_id, u.ref) for u in e.updates)
+                step_staleness.extend(e.staleness)
                 assert e.base_model_version == rep.steps[-1][0]
                 assert list(e.staleness) == rep.steps[-1][1]
+            elif isinstance(e, StaleDropped):
+                dropped.append((e.client_id, e.ref))
 
     absorb(eff)
     now = 0.0
@@ -264,8 +295,12 @@ def test_machine_matches_replica_and_counts_each_update_once(
         assert len(rep.steps) - before_steps == sum(isinstance(e, VersionStepOpened) for e in eff)
     waiting = [(u.client_id, u.ref) for u in fed.buffer.updates]
     assert len(set(accepted)) == len(accepted)  # nothing accepted twice
-    assert sorted(in_steps + waiting) == sorted(accepted)  # each in exactly one place
-    assert waiting == [(c, r) for c, r in accepted if (c, r) not in set(in_steps)]
+    # Each in exactly one place: a step, the buffer, or dropped with a reason.
+    assert sorted(in_steps + waiting + dropped) == sorted(accepted)
+    done = set(in_steps) | set(dropped)
+    assert waiting == [(c, r) for c, r in accepted if (c, r) not in done]
+    assert len(dropped) == len(rep.dropped)
     assert len(fed.buffer.training) <= concurrency
-    # The bound holds on arrival (an update may wait in the buffer past it, and still counts).
+    # The bound holds on arrival and when folded.
     assert all(s <= max_staleness for s in arrival_staleness)
+    assert all(s <= max_staleness for s in step_staleness)

@@ -62,6 +62,13 @@ def async_settings(config: Mapping[str, Any]) -> tuple[str, float]:
     return policy, float(lr)
 
 
+def max_staleness(config: Mapping[str, Any]) -> int | None:
+    """The run policy's staleness bound (None where the config has none)."""
+    policy = config.get("policy")
+    raw = policy.get("max_staleness") if isinstance(policy, Mapping) else None
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+
+
 def buffered_delta(
     updates: list[tuple[str, int, int, dict[str, np.ndarray]]],
     step_base: int,
@@ -100,6 +107,7 @@ def fold_version_step(
         run = q.get_run(s, run_id)
         run_config = dict(run.config or {}) if run is not None else {}
     policy, server_lr = async_settings(run_config)
+    bound = max_staleness(run_config)
     load = blob_loader(factory, [u.blob_sha for u in plan.updates if u.blob_sha])
     models: dict[int, dict[str, np.ndarray]] = {plan.base_version: plan.base.floats}
     prepared: list[tuple[str, int, int, dict[str, np.ndarray]]] = []
@@ -115,7 +123,15 @@ def fold_version_step(
         if base_version > plan.base_version:
             skipped[ref.client_id] = f"trained on version {base_version}, after the step's base"
             continue
+        if bound is not None and plan.base_version - base_version > bound:
+            # The machine drops such updates before a step opens; this guards the fold
+            # itself, so a stale update is refused with why, never folded silently.
+            stale = plan.base_version - base_version
+            skipped[ref.client_id] = f"{stale} versions stale, more than max_staleness {bound}"
+            continue
         prepared.append((ref.client_id, int(ref.num_samples or 1), base_version, delta))
+        if config.test_aggregate_delay_s:
+            time.sleep(config.test_aggregate_delay_s)  # the fault tests' window to kill in
     if not prepared:
         raise AggregationError(f"version step {round_number}: no usable update ({skipped})")
     delta, stalenesses = buffered_delta(prepared, plan.base_version, policy, server_lr)
