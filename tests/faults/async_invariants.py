@@ -8,7 +8,8 @@
    stale by the time its step opened), or still waits in the buffer (the snapshot).
 2. Every version equals the previous plus the weighted buffered deltas recorded for it:
    recomputed here independently of the worker (its own decode of the stored blobs, in
-   float64): ``base + lr * sum(f(s_i) * n_i * delta_i) / sum(n_i)``, ``s_i`` the step's
+   float64): ``base + lr * sum(f(s_i) * n_i * delta_i) / sum(n_i)`` (each delta clipped
+   first where the strategy has a ``clip_norm``), ``s_i`` the step's
    base minus the version update ``i`` was trained on, ``f`` the run's staleness policy.
    The stalenesses the version records must be those.
 3. No step is stuck: every round is done, or failed (and then says why).
@@ -51,14 +52,19 @@ class AsyncInvariants:
         """Recompute every closed version step not verified yet."""
         with session_scope(self.sessions) as s:
             run = q.get_run(s, self.run_id)
-            raw = dict((run.config or {}).get("async") or {}) if run is not None else {}
+            config = dict(run.config or {}) if run is not None else {}
+            raw = dict(config.get("async") or {})
             policy, lr = str(raw.get("staleness", "poly")), float(raw.get("server_lr", 1.0))
+            strategy = dict(config.get("strategy") or {})
+            if strategy.get("name", "fedavg") not in ("fedavg", "fedprox"):
+                raise InvariantViolation(f"the check recomputes FedAvg folds, not {strategy}")
+            clip = strategy.get("clip_norm")
             for rnd in q.list_rounds(s, self.run_id):
                 if rnd.number in self.verified or rnd.model_version_id is None:
                     continue
                 if rnd.state not in CLOSED:
                     continue
-                pairs = _check_step(s, rnd, policy, lr)
+                pairs = _check_step(s, rnd, policy, lr, clip)
                 self.folded += pairs
                 self.stored += len(pairs)
                 self.verified.add(rnd.number)
@@ -122,7 +128,9 @@ class AsyncInvariants:
             time.sleep(0.3)
 
 
-def _check_step(s: Session, rnd: Round, policy: str, lr: float) -> list[tuple[str, str]]:
+def _check_step(
+    s: Session, rnd: Round, policy: str, lr: float, clip: float | None
+) -> list[tuple[str, str]]:
     mv = s.get(ModelVersion, rnd.model_version_id)
     base_mv = s.get(ModelVersion, rnd.base_version_id)
     if mv is None or base_mv is None:
@@ -144,6 +152,10 @@ def _check_step(s: Session, rnd: Round, policy: str, lr: float) -> list[tuple[st
     for p in rows:
         stale, delta = _delta(s, rnd, p.client_id, p.update_sha, base_mv.version, models)
         stalenesses.append(stale)
+        if clip is not None:
+            norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in delta.values())))
+            if norm > clip:
+                delta = {k: v * (clip / norm) for k, v in delta.items()}
         w = weight(policy, stale) * int(p.num_samples or 0)
         for k in base:
             acc[k] += w * delta[k]

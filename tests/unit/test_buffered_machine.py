@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learning.staleness import histogram, weight
+from learning.strategies import strategy_from_config
 from orchestrator.state import (
     AggregationSucceeded,
     Autorun,
@@ -39,7 +40,7 @@ from orchestrator.state import (
 from orchestrator.state.policy import RoundPolicy
 from orchestrator.state.serde import join, split
 from protocol.messages import RoundState
-from workers.tasks.buffered import buffered_delta
+from workers.tasks.buffered import buffered_delta, clip_updates, robust_buffered_delta
 
 
 def _fed(clients: int, **policy: object) -> Federation:
@@ -85,6 +86,30 @@ def test_buffered_delta_is_fedavg_when_fresh_and_discounts_stale() -> None:
     stale, st_ = buffered_delta([("a", 1, 2, a), ("b", 3, 5, b)], 5, "poly", 0.5)
     np.testing.assert_allclose(stale["w"], 0.5 * (0.5 * 1 * a["w"] + 3 * b["w"]) / 4)
     assert st_ == [3, 0]
+
+
+def test_clipping_holds_over_a_buffer() -> None:
+    big, small = {"w": np.array([3.0, 4.0])}, {"w": np.array([0.3, 0.4])}
+    clipped, n = clip_updates([("a", 1, 0, big), ("b", 1, 0, small)], 1.0)
+    assert n == 1
+    np.testing.assert_allclose(clipped[0][3]["w"], [0.6, 0.8])
+    np.testing.assert_allclose(clipped[1][3]["w"], small["w"])
+    assert clip_updates([("a", 1, 0, big)], None) == ([("a", 1, 0, big)], 0)
+
+
+def test_robust_strategies_reduce_the_weighted_buffer() -> None:
+    """FedMedian over a buffer: the median of f(s_i) * d_i, each update once whatever its
+    samples, times the server lr; FedTrimmedAvg likewise with its trimmed mean."""
+    d = [np.array([1.0, -4.0]), np.array([8.0, 2.0]), np.array([2.0, 0.0])]
+    ups = [("a", 1, 5, {"w": d[0]}), ("b", 100, 2, {"w": d[1]}), ("c", 1, 5, {"w": d[2]})]
+    median = strategy_from_config({"name": "fedmedian"})
+    delta, st_ = robust_buffered_delta(ups, 5, "poly", 0.5, median.reduce)
+    assert st_ == [0, 3, 0]
+    scaled = np.stack([d[0], 0.5 * d[1], d[2]])  # b is 3 behind: weight 1/2
+    np.testing.assert_allclose(delta["w"], 0.5 * np.median(scaled, axis=0))
+    trimmed = strategy_from_config({"name": "fedtrimmedavg", "beta": 0.34})
+    delta, _ = robust_buffered_delta(ups, 5, "constant", 1.0, trimmed.reduce)
+    np.testing.assert_allclose(delta["w"], np.median(np.stack(d), axis=0))  # 3 updates, 1 cut
 
 
 # --- the machine ----------------------------------------------------------------------------
