@@ -39,6 +39,18 @@ def _finish(h: RunView, inv: AsyncInvariants, clients: list[LightClient], steps:
     """Wait for ``steps`` versions, quiet the devices, check; returns the acknowledged."""
     h.wait_round_state(steps, {"done"}, 90)
     for c in clients:
+        c.hold_updates = True  # no new training; one under way finishes and sends
+    time.sleep(2.0)  # longer than a training (train_s <= 1 s) and its upload
+    sent = {u.message_id for c in clients for u in c.sent}
+
+    def notified() -> bool:
+        buffered = {e.message_id for e in h.events("update.buffered")} & sent
+        return buffered <= set(acked(clients))
+
+    # The notices trail the commit (outbox -> device queue): wait for those of every
+    # buffered update before the devices stop listening.
+    h.wait(notified, 30, "update.accepted notices of the buffered updates")
+    for c in clients:
         c.stop()
     ids = acked(clients)
     inv.check(ids)
@@ -179,6 +191,7 @@ def test_duplicate_and_stale_updates_count_once_or_not_at_all(
         buffered = [e for e in h.events("update.buffered") if e.client_id == held.client_id]
         assert [e.message_id for e in buffered] == [first.meta.message_id]
         tally.acknowledged = _finish(h, inv, clients, 3)
+        tally.sent += sum(len(c.sent) for c in steady)
         tally.stored, tally.aggregated = _buffered(h), inv.stored
         tally.runs = 1
     tally.write()
