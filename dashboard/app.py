@@ -20,6 +20,7 @@ page = st.navigation(
     [
         st.Page(HERE / "views" / "overview.py", title="Overview", icon="📊", default=True),
         st.Page(HERE / "views" / "rounds.py", title="Rounds", icon="📈"),
+        st.Page(HERE / "views" / "versions.py", title="Versions", icon="⏩"),
         st.Page(HERE / "views" / "events.py", title="Events", icon="📜"),
         st.Page(HERE / "views" / "controls.py", title="Controls", icon="🎛️"),
     ]

@@ -70,6 +70,9 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         "poly", help="--mode async: staleness weight: poly (1/sqrt(1+s)), constant, hinge"
     ),
     server_lr: float = typer.Option(1.0, min=1e-6, help="--mode async: server learning rate"),
+    clip_norm: float | None = typer.Option(
+        None, min=1e-12, help="Clip each update's delta to this global L2 norm (any strategy)"
+    ),
     split: bool = typer.Option(
         False, "--split", help="SplitFed: device heads/tails, the body on an edge session"
     ),
@@ -199,6 +202,7 @@ def simulate(  # noqa: PLR0913 (a typer command: each option is an argument)
         concurrency=concurrency,
         staleness=staleness,
         server_lr=server_lr,
+        clip_norm=clip_norm,
         flower_clients=(flower_client,) * clients if flower_client else (),
         secagg={"stage_s": secagg_stage} if secagg else None,
     )

@@ -26,7 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_scope
 from db.queries.metrics import state_counts
-from orchestrator.state import RoundDone, RoundFailed
+from orchestrator.state import (
+    RoundDone,
+    RoundFailed,
+    StaleDropped,
+    UpdateBuffered,
+    VersionStepOpened,
+)
 
 if TYPE_CHECKING:  # the outbox imports this module, and the store imports the outbox
     from orchestrator.store import StepResult
@@ -80,6 +86,24 @@ ROUND_SECONDS = Histogram(
     buckets=_ROUND_BUCKETS,
 )
 
+# Async (FedBuff) runs speak versions: a step folds the buffer into the next version.
+_STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 50, 100)
+VERSION_STEPS = Counter(
+    "fedmq_orchestrator_async_version_steps",
+    "Async version steps opened: each folds buffer_size buffered updates into a version",
+)
+STALENESS = Histogram(
+    "fedmq_orchestrator_async_staleness",
+    "Versions an async update is behind: on arrival in the buffer (at=buffered) and when "
+    "its version step opened (at=folded)",
+    ["at"],
+    buckets=_STALENESS_BUCKETS,
+)
+STALE_DROPPED = Counter(
+    "fedmq_orchestrator_async_stale_dropped",
+    "Buffered async updates dropped unfolded: the model moved past max_staleness while they waited",
+)
+
 
 def observe_deliveries(queue: str, deliveries: Iterable[Delivery]) -> None:
     for d in deliveries:
@@ -101,7 +125,7 @@ def observe_count(accepted: int, refused: int, accepted_bytes: int, seconds: flo
 
 
 def observe_steps(results: Sequence[StepResult]) -> None:
-    """Rounds that ended in these (committed) steps."""
+    """Rounds that ended in these (committed) steps, and an async run's versions."""
     for result in results:
         for effect in result.effects:
             if isinstance(effect, RoundDone):
@@ -109,6 +133,14 @@ def observe_steps(results: Sequence[StepResult]) -> None:
                 ROUND_SECONDS.observe(effect.seconds)
             elif isinstance(effect, RoundFailed):
                 ROUNDS_ENDED.labels("failed").inc()
+            elif isinstance(effect, UpdateBuffered):
+                STALENESS.labels("buffered").observe(effect.staleness)
+            elif isinstance(effect, VersionStepOpened):
+                VERSION_STEPS.inc()
+                for s in effect.staleness:
+                    STALENESS.labels("folded").observe(s)
+            elif isinstance(effect, StaleDropped):
+                STALE_DROPPED.inc()
 
 
 class StateCollector(Collector):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from db import blobstore
 from db import queries as q
 from db.models import ParticipationState, RoundState, RunStatus
 from db.queries import orchestrator as oq
@@ -34,6 +35,7 @@ from orchestrator.state import (
     RoundDone,
     RoundFailed,
     SecAggSend,
+    StaleDropped,
     UpdateAccepted,
     VersionStepOpened,
 )
@@ -143,6 +145,9 @@ def project(
             _project_version_step(s, run_id, e, now)
         elif isinstance(e, SecAggSend):
             secagg_wire.queue_send(s, new, e)
+        elif isinstance(e, StaleDropped) and e.ref not in {u.ref for u in new.buffer.updates}:
+            # Never folded: its blob goes (unless something else refers to the same bytes).
+            blobstore.discard_unreferenced(s, [e.ref])
         elif isinstance(e, DispatchAggregate):
             tid = aggregate_task_id(run_id, e.round, e.attempt, e.retry)
             args: list[Any] = [run_id, e.round, e.attempt]

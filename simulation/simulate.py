@@ -56,6 +56,7 @@ class SimOptions:
     lr: float = 0.05
     momentum: float = 0.9
     proximal_mu: float | None = None  # FedProx's mu; None: the strategy's default (0.01)
+    clip_norm: float | None = None  # the strategy's per-update clip (None: off)
     strategy: str = "fedavg"
     encoding: str = "bf16"
     seed: int = 0
@@ -214,7 +215,9 @@ def policy_for(o: SimOptions, settings: Settings) -> RoundPolicy:
 def strategy_config(o: SimOptions) -> dict[str, Any]:
     """``{"name": ..., **params}``; ``proximal_mu`` is a parameter of FedProx only (another
     strategy refuses it), and it reaches the devices through ``run_configs``."""
-    params = {} if o.proximal_mu is None else {"proximal_mu": o.proximal_mu}
+    params: dict[str, Any] = {} if o.proximal_mu is None else {"proximal_mu": o.proximal_mu}
+    if o.clip_norm is not None:
+        params["clip_norm"] = o.clip_norm
     return {"name": o.strategy, **params}
 
 

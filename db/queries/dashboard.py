@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Integer, and_, case, func, or_, select
@@ -487,3 +487,70 @@ def service_health(
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class VersionStep:
+    """One version of an async (FedBuff) run: the step that built it, its updates'
+    stalenesses and clients, and its evaluation."""
+
+    round: int
+    version: int
+    created_at: datetime
+    seconds: float  # since the run was created
+    accuracy: float | None
+    loss: float | None
+    staleness: list[int]
+    clients: list[str]  # the devices whose updates it folded, in client-id order
+
+
+def is_async_run(session: Session, run_id: str) -> bool:
+    run = session.get(Run, run_id)
+    policy = (run.config or {}).get("policy") if run is not None else None
+    return isinstance(policy, dict) and policy.get("mode") == "async"
+
+
+def version_steps(session: Session, run_id: str) -> list[VersionStep]:
+    """Every version an async run built, oldest first, in two queries (the steps with
+    their versions, then their counted updates' clients)."""
+    run = session.get(Run, run_id)
+    if run is None:
+        return []
+    made = aliased(ModelVersion)
+    rows = session.execute(
+        select(Round, made)
+        .join(made, made.id == Round.model_version_id)
+        .where(Round.run_id == run_id)
+        .order_by(made.version)
+    ).all()
+    who: dict[int, list[str]] = {}
+    for round_id, client_id in session.execute(
+        select(Participation.round_id, Participation.client_id)
+        .join(Round, Round.id == Participation.round_id)
+        .where(Round.run_id == run_id, Participation.state == ParticipationState.UPDATE)
+        .order_by(Participation.client_id)
+    ):
+        who.setdefault(round_id, []).append(client_id)
+    start = _aware(run.created_at)
+    out = []
+    for r, mv in rows:
+        m, vm = r.metrics or {}, mv.metrics or {}
+        created = _aware(mv.created_at)
+        out.append(
+            VersionStep(
+                round=r.number,
+                version=mv.version,
+                created_at=created,
+                seconds=max(0.0, (created - start).total_seconds()),
+                accuracy=_num(m.get("accuracy")),
+                loss=_num(m.get("loss")),
+                staleness=[int(s) for s in vm.get("staleness") or []],
+                clients=who.get(r.id, []),
+            )
+        )
+    return out
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored one is UTC."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)

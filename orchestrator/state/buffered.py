@@ -13,6 +13,10 @@ A run whose policy says ``mode="async"`` has no rounds that devices wait on. Ins
   reason: too stale, past the deadline, offline). A slot expires when its client goes
   offline, when ``deadline_s`` passes without its update, or when the model moved more
   than ``max_staleness`` versions past its base.
+- **Staleness at fold time.** The bound holds when an update is folded too, not only on
+  arrival: a buffered update the model moved more than ``max_staleness`` versions past
+  while it waited (steps are folded one at a time) is dropped from the buffer with the
+  reason (``StaleDropped``), and its client may train again.
 - **Version steps are rounds.** Whenever ``buffer_size`` updates are buffered and no step
   is in flight, a round opens already closed (state ``aggregating``) whose received
   updates are the buffer's oldest ``buffer_size``: from there on it is an ordinary round
@@ -35,6 +39,7 @@ from orchestrator.state.effects import (
     Dispatched,
     RoundClosed,
     SlotExpired,
+    StaleDropped,
     UpdateBuffered,
     VersionStepOpened,
 )
@@ -113,7 +118,25 @@ def advance(tx: Tx) -> None:
         fill(tx)
 
 
+def drop_stale(tx: Tx) -> None:
+    """Take out of the buffer the updates the model moved more than ``max_staleness``
+    versions past while they waited: the next step's base is at least today's version, so
+    they could only be folded staler than the bound. Each is recorded with why."""
+    limit = tx.policy.max_staleness
+    gone = [u for u in tx.buffer.updates if tx.model_version - u.base_version > limit]
+    if not gone:
+        return
+    tx.buffer = replace(tx.buffer, updates=tuple(u for u in tx.buffer.updates if u not in gone))
+    for u in gone:
+        stale = tx.model_version - u.base_version
+        why = f"{stale} versions stale in the buffer, more than max_staleness {limit}"
+        tx.emit(StaleDropped(u.client_id, u.ticket, u.ref, stale, why))
+        if tx.clients[u.client_id].state is ClientState.UPDATE:
+            tx.move(u.client_id, ClientState.READY, f"update of ticket {u.ticket} dropped: {why}")
+
+
 def expire(tx: Tx) -> None:
+    drop_stale(tx)
     buf = tx.buffer
     if not buf.training:
         return

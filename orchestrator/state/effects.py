@@ -297,6 +297,19 @@ class SlotExpired(Effect):
 
 
 @dataclass(frozen=True, slots=True)
+class StaleDropped(Effect):
+    """A buffered update that the model moved more than ``max_staleness`` versions past
+    while it waited for its step: taken out of the buffer, never folded, with why."""
+
+    kind: ClassVar[str] = "async.stale_dropped"
+    client_id: str
+    ticket: int
+    ref: str
+    staleness: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class VersionStepOpened(Effect):
     """A version step: round ``number`` folds ``updates`` (the buffer's oldest) onto
     version ``base_model_version``; ``staleness`` is each update's, in the same order."""

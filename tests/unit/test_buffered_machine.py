@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learning.staleness import histogram, weight
+from learning.strategies import strategy_from_config
 from orchestrator.state import (
     AggregationSucceeded,
     Autorun,
@@ -27,6 +28,7 @@ from orchestrator.state import (
     Ignored,
     OpenRound,
     Rejected,
+    StaleDropped,
     Tick,
     UpdateBuffered,
     UpdateReceived,
@@ -38,7 +40,7 @@ from orchestrator.state import (
 from orchestrator.state.policy import RoundPolicy
 from orchestrator.state.serde import join, split
 from protocol.messages import RoundState
-from workers.tasks.buffered import buffered_delta
+from workers.tasks.buffered import buffered_delta, clip_updates, robust_buffered_delta
 
 
 def _fed(clients: int, **policy: object) -> Federation:
@@ -86,6 +88,30 @@ def test_buffered_delta_is_fedavg_when_fresh_and_discounts_stale() -> None:
     assert st_ == [3, 0]
 
 
+def test_clipping_holds_over_a_buffer() -> None:
+    big, small = {"w": np.array([3.0, 4.0])}, {"w": np.array([0.3, 0.4])}
+    clipped, n = clip_updates([("a", 1, 0, big), ("b", 1, 0, small)], 1.0)
+    assert n == 1
+    np.testing.assert_allclose(clipped[0][3]["w"], [0.6, 0.8])
+    np.testing.assert_allclose(clipped[1][3]["w"], small["w"])
+    assert clip_updates([("a", 1, 0, big)], None) == ([("a", 1, 0, big)], 0)
+
+
+def test_robust_strategies_reduce_the_weighted_buffer() -> None:
+    """FedMedian over a buffer: the median of f(s_i) * d_i, each update once whatever its
+    samples, times the server lr; FedTrimmedAvg likewise with its trimmed mean."""
+    d = [np.array([1.0, -4.0]), np.array([8.0, 2.0]), np.array([2.0, 0.0])]
+    ups = [("a", 1, 5, {"w": d[0]}), ("b", 100, 2, {"w": d[1]}), ("c", 1, 5, {"w": d[2]})]
+    median = strategy_from_config({"name": "fedmedian"})
+    delta, st_ = robust_buffered_delta(ups, 5, "poly", 0.5, median.reduce)
+    assert st_ == [0, 3, 0]
+    scaled = np.stack([d[0], 0.5 * d[1], d[2]])  # b is 3 behind: weight 1/2
+    np.testing.assert_allclose(delta["w"], 0.5 * np.median(scaled, axis=0))
+    trimmed = strategy_from_config({"name": "fedtrimmedavg", "beta": 0.34})
+    delta, _ = robust_buffered_delta(ups, 5, "constant", 1.0, trimmed.reduce)
+    np.testing.assert_allclose(delta["w"], np.median(np.stack(d), axis=0))  # 3 updates, 1 cut
+
+
 # --- the machine ----------------------------------------------------------------------------
 
 
@@ -126,6 +152,26 @@ def test_refusals_name_their_reason() -> None:
     assert isinstance(eff[0], Rejected) and "async" in eff[0].reason
     _, eff = step(fed, CloseRound(), 4.0)
     assert isinstance(eff[0], Rejected)
+
+
+def test_an_update_too_stale_by_its_step_is_dropped_with_why() -> None:
+    """Arrived fresh enough, then waited behind a step in flight: not folded staler than
+    the bound, but dropped with the reason, and its client may train again."""
+    fed = _fed(4, buffer_size=1, max_staleness=0, concurrency=4)
+    fed, _ = step(fed, Autorun(5), 1.0)
+    t = fed.buffer.training
+    fed, _ = step(fed, UpdateReceived(t[0].client_id, t[0].ticket, "s0", 10), 2.0)
+    assert fed.round is not None and fed.round.in_flight  # step 1 folds s0
+    fed, eff = step(fed, UpdateReceived(t[1].client_id, t[1].ticket, "s1", 10), 2.5)
+    assert any(isinstance(e, UpdateBuffered) for e in eff)  # 0 versions stale on arrival
+    effects: list[object] = []
+    fed = _finish_step(fed, 3.0, effects)
+    (gone,) = [e for e in effects if isinstance(e, StaleDropped)]
+    assert (gone.client_id, gone.ref, gone.staleness) == (t[1].client_id, "s1", 1)
+    assert "max_staleness 0" in gone.reason
+    assert all(u.ref != "s1" for u in fed.buffer.updates)
+    assert not any(isinstance(e, VersionStepOpened) for e in effects)
+    assert t[1].client_id in {x.client_id for x in fed.buffer.training}  # trains again
 
 
 def test_duplicate_of_a_buffered_update_is_ignored() -> None:
@@ -174,6 +220,7 @@ class Replica:
         self.outstanding: dict[tuple[str, int], int] = {}  # (client, ticket) -> base
         self.buffer: list[tuple[str, int]] = []  # (client, base)
         self.steps: list[tuple[int, list[int]]] = []  # (base version, stalenesses)
+        self.dropped: list[tuple[str, int]] = []  # (client, base) too stale to fold
 
     def handed(self, client: str, ticket: int, version: int) -> None:
         assert version == self.version  # always the newest
@@ -200,6 +247,10 @@ class Replica:
         for key, base in list(self.outstanding.items()):
             if self.version - base > self.max_staleness:
                 del self.outstanding[key]
+        # ... and so are buffered updates: they would be folded staler than the bound.
+        keep = [(c, b) for c, b in self.buffer if self.version - b <= self.max_staleness]
+        self.dropped += [(c, b) for c, b in self.buffer if (c, b) not in keep]
+        self.buffer = keep
         self.maybe_step()
 
 
@@ -222,6 +273,8 @@ def test_machine_matches_replica_and_counts_each_update_once(
     fed, eff = step(fed, Autorun(10**6), 0.0)
     accepted: list[tuple[str, str]] = []
     in_steps: list[tuple[str, str]] = []
+    dropped: list[tuple[str, str]] = []
+    step_staleness: list[int] = []
     sent: list[tuple[str, int, str]] = []
     arrival_staleness: list[int] = []
 
@@ -231,8 +284,11 @@ def test_machine_matches_replica_and_counts_each_update_once(
                 rep.handed(e.client_id, e.ticket, e.model_version)
             elif isinstance(e, VersionStepOpened):
                 in_steps.extend((u.client_id, u.ref) for u in e.updates)
+                step_staleness.extend(e.staleness)
                 assert e.base_model_version == rep.steps[-1][0]
                 assert list(e.staleness) == rep.steps[-1][1]
+            elif isinstance(e, StaleDropped):
+                dropped.append((e.client_id, e.ref))
 
     absorb(eff)
     now = 0.0
@@ -264,8 +320,12 @@ def test_machine_matches_replica_and_counts_each_update_once(
         assert len(rep.steps) - before_steps == sum(isinstance(e, VersionStepOpened) for e in eff)
     waiting = [(u.client_id, u.ref) for u in fed.buffer.updates]
     assert len(set(accepted)) == len(accepted)  # nothing accepted twice
-    assert sorted(in_steps + waiting) == sorted(accepted)  # each in exactly one place
-    assert waiting == [(c, r) for c, r in accepted if (c, r) not in set(in_steps)]
+    # Each in exactly one place: a step, the buffer, or dropped with a reason.
+    assert sorted(in_steps + waiting + dropped) == sorted(accepted)
+    done = set(in_steps) | set(dropped)
+    assert waiting == [(c, r) for c, r in accepted if (c, r) not in done]
+    assert len(dropped) == len(rep.dropped)
     assert len(fed.buffer.training) <= concurrency
-    # The bound holds on arrival (an update may wait in the buffer past it, and still counts).
+    # The bound holds on arrival and when folded.
     assert all(s <= max_staleness for s in arrival_staleness)
+    assert all(s <= max_staleness for s in step_staleness)

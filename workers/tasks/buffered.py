@@ -14,6 +14,12 @@ FedAdam keep their moments across versions, as across rounds), so a server optim
 composes. Updates fold in client-id order in float64: the version is deterministic given
 its buffer. Non-float tensors keep the step's base values.
 
+The strategy's ``clip_norm`` holds over a buffer as over a round: each update's delta is
+clipped to that global L2 norm before it is weighted. A robust strategy (FedMedian,
+FedTrimmedAvg) reduces the buffer coordinate-wise instead of averaging it: its statistic
+over the staleness-weighted deltas ``f(s_i) * d_i`` (sample counts ignored, as robust
+strategies do in rounds), times ``eta``.
+
 Run config: ``config["async"] = {"staleness": "poly"|"constant"|"hinge", "server_lr": x}``.
 """
 
@@ -30,6 +36,7 @@ from db import blobstore
 from db import queries as q
 from db.engine import session_scope
 from learning.staleness import check_policy, histogram, is_finite_lr, weight
+from learning.strategies.clip import clip_by_norm
 from protocol.codec import CodecError, DecodeLimits, decode
 from workers.config import WorkerConfig
 from workers.fold import split_floats
@@ -62,6 +69,13 @@ def async_settings(config: Mapping[str, Any]) -> tuple[str, float]:
     return policy, float(lr)
 
 
+def max_staleness(config: Mapping[str, Any]) -> int | None:
+    """The run policy's staleness bound (None where the config has none)."""
+    policy = config.get("policy")
+    raw = policy.get("max_staleness") if isinstance(policy, Mapping) else None
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+
+
 def buffered_delta(
     updates: list[tuple[str, int, int, dict[str, np.ndarray]]],
     step_base: int,
@@ -87,6 +101,51 @@ def buffered_delta(
     return {name: a * scale for name, a in acc.items()}, stalenesses
 
 
+def clip_updates(
+    updates: list[tuple[str, int, int, dict[str, np.ndarray]]], clip_norm: float | None
+) -> tuple[list[tuple[str, int, int, dict[str, np.ndarray]]], int]:
+    """Each update's delta clipped to ``clip_norm`` (global L2 norm; None: off), and how
+    many were scaled down."""
+    if clip_norm is None:
+        return updates, 0
+    out, clipped = [], 0
+    for cid, n, base, delta in updates:
+        scaled, norm = clip_by_norm(delta, clip_norm)
+        clipped += int(norm > clip_norm)
+        out.append((cid, n, base, scaled))
+    return out, clipped
+
+
+def robust_buffered_delta(
+    updates: list[tuple[str, int, int, dict[str, np.ndarray]]],
+    step_base: int,
+    policy: str,
+    server_lr: float,
+    reduce: Callable[[Mapping[str, np.ndarray], np.ndarray], dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """A robust strategy's ``reduce`` over the buffer: its coordinate-wise statistic of
+    the staleness-weighted deltas (each update once, whatever its samples), times the
+    server learning rate. Stale updates are shrunk toward zero before the statistic, so
+    they pull the result less."""
+    ordered = sorted(updates, key=lambda u: u[0])
+    stalenesses = [step_base - base for _, _, base, _ in ordered]
+    factors = [weight(policy, s) for s in stalenesses]
+    names = list(ordered[0][3])
+    stacks = {
+        name: np.stack(
+            [
+                np.asarray(d[name], dtype=np.float64) * f
+                for (_, _, _, d), f in zip(ordered, factors, strict=True)
+            ]
+        )
+        for name in names
+    }
+    reduced = reduce(stacks, np.ones(len(ordered)))
+    return {
+        name: np.asarray(r, dtype=np.float64) * server_lr for name, r in reduced.items()
+    }, stalenesses
+
+
 def fold_version_step(
     config: WorkerConfig,
     factory: sessionmaker[Session],
@@ -100,6 +159,13 @@ def fold_version_step(
         run = q.get_run(s, run_id)
         run_config = dict(run.config or {}) if run is not None else {}
     policy, server_lr = async_settings(run_config)
+    bound = max_staleness(run_config)
+    if plan.privacy is not None and plan.privacy.central:
+        # Noise and the accountant are per round of DP-FedAvg; a version step has neither
+        # here. Refused rather than folded without the noise the run asked for.
+        raise AggregationError(
+            "run config: central DP over an async buffer is not supported; use local DP"
+        )
     load = blob_loader(factory, [u.blob_sha for u in plan.updates if u.blob_sha])
     models: dict[int, dict[str, np.ndarray]] = {plan.base_version: plan.base.floats}
     prepared: list[tuple[str, int, int, dict[str, np.ndarray]]] = []
@@ -115,20 +181,38 @@ def fold_version_step(
         if base_version > plan.base_version:
             skipped[ref.client_id] = f"trained on version {base_version}, after the step's base"
             continue
+        if bound is not None and plan.base_version - base_version > bound:
+            # The machine drops such updates before a step opens; this guards the fold
+            # itself, so a stale update is refused with why, never folded silently.
+            stale = plan.base_version - base_version
+            skipped[ref.client_id] = f"{stale} versions stale, more than max_staleness {bound}"
+            continue
         prepared.append((ref.client_id, int(ref.num_samples or 1), base_version, delta))
+        if config.test_aggregate_delay_s:
+            time.sleep(config.test_aggregate_delay_s)  # the fault tests' window to kill in
     if not prepared:
         raise AggregationError(f"version step {round_number}: no usable update ({skipped})")
-    delta, stalenesses = buffered_delta(prepared, plan.base_version, policy, server_lr)
+    strategy = plan.strategy
+    prepared, clipped = clip_updates(prepared, strategy.clip_norm)
+    if strategy.streaming:
+        delta, stalenesses = buffered_delta(prepared, plan.base_version, policy, server_lr)
+    else:
+        delta, stalenesses = robust_buffered_delta(
+            prepared, plan.base_version, policy, server_lr, strategy.reduce
+        )
     folded = Folded(
         delta=delta,
         counters=dict(plan.base.others),
         num_updates=len(prepared),
         num_samples=sum(n for _, n, _, _ in prepared),
-        clipped=0,
+        clipped=clipped,
         skipped=skipped,
         fold_device="cpu",
         metrics={
             "fold": "buffered",
+            # How the buffer was combined: the staleness-weighted mean, or a robust
+            # strategy's statistic of the staleness-weighted deltas.
+            "buffer_reduce": "mean" if strategy.streaming else strategy.name,
             "staleness_policy": policy,
             "server_lr": server_lr,
             "staleness": stalenesses,
