@@ -16,7 +16,7 @@ other. Round 1 is a warm-up; the figures are the median of the rounds after it.
 
     PYTHONPATH=. python benchmarks/secagg_full.py [--clients 10 50 100] [--rounds 3]
     PYTHONPATH=. python benchmarks/secagg_full.py --clients 50 --degrees 4 12 49
-    PYTHONPATH=. python benchmarks/secagg_full.py --resnet18 --clients 10 --rounds 2
+    PYTHONPATH=. python benchmarks/secagg_full.py --resnet18 --clients 10 --rounds 3
 """
 
 from __future__ import annotations
