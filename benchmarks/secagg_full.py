@@ -15,6 +15,8 @@ other. Round 1 is a warm-up; the figures are the median of the rounds after it.
   notices and the stage messages (roster, inbox, unmask request).
 
     PYTHONPATH=. python benchmarks/secagg_full.py [--clients 10 50 100] [--rounds 3]
+    PYTHONPATH=. python benchmarks/secagg_full.py --clients 50 --degrees 4 12 49
+    PYTHONPATH=. python benchmarks/secagg_full.py --resnet18 --clients 10 --rounds 3
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ from devices.transport import BusTransport, Inbound
 from devices.wire import Identity
 from fedmq.settings import Settings
 from fedmq.wiring import device_config, open_bus, orchestrator_service
+from learning.data import load_dataset
+from learning.models import build_model
+from learning.params import to_numpy
 from orchestrator.runs import create_run
 from orchestrator.state import Autorun, RoundPolicy
 from orchestrator.store import step_run
+from protocol import codec
 from protocol.bus import connect
 from protocol.messages import Envelope, UpdateMeta
 from protocol.secagg import SecAggConfig
@@ -61,8 +67,8 @@ WHERE = (
     "compresses under zstd; keys, boxes and reveals add O(K·k) small messages. Down: the "
     "roster lists every device's keys and goes to every device (O(K²) bytes in all; about"
     " 20 KiB at K = 100, to each device). Quantisation loses at most 0.5/scale a "
-    "coordinate, so accuracy should match the plain column's. Not compared with Flower's "
-    "SecAgg+: no Flower figure was measured here."
+    "coordinate, so accuracy should match the plain column's. Flower's published SecAgg+ "
+    "figures, and a reading of the SecAgg+ tables together: the ResNet-18 section below."
 )
 MAC_HEX = 64 + 10  # the MAC field a signed stage message carries on the wire
 
@@ -90,13 +96,33 @@ class Counting(BusTransport):
 
 
 def measure(
-    k: int, rounds: int, secure: bool, logs: Path, degree: int | None = None
+    k: int,
+    rounds: int,
+    secure: bool,
+    logs: Path,
+    degree: int | None = None,
+    hidden: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     scratch = make_scratch("bench_secagg")
     try:
-        return _measure(k, rounds, secure, logs, scratch.amqp_url, scratch.db_url, degree)
+        return _measure(k, rounds, secure, logs, scratch.amqp_url, scratch.db_url, degree, hidden)
     finally:
         drop_scratch(scratch)
+
+
+def _initial(hidden: tuple[int, ...] | None) -> bytes:
+    """Version 0: the digits MLP, or one with ``hidden`` widths (seeded like the default)."""
+    if hidden is None:
+        return _initial_model(SimOptions())
+    data = load_dataset("digits")
+    model = build_model(
+        "mlp",
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        seed=0,
+        hidden=hidden,
+    )
+    return codec.encode(to_numpy(model), codec.Encoding.FP32)
 
 
 def _measure(
@@ -107,8 +133,10 @@ def _measure(
     amqp_url: str,
     db_url: str,
     degree: int | None = None,
+    hidden: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     migrations.upgrade(db_url)
+    model_args: dict[str, Any] = {"hidden": list(hidden)} if hidden else {}
     settings = Settings(broker_url=amqp_url, database_url=db_url, heartbeat_interval_s=2.0)
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
@@ -116,12 +144,12 @@ def _measure(
         run_id = create_run(
             s,
             f"bench-{'secure' if secure else 'plain'}-{k}",
-            _initial_model(SimOptions()),
+            _initial(hidden),
             policy=RoundPolicy(
                 min_clients=k, quorum_fraction=1.0, deadline_s=600, heartbeat_timeout_s=120
             ),
             train={"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
-            extra_config={"model": {"name": "mlp"}, "dataset": {"name": "digits"}},
+            extra_config={"model": {"name": "mlp", **model_args}, "dataset": {"name": "digits"}},
             secagg={"stage_s": 300.0, "degree": degree} if secure else None,
         )
     service = orchestrator_service(settings, open_bus(settings))
@@ -136,7 +164,9 @@ def _measure(
             run_id,
             i,
             k,
-            training=TrainingConfig(encoding="fp32", torch_threads=None),
+            training=TrainingConfig(
+                encoding="fp32", torch_threads=None, model="mlp", model_args=model_args
+            ),
             poll_s=0.2,
         )
         clients.append(FederatedClient(config, Counting(connect(amqp_url), tally)))
@@ -226,10 +256,20 @@ def main() -> None:
         nargs="+",
         help="Instead: the graph degree's effect at the first --clients (None: the default)",
     )
+    ap.add_argument(
+        "--resnet18",
+        action="store_true",
+        help="Instead: a ResNet-18-size vector at the first --clients, and where time goes",
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)  # K devices share this machine's cores
+    if args.resnet18:
+        from secagg_resnet import resnet_table
+
+        resnet_table(args.clients[0], args.rounds, args.logs, measure)
+        return
     if args.degrees:
         degree_table(args.clients[0], args.degrees, args.rounds, args.logs)
         return
