@@ -297,7 +297,17 @@ def main() -> None:
     ap.add_argument("--digits-s", type=float, default=60.0, help="wall time per digits run")
     ap.add_argument("--mnist1d-s", type=float, default=40.0, help="wall time per mnist1d run")
     ap.add_argument("--full-s", type=float, default=60.0, help="wall time per full-mode run")
+    ap.add_argument(
+        "--converge",
+        type=float,
+        metavar="S",
+        help="instead: digits embedded, both modes run S s each (long enough for sync to "
+        "converge), final accuracies compared (section async_vs_sync_converged)",
+    )
     args = ap.parse_args()
+    if args.converge:
+        converge(args.converge)
+        return
     caps = (15.0, 15.0, 20.0) if args.quick else (args.digits_s, args.mnist1d_s, args.full_s)
     plan: list[tuple[str, str, float, bool]] = [
         ("digits MLP, embedded", "digits", caps[0], False),
@@ -369,6 +379,67 @@ load average when each run started: other jobs ran beside it).
         md,
         {"comparisons": comparisons, "scenarios": scenarios, "benchmark_wall_s": total},
     )
+
+
+def _tail_mean(points: list[dict[str, Any]], n: int = 5) -> float | None:
+    """The mean accuracy of the last ``n`` evaluations: one evaluation of 360 images moves
+    by a point or more from one version to the next, so a final figure is a tail mean."""
+    accs = [p["accuracy"] for p in points if p["accuracy"] is not None][-n:]
+    return sum(accs) / len(accs) if accs else None
+
+
+def converge(cap_s: float) -> None:
+    """Both modes on digits (embedded) for ``cap_s`` s each, long enough for synchronous
+    FedAvg to converge: the issue's "final accuracy within 1 point", which the equal-time
+    comparison above cannot read (sync is still far from converged there)."""
+    results: dict[str, dict[str, Any]] = {}
+    started = time.time()
+    with TemporaryDirectory() as tmp:
+        for name, mode in (("async FedBuff", "async"), ("sync FedAvg (deadline)", "sync")):
+            res = run_one(options("digits", mode, Path(tmp) / mode), cap_s)
+            sm = summary(res, TARGETS["digits"])
+            sm["tail_mean_accuracy"] = _tail_mean(res["points"])
+            results[name] = {**res, "summary": sm}
+            print(name, sm, flush=True)
+    total = round(time.time() - started, 1)
+    a, y = results["async FedBuff"]["summary"], results["sync FedAvg (deadline)"]["summary"]
+    gap = None
+    if a["tail_mean_accuracy"] is not None and y["tail_mean_accuracy"] is not None:
+        gap = 100.0 * (a["tail_mean_accuracy"] - y["tail_mean_accuracy"])
+    speed = None
+    if a["time_to_target_s"] and y["time_to_target_s"]:
+        speed = y["time_to_target_s"] / a["time_to_target_s"]
+    rows = []
+    for name, r in results.items():
+        sm = r["summary"]
+        rows.append(
+            f"| {name} | {_sec(sm['time_to_target_s'])} | {_pct(sm['tail_mean_accuracy'])} | "
+            f"{_pct(sm['final_accuracy'])} | {_pct(sm['best_accuracy'])} | {sm['versions']} | "
+            f"{r['wall_s']:.0f} s | {r['load_1m']} |"
+        )
+    verdict_gap = (
+        "not measured"
+        if gap is None
+        else f"{gap:+.2f} points (async {'is not' if gap >= -1.0 else 'IS'} more than 1 point "
+        "below sync)"
+    )
+    verdict_speed = "not measured" if speed is None else f"{speed:.2f}x"
+    md = f"""## Async against sync run to convergence (`benchmarks/async_vs_sync.py --converge`)
+
+The same fleet and settings as the section above (digits MLP, embedded, K = {CLIENTS},
+25 % slow, 10 % dropout, sync deadline {DEADLINE_S:g} s, async buffer {BUFFER}), but each
+mode runs {cap_s:g} s, long enough for synchronous FedAvg to converge, so that final
+accuracies compare as the issue asks. *Final (tail mean)*: the mean of the last 5
+evaluations (one evaluation on 360 images moves a point or more between versions).
+
+| mode | time to 90 % | final (tail mean) | last | best | rounds/versions | wall | load (1 min) |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Sync's time to 90 % over async's: **{verdict_speed}**; final accuracy, async minus sync:
+**{verdict_gap}**. Whole run {total:.0f} s.
+"""
+    publish("async_vs_sync_converged", md, {"results": results, "benchmark_wall_s": total})
 
 
 if __name__ == "__main__":
