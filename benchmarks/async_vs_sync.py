@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import threading
@@ -38,7 +39,7 @@ from typing import Any
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish
+from _report import RESULTS, ROOT, machine_line, publish, write_section
 from _scratch import drop_scratch, make_scratch
 
 from db import migrations
@@ -304,7 +305,15 @@ def main() -> None:
         help="instead: digits embedded, both modes run S s each (long enough for sync to "
         "converge), final accuracies compared (section async_vs_sync_converged)",
     )
+    ap.add_argument(
+        "--republish-converged",
+        action="store_true",
+        help="rebuild the --converge section from its stored JSON",
+    )
     args = ap.parse_args()
+    if args.republish_converged:
+        republish_converged()
+        return
     if args.converge:
         converge(args.converge)
         return
@@ -402,13 +411,25 @@ def converge(cap_s: float) -> None:
             results[name] = {**res, "summary": sm}
             print(name, sm, flush=True)
     total = round(time.time() - started, 1)
+    publish(
+        "async_vs_sync_converged",
+        converged_section(results, cap_s, total),
+        {"results": results, "cap_s": cap_s, "benchmark_wall_s": total},
+    )
+
+
+def converged_section(results: dict[str, dict[str, Any]], cap_s: float, total: float) -> str:
     a, y = results["async FedBuff"]["summary"], results["sync FedAvg (deadline)"]["summary"]
     gap = None
     if a["tail_mean_accuracy"] is not None and y["tail_mean_accuracy"] is not None:
         gap = 100.0 * (a["tail_mean_accuracy"] - y["tail_mean_accuracy"])
-    speed = None
     if a["time_to_target_s"] and y["time_to_target_s"]:
-        speed = y["time_to_target_s"] / a["time_to_target_s"]
+        verdict_speed = f"{y['time_to_target_s'] / a['time_to_target_s']:.2f}x"
+    elif a["time_to_target_s"]:
+        lower = cap_s / a["time_to_target_s"]
+        verdict_speed = f"more than {lower:.1f}x (sync did not reach 90 % in {cap_s:g} s)"
+    else:
+        verdict_speed = "not measured (async did not reach 90 %)"
     rows = []
     for name, r in results.items():
         sm = r["summary"]
@@ -423,23 +444,45 @@ def converge(cap_s: float) -> None:
         else f"{gap:+.2f} points (async {'is not' if gap >= -1.0 else 'IS'} more than 1 point "
         "below sync)"
     )
-    verdict_speed = "not measured" if speed is None else f"{speed:.2f}x"
-    md = f"""## Async against sync run to convergence (`benchmarks/async_vs_sync.py --converge`)
+    still_rising = (
+        y["tail_mean_accuracy"] is not None
+        and y["final_accuracy"] is not None
+        and (y["final_accuracy"] > y["tail_mean_accuracy"])
+    )
+    caveat = (
+        " Sync was still rising at the cut (its last evaluation above its tail mean): its "
+        "converged accuracy is higher than shown, so the gap is an upper bound on async's lead."
+        if still_rising
+        else ""
+    )
+    return f"""## Async against sync over a longer run (`benchmarks/async_vs_sync.py --converge`)
 
 The same fleet and settings as the section above (digits MLP, embedded, K = {CLIENTS},
-25 % slow, 10 % dropout, sync deadline {DEADLINE_S:g} s, async buffer {BUFFER}), but each
-mode runs {cap_s:g} s, long enough for synchronous FedAvg to converge, so that final
-accuracies compare as the issue asks. *Final (tail mean)*: the mean of the last 5
-evaluations (one evaluation on 360 images moves a point or more between versions).
+25 % slow, 10 % dropout, sync deadline {DEADLINE_S:g} s, async buffer {BUFFER}), each mode
+run {cap_s:g} s (4x the equal-time cut above), to read the issue's "final accuracy within
+1 point" further along than the equal-time comparison can. *Final (tail mean)*: the mean of
+the last 5 evaluations (one evaluation on 360 images moves a point or more between
+versions).
 
 | mode | time to 90 % | final (tail mean) | last | best | rounds/versions | wall | load (1 min) |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Sync's time to 90 % over async's: **{verdict_speed}**; final accuracy, async minus sync:
-**{verdict_gap}**. Whole run {total:.0f} s.
+Speed-up to 90 %: **{verdict_speed}**; final accuracy, async minus sync:
+**{verdict_gap}**.{caveat} Whole run {total:.0f} s.
 """
-    publish("async_vs_sync_converged", md, {"results": results, "benchmark_wall_s": total})
+
+
+def republish_converged() -> None:
+    """Rebuild the section from the stored JSON, with the run's own machine line (after a
+    change to the section's text only)."""
+    stored = json.loads((RESULTS / "async_vs_sync_converged.json").read_text())
+    data = stored["results"]
+    cap = float(data.get("cap_s", 240.0))
+    md = converged_section(data["results"], cap, data["benchmark_wall_s"])
+    write_section(
+        "async_vs_sync_converged", f"{md.rstrip()}\n\n{machine_line(stored['machine'])}\n"
+    )
 
 
 if __name__ == "__main__":
