@@ -9,8 +9,9 @@ gauge kept in memory would drift from the table it mirrors after a restart or be
 another replica. Each replica exports what it did itself; sum over replicas in queries.
 
 Names follow Prometheus's conventions (``_total`` counters, ``_seconds`` and ``_bytes``
-units); ``deploy/grafana/fedmq.json`` queries them and a test checks that every name it
-queries exists here, in ``workers.metrics`` or in the gateway's instrumentator.
+units); ``deploy/grafana/dashboards/fedmq.json`` queries them, and a test checks that every
+name it queries exists here, in ``workers.metrics`` or in the gateway's instrumentator, and
+that every metric defined there has a panel and a line in ``docs/monitoring.md``.
 """
 
 from __future__ import annotations
