@@ -16,9 +16,9 @@ in-process bus: splitting is then pure overhead. Here every device is its own pr
   ``EdgeSession`` over RabbitMQ (torch on one thread).
 
 Scenario 1 (all on device) uses no link: it runs once per profile and repeat, and its row
-is the same in both link tables. In the overlap rows (3, 6) the devices also pipeline
-(``train_split(pipeline=True)``: the next batch's head runs during this batch's
-backward round trip), the device half of "async transfer and overlap".
+is the same in both link tables. The overlap rows (3, 6) train the same weights as 2
+(since 2026-12-07): the devices do not pipeline their head (``train_split(pipeline=True)``
+steps it one batch late), and the edge keeps whole groups (``workers.edge.session``).
 
     sudo .venv/bin/python benchmarks/split_shaped.py            # writes docs + JSON + PNG
     sudo .venv/bin/python benchmarks/split_shaped.py --quick    # one tiny pass, prints
@@ -419,8 +419,8 @@ def markdown(result: dict[str, Any], setup: Setup) -> str:
         "take their share (load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in result['load_average'])}); RabbitMQ itself runs "
         "unpinned. Scenario 1 needs no link: its "
-        "row is the same in both link tables. In 3 and 6 the devices also pipeline "
-        "(the next batch's head during this batch's backward round trip). Links are "
+        "row is the same in both link tables. Rows 3 and 6 train the same weights as 2 "
+        "(no head pipelining on the devices, whole groups on the edge). Links are "
         "one-way delays on each direction (a round trip is twice that).\n",
         "Columns: time to train from the devices' common start to the last device's end "
         f"(median of {setup.repeats} runs, all runs in brackets); edge busy: edge compute "
