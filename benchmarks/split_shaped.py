@@ -16,9 +16,9 @@ in-process bus: splitting is then pure overhead. Here every device is its own pr
   ``EdgeSession`` over RabbitMQ (torch on one thread).
 
 Scenario 1 (all on device) uses no link: it runs once per profile and repeat, and its row
-is the same in both link tables. In the overlap rows (3, 6) the devices also pipeline
-(``train_split(pipeline=True)``: the next batch's head runs during this batch's
-backward round trip), the device half of "async transfer and overlap".
+is the same in both link tables. The overlap rows (3, 6) train the same weights as 2
+(since 2026-12-07): the devices do not pipeline their head (``train_split(pipeline=True)``
+steps it one batch late), and the edge keeps whole groups (``workers.edge.session``).
 
     sudo .venv/bin/python benchmarks/split_shaped.py            # writes docs + JSON + PNG
     sudo .venv/bin/python benchmarks/split_shaped.py --quick    # one tiny pass, prints
@@ -419,8 +419,8 @@ def markdown(result: dict[str, Any], setup: Setup) -> str:
         "take their share (load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in result['load_average'])}); RabbitMQ itself runs "
         "unpinned. Scenario 1 needs no link: its "
-        "row is the same in both link tables. In 3 and 6 the devices also pipeline "
-        "(the next batch's head during this batch's backward round trip). Links are "
+        "row is the same in both link tables. Rows 3 and 6 train the same weights as 2 "
+        "(no head pipelining on the devices, whole groups on the edge). Links are "
         "one-way delays on each direction (a round trip is twice that).\n",
         "Columns: time to train from the devices' common start to the last device's end "
         f"(median of {setup.repeats} runs, all runs in brackets); edge busy: edge compute "
@@ -448,14 +448,11 @@ def markdown(result: dict[str, Any], setup: Setup) -> str:
         "the body to the edge's whole core but adds two exchanges per batch, so 1 is "
         "slower than 2 (the paper's order) only where the body's throttled compute costs "
         "more than those exchanges: the weaker the device and the shorter the link, the "
-        "more it does. Rows 3 and 6 (overlap) hide only the device's head forward behind "
-        "the backward round trip; they pay for it with a new link thread per epoch (the "
-        "AMQP bus keeps one connection per thread, so each device opens a connection over "
-        "the shaped link every epoch) and the edge's smaller groups (it stages one device's "
-        "activations ahead instead of waiting for both). Their accuracy after these few "
-        "epochs also falls short of 2's: the head steps one batch late, and the edge's "
-        "body steps on one device's rows at a time instead of both devices' summed, so "
-        '"at equal accuracy" does not hold for them either. Row 4 saves the unfused softmax on '
+        "more it does. Overlap changes no weights (since 2026-12-07: the devices no "
+        "longer step their head one batch late, and the edge keeps both devices in each "
+        "group): row 3 trains what 2 trains, and 6 what 4 and 5 together would; their "
+        "copies overlap compute only on a GPU edge, so on this CPU edge 3 should land "
+        "within run-to-run noise of 2. Row 4 saves the unfused softmax on "
         "the throttled device (softmax column), a small part of each batch. Row 5 runs the "
         "body in bf16 (this CPU has AMX); the edge compute column says whether it paid, and "
         "edge compute is itself a small part of the time. Edge busy stays low in every "

@@ -13,14 +13,17 @@ from db import migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
 from devices.split import BusEdge, EdgeUnavailable
+from learning.split import split_model, train_split
 from orchestrator.runs import create_run
 from protocol.bus import InProcessBus
 from protocol.codec import Encoding, encode
 from protocol.split import SplitRequest, edge_request_queue, edge_session_topology
 from tests.split_helpers import (
+    TRAIN,
     data,
     edge_in_thread,
     max_relative_error,
+    model,
     reference,
     spec,
     train_device,
@@ -182,3 +185,85 @@ def test_split_tensors_travel_only_in_the_float_encodings() -> None:
     for lossy in ("int8", "topk"):
         with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
             SplitRequest(**base, encoding=lossy)
+
+
+class _GatedEdge(BusEdge):
+    """A device link that signals once its first forward is published, and may hold its
+    first backward until an event is set: fixes the order in which the edge sees them."""
+
+    def __init__(
+        self,
+        bus: InProcessBus,
+        session_id: str,
+        client_id: str,
+        sent: threading.Event,
+        hold: threading.Event | None,
+    ) -> None:
+        super().__init__(bus, session_id, client_id, encoding="fp32")
+        self.sent, self.hold = sent, hold
+
+    def _publish(self, request: SplitRequest, body: bytes) -> None:
+        super()._publish(request, body)
+        if request.phase == "forward":
+            self.sent.set()
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
+        if self.hold is not None:
+            assert self.hold.wait(30)
+        return super().backward(grad_out)
+
+
+def _two_devices_one_late(overlap: bool) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """d0 alone in the first group; d1's first forward reaches the edge while that group
+    awaits its backward (so it waits, as a group's forward does under overlap), then both
+    devices share every group. The wait bound is long so that groups never depend on
+    timing: the two runs differ only by ``overlap``."""
+    bus, sid = InProcessBus(), _session()
+    parts = [data(64, seed=s) for s in (1, 2)]
+    d0_sent, d1_sent = threading.Event(), threading.Event()
+    states: dict[str, dict[str, np.ndarray]] = {}
+    session = spec(sid, expected_devices=2, wait_bound_s=5.0, overlap=overlap)
+
+    def device(
+        name: str,
+        sent: threading.Event,
+        hold: threading.Event | None,
+        start: threading.Event | None,
+    ) -> None:
+        if start is not None:
+            assert start.wait(30)
+        split = split_model(model())
+        x, y = parts[int(name[1])]
+        with _GatedEdge(bus, sid, name, sent, hold) as edge:
+            train_split(split, edge, x, y, **TRAIN)
+        keep = split.state_names("head", "tail")
+        states[name] = {
+            k: v.detach().numpy().copy() for k, v in split.model.state_dict().items() if k in keep
+        }
+
+    with edge_in_thread(bus, session) as (engine, names, result):
+        threads = [
+            threading.Thread(target=device, args=("d0", d0_sent, d1_sent, None)),
+            threading.Thread(target=device, args=("d1", d1_sent, None, d0_sent)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    body = body_state(engine, names)
+    got = {f"{d}.{k}": v for d, s in states.items() for k, v in s.items()}
+    return {**got, **{f"edge.{k}": v for k, v in body.items()}}, result
+
+
+def test_overlap_trains_the_weights_of_synchronous_serving() -> None:
+    """Overlap may not change the math: a device's forward that waits while a group is in
+    flight joins the next whole group, as on the synchronous path, instead of being staged
+    ahead alone (which split two devices into alternating one-device groups, each body
+    step on one device's rows instead of both devices' summed gradient)."""
+    sync, sync_result = _two_devices_one_late(overlap=False)
+    over, over_result = _two_devices_one_late(overlap=True)
+    steps = 2 * 64 // TRAIN["batch_size"]  # per device
+    # [d0], then [d1, d0] for the remaining steps of d0, then d1's last step alone.
+    assert sync_result["groups"] == over_result["groups"] == steps + 1
+    assert over_result["staged_ahead"] == 0 and over_result["refused"] == 0
+    assert max_relative_error(over, sync) < 1e-6

@@ -13,11 +13,11 @@ hands it to the serving loop through an in-memory inbox. The loop, on the caller
 3. **collect** each member's backward request (forward requests arriving meanwhile wait
    for the next group); a member that does not answer within ``request_timeout_s``, or
    leaves, gets zero gradient rows and is dropped;
-4. with ``overlap``, stage the next group's activations when forwards from at least as
-   many devices as this group has are already waiting (their host-to-device copy then
-   runs during this group's backward; staging fewer early would shrink groups), then
-   stage the gradients, run backward and the optimizer step, and reply with the input
-   gradients.
+4. with ``overlap``, stage the next group's activations before this group's backward
+   (their host-to-device copy then runs during it) only when that group is the one
+   synchronous serving would form: this group is full (``max_batch_rows``) and forwards
+   from every other active device are waiting. Then stage the gradients, run backward
+   and the optimizer step, and reply with the input gradients.
 
 A group's forward must wait for the previous group's step (the step changes the weights
 the graph was built with), so groups are strictly one after another; devices overlap
@@ -88,6 +88,10 @@ class _Request:
     @property
     def client(self) -> str:
         return self.meta.client_id
+
+
+def _rows(r: _Request) -> int:
+    return 0 if r.array is None else len(r.array)
 
 
 @dataclass
@@ -251,10 +255,18 @@ class EdgeSession:
 
     def _worth_staging_ahead(self, group: list[_Request]) -> bool:
         """Stage the waiting forwards before this group's backward (their copy then overlaps
-        it) only when they come from at least as many devices as this group has: the
-        members of this group cannot join a group formed now, and forming smaller and
-        smaller groups early would trade batching away for overlap."""
-        return len({r.client for r in self._pending}) >= len(group)
+        it) only when that changes no group: this group could take none of them
+        (``max_batch_rows``) and they come from every active device outside it. Staging
+        whatever is waiting would split the devices into alternating smaller groups, and the
+        body would step on one device's rows at a time instead of the sum over all of them
+        that the synchronous path steps on (a different, timing-dependent training run)."""
+        if not self._pending:
+            return False
+        rows = sum(_rows(r) for r in group)
+        if rows + _rows(self._pending[0]) <= self.config.max_batch_rows:
+            return False
+        members = {r.client for r in group}
+        return self._active - members <= {r.client for r in self._pending}
 
     def _stage(self, group: list[_Request]) -> Staged | None:
         """The group's inputs staged, or None after refusing them all (shapes that do not
