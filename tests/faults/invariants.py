@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -162,6 +163,25 @@ def _check_round(s: Session, rnd: Round) -> int:
     return len(rows)
 
 
+def unmask_from_material(masked: dict[str, Any], material: dict[str, Any]) -> Any:
+    """The survivors' ring sum, unmasked from their masked vectors and the material blob a
+    version names (keys, sharers, revealed shares, graph), without the worker's code."""
+    keys = material["keys"]
+    return unmask_sum(
+        masked,
+        {c: (bytes.fromhex(k[0]), bytes.fromhex(k[1])) for c, k in keys.items()},
+        material["sharers"],
+        {
+            rep: {o: (ks[0], bytes.fromhex(ks[1])) for o, ks in sh.items()}
+            for rep, sh in material["revealed"].items()
+        },
+        graph_seed=bytes.fromhex(material["graph_seed"]),
+        degree=int(material["degree"]),
+        threshold=int(material["threshold"]),
+        context=str(material["context"]).encode(),
+    )
+
+
 def _check_secure_round(
     s: Session, rnd: Round, mv: ModelVersion, base_mv: ModelVersion, rows: list[Participation]
 ) -> int:
@@ -187,19 +207,7 @@ def _check_secure_round(
         if list(tensors) != [MASKED]:
             raise InvariantViolation(f"round {rnd.number}: {cid}'s stored update is not masked")
         masked[cid] = tensors[MASKED]
-    total = unmask_sum(
-        masked,
-        {c: (bytes.fromhex(k[0]), bytes.fromhex(k[1])) for c, k in keys.items()},
-        material["sharers"],
-        {
-            rep: {o: (ks[0], bytes.fromhex(ks[1])) for o, ks in sh.items()}
-            for rep, sh in material["revealed"].items()
-        },
-        graph_seed=bytes.fromhex(material["graph_seed"]),
-        degree=int(material["degree"]),
-        threshold=int(material["threshold"]),
-        context=str(material["context"]).encode(),
-    )
+    total = unmask_from_material(masked, material)
     if (mv.metrics.get("privacy") or {}).get("noise_std"):
         return len(rows)  # noised once after unmasking: the sum itself is not released
     base, _ = _tensors(s, base_mv.blob_sha)

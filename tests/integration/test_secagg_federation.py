@@ -38,12 +38,12 @@ from orchestrator.state import Autorun, RoundPolicy
 from orchestrator.store import step_run
 from protocol import codec
 from protocol.bus import connect
-from protocol.secagg import dequantize_mean, layout_of, unflatten, unmask_sum
+from protocol.secagg import dequantize_mean, layout_of, unflatten
 from protocol.secagg.blob import MASKED
 from protocol.secagg.ring import add
 from simulation import fleet_local
 from simulation.simulate import SimOptions, _initial_model
-from tests.faults.invariants import Invariants
+from tests.faults.invariants import Invariants, unmask_from_material
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -173,7 +173,7 @@ def _check_rounds(sessions, run_id: str, clients: list[FederatedClient]) -> None
             # updates summed (which only the devices ever held).
             material = _material(s, mv)
             assert set(material["masked"]) == set(survivors)
-            total = _unmask(masked, material)
+            total = unmask_from_material(masked, material)
             expected = None
             for cid in survivors:
                 qv = by_id[cid].secure.quantized[(r.number, 1)]
@@ -200,23 +200,6 @@ def _check_rounds(sessions, run_id: str, clients: list[FederatedClient]) -> None
 def _material(s, mv) -> dict:  # type: ignore[no-untyped-def]
     """The material the version names as the one it was unmasked with."""
     return json.loads(blobstore.get(s, mv.metrics["secagg"]["material"]))
-
-
-def _unmask(masked: dict, material: dict) -> np.ndarray:  # type: ignore[type-arg]
-    keys = material["keys"]
-    return unmask_sum(
-        masked,
-        {c: (bytes.fromhex(k[0]), bytes.fromhex(k[1])) for c, k in keys.items()},
-        material["sharers"],
-        {
-            rep: {o: (ks[0], bytes.fromhex(ks[1])) for o, ks in sh.items()}
-            for rep, sh in material["revealed"].items()
-        },
-        graph_seed=bytes.fromhex(material["graph_seed"]),
-        degree=int(material["degree"]),
-        threshold=int(material["threshold"]),
-        context=str(material["context"]).encode(),
-    )
 
 
 @pytest.mark.timeout(300)
