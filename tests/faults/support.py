@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from protocol import auth, chunking, topology
 from protocol.codec import Encoding, encode
 from protocol.messages import UpdateMeta
 from tests.integration.lightclient import ENVELOPE_HEADER, LightClient
-from tests.integration.orchestrator_harness import RunView
+from tests.integration.orchestrator_harness import Harness, RunView
 
 RUNS_ENV = "FEDMQ_FAULT_RUNS"
 REPORT_ENV = "FEDMQ_FAULT_REPORT"  # a JSON-lines file each scenario appends its tally to
@@ -142,3 +144,36 @@ def wait_models(h: RunView, clients: list[LightClient], version: int, timeout: f
     h.wait(
         lambda: all(version in c.models for c in clients), timeout, f"model v{version} everywhere"
     )
+
+
+def kill_worker_in_each_aggregation(
+    h: Harness,
+    r: random.Random,
+    tally: Tally,
+    worker: subprocess.Popen[bytes],
+    rounds: int,
+    verify: Callable[[], object],
+    *,
+    max_delay_s: float,
+    start_timeout: float,
+    done_timeout: float,
+    what: str = "aggregation of round",
+) -> subprocess.Popen[bytes]:
+    """For each round 1..``rounds``: once its aggregation has started, wait a random time up
+    to ``max_delay_s``, SIGKILL the worker and start another, wait for the round to be done,
+    record the recovery and check the invariant. Returns the worker left running."""
+    for k in range(1, rounds + 1):
+        h.wait(
+            lambda k=k: any(e.round == k for e in h.events("aggregate.started")),
+            start_timeout,
+            f"{what} {k} to start",
+        )
+        time.sleep(r.uniform(0.0, max_delay_s))
+        h.procs.kill(worker)
+        killed = time.monotonic()
+        worker = h.procs.worker()
+        h.wait_round_state(k, {"done"}, done_timeout)
+        tally.recovery_s.append(round(time.monotonic() - killed, 2))
+        verify()
+        tally.runs += 1
+    return worker

@@ -17,7 +17,15 @@ from db import queries as q
 from orchestrator.state import RoundPolicy
 from protocol.messages import CommandAction
 from tests.faults.async_invariants import AsyncInvariants
-from tests.faults.support import acked, make_update, runs, scenario, wait_acked, wait_ready
+from tests.faults.support import (
+    acked,
+    kill_worker_in_each_aggregation,
+    make_update,
+    runs,
+    scenario,
+    wait_acked,
+    wait_ready,
+)
 from tests.integration.lightclient import LightClient
 from tests.integration.orchestrator_harness import RunView, harness
 
@@ -107,20 +115,18 @@ def test_worker_sigkilled_during_a_fold(amqp_url: str, pg_url: str, tmp_path: Pa
         clients = [h.client(f"c{i}", train_s=r.uniform(0.1, 0.6)) for i in range(4)]
         wait_ready(h, clients)
         h.command(CommandAction.AUTORUN, rounds=n)
-        for k in range(1, n + 1):
-            h.wait(
-                lambda k=k: any(e.round == k for e in h.events("aggregate.started")),
-                60,
-                f"the fold of step {k} to start",
-            )
-            time.sleep(r.uniform(0.0, 1.0))
-            h.procs.kill(worker)
-            killed = time.monotonic()
-            worker = h.procs.worker()
-            h.wait_round_state(k, {"done"}, 90)
-            tally.recovery_s.append(round(time.monotonic() - killed, 2))
-            inv.verify()
-            tally.runs += 1
+        worker = kill_worker_in_each_aggregation(
+            h,
+            r,
+            tally,
+            worker,
+            n,
+            inv.verify,
+            max_delay_s=1.0,
+            start_timeout=60,
+            done_timeout=90,
+            what="the fold of step",
+        )
         tally.acknowledged = _finish(h, inv, clients, n)
         versions = h.read(lambda s: [v.version for v in q.list_model_versions(s, h.run_id)])
         assert versions == list(range(n + 1)), "one version per step, plus the initial one"

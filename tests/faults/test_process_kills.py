@@ -15,6 +15,7 @@ from protocol.messages import CommandAction
 from tests.faults.invariants import Invariants
 from tests.faults.support import (
     acked,
+    kill_worker_in_each_aggregation,
     make_update,
     runs,
     scenario,
@@ -77,20 +78,9 @@ def test_worker_sigkilled_during_aggregation(amqp_url: str, pg_url: str, tmp_pat
         clients = [h.client(f"c{i}") for i in range(4)]
         wait_ready(h, clients)
         h.command(CommandAction.AUTORUN, rounds=n)
-        for k in range(1, n + 1):
-            h.wait(
-                lambda k=k: any(e.round == k for e in h.events("aggregate.started")),
-                40,
-                f"aggregation of round {k} to start",
-            )
-            time.sleep(r.uniform(0.0, 1.4))
-            h.procs.kill(worker)
-            killed = time.monotonic()
-            worker = h.procs.worker()
-            h.wait_round_state(k, {"done"}, 60)
-            tally.recovery_s.append(round(time.monotonic() - killed, 2))
-            inv.verify()
-            tally.runs += 1
+        worker = kill_worker_in_each_aggregation(
+            h, r, tally, worker, n, inv.verify, max_delay_s=1.4, start_timeout=40, done_timeout=60
+        )
         wait_acked(h, clients, 4 * n)
         ids = acked(clients)
         tally.stored = inv.check(ids)
