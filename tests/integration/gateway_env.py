@@ -19,6 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import migrations
 from db import queries as q
 from db.engine import make_engine, make_sessionmaker, session_scope
+from devices.client import FederatedClient
+from devices.config import DeviceConfig, TrainingConfig, WireConfig
+from devices.http import HttpTransport
 from fedmq.settings import Settings
 from fedmq.wiring import orchestrator_service
 from gateway import GatewayConfig, create_app
@@ -111,3 +114,29 @@ def gateway_env(tmp_path: Path, policy: RoundPolicy | None = None) -> Iterator[G
     finally:
         service.stop()
         configure(WorkerConfig.from_env())  # the eager runner configured the shared worker app
+
+
+def amqp_and_http_clients(
+    run_id: str, num_clients: int, amqp_url: str, gateway: str
+) -> tuple[Bus, list[FederatedClient]]:
+    """Devices 0 and 1 of ``num_clients`` over AMQP (one shared connection, returned to be
+    closed) and device 2 over HTTP through ``gateway``; not started."""
+
+    def config(i: int, wire: WireConfig) -> DeviceConfig:
+        return DeviceConfig(
+            run_id=run_id,
+            client_index=i,
+            num_clients=num_clients,
+            wire=wire,
+            training=TrainingConfig(torch_threads=None),
+        )
+
+    amqp = WireConfig(heartbeat_s=1.0, poll_s=0.05)
+    http = WireConfig(heartbeat_s=1.0, poll_s=0.05, transport="http", gateway_url=gateway)
+    bus = connect(amqp_url)
+    clients = [
+        FederatedClient(config(0, amqp), bus),
+        FederatedClient(config(1, amqp), bus),
+        FederatedClient(config(2, http), HttpTransport(gateway, wait_s=0.5)),
+    ]
+    return bus, clients

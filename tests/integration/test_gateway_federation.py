@@ -13,17 +13,14 @@ import pytest
 from db import queries as q
 from db.engine import session_scope
 from db.models import ClientState
-from devices.client import FederatedClient
-from devices.config import DeviceConfig, TrainingConfig, WireConfig
-from devices.http import HttpTransport
 from learning.data import load_dataset
 from learning.models import build_model
 from learning.params import to_numpy
 from orchestrator.runs import create_run
 from orchestrator.state import RoundPolicy
-from protocol.bus import connect
 from protocol.codec import Encoding, encode
 from protocol.messages import CommandAction
+from tests.integration.gateway_env import amqp_and_http_clients
 from tests.integration.orchestrator_harness import Harness, harness
 from tests.net import free_port, wait_http
 
@@ -63,24 +60,7 @@ def test_two_amqp_and_two_http_devices_share_every_round(
         )
         wait_http(f"{gateway}/openapi.json")
 
-        def config(k: int, wire: WireConfig) -> DeviceConfig:
-            return DeviceConfig(
-                run_id=run_id,
-                client_index=k,
-                num_clients=K,
-                wire=wire,
-                training=TrainingConfig(torch_threads=None),
-            )
-
-        amqp = WireConfig(heartbeat_s=1.0, poll_s=0.05)
-        http = WireConfig(heartbeat_s=1.0, poll_s=0.05, transport="http", gateway_url=gateway)
-
-        bus = connect(amqp_url)
-        clients = [
-            FederatedClient(config(0, amqp), bus),
-            FederatedClient(config(1, amqp), bus),
-            FederatedClient(config(2, http), HttpTransport(gateway, wait_s=0.5)),
-        ]
+        bus, clients = amqp_and_http_clients(run_id, K, amqp_url, gateway)
         try:
             for c in clients:
                 c.start(timeout=60)

@@ -44,6 +44,7 @@ from protocol.secagg.ring import add
 from simulation import fleet_local
 from simulation.simulate import SimOptions, _initial_model
 from tests.faults.invariants import Invariants, unmask_from_material
+from tests.integration.gateway_env import amqp_and_http_clients
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -209,8 +210,6 @@ def test_amqp_and_http_devices_share_secure_rounds(
     """Two AMQP devices and two HTTP devices (one a ``fedmq device --transport http``
     process) through ``fedmq gateway``, with the orchestrator and a worker as processes:
     both secure rounds sum all four masked inputs."""
-    from devices.config import DeviceConfig, WireConfig
-    from devices.http import HttpTransport
     from protocol.messages import CommandAction
     from tests.integration.orchestrator_harness import harness
     from tests.net import free_port, wait_http
@@ -238,23 +237,7 @@ def test_amqp_and_http_devices_share_secure_rounds(
         )
         wait_http(f"{gateway}/openapi.json")
 
-        def config(i: int, wire: WireConfig) -> DeviceConfig:
-            return DeviceConfig(
-                run_id=h.run_id,
-                client_index=i,
-                num_clients=k,
-                wire=wire,
-                training=TrainingConfig(torch_threads=None),
-            )
-
-        amqp = WireConfig(heartbeat_s=1.0, poll_s=0.05)
-        http = WireConfig(heartbeat_s=1.0, poll_s=0.05, transport="http", gateway_url=gateway)
-        bus = connect(amqp_url)
-        clients = [
-            FederatedClient(config(0, amqp), bus),
-            FederatedClient(config(1, amqp), bus),
-            FederatedClient(config(2, http), HttpTransport(gateway, wait_s=0.5)),
-        ]
+        bus, clients = amqp_and_http_clients(h.run_id, k, amqp_url, gateway)
         for c in clients:
             c.secure.keep = rounds
         try:
