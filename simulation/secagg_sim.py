@@ -278,22 +278,7 @@ class SecAggFederation:
         )
 
     def _roster(self, number: int, e: sm.SendRoster) -> SecAggRoster:
-        keys = {
-            c: {"c_pub": k.c_pub, "s_pub": k.s_pub, "num_samples": k.num_samples}
-            for c, k in e.keys.items()
-        }
-        return SecAggRoster.model_validate(
-            {
-                "run_id": self.run_id,
-                "round": number,
-                "keys": keys,
-                "graph_seed": e.graph_seed,
-                "degree": e.degree,
-                "threshold": e.threshold,
-                "clip": e.clip,
-                "scale": e.scale,
-            }
-        )
+        return SecAggRoster.model_validate({"run_id": self.run_id, "round": number, **e.fields()})
 
     def _store(self, meta: UpdateMeta, blob: bytes) -> None:
         if hashlib.sha256(blob).hexdigest() != meta.blob_sha256:

@@ -137,6 +137,22 @@ class SendRoster:
     clip: float
     scale: int
 
+    def fields(self) -> dict[str, Any]:
+        """The roster message's fields (less run and round): every key, in client order,
+        and the round's graph and quantisation parameters."""
+        keys = {
+            c: {"c_pub": k.c_pub, "s_pub": k.s_pub, "num_samples": k.num_samples}
+            for c, k in sorted(self.keys.items())
+        }
+        return {
+            "keys": keys,
+            "graph_seed": self.graph_seed,
+            "degree": self.degree,
+            "threshold": self.threshold,
+            "clip": self.clip,
+            "scale": self.scale,
+        }
+
 
 @dataclass(frozen=True)
 class SendInbox:

@@ -141,19 +141,7 @@ def _step(tx: Tx, ev: sm.SecAggInput, *, refuse: bool) -> bool:
 def _send(rnd: Round, e: sm.SecAggEffect) -> SecAggSend | None:
     """The machine's effect for a sub-machine's message to devices; None for the others."""
     if isinstance(e, sm.SendRoster):
-        keys = {
-            c: {"c_pub": k.c_pub, "s_pub": k.s_pub, "num_samples": k.num_samples}
-            for c, k in sorted(e.keys.items())
-        }
-        payload = {
-            "keys": keys,
-            "graph_seed": e.graph_seed,
-            "degree": e.degree,
-            "threshold": e.threshold,
-            "clip": e.clip,
-            "scale": e.scale,
-        }
-        return SecAggSend(rnd.number, rnd.attempt, "roster", e.to, payload)
+        return SecAggSend(rnd.number, rnd.attempt, "roster", e.to, e.fields())
     if isinstance(e, sm.SendInbox):
         return SecAggSend(rnd.number, rnd.attempt, "inbox", (e.to,), {"boxes": dict(e.boxes)})
     if isinstance(e, sm.RequestUnmask):
